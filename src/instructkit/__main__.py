@@ -1,0 +1,7 @@
+"""`python -m instructkit` = the `instructkit` command."""
+
+import sys
+
+from instructkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,332 @@
+"""The `instructkit` command line: parses arguments, calls the Python API, prints results.
+
+    instructkit run [CONFIG.yaml] [key=value ...] [--force]     the whole job (default: built-in demo)
+    instructkit templates list [--dataset D] [--task T] [--format table|json]
+    instructkit templates show ID
+    instructkit templates check [FILES ...] [--data FILE --schema S]
+    instructkit prepare CONFIG.yaml [key=value ...]
+    instructkit train CONFIG.yaml [--resume] [key=value ...]
+    instructkit evaluate --model PATH_OR_NAME --data RUN_DIR_OR_JSONL [--split test]
+    instructkit compare --base B --tuned T --data RUN_DIR_OR_JSONL
+    instructkit generate --model PATH "prompt"
+    instructkit estimate-memory CONFIG.yaml [--budget 8GB]
+
+Every user error (bad config, data, template, model path) prints one message and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from instructkit.errors import InstructkitError
+
+log = logging.getLogger("instructkit")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _split_config_args(values: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [key=value ...]` -> (config path or None, overrides)."""
+    config = None
+    overrides = []
+    for value in values:
+        if "=" in value and not Path(value).exists():
+            overrides.append(value)
+        elif config is None:
+            config = value
+        else:
+            raise InstructkitError(f"unexpected argument {value!r}: give one config file, then key=value overrides")
+    return config, overrides
+
+
+def _load(values: list[str]):
+    from instructkit.config import load_config
+
+    path, overrides = _split_config_args(values)
+    return load_config(path, overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# templates
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_templates_list(args: argparse.Namespace) -> int:
+    from instructkit.templates import TemplateLibrary
+
+    library = TemplateLibrary.load(args.templates)
+    chosen = library.select(dataset=args.dataset, task=args.task)
+    if args.format == "json":
+        rows = [
+            {"id": t.id, "name": t.name, "dataset": t.dataset, "task": t.task, "choices": t.has_choices,
+             "choices_in_prompt": t.choices_in_prompt, "metrics": list(t.effective_metrics), "version": t.version}
+            for t in chosen
+        ]
+        print(json.dumps(rows, indent=1))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{len(chosen)} templates over {len({t.dataset for t in chosen})} dataset schemas")
+    for column in ("id", "task", "choices", "metrics"):
+        table.add_column(column)
+    for t in chosen:
+        choices = "in prompt" if t.choices_in_prompt else ("yes" if t.has_choices else "")
+        table.add_row(t.id, t.task, choices, ", ".join(t.effective_metrics))
+    _console().print(table)
+    return 0
+
+
+def cmd_templates_show(args: argparse.Namespace) -> int:
+    from instructkit.templates import TemplateLibrary
+
+    library = TemplateLibrary.load(args.templates)
+    template = library.get(args.id)
+    schema = library.schemas.get(template.dataset)
+    console = _console()
+    info = template.to_dict()
+    console.print(f"[bold]{template.id}[/bold]  ({template.task}, dataset schema {template.dataset}, "
+                  f"version {template.version})")
+    console.print(f"origin: {template.origin}")
+    console.print(f"metrics: {', '.join(info['metrics'])}")
+    if template.answer_choices is not None:
+        console.print(f"answer choices: {info['answer_choices']} (in prompt: {template.choices_in_prompt})")
+    console.print("[bold]instruction[/bold]", markup=True)
+    console.print(template.instruction, markup=False)
+    console.print("[bold]completion[/bold]", markup=True)
+    console.print(template.completion, markup=False)
+    if schema is not None and schema.samples:
+        rendered = template.render(schema.coerce(schema.samples[0]))
+        console.print("[bold]example (first sample row)[/bold]")
+        console.print(rendered.prompt, markup=False)
+        console.print(f"-> {rendered.completion}", markup=False)
+    return 0
+
+
+def cmd_templates_check(args: argparse.Namespace) -> int:
+    from instructkit.templates import TemplateLibrary
+
+    if args.files:
+        library = TemplateLibrary.load(args.files, include_builtin=False)
+    else:
+        library = TemplateLibrary.builtin()
+    rows = None
+    templates = None
+    if args.data:
+        from instructkit.data.sources import rows_for_check
+
+        schema = args.schema or _only_schema(library)
+        columns = dict(pair.split("=", 1) for pair in args.column or [])
+        rows = {schema: rows_for_check(args.data, library.schema(schema), columns, limit=args.limit)}
+        templates = library.select(dataset=schema)
+    problems = library.check(rows=rows, templates=templates)
+    checked = len(templates) if templates is not None else len(library)
+    console = _console()
+    for problem in problems:
+        console.print(f"[red]FAIL[/red] {problem}", markup=True)
+    where = f" on {args.data}" if args.data else " on their sample rows"
+    if problems:
+        console.print(f"{len(problems)} problem(s) in {checked} templates{where}")
+        return 1
+    console.print(f"OK: {checked} templates pass{where}")
+    return 0
+
+
+def _only_schema(library) -> str:
+    if len(library.schemas) == 1:
+        return next(iter(library.schemas))
+    raise InstructkitError("--data needs --schema NAME when the templates span several schemas")
+
+
+# --------------------------------------------------------------------------------------------------
+# pipeline steps
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from instructkit.data.build import prepare
+
+    config = _load(args.config)
+    result = prepare(config)
+    _console().print(f"prepared {result.run_dir}: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from instructkit import pipeline
+
+    config = _load(args.config)
+    out = pipeline.train_step(config, resume=args.resume)
+    _console().print(f"model saved to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from instructkit import pipeline
+
+    result = pipeline.evaluate_step(args.model, Path(args.data), split=args.split,
+                                    out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
+    _console().print(f"wrote {result}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from instructkit import pipeline
+
+    report = pipeline.compare_step(args.base, args.tuned, Path(args.data), split=args.split,
+                                   out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
+    _console().print(f"report: {report}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from instructkit import pipeline
+
+    for text in pipeline.generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+                                       chat_template=args.chat):
+        print(text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from instructkit import pipeline
+
+    path, overrides = _split_config_args(args.config)
+    summary = pipeline.run(path, overrides, force=args.force)
+    pipeline.print_summary(summary, _console())
+    return 0
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    value = text.strip().lower().rstrip("b").rstrip("i")
+    if value and value[-1] in units:
+        return int(float(value[:-1]) * units[value[-1]])
+    return int(float(value))
+
+
+def cmd_estimate_memory(args: argparse.Namespace) -> int:
+    from instructkit.train.memory import estimate_for_run, plan_for_budget
+
+    config = _load(args.config)
+    estimate = estimate_for_run(config)
+    console = _console()
+    console.print(estimate.describe() if hasattr(estimate, "describe") else str(estimate), markup=False)
+    if args.budget:
+        budget = _parse_bytes(args.budget)
+        advice = plan_for_budget(estimate, budget)
+        for line in advice:
+            console.print(f"- {line}", markup=False)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instructkit", description="Instruction fine-tuning of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="prepare -> evaluate base -> train -> evaluate tuned -> compare -> save")
+    run.add_argument("config", nargs="*", help="CONFIG.yaml (default: the built-in demo) and key=value overrides")
+    run.add_argument("--force", action="store_true", help="redo every step even if its output is up to date")
+    run.set_defaults(func=cmd_run)
+
+    templates = sub.add_parser("templates", help="browse and validate prompt templates")
+    tsub = templates.add_subparsers(dest="templates_command", required=True)
+    tl = tsub.add_parser("list", help="list templates")
+    tl.add_argument("--dataset")
+    tl.add_argument("--task")
+    tl.add_argument("--format", choices=["table", "json"], default="table")
+    tl.add_argument("--templates", nargs="*", default=[], help="extra collection files")
+    tl.set_defaults(func=cmd_templates_list)
+    ts = tsub.add_parser("show", help="show one template and a rendered example")
+    ts.add_argument("id")
+    ts.add_argument("--templates", nargs="*", default=[], help="extra collection files")
+    ts.set_defaults(func=cmd_templates_show)
+    tc = tsub.add_parser("check", help="render every template on sample rows; exit 0 only if all pass")
+    tc.add_argument("files", nargs="*", help="collection files (default: the built-in catalog)")
+    tc.add_argument("--data", help="a data file whose rows to render the templates on")
+    tc.add_argument("--schema", help="the schema the --data rows follow")
+    tc.add_argument("--column", action="append", help="field=column mapping for --data (repeatable)")
+    tc.add_argument("--limit", type=int, default=None, help="check at most this many rows of --data")
+    tc.set_defaults(func=cmd_templates_check)
+
+    prepare = sub.add_parser("prepare", help="turn data files into train/validation/test instruction data")
+    prepare.add_argument("config", nargs="+", help="CONFIG.yaml and key=value overrides")
+    prepare.set_defaults(func=cmd_prepare)
+
+    train = sub.add_parser("train", help="fine-tune (prepares the data first if needed)")
+    train.add_argument("config", nargs="+", help="CONFIG.yaml and key=value overrides")
+    train.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a model on prepared data")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", required=True, help="run directory or JSONL file")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--out", help="output folder (default: beside the data)")
+    evaluate.add_argument("--set", nargs="*", help="config overrides, e.g. eval.max_examples=100")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = sub.add_parser("compare", help="base vs tuned report (JSON, Markdown, HTML)")
+    compare.add_argument("--base", required=True)
+    compare.add_argument("--tuned", required=True)
+    compare.add_argument("--data", required=True, help="run directory or JSONL file")
+    compare.add_argument("--split", default="test")
+    compare.add_argument("--out", help="output folder (default: the run directory)")
+    compare.add_argument("--set", nargs="*", help="config overrides")
+    compare.set_defaults(func=cmd_compare)
+
+    generate = sub.add_parser("generate", help="try a model on a prompt")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("prompt", nargs="+")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    generate.set_defaults(func=cmd_generate)
+
+    memory = sub.add_parser("estimate-memory", help="predict the peak memory of a planned run")
+    memory.add_argument("config", nargs="+", help="CONFIG.yaml and key=value overrides")
+    memory.add_argument("--budget", help="memory budget, e.g. 8GB: say which options make it fit")
+    memory.set_defaults(func=cmd_estimate_memory)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, console=_console_err())],
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except InstructkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+def _console_err():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The built-in template collections (YAML data files)."""

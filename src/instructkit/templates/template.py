@@ -1,0 +1,476 @@
+"""Template and Schema: sandboxed Jinja prompt + completion, answer choices and metadata.
+
+Depends on jinja2 and the standard library only, so the template library is usable without torch.
+
+Rendering runs in Jinja's ImmutableSandboxedEnvironment with StrictUndefined. The sandbox alone blocks
+access to Python internals but happily renders `{{ 'a' * 100000000 }}` or `range(10**9)` loops, so this
+module adds bounds: string/list multiplication and padding methods are size-checked before they run,
+`range()` draws from a per-render budget, recursion errors are caught, and the rendered text is capped.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from instructkit.errors import TemplateError
+
+MAX_RENDER_CHARS = 200_000
+"""Cap on the rendered prompt or completion, in characters."""
+MAX_RANGE_BUDGET = 10_000
+"""Total number of items all `range()` calls of one render may produce."""
+CHOICES_SEPARATOR = "|||"
+
+TASK_FAMILIES = (
+    "classification",
+    "sentiment",
+    "rating",
+    "nli",
+    "yes_no_qa",
+    "generation",
+    "summarization",
+    "title_generation",
+    "translation",
+    "extractive_qa",
+    "question_generation",
+    "instruction_following",
+)
+CHOICE_FAMILIES = frozenset({"classification", "sentiment", "rating", "nli", "yes_no_qa"})
+DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
+    **{family: ("accuracy", "macro_f1") for family in CHOICE_FAMILIES},
+    "summarization": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
+    "title_generation": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
+    "translation": ("bleu", "chrf"),
+    "extractive_qa": ("exact_match", "token_f1"),
+    "generation": ("rougeL",),
+    "question_generation": ("rougeL",),
+    "instruction_following": ("rougeL",),
+}
+FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+
+
+# --------------------------------------------------------------------------------------------------
+# The bounded sandbox
+# --------------------------------------------------------------------------------------------------
+
+_render_state: contextvars.ContextVar[dict] = contextvars.ContextVar("instructkit_render_state")
+_PADDING_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
+
+
+def _state() -> dict:
+    try:
+        return _render_state.get()
+    except LookupError:  # rendering outside Template.render (e.g. a test of the environment)
+        state = {"range": 0, "seed": 0}
+        _render_state.set(state)
+        return state
+
+
+def _rng() -> random.Random:
+    """The render's random generator, created on first use (most templates never need one)."""
+    state = _state()
+    if "rng" not in state:
+        state["rng"] = random.Random(state["seed"])
+    return state["rng"]
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > MAX_RENDER_CHARS:
+        raise SecurityError(f"{what} would produce {n:,} items, over the cap of {MAX_RENDER_CHARS:,}")
+
+
+def _bounded_range(*args: int) -> range:
+    r = range(*args)
+    state = _state()
+    state["range"] += len(r)
+    if state["range"] > MAX_RANGE_BUDGET:
+        raise SecurityError(f"range() budget of {MAX_RANGE_BUDGET:,} items per render exceeded")
+    return r
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """ImmutableSandboxedEnvironment that also bounds the size of what a template can build."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                    _check_size(len(seq) * max(times, 0), "sequence multiplication")
+        elif operator == "**":
+            if isinstance(right, int) and abs(right) > 64 and not (isinstance(left, int) and abs(left) <= 1):
+                raise SecurityError("power with an exponent over 64 is not allowed in templates")
+        elif operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)):
+            _check_size(len(left) + len(right), "concatenation")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        name = getattr(__obj, "__name__", "")
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str) and name in _PADDING_METHODS:
+            width = args[0] if args else kwargs.get("width", kwargs.get("tabsize", 8))
+            if isinstance(width, int):
+                _check_size(width * (len(owner) if name == "expandtabs" else 1), f"str.{name}")
+        if isinstance(owner, str) and name == "replace" and len(args) >= 2:
+            _check_size(len(owner) * max(len(str(args[1])), 1), "str.replace")
+        if isinstance(owner, str) and name == "join" and args:
+            items = list(args[0])
+            _check_size(sum(len(str(x)) for x in items) + len(owner) * len(items), "str.join")
+            args = (items, *args[1:])
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _wrap_width_filter(fn: Any, position: int) -> Any:
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        width = args[position] if len(args) > position else kwargs.get("width", 0)
+        if isinstance(width, int):
+            _check_size(width, f"filter {fn.__name__}")
+        return fn(*args, **kwargs)
+
+    return bounded
+
+
+# PromptSource's custom filters and helpers, so its templates render unchanged.
+@jinja2.pass_context  # a context filter is never constant-folded at compile time, so it stays random
+def _choice(_context: Any, choices: Sequence[Any]) -> Any:
+    """PromptSource `choice`: a random element, seeded per (template, row) here."""
+    return _rng().choice(list(choices))
+
+
+def _most_frequent(items: Sequence[Any]) -> list[Any] | None:
+    """PromptSource `most_frequent`: the items that occur most often."""
+    if not items:
+        return None
+    counts = Counter(items).most_common()
+    top = counts[0][1]
+    return [item for item, count in counts if count == top]
+
+
+def _highlight(text: str) -> str:
+    """PromptSource `highlight` (an HTML span used in its viewer)."""
+    return "<span style='color: #F08080'>" + str(text) + "</span>"
+
+
+@jinja2.pass_context
+def _permutation(_context: Any, items: Sequence[Any]) -> list[Any]:
+    """A seeded random permutation of `items`."""
+    items = list(items)
+    _rng().shuffle(items)
+    return items
+
+
+def _reorder(items: Sequence[Any], order: Sequence[int]) -> list[Any]:
+    """`items` reordered by the index list `order`."""
+    items = list(items)
+    return [items[i] for i in order]
+
+
+def _to_letter(index: int) -> str:
+    """0 -> 'A', 1 -> 'B', ... (option letters)."""
+    if not 0 <= int(index) < 26:
+        raise ValueError(f"to_letter takes 0..25, got {index}")
+    return chr(ord("A") + int(index))
+
+
+def _make_environment() -> BoundedSandbox:
+    env = BoundedSandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    env.globals["range"] = _bounded_range
+    env.globals.update(zip=zip, enumerate=enumerate, len=len, to_letter=_to_letter)
+    env.filters.update(
+        choice=_choice,
+        most_frequent=_most_frequent,
+        highlight=_highlight,
+        permutation=_permutation,
+        reorder=_reorder,
+        to_letter=_to_letter,
+    )
+    env.filters["center"] = _wrap_width_filter(env.filters["center"], 1)
+    env.filters["indent"] = _wrap_width_filter(env.filters["indent"], 1)
+    env.filters["wordwrap"] = _wrap_width_filter(env.filters["wordwrap"], 1)
+    return env
+
+
+ENV = _make_environment()
+
+
+def compile_source(source: str, where: str) -> jinja2.Template:
+    """Compile Jinja source; a syntax error becomes a TemplateError naming `where` and the line."""
+    try:
+        return ENV.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from None
+
+
+def fields_read(source: str) -> set[str]:
+    """The top-level variables a Jinja source reads (best effort, static)."""
+    try:
+        return set(jinja2.meta.find_undeclared_variables(ENV.parse(source)))
+    except jinja2.TemplateSyntaxError:
+        return set()
+
+
+def render_bounded(template: jinja2.Template, context: dict[str, Any], where: str) -> str:
+    """Render with the sandbox, mapping every failure to a TemplateError naming `where`.
+
+    `context` must already hold the environment's globals (see `Template.render`): the context is then
+    shared rather than copied, which is most of the cost of rendering a short template.
+    """
+    try:
+        pieces = []
+        total = 0
+        for piece in template.root_render_func(template.new_context(context, shared=True)):
+            total += len(piece)
+            if total > MAX_RENDER_CHARS:
+                raise SecurityError(f"rendered text is over the cap of {MAX_RENDER_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    except jinja2.UndefinedError as exc:
+        raise TemplateError(f"{where}: undefined field: {exc.message}") from None
+    except SecurityError as exc:
+        raise TemplateError(f"{where}: refused by the template sandbox: {exc}") from None
+    except RecursionError:
+        raise TemplateError(f"{where}: template recursion too deep") from None
+    except MemoryError:
+        raise TemplateError(f"{where}: template ran out of memory") from None
+    except TemplateError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any runtime error in user Jinja is the template's fault
+        raise TemplateError(f"{where}: {type(exc).__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema and Template
+# --------------------------------------------------------------------------------------------------
+
+
+def label_key(value: Any) -> str:
+    """Canonical form of a label value for comparing with label-map keys: 5, 5.0 and "5" agree."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return str(int(number)) if number.is_integer() else text
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A dataset layout: its fields with types, the label field and label map, sample rows."""
+
+    name: str
+    fields: dict[str, str]
+    description: str = ""
+    source: str = ""
+    label_field: str | None = None
+    label_map: dict[Any, str] | None = None
+    samples: tuple[dict, ...] = ()
+    origin: str = "<builtin>"
+
+    def coerce(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Convert the declared fields of `row` to their declared types.
+
+        Raises ValueError naming the field when a value cannot be converted (the caller adds the
+        file and row). Fields not declared pass through unchanged.
+        """
+        out = dict(row)
+        for name, type_name in self.fields.items():
+            if name not in out or out[name] is None:
+                continue
+            out[name] = _coerce_value(out[name], type_name, name)
+        return out
+
+    def check_label(self, row: Mapping[str, Any]) -> str | None:
+        """A problem description when the row's label is outside the label map, else None."""
+        if not self.label_field or not self.label_map or self.label_field not in row:
+            return None
+        value = row[self.label_field]
+        keys = {label_key(k) for k in self.label_map}
+        if label_key(value) not in keys:
+            allowed = ", ".join(sorted(keys))
+            return f"label {self.label_field}={value!r} is outside the label map ({allowed})"
+        return None
+
+    def label_name(self, value: Any) -> str:
+        """The label map's name for a coded label value (the value itself without a map)."""
+        if self.label_map:
+            lookup = {label_key(k): v for k, v in self.label_map.items()}
+            return lookup.get(label_key(value), str(value))
+        return label_key(value)
+
+
+def _coerce_value(value: Any, type_name: str, name: str) -> Any:
+    if type_name == "str":
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"field {name!r} should be text, got {type(value).__name__}")
+        return value if isinstance(value, str) else label_key(value) if isinstance(value, float) else str(value)
+    if type_name == "int":
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"field {name!r} should be an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ValueError(f"field {name!r} should be an integer, got {value!r}")
+        return int(number)
+    if type_name == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"field {name!r} should be a number, got {value!r}") from None
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"true", "1", "yes", "1.0"}:
+            return True
+        if text in {"false", "0", "no", "0.0"}:
+            return False
+        raise ValueError(f"field {name!r} should be true/false, got {value!r}")
+    if type_name in ("list", "dict"):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        if not isinstance(value, FIELD_TYPES[type_name]):
+            raise ValueError(f"field {name!r} should be a {type_name}, got {type(value).__name__}")
+        return value
+    raise ValueError(f"unknown field type {type_name!r} for field {name!r}")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    prompt: str
+    completion: str
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Template:
+    """One prompt template: a Jinja instruction and completion over the fields of a schema."""
+
+    id: str
+    name: str
+    dataset: str
+    task: str
+    instruction: str
+    completion: str
+    answer_choices: tuple[str, ...] | str | None = None
+    choices_in_prompt: bool = False
+    metrics: tuple[str, ...] = ()
+    reference: str = ""
+    label_map: dict[Any, str] | None = None
+    origin: str = "<builtin>"
+    _compiled: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASK_FAMILIES:
+            raise TemplateError(
+                f"{self.origin}: template {self.id!r}: unknown task family {self.task!r} "
+                f"(one of {', '.join(TASK_FAMILIES)})"
+            )
+        where = f"{self.origin}: template {self.id!r}"
+        self._compiled["instruction"] = compile_source(self.instruction, f"{where} (instruction)")
+        self._compiled["completion"] = compile_source(self.completion, f"{where} (completion)")
+        if isinstance(self.answer_choices, str):
+            self._compiled["choices"] = compile_source(self.answer_choices, f"{where} (answer_choices)")
+
+    @property
+    def version(self) -> str:
+        """The hash of the template's content: changes whenever anything that affects rendering does."""
+        content = {
+            "id": self.id,
+            "dataset": self.dataset,
+            "task": self.task,
+            "instruction": self.instruction,
+            "completion": self.completion,
+            "answer_choices": self.answer_choices,
+            "choices_in_prompt": self.choices_in_prompt,
+            "label_map": {label_key(k): v for k, v in (self.label_map or {}).items()},
+        }
+        blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def effective_metrics(self) -> tuple[str, ...]:
+        return self.metrics or DEFAULT_METRICS.get(self.task, ("rougeL",))
+
+    @property
+    def has_choices(self) -> bool:
+        return self.answer_choices is not None
+
+    @property
+    def fields_read(self) -> set[str]:
+        sources = [self.instruction, self.completion]
+        if isinstance(self.answer_choices, str):
+            sources.append(self.answer_choices)
+        names: set[str] = set()
+        for source in sources:
+            names |= fields_read(source)
+        return names - {"answer_choices", "label_map"} - set(ENV.globals)
+
+    def render(self, row: Mapping[str, Any], seed: int | str = 0) -> Rendered:
+        """Render the prompt, completion and answer choices for one row.
+
+        `seed` makes the random helpers (`choice`, `permutation`) reproducible per row.
+        """
+        token = _render_state.set({"range": 0, "seed": f"{self.id}:{seed}"})
+        try:
+            context = {**ENV.globals, **row}
+            where = f"template {self.id!r}"
+            if self.label_map is not None:
+                context["label_map"] = self.label_map
+            choices = self._render_choices(context, where)
+            if choices is not None:
+                context["answer_choices"] = list(choices)
+            prompt = render_bounded(self._compiled["instruction"], context, f"{where} (instruction)")
+            completion = render_bounded(self._compiled["completion"], context, f"{where} (completion)")
+        finally:
+            _render_state.reset(token)
+        return Rendered(prompt.strip(), completion.strip(), choices)
+
+    def _render_choices(self, context: dict[str, Any], where: str) -> tuple[str, ...] | None:
+        if self.answer_choices is None:
+            return None
+        if isinstance(self.answer_choices, str):
+            text = render_bounded(self._compiled["choices"], context, f"{where} (answer_choices)")
+            return tuple(part.strip() for part in text.split(CHOICES_SEPARATOR))
+        return tuple(self.answer_choices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "dataset": self.dataset,
+            "task": self.task,
+            "instruction": self.instruction,
+            "completion": self.completion,
+            "answer_choices": list(self.answer_choices)
+            if isinstance(self.answer_choices, tuple)
+            else self.answer_choices,
+            "choices_in_prompt": self.choices_in_prompt,
+            "metrics": list(self.effective_metrics),
+            "reference": self.reference,
+            "version": self.version,
+            "origin": self.origin,
+        }
