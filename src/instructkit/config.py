@@ -50,8 +50,9 @@ class DatasetConfig(Section):
     schema_name: str | None = Field(
         None, alias="schema", description="Template schema the rows follow (e.g. amazon_fine_food). "
         "Not needed for data already in prompt/completion or chat `messages` form.")
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="Schema field -> column of this file, e.g. {review_body: Text}.")
+    columns: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="Schema field -> column of this file, e.g. {review_body: Text}; a list "
+        "gives candidates tried in order (SST-2 train calls its text `sentence`, its dev `content`).")
     parallel: dict[str, str] | None = Field(
         None, description="Line-aligned text files per field for translation data, e.g. {en: train.en.gz, de: train.de.gz}.")
     templates: list[str] | Literal["all"] = Field("all", description="Template ids, or 'all' of the schema.")

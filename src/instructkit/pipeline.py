@@ -1,0 +1,426 @@
+"""`instructkit run`: prepare -> evaluate base -> train -> evaluate tuned -> compare -> save, in one run folder.
+
+    runs/<name>/
+      config.yaml                        the resolved configuration
+      train.jsonl validation.jsonl test.jsonl stats.json            prepare
+      eval/base/ eval/base-k1/ ...       eval.json + predictions.jsonl of the base model (zero- and few-shot)
+      checkpoints/ metrics.jsonl         training (resumable)
+      model/                             the instruct model (safetensors, tokenizer, model card)
+      eval/tuned/                        the tuned model's evaluation
+      report.json report.md report.html  base vs tuned, with baselines and plots
+      steps/<step>.json                  what each finished step was computed from
+
+Each step records a fingerprint of its inputs (the config sections it reads and the files it consumes)
+and is skipped when that fingerprint is unchanged, so an interrupted run continues where it stopped and
+`--force` redoes everything. Training itself resumes from its last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from instructkit.config import RunConfig, dump_config, load_config
+from instructkit.errors import InstructkitError
+from instructkit.io import atomic_open, read_jsonl, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    model_dir: Path | None = None
+    report: Path | None = None
+    headline: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Step bookkeeping
+# --------------------------------------------------------------------------------------------------
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+class Steps:
+    """Records which steps are done and from what inputs (`steps/<name>.json`)."""
+
+    def __init__(self, run_dir: Path, force: bool):
+        self.folder = run_dir / "steps"
+        self.force = force
+
+    def done(self, name: str, fingerprint: str) -> bool:
+        path = self.folder / f"{name}.json"
+        if self.force or not path.is_file():
+            return False
+        try:
+            return json.loads(path.read_text()).get("fingerprint") == fingerprint
+        except ValueError:
+            return False
+
+    def mark(self, name: str, fingerprint: str, seconds: float) -> None:
+        write_json(self.folder / f"{name}.json", {"fingerprint": fingerprint, "seconds": round(seconds, 2),
+                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def clear_from(self, names: list[str]) -> None:
+        for name in names:
+            (self.folder / f"{name}.json").unlink(missing_ok=True)
+
+
+def _timed(summary: RunSummary, steps: Steps, name: str, fingerprint: str, fn: Callable[[], Any]) -> bool:
+    """Run `fn` unless the step is up to date; return True when it ran."""
+    if steps.done(name, fingerprint):
+        log.info("step %s is up to date: skipped", name)
+        summary.skipped.append(name)
+        return False
+    log.info("step %s ...", name)
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    summary.timings[name] = round(seconds, 1)
+    steps.mark(name, fingerprint, seconds)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces shared by the commands
+# --------------------------------------------------------------------------------------------------
+
+
+def tokenize_settings(config: RunConfig, is_seq2seq: bool):
+    from instructkit.data.tokenize import TokenizeSettings
+
+    return TokenizeSettings(
+        max_length=config.model.max_length,
+        truncation=config.model.truncation,
+        chat_template=config.model.chat_template,
+        system_prompt=config.model.system_prompt,
+        seq2seq=is_seq2seq,
+    )
+
+
+def _load_model(config: RunConfig, name: str | None = None):
+    from instructkit.models import load_model, set_threads
+
+    set_threads(config.train.threads)
+    model_cfg = config.model if name is None else config.model.model_copy(update={"name": name})
+    return load_model(model_cfg)
+
+
+def _examples(run_dir: Path, split: str) -> list[dict]:
+    from instructkit.data.build import load_examples
+
+    return load_examples(run_dir, split)
+
+
+def _evaluate_into(loaded, examples: list[dict], config: RunConfig, out_dir: Path, *, k_shot: int = 0,
+                   pool: list[dict] | None = None, label: str) -> None:
+    from instructkit.evaluate.evaluator import evaluate_examples
+
+    settings = tokenize_settings(config, loaded.is_seq2seq)
+    result = evaluate_examples(loaded.model, loaded.tokenizer, examples, settings, is_seq2seq=loaded.is_seq2seq,
+                               cfg=config.eval, few_shot_pool=pool, k_shot=k_shot, seed=config.split.seed)
+    payload = result.to_json()
+    payload["model"] = label
+    write_json(out_dir / "eval.json", payload)
+    from instructkit.io import write_jsonl
+
+    write_jsonl(out_dir / "predictions.jsonl", result.predictions)
+
+
+def _eval_subset(examples: list[dict], cap: int | None, seed: int) -> list[dict]:
+    """A fixed, seeded subset of at most `cap` examples per template (all when cap is None)."""
+    if cap is None:
+        return examples
+    import random
+
+    by_template: dict[str, list[dict]] = {}
+    for ex in examples:
+        by_template.setdefault(ex["template_id"], []).append(ex)
+    out: list[dict] = []
+    for tid in sorted(by_template):
+        group = by_template[tid]
+        if len(group) > cap:
+            group = random.Random(f"{seed}:{tid}").sample(group, cap)
+        out += group
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def run(config_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+        force: bool = False) -> RunSummary:
+    """The whole job. Without a config: the built-in demo (SmolLM2-135M-Instruct on the demo reviews)."""
+    config = load_config(config_path or DEFAULT_CONFIG, overrides)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", dump_config(config))
+    summary = RunSummary(run_dir=run_dir)
+    steps = Steps(run_dir, force)
+    cfg = dump_config(config)
+
+    # 1. prepare: source rows -> split -> templated examples.
+    from instructkit.data.build import prepare
+
+    prep_fp = _digest({"datasets": cfg["datasets"], "split": cfg["split"], "templates": cfg["templates"],
+                       "inputs": _input_digests(config)})
+    if _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir)):
+        steps.clear_from(["evaluate-base", "train", "evaluate-tuned", "compare"])
+    data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
+    eval_fp = _digest({"eval": cfg["eval"], "model": cfg["model"], "data": data_fp})
+
+    # 2. the base model, zero-shot and k-shot, on the evaluation split.
+    test = _eval_subset(_examples(run_dir, config.eval.split), config.eval.max_examples, config.split.seed)
+    train_examples = _examples(run_dir, "train")
+    base_loaded: list[Any] = []
+
+    def evaluate_base() -> None:
+        loaded = _load_model(config)
+        base_loaded.append(loaded)
+        _evaluate_into(loaded, test, config, run_dir / "eval" / "base", label=f"{config.model.name} (base)")
+        for k in config.eval.few_shot:
+            _evaluate_into(loaded, test, config, run_dir / "eval" / f"base-k{k}", k_shot=k, pool=train_examples,
+                           label=f"{config.model.name} (base, {k}-shot)")
+
+    _timed(summary, steps, "evaluate-base", eval_fp, evaluate_base)
+
+    # 3. train (resumes from the last good checkpoint when interrupted).
+    model_dir = run_dir / "model"
+    train_fp = _digest({"train": cfg["train"], "model": cfg["model"], "data": data_fp})
+
+    def train() -> None:
+        train_step(config, resume=True, preloaded=base_loaded[0] if base_loaded else None)
+        base_loaded.clear()
+
+    if _timed(summary, steps, "train", train_fp, train):
+        steps.clear_from(["evaluate-tuned", "compare"])
+    summary.model_dir = model_dir
+
+    # 4. the tuned model.
+    tuned_fp = _digest({"eval": eval_fp, "model": _file_digest(model_dir / "model.safetensors")
+                        if (model_dir / "model.safetensors").is_file() else train_fp})
+    _timed(summary, steps, "evaluate-tuned", tuned_fp,
+           lambda: _evaluate_into(_load_model(config, str(model_dir)), test, config, run_dir / "eval" / "tuned",
+                                  label=f"{config.model.name} (fine-tuned)"))
+
+    # 5. compare, and put the metrics into the model card.
+    report_fp = _digest({"tuned": tuned_fp, "base": eval_fp})
+    _timed(summary, steps, "compare", report_fp, lambda: _compare(config, run_dir, train_examples, model_dir))
+    summary.report = run_dir / "report.html"
+    report_json = run_dir / "report.json"
+    if report_json.is_file():
+        summary.headline = json.loads(report_json.read_text()).get("headline", [])
+    write_json(run_dir / "summary.json", {"timings": summary.timings, "skipped": summary.skipped,
+                                          "headline": summary.headline})
+    return summary
+
+
+def _input_digests(config: RunConfig) -> dict[str, str]:
+    out = {}
+    for entry in config.datasets:
+        paths = [entry.path] if entry.path and entry.path != "demo" else []
+        paths += list((entry.files or {}).values()) + list((entry.parallel or {}).values())
+        for p in paths:
+            path = Path(p)
+            if path.is_file():
+                stat = path.stat()
+                out[str(path)] = f"{stat.st_size}:{stat.st_mtime_ns}"
+    return out
+
+
+def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model_dir: Path) -> None:
+    from instructkit.evaluate.report import build_report, model_card_rows
+    from instructkit.models import update_model_card_metrics
+
+    def load(name: str) -> tuple[dict, list[dict]]:
+        folder = run_dir / "eval" / name
+        return json.loads((folder / "eval.json").read_text()), read_jsonl(folder / "predictions.jsonl")
+
+    base, base_preds = load("base")
+    tuned, tuned_preds = load("tuned")
+    few_shot = {k: load(f"base-k{k}") for k in config.eval.few_shot if (run_dir / "eval" / f"base-k{k}").is_dir()}
+    metrics_log = run_dir / "metrics.jsonl"
+    build_report(base=base, tuned=tuned, base_predictions=base_preds, tuned_predictions=tuned_preds,
+                 train_examples=train_examples if config.eval.baselines else None, few_shot=few_shot,
+                 metrics_log=metrics_log if metrics_log.is_file() else None, out_dir=run_dir,
+                 title=f"{config.name}: {config.model.name} base vs fine-tuned",
+                 n_resamples=config.eval.bootstrap_resamples, seed=config.split.seed)
+    if (model_dir / "README.md").is_file():
+        update_model_card_metrics(model_dir, model_card_rows(json.loads((run_dir / "report.json").read_text())))
+
+
+# --------------------------------------------------------------------------------------------------
+# Single steps (also used by the CLI commands)
+# --------------------------------------------------------------------------------------------------
+
+
+def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -> Path:
+    """Prepare if needed, tokenize, train, save the instruct model to <run_dir>/model."""
+    from instructkit.data.build import prepare
+    from instructkit.data.tokenize import tokenize_examples
+    from instructkit.evaluate.evaluator import make_validation_fn
+    from instructkit.models import save_instruct_model, wrap_lora
+    from instructkit.train.loop import train
+
+    run_dir = config.run_dir
+    if not (run_dir / "train.jsonl").is_file():
+        prepare(config, run_dir)
+    loaded = preloaded or _load_model(config)
+    settings = tokenize_settings(config, loaded.is_seq2seq)
+    train_examples = [ex for ex in _examples(run_dir, "train") if not ex.get("held_out")]
+    val_examples = [ex for ex in _examples(run_dir, "validation") if not ex.get("held_out")]
+    if not train_examples:
+        raise InstructkitError(f"{run_dir / 'train.jsonl'}: no training examples")
+    cache = run_dir / "cache" / "tokenized"
+    train_ds, train_stats = tokenize_examples(train_examples, loaded.tokenizer, settings, cache_dir=cache)
+    val_ds, _ = tokenize_examples(val_examples, loaded.tokenizer, settings, cache_dir=cache)
+    write_json(run_dir / "tokenize_stats.json", train_stats.to_dict())
+    validate = make_validation_fn(loaded.tokenizer, val_examples, settings, is_seq2seq=loaded.is_seq2seq,
+                                  max_examples=config.train.eval_max_examples, seed=config.split.seed) \
+        if val_examples else None
+    model = loaded.model
+    if config.train.lora.enabled:
+        model = wrap_lora(model, config.train.lora)
+    class_ids = _class_ids(train_examples, train_ds) if config.train.class_balance != "none" else None
+    result = train(model, loaded.tokenizer, train_ds, val_ds, config.train, run_dir, settings=settings,
+                   is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume, class_ids=class_ids)
+    final_model = getattr(result, "model", None) or model
+    card = {
+        **getattr(loaded, "provenance", {}),
+        "data_sources": _data_sources(config),
+        "seed": config.train.seed,
+        "run": config.name,
+    }
+    save_instruct_model(final_model, loaded.tokenizer, run_dir / "model", card=card,
+                        train_config=dump_config(config), merge_lora=config.train.lora.merge)
+    return run_dir / "model"
+
+
+def _class_ids(examples: list[dict], dataset: Any) -> list[int]:
+    """Per tokenized example, an id of its class (template + label) for class balancing (-1: no label)."""
+    names: dict[tuple[str, str], int] = {}
+    ids = []
+    for index in dataset["index"]:
+        ex = examples[index]
+        if ex.get("choices"):
+            key = (ex["template_id"], ex["completion"])
+            ids.append(names.setdefault(key, len(names)))
+        else:
+            ids.append(-1)
+    return ids
+
+
+def _data_sources(config: RunConfig) -> list[dict]:
+    sources = []
+    for entry in config.datasets:
+        path = entry.path or next(iter((entry.files or entry.parallel or {}).values()), None)
+        licence = ""
+        if path == "demo":
+            licence = "Apache-2.0 (written for instructkit)"
+        elif path:
+            source_txt = Path(path).parent / "SOURCE.txt" if Path(path).is_file() else Path(path) / "SOURCE.txt"
+            if source_txt.is_file():
+                for line in source_txt.read_text(errors="replace").splitlines():
+                    if line.lower().startswith("license"):
+                        licence = line.split(":", 1)[-1].strip()
+                        break
+        sources.append({"name": entry.name or entry.schema_name or str(path), "path": str(path),
+                        "schema": entry.schema_name, "licence": licence or "see the data's own terms"})
+    return sources
+
+
+def _eval_config_from(overrides: list[str]) -> RunConfig:
+    return load_config(None, overrides)
+
+
+def evaluate_step(model: str, data: Path, split: str = "test", out_dir: Path | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """`instructkit evaluate`: eval.json + predictions.jsonl for one model."""
+    config = _eval_config_from(list(overrides) + [f"model.name={model}"])
+    examples = _read_eval_data(data, split)
+    out = out_dir or ((data if data.is_dir() else data.parent) / "eval" / Path(model).name)
+    loaded = _load_model(config)
+    _evaluate_into(loaded, _eval_subset(examples, config.eval.max_examples, config.split.seed), config, out,
+                   label=model)
+    return out / "eval.json"
+
+
+def _read_eval_data(data: Path, split: str) -> list[dict]:
+    if not data.exists():
+        raise InstructkitError(f"{data}: no such run directory or JSONL file")
+    if data.is_dir():
+        return _examples(data, split)
+    from instructkit.data.build import load_examples
+
+    return load_examples(data, split)
+
+
+def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir: Path | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """`instructkit compare`: evaluate both models (k-shot too) and write the report."""
+    config = _eval_config_from(list(overrides))
+    run_dir = out_dir or (data if data.is_dir() else data.parent)
+    examples = _eval_subset(_read_eval_data(data, split), config.eval.max_examples, config.split.seed)
+    train_examples = _examples(data, "train") if data.is_dir() and (data / "train.jsonl").is_file() else []
+    loaded = _load_model(config, base)
+    _evaluate_into(loaded, examples, config, run_dir / "eval" / "base", label=f"{base} (base)")
+    for k in config.eval.few_shot if train_examples else []:
+        _evaluate_into(loaded, examples, config, run_dir / "eval" / f"base-k{k}", k_shot=k, pool=train_examples,
+                       label=f"{base} (base, {k}-shot)")
+    del loaded
+    _evaluate_into(_load_model(config, tuned), examples, config, run_dir / "eval" / "tuned", label=tuned)
+    _compare(config, run_dir, train_examples, Path(tuned))
+    return run_dir / "report.html"
+
+
+def generate_text(model: str, prompts: list[str], max_new_tokens: int = 64, chat_template: bool = False) -> list[str]:
+    from instructkit.evaluate.scoring import generate
+
+    config = load_config(None, [f"model.name={model}", f"model.chat_template={str(chat_template).lower()}"])
+    loaded = _load_model(config)
+    settings = tokenize_settings(config, loaded.is_seq2seq)
+    return generate(loaded.model, loaded.tokenizer, [" ".join(prompts)], settings, is_seq2seq=loaded.is_seq2seq,
+                    max_new_tokens=max_new_tokens)
+
+
+def print_summary(summary: RunSummary, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary.run_dir.name}: base vs fine-tuned")
+    for column in ("task", "metric", "base", "tuned", "delta [95% CI]"):
+        table.add_column(column)
+    for row in summary.headline:
+        ci = f"{row.get('delta', 0):+.3f} [{row.get('low', 0):+.3f}, {row.get('high', 0):+.3f}]"
+        table.add_row(str(row.get("task")), str(row.get("metric")), f"{row.get('base', float('nan')):.3f}",
+                      f"{row.get('tuned', float('nan')):.3f}", ci + (" *" if row.get("significant") else ""))
+    console.print(table)
+    console.print(f"model:   {summary.model_dir}")
+    console.print(f"report:  {summary.report}")
+    console.print(f"logs:    {summary.run_dir / 'metrics.jsonl'}")
+    if summary.timings:
+        console.print("time:    " + ", ".join(f"{k} {v:.0f}s" for k, v in summary.timings.items()))
+    if summary.skipped:
+        console.print("up to date (skipped): " + ", ".join(summary.skipped))
