@@ -16,6 +16,7 @@ Unknown keys are errors that suggest the nearest valid key.
 from __future__ import annotations
 
 import difflib
+import glob
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +63,8 @@ class DatasetConfig(Section):
                                           description="Templates kept out of training (evaluated separately).")
     held_out: bool = Field(False, description="Keep this whole dataset out of training (evaluation only).")
     weight: float = Field(1.0, gt=0, description="Relative share of training examples in a mixture.")
-    max_rows: int | None = Field(None, ge=1, description="Cap on source rows read (after deduplication).")
+    max_rows: int | None = Field(None, ge=1, description="Cap on source rows per file (after deduplication): "
+                                 "a seeded random sample, so a dataset's own test file is not sampled away.")
     dedup_key: list[str] | None = Field(None, description="Fields identifying a duplicate row "
                                         "(default: the fields the chosen templates read).")
     group_by: str | None = Field(None, description="Column whose groups never straddle splits (e.g. ProductId).")
@@ -323,7 +325,9 @@ def _resolve_paths(data: dict, base: Path) -> None:
         if not isinstance(p, str) or p == "demo" or os.path.isabs(p) or os.path.exists(p):
             return p
         candidate = base / p
-        return str(candidate) if candidate.exists() else p
+        # a `format: parallel` stem (multi30k/train -> train.en.gz, train.de.gz) exists only with a suffix
+        stem = candidate.parent.is_dir() and any(candidate.parent.glob(glob.escape(candidate.name) + ".*"))
+        return str(candidate) if candidate.exists() or stem else p
 
     for entry in data.get("datasets") or []:
         if not isinstance(entry, dict):
