@@ -28,7 +28,7 @@ from typing import Any
 
 from instructkit.config import RunConfig, dump_config, load_config
 from instructkit.errors import InstructkitError
-from instructkit.io import atomic_open, read_jsonl, write_json
+from instructkit.io import read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -352,27 +352,22 @@ def _data_sources(config: RunConfig) -> list[dict]:
     return sources
 
 
-def _eval_config_from(overrides: list[str]) -> RunConfig:
-    return load_config(None, overrides)
-
-
 def evaluate_step(model: str, data: Path, split: str = "test", out_dir: Path | None = None,
                   overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """`instructkit evaluate`: eval.json + predictions.jsonl for one model."""
-    config = _eval_config_from(list(overrides) + [f"model.name={model}"])
-    examples = _read_eval_data(data, split)
+    from instructkit.evaluate.evaluator import evaluate_run
+    from instructkit.models import set_threads
+
+    config = load_config(None, list(overrides) + [f"model.name={model}"])
+    set_threads(config.train.threads)
     out = out_dir or ((data if data.is_dir() else data.parent) / "eval" / Path(model).name)
-    loaded = _load_model(config)
-    _evaluate_into(loaded, _eval_subset(examples, config.eval.max_examples, config.split.seed), config, out,
-                   label=model)
+    evaluate_run(model, data, split, out, config.eval, config.model, seed=config.split.seed)
     return out / "eval.json"
 
 
 def _read_eval_data(data: Path, split: str) -> list[dict]:
     if not data.exists():
         raise InstructkitError(f"{data}: no such run directory or JSONL file")
-    if data.is_dir():
-        return _examples(data, split)
     from instructkit.data.build import load_examples
 
     return load_examples(data, split)
@@ -381,7 +376,7 @@ def _read_eval_data(data: Path, split: str) -> list[dict]:
 def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir: Path | None = None,
                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """`instructkit compare`: evaluate both models (k-shot too) and write the report."""
-    config = _eval_config_from(list(overrides))
+    config = load_config(None, list(overrides))
     run_dir = out_dir or (data if data.is_dir() else data.parent)
     examples = _eval_subset(_read_eval_data(data, split), config.eval.max_examples, config.split.seed)
     train_examples = _examples(data, "train") if data.is_dir() and (data / "train.jsonl").is_file() else []

@@ -154,9 +154,7 @@ def assemble(
     if settings.seq2seq:
         if len(completion_ids) > settings.max_length or not prompt_ids:
             return None
-        cut = truncate_prompt(prompt_ids, settings.max_length, settings.truncation, keep_first=False)
-        if len(cut) < len(prompt_ids) and prompt_ids[-1] != cut[-1]:
-            cut = cut[:-1] + prompt_ids[-1:]  # keep the encoder's closing token (e.g. T5's </s>)
+        cut = _cut_encoder_input(prompt_ids, settings)
         return Encoded(cut, list(completion_ids), len(cut), truncated=len(cut) < len(prompt_ids))
     budget = settings.max_length - len(completion_ids)
     min_prompt = 2 if (bos_id is not None and prompt_ids[:1] == [bos_id]) else 1
@@ -196,13 +194,18 @@ def encode_for_generation(
 ) -> list[list[int]]:
     """Prompt ids for generation, cut exactly as in training so that prompt + answer fits max_length."""
     ids = encode_prompts(tokenizer, prompts, settings)
+    if settings.seq2seq:  # the encoder input is cut exactly as `assemble` cuts it for training
+        return [_cut_encoder_input(x, settings) for x in ids]
     bos = tokenizer.bos_token_id
-    budget = settings.max_length if settings.seq2seq else max(settings.max_length - max_new_tokens, 2)
-    out = []
-    for x in ids:
-        keep_first = bos is not None and x[:1] == [bos]
-        out.append(truncate_prompt(x, budget, settings.truncation, keep_first and not settings.seq2seq))
-    return out
+    budget = max(settings.max_length - max_new_tokens, 2)
+    return [truncate_prompt(x, budget, settings.truncation, bos is not None and x[:1] == [bos]) for x in ids]
+
+
+def _cut_encoder_input(prompt_ids: list[int], settings: TokenizeSettings) -> list[int]:
+    cut = truncate_prompt(prompt_ids, settings.max_length, settings.truncation, keep_first=False)
+    if len(cut) < len(prompt_ids) and prompt_ids[-1] != cut[-1]:
+        cut = cut[:-1] + prompt_ids[-1:]  # keep the encoder's closing token (e.g. T5's </s>)
+    return cut
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def tokenize_examples(
             columns["labels"].append(enc.labels)
             columns["prompt_length"].append(enc.prompt_length)
             columns["index"].append(start + offset)
-    dataset = datasets.Dataset.from_dict(columns, fingerprint=fingerprint)
+    dataset = datasets.Dataset.from_dict(columns)  # datasets 5 has no fingerprint argument here
     if cached is not None:
         tmp = cached.with_name(cached.name + ".tmp")
         dataset.save_to_disk(str(tmp / "data"))

@@ -1,0 +1,569 @@
+"""Scoring a model on prompts: rank classification, batched generation, perplexity of references.
+
+All inputs are built by `instructkit.data.tokenize`, the same functions that build training examples, so a
+prompt is cut and a completion tokenized exactly as the model saw them in training.
+
+Rank classification (`rank_choices`)
+------------------------------------
+Each choice is scored by its summed log-probability given the prompt,
+
+    score(choice) = sum_t log p(choice_t | prompt, choice_<t)
+
+and the prediction is the best choice (or the best mean per token with `length_normalized`). The prompt is
+encoded ONCE per example, however many choices it has:
+
+* causal models: the choices of one prompt usually share their first tokens (" 1" .. " 5" are a space token
+  then a digit in both real tokenizers). The shared prefix is appended to the prompt, and one forward pass
+  over `prompt + prefix` gives the log-probabilities of the prefix and of every choice's next token (the
+  logits at the last `len(prefix) + 1` positions only, via `logits_to_keep`). When every choice ends one
+  token after the prefix (the " 1" .. " 5" case) that single pass is all: 5 choices cost one forward
+  instead of five. Longer choices continue from the prompt's KV cache, copied once per choice row, so
+  only their remaining tokens go through the model.
+* seq2seq models: the encoder runs once per prompt; the decoder runs over all choices in a batch, with the
+  encoder states repeated per choice.
+
+One prompt, one context: every choice of an example is scored against the same prompt, cut to fit the
+LONGEST choice (`assemble(prompt, longest_choice)`, as training would cut it). With equally long choices
+this is exactly the training cut for each choice.
+
+EOS: by default (`include_eos=False`) a choice is scored without EOS, as in the baselines (" 1" .. " 5" is
+two tokens). With `include_eos=True` the EOS (or the chat template's end-of-turn token) is scored too,
+which also asks "does the answer stop here?".
+
+Padding: causal batches are LEFT-padded with explicit `position_ids` (0 at each example's first real token),
+so every row ends at the last column and a padded row computes what the unpadded one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from instructkit.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizeSettings,
+    assemble,
+    encode_batch,
+    encode_completions,
+    encode_for_generation,
+    encode_prompts,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ChoiceScores",
+    "completion_nll",
+    "generate",
+    "map_to_choice",
+    "rank_choices",
+    "stop_token_ids",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers: settings, padding, batching
+# --------------------------------------------------------------------------------------------------
+
+
+def _for_model(settings: TokenizeSettings, is_seq2seq: bool) -> TokenizeSettings:
+    """The settings with `seq2seq` matching the model (the model decides, not the caller's default)."""
+    return settings if settings.seq2seq == is_seq2seq else replace(settings, seq2seq=is_seq2seq)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id (SmolLM2's pad IS its EOS; padding is masked anyway)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    return int(pad)
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), left-padded: every row ends at the last column.
+
+    Positions count real tokens only: a row [pad, pad, a, b, c] gets positions [0, 0, 0, 1, 2], so its
+    tokens sit where they would without padding.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_value: int, device: torch.device,
+               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), right-padded to `width` (default: the longest row)."""
+    width = max([len(r) for r in rows] + [1]) if width is None else width
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), max(size, 1)):
+        yield list(indices[start:start + size])
+
+
+def _longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices sorted by length, longest first: rows of one batch have similar lengths (little padding)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position: log_softmax over the vocabulary, then gather.
+
+    logits (..., V), targets (...) -> (...). The full log-softmax lives only for this batch's kept
+    positions; nothing of vocabulary size is kept across batches.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens shared by the start of every sequence, never a whole sequence's last token.
+
+    [[225, 21], [225, 22], [225, 23]] -> 1 (the space token). Capped at min(len) - 1 so that every choice
+    keeps at least one token of its own: the prompt pass then scores the prefix plus each choice's next
+    token at its last position.
+    """
+    limit = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank classification
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChoiceScores:
+    """Scores of one example's choices, in the order the choices were given.
+
+    `logprobs[j]` = summed log p(choice j tokens | prompt); `mean_logprobs[j]` = logprobs[j] / n_tokens[j].
+    `predicted` is `predicted_by_mean` when ranking was length-normalised, else `predicted_by_sum`.
+    `prompt_tokens` is the prompt as fed (after truncation); `truncated` says the prompt was cut.
+    """
+
+    logprobs: list[float]
+    n_tokens: list[int]
+    mean_logprobs: list[float]
+    predicted_by_sum: int
+    predicted_by_mean: int
+    predicted: int
+    prompt_tokens: int
+    truncated: bool
+
+
+@dataclass
+class _RankItem:
+    """One example ready to score: the prompt as cut, and each choice's tokens."""
+
+    prompt_ids: list[int]
+    choice_ids: list[list[int]]
+    truncated: bool
+
+
+def _rank_items(tokenizer: Any, prompts: Sequence[str], choices_per_prompt: Sequence[Sequence[str]],
+                settings: TokenizeSettings, include_eos: bool) -> list[_RankItem]:
+    """Tokenize prompts once and every choice once; cut each prompt to fit its longest choice."""
+    if len(prompts) != len(choices_per_prompt):
+        raise ValueError(f"{len(prompts)} prompts but {len(choices_per_prompt)} choice lists")
+    prompt_ids = encode_prompts(tokenizer, prompts, settings)
+    flat_choices = [c for choices in choices_per_prompt for c in choices]
+    flat_prompts = [p for p, choices in zip(prompts, choices_per_prompt) for _ in choices]
+    flat_ids = encode_completions(tokenizer, flat_choices, settings, flat_prompts, add_eos=include_eos)
+    items, start = [], 0
+    for i, (ids, choices) in enumerate(zip(prompt_ids, choices_per_prompt)):
+        if not choices:
+            raise ValueError(f"example {i} has no choices to rank")
+        choice_ids = flat_ids[start:start + len(choices)]
+        start += len(choices)
+        for j, c in enumerate(choice_ids):
+            if not c:
+                raise ValueError(f"example {i}: choice {choices[j]!r} has no tokens")
+        longest = max(choice_ids, key=len)
+        encoded = assemble(ids, longest, settings, tokenizer.bos_token_id)
+        if encoded is None:
+            raise ValueError(f"example {i}: choice of {len(longest)} tokens leaves no room for the prompt "
+                             f"within max_length={settings.max_length}")
+        cut = encoded.input_ids[:encoded.prompt_length]
+        items.append(_RankItem(cut, choice_ids, encoded.truncated))
+    return items
+
+
+def _select_cache_rows(cache: Any, rows: torch.Tensor, config: Any) -> Any:
+    """A new DynamicCache holding the batch rows `rows` (repeats allowed) of `cache`; `cache` is untouched.
+
+    Cost: one copy of the prompt's keys and values per row, layers x 2 x kv_heads x head_dim x prompt_len
+    floats (SmolLM2-135M: 30 x 2 x 3 x 64 x 256 = 2.9 M floats = 11.8 MB per row at a 256-token prompt).
+    """
+    from transformers import DynamicCache
+
+    data = [(layer.keys.index_select(0, rows), layer.values.index_select(0, rows)) for layer in cache.layers]
+    return DynamicCache(data, config=config)
+
+
+def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
+                  rows_per_pass: int) -> list[list[float]]:
+    """Summed log-probabilities of every choice of `items` (one batch of prompts), prompt run once.
+
+    Pass 1 runs `prompt + shared prefix` (left-padded) and keeps the logits of the last q + 1 positions,
+    q = prefix length: position -(q+1) + t predicts prefix token t, the last position predicts each
+    choice's first own token. Pass 2 (only for choices with 2+ own tokens) feeds those tokens but the last
+    on top of a copy of the prompt's cache, `rows_per_pass` choice rows at a time.
+    """
+    device = _device(model)
+    prefix_lens = [_common_prefix_length(item.choice_ids) for item in items]
+    contexts = [item.prompt_ids + item.choice_ids[0][:q] for item, q in zip(items, prefix_lens)]
+    ids, mask, positions = _left_pad(contexts, pad_id, device)
+    keep = max(prefix_lens) + 1
+    rest = [(b, j) for b, item in enumerate(items) for j, c in enumerate(item.choice_ids)
+            if len(c) - prefix_lens[b] >= 2]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=bool(rest),
+                logits_to_keep=keep)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, keep, V): kept positions only
+
+    scores: list[list[float]] = []
+    for b, (item, q) in enumerate(zip(items, prefix_lens)):
+        prefix = item.choice_ids[0][:q]
+        prefix_score = sum(float(logprobs[b, keep - 1 - q + t, tok]) for t, tok in enumerate(prefix))
+        scores.append([prefix_score + float(logprobs[b, keep - 1, c[q]]) for c in item.choice_ids])
+    del logprobs
+
+    context_lengths = mask.sum(-1)
+    for chunk in _chunks(range(len(rest)), rows_per_pass):
+        pairs = [rest[k] for k in chunk]
+        rows = torch.tensor([b for b, _ in pairs], device=device)
+        own = [items[b].choice_ids[j][prefix_lens[b]:] for b, j in pairs]
+        inputs, choice_mask = _right_pad([c[:-1] for c in own], pad_id, device)
+        targets, _ = _right_pad([c[1:] for c in own], 0, device, width=inputs.shape[1])
+        steps = torch.arange(inputs.shape[1], device=device)
+        out2 = model(
+            input_ids=inputs,
+            attention_mask=torch.cat([mask.index_select(0, rows), choice_mask], dim=1),
+            position_ids=context_lengths.index_select(0, rows)[:, None] + steps[None, :],
+            cache=_select_cache_rows(out.cache, rows, model.config),
+            use_cache=True,
+        )
+        token_lp = _token_logprobs(out2.logits, targets) * choice_mask
+        for (b, j), value in zip(pairs, token_lp.sum(-1).tolist()):
+            scores[b][j] += value
+    return scores
+
+
+def _score_seq2seq(model: Any, items: Sequence[_RankItem], pad_id: int,
+                   rows_per_pass: int) -> list[list[float]]:
+    """Encoder once per prompt, then the decoder over all choices with the encoder states repeated."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    device = _device(model)
+    ids, mask = _right_pad([item.prompt_ids for item in items], pad_id, device)
+    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    start = int(model.config.decoder_start_token_id)
+    pairs_all = [(b, j) for b, item in enumerate(items) for j in range(len(item.choice_ids))]
+    scores = [[0.0] * len(item.choice_ids) for item in items]
+    for chunk in _chunks(range(len(pairs_all)), rows_per_pass):
+        pairs = [pairs_all[k] for k in chunk]
+        rows = torch.tensor([b for b, _ in pairs], device=device)
+        choices = [items[b].choice_ids[j] for b, j in pairs]
+        decoder_in, choice_mask = _right_pad([[start] + c[:-1] for c in choices], pad_id, device)
+        targets, _ = _right_pad(choices, 0, device, width=decoder_in.shape[1])
+        out = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded.index_select(0, rows)),
+            attention_mask=mask.index_select(0, rows),
+            decoder_input_ids=decoder_in,
+            use_cache=False,
+        )
+        token_lp = _token_logprobs(out.logits, targets) * choice_mask
+        for (b, j), value in zip(pairs, token_lp.sum(-1).tolist()):
+            scores[b][j] = value
+    return scores
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; ties go to the first."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def rank_choices(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    choices_per_prompt: Sequence[Sequence[str]],
+    settings: TokenizeSettings,
+    *,
+    is_seq2seq: bool,
+    batch_size: int = 16,
+    length_normalized: bool = False,
+    include_eos: bool = False,
+) -> list[ChoiceScores]:
+    """Score every choice of every prompt by its log-probability; the prompt is encoded once per example.
+
+    `batch_size` prompts go through the model together (sorted by length to limit padding); choice rows
+    that need a second pass go `batch_size` at a time (each row holds a copy of its prompt's KV cache).
+    Returns one `ChoiceScores` per prompt, in the order given.
+    """
+    settings = _for_model(settings, is_seq2seq)
+    items = _rank_items(tokenizer, prompts, choices_per_prompt, settings, include_eos)
+    pad_id = _pad_id(tokenizer)
+    score_batch = _score_seq2seq if is_seq2seq else _score_causal
+    sums: list[list[float]] = [[] for _ in items]
+    order = _longest_first([len(item.prompt_ids) for item in items])
+    with torch.no_grad():
+        for batch in _chunks(order, batch_size):
+            values = score_batch(model, [items[i] for i in batch], pad_id, batch_size)
+            for i, choice_sums in zip(batch, values):
+                sums[i] = choice_sums
+    results = []
+    for item, values in zip(items, sums):
+        counts = [len(c) for c in item.choice_ids]
+        means = [v / n for v, n in zip(values, counts)]
+        by_sum, by_mean = _argmax(values), _argmax(means)
+        results.append(ChoiceScores(
+            logprobs=values, n_tokens=counts, mean_logprobs=means, predicted_by_sum=by_sum,
+            predicted_by_mean=by_mean, predicted=by_mean if length_normalized else by_sum,
+            prompt_tokens=len(item.prompt_ids), truncated=item.truncated,
+        ))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def stop_token_ids(tokenizer: Any, settings: TokenizeSettings) -> list[int]:
+    """Tokens that end an answer: EOS, plus the chat template's end-of-turn token when one is used.
+
+    The end-of-turn token is found the way training learns it: the last token of an encoded assistant
+    turn (`encode_completions(..., add_eos=True)` with the chat template), e.g. <|im_end|> for ChatML.
+    """
+    stops = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if settings.chat_template and not settings.seq2seq:
+        end_of_turn = encode_completions(tokenizer, ["x"], settings, ["x"], add_eos=True)[0][-1]
+        if end_of_turn not in stops:
+            stops.append(int(end_of_turn))
+    if not stops:
+        raise ValueError("the tokenizer has no EOS token: generation would never stop")
+    return stops
+
+
+def _with_model_stops(stops: list[int], model: Any) -> list[int]:
+    """`stops` plus the model's own generation_config EOS ids (e.g. an instruct model's end-of-turn)."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for tok in own if isinstance(own, (list, tuple)) else [own]:
+        if tok is not None and int(tok) not in stops:
+            stops = stops + [int(tok)]
+    return stops
+
+
+def _generation_config(model: Any, *, max_new_tokens: int, num_beams: int, do_sample: bool,
+                       stops: list[int], pad_id: int) -> Any:
+    """The model's own generation config (sampling temperature etc.), with our length, stops and mode."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.max_length = None
+    config.min_new_tokens = None
+    config.min_length = 0
+    config.num_beams = num_beams
+    config.do_sample = do_sample
+    config.eos_token_id = stops
+    config.pad_token_id = pad_id
+    config.num_return_sequences = 1
+    if not do_sample:  # greedy / beam: sampling knobs would only raise warnings
+        config.temperature = None
+        config.top_p = None
+        config.top_k = None
+    return config
+
+
+def _cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
+    """The tokens before the first stop token."""
+    out = []
+    for tok in tokens:
+        if tok in stops:
+            break
+        out.append(tok)
+    return out
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    settings: TokenizeSettings,
+    *,
+    is_seq2seq: bool,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    seed: int = 0,
+) -> list[str]:
+    """Answers to `prompts`, `batch_size` at a time: greedy by default, stopping at EOS / end-of-turn
+    (`stop_token_ids`) or any EOS id the model's generation_config lists.
+
+    Prompts are cut as in training so that prompt + answer fits `max_length`
+    (`encode_for_generation`), left-padded for causal models. Only the new tokens are decoded (special
+    tokens skipped, whitespace stripped). Sampling is seeded: the same call gives the same answers, and the
+    global torch random state is left as it was.
+    """
+    settings = _for_model(settings, is_seq2seq)
+    prompt_ids = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
+    stops = _with_model_stops(stop_token_ids(tokenizer, settings), model)
+    pad_id = _pad_id(tokenizer)
+    config = _generation_config(model, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                do_sample=do_sample, stops=stops, pad_id=pad_id)
+    device = _device(model)
+    answers = [""] * len(prompt_ids)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in _chunks(_longest_first([len(p) for p in prompt_ids]), batch_size):
+            rows = [prompt_ids[i] for i in batch]
+            if is_seq2seq:
+                ids, mask = _right_pad(rows, pad_id, device)
+            else:
+                ids, mask, _ = _left_pad(rows, pad_id, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            # Causal output = the (padded) prompt then the new tokens; seq2seq output = decoder start + new.
+            new = out[:, ids.shape[1]:] if not is_seq2seq else out[:, 1:]
+            for i, tokens in zip(batch, new.tolist()):
+                answers[i] = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True).strip()
+    return answers
+
+
+# --------------------------------------------------------------------------------------------------
+# Mapping a generated answer to a class
+# --------------------------------------------------------------------------------------------------
+
+_EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}*"
+
+
+def _norm(text: str) -> str:
+    return text.strip().strip(_EDGE_PUNCT).casefold()
+
+
+def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
+    """The choice a generated answer names, or None when it names none (counted as unparseable).
+
+    In order: (1) the whole answer equals a choice, ignoring case and edge punctuation ("Positive." ->
+    "positive"); (2) the answer starts with a choice followed by a non-word character ("5 stars" -> "5",
+    "yes, it does" -> "yes"), the longest such choice winning ("not entailment" over "not"); (3) the first
+    word equals a choice ("**4** stars" -> "4").
+    """
+    answer = _norm(text)
+    if not answer:
+        return None
+    normalized = [(_norm(c), c) for c in choices]
+    for norm, choice in normalized:
+        if norm and answer == norm:
+            return choice
+    leading = [(norm, choice) for norm, choice in normalized
+               if norm and answer.startswith(norm) and not re.match(r"\w", answer[len(norm):len(norm) + 1])]
+    if leading:
+        return max(leading, key=lambda pair: len(pair[0]))[1]
+    first_word = _norm(answer.split()[0]) if answer.split() else ""
+    for norm, choice in normalized:
+        if norm and first_word == norm:
+            return choice
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Perplexity of reference completions
+# --------------------------------------------------------------------------------------------------
+
+
+def _nll_causal(model: Any, encoded: Sequence[Any], pad_id: int) -> list[tuple[float, int]]:
+    """(summed NLL, label tokens) per example; LM head only at the positions that predict a label.
+
+    Left-padded, so the K = max completion length labelled tokens of every row sit in the last K columns;
+    their logits come from columns T-K-1 .. T-2 (`logits_to_keep` as an index tensor). Memory: B x K x V
+    floats instead of B x T x V.
+    """
+    device = _device(model)
+    ids, mask, positions = _left_pad([e.input_ids for e in encoded], pad_id, device)
+    width = ids.shape[1]
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, e in enumerate(encoded):
+        labels[i, width - len(e.labels):] = torch.tensor(e.labels, dtype=torch.long)
+    k = max(sum(1 for x in e.labels if x != IGNORE_INDEX) for e in encoded)
+    predicting = torch.arange(width - k - 1, width - 1, device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                logits_to_keep=predicting)
+    targets = labels[:, width - k:]
+    valid = targets != IGNORE_INDEX
+    token_lp = _token_logprobs(out.logits, targets) * valid
+    return [(-float(s), int(n)) for s, n in zip(token_lp.sum(-1).tolist(), valid.sum(-1).tolist())]
+
+
+def _nll_seq2seq(model: Any, encoded: Sequence[Any], pad_id: int) -> list[tuple[float, int]]:
+    device = _device(model)
+    ids, mask = _right_pad([e.input_ids for e in encoded], pad_id, device)
+    start = int(model.config.decoder_start_token_id)
+    decoder_in, label_mask = _right_pad([[start] + e.labels[:-1] for e in encoded], pad_id, device)
+    targets, _ = _right_pad([e.labels for e in encoded], 0, device, width=decoder_in.shape[1])
+    out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_in, use_cache=False)
+    token_lp = _token_logprobs(out.logits, targets) * label_mask
+    return [(-float(s), int(n)) for s, n in zip(token_lp.sum(-1).tolist(), label_mask.sum(-1).tolist())]
+
+
+def completion_nll(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    settings: TokenizeSettings,
+    is_seq2seq: bool,
+    batch_size: int = 16,
+) -> tuple[float, int, list[float]]:
+    """(total NLL in nats, label tokens, per-example NLL) of the reference completions given the prompts.
+
+    The completions are encoded exactly as for training (`encode_batch`: separator + completion + EOS), so
+    perplexity = exp(total / tokens) is the training loss's measure on this data. An example whose
+    completion alone does not fit `max_length` is dropped by the tokenizer: its NLL is NaN and it counts
+    in neither total.
+    """
+    settings = _for_model(settings, is_seq2seq)
+    encoded = encode_batch(tokenizer, prompts, completions, settings)
+    dropped = sum(e is None for e in encoded)
+    if dropped:
+        logger.warning("perplexity: %d of %d completions do not fit max_length=%d and are skipped",
+                       dropped, len(encoded), settings.max_length)
+    kept = [i for i, e in enumerate(encoded) if e is not None]
+    pad_id = _pad_id(tokenizer)
+    nll_batch = _nll_seq2seq if is_seq2seq else _nll_causal
+    per_example = [float("nan")] * len(encoded)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in _chunks(sorted(kept, key=lambda i: -len(encoded[i].input_ids)), batch_size):
+            for i, (nll, n) in zip(batch, nll_batch(model, [encoded[i] for i in batch], pad_id)):
+                per_example[i] = nll
+                total += nll
+                tokens += n
+    return total, tokens, per_example
