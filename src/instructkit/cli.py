@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_library_progress_bars()
     try:
         return args.func(args)
     except InstructkitError as exc:
@@ -320,6 +321,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue from the last checkpoint", file=sys.stderr)
         return 130
+
+
+def _quiet_library_progress_bars() -> None:
+    """instructkit shows its own progress; the per-shard bars of datasets/transformers are noise."""
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def _console_err():

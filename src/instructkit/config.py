@@ -194,6 +194,16 @@ class RunConfig(Section):
     def _safe_name(cls, value: str) -> str:
         if not value or "/" in value or "\\" in value or value in {".", ".."}:
             raise ValueError(f"run name {value!r} must be a plain folder name")
+        if any(ord(c) < 32 for c in value) or len(value.encode("utf-8", "surrogatepass")) > 255:
+            raise ValueError(f"run name {value[:80]!r} must be a plain folder name (no control characters, "
+                             "at most 255 bytes)")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _valid_dir(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError(f"output_dir {value[:80]!r} contains a NUL character")
         return value
 
     @property
@@ -215,7 +225,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has no key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip().split("."), value
 
@@ -224,6 +234,8 @@ def apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
     node: Any = data
     for i, key in enumerate(keys):
         last = i == len(keys) - 1
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {text!r}: {'.'.join(keys[:i])} is {node!r}, not a section or list")
         if isinstance(node, list):
             if not key.isdigit():
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:i])} is a list; use an index like .0")
@@ -302,7 +314,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except (UnicodeDecodeError, IsADirectoryError) as exc:
+        except (UnicodeDecodeError, OSError, ValueError) as exc:  # a folder, no permission, a NUL in the path
             raise ConfigError(f"{path}: cannot read config: {exc}") from None
         try:
             data = yaml.safe_load(text) or {}
@@ -310,6 +322,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections (name, datasets, train, ...)")
     for text in overrides:
@@ -329,7 +343,8 @@ def _resolve_paths(data: dict, base: Path) -> None:
         stem = candidate.parent.is_dir() and any(candidate.parent.glob(glob.escape(candidate.name) + ".*"))
         return str(candidate) if candidate.exists() or stem else p
 
-    for entry in data.get("datasets") or []:
+    datasets = data.get("datasets")
+    for entry in datasets if isinstance(datasets, list) else []:  # other types: validation names them
         if not isinstance(entry, dict):
             continue
         if "path" in entry:

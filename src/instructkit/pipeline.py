@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,6 +280,7 @@ def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model
 
 def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -> Path:
     """Prepare if needed, tokenize, train, save the instruct model to <run_dir>/model."""
+    from instructkit.data.batching import class_ids_from_examples
     from instructkit.data.build import prepare
     from instructkit.data.tokenize import tokenize_examples
     from instructkit.evaluate.evaluator import make_validation_fn
@@ -299,14 +301,17 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     val_ds, _ = tokenize_examples(val_examples, loaded.tokenizer, settings, cache_dir=cache)
     write_json(run_dir / "tokenize_stats.json", train_stats.to_dict())
     validate = make_validation_fn(loaded.tokenizer, val_examples, settings, is_seq2seq=loaded.is_seq2seq,
-                                  max_examples=config.train.eval_max_examples, seed=config.split.seed) \
+                                  max_examples=config.train.eval_max_examples, seed=config.split.seed,
+                                  batch_size=config.eval.batch_size,
+                                  max_new_tokens_by_task=config.eval.max_new_tokens or None) \
         if val_examples else None
     model = loaded.model
     if config.train.lora.enabled:
         model = wrap_lora(model, config.train.lora)
-    class_ids = _class_ids(train_examples, train_ds) if config.train.class_balance != "none" else None
+    class_ids = class_ids_from_examples(train_examples) if config.train.class_balance != "none" else None
     result = train(model, loaded.tokenizer, train_ds, val_ds, config.train, run_dir, settings=settings,
-                   is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume, class_ids=class_ids)
+                   is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume, class_ids=class_ids,
+                   show_progress=sys.stderr.isatty())
     final_model = getattr(result, "model", None) or model
     card = {
         **getattr(loaded, "provenance", {}),
@@ -317,20 +322,6 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     save_instruct_model(final_model, loaded.tokenizer, run_dir / "model", card=card,
                         train_config=dump_config(config), merge_lora=config.train.lora.merge)
     return run_dir / "model"
-
-
-def _class_ids(examples: list[dict], dataset: Any) -> list[int]:
-    """Per tokenized example, an id of its class (template + label) for class balancing (-1: no label)."""
-    names: dict[tuple[str, str], int] = {}
-    ids = []
-    for index in dataset["index"]:
-        ex = examples[index]
-        if ex.get("choices"):
-            key = (ex["template_id"], ex["completion"])
-            ids.append(names.setdefault(key, len(names)))
-        else:
-            ids.append(-1)
-    return ids
 
 
 def _data_sources(config: RunConfig) -> list[dict]:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from instructkit.config import DatasetConfig, RunConfig, dump_config
-from instructkit.data.sources import DEMO_SCHEMA, Problems, Source, dataset_name, load_source
+from instructkit.data.sources import DEMO_SCHEMA, Problems, Source, dataset_name, json_problem, load_source
 from instructkit.data.split import (
     SPLITS,
     DedupResult,
@@ -707,4 +707,6 @@ def load_examples(run_dir_or_jsonl: str | Path, split: str = "train") -> list[di
                 raise DataError(
                     f"{path}: line {lineno}: malformed JSON at column {exc.colno}: {exc.msg}"
                 ) from None
+            except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested too deep
+                raise DataError(f"{path}: line {lineno}: cannot read this JSON: {json_problem(exc)}") from None
     return out

@@ -190,6 +190,8 @@ def read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: is a folder, not a file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. a NUL character in the path
+        raise DataError(f"{path!r}: not a usable file path ({exc})") from None
     if path.suffix.lower() == ".gz":
         try:
             data = gzip.decompress(data)
@@ -282,6 +284,13 @@ def _columns_of(rows: Iterable[dict]) -> list[str]:
     return order
 
 
+def json_problem(exc: BaseException) -> str:
+    """What json.loads refused beyond syntax: nesting too deep for the parser, an over-long integer."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deeply"
+    return str(exc).split(";")[0]
+
+
 def parse_jsonl(text: str, path: str, problems: Problems) -> Table:
     """One JSON object per line; a malformed line is named by its 1-based number."""
     loads = json.loads
@@ -298,6 +307,9 @@ def parse_jsonl(text: str, path: str, problems: Problems) -> Table:
                 "malformed JSON line",
                 f"{path}: line {lineno}: malformed JSON at column {exc.colno}: {exc.msg}",
             )
+            continue
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested 100,000 deep
+            problems.bad("malformed JSON line", f"{path}: line {lineno}: cannot read this JSON: {json_problem(exc)}")
             continue
         if not isinstance(record, dict):
             problems.bad(
@@ -322,6 +334,8 @@ def parse_json(text: str, path: str, problems: Problems) -> Table:
         raise DataError(
             f"{path}: line {exc.lineno}: malformed JSON at column {exc.colno}: {exc.msg}"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested 100,000 deep
+        raise DataError(f"{path}: cannot read this JSON: {json_problem(exc)}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         records = data["data"]
     elif isinstance(data, list):

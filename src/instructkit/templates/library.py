@@ -58,12 +58,16 @@ def _read_yaml(path: Path) -> Any:
         raise TemplateError(f"{path}: template file not found") from None
     except UnicodeDecodeError as exc:
         raise TemplateError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except (OSError, ValueError) as exc:  # a folder, no permission, a NUL in the path
+        raise TemplateError(f"{path}: cannot read the template file: {exc}") from None
     try:
         return yaml.load(text, Loader=_CollectionLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise TemplateError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise TemplateError(f"{path}: invalid YAML: nested too deeply") from None
 
 
 def load_collection(path: str | Path, origin: str | None = None) -> tuple[list[Schema], list[Template]]:
@@ -117,27 +121,36 @@ def _load_native(data: dict, origin: str) -> tuple[list[Schema], list[Template]]
         if not isinstance(fields, dict):
             raise TemplateError(f"{where}: `fields` must map field names to types")
         for fname, ftype in fields.items():
-            if ftype not in FIELD_TYPES:
+            if not isinstance(ftype, str) or ftype not in FIELD_TYPES:
                 raise TemplateError(
                     f"{where}: field {fname!r} has unknown type {ftype!r} (one of {', '.join(FIELD_TYPES)})"
                 )
         label_map = raw.get("label_map")
         if label_map is not None and not isinstance(label_map, dict):
             raise TemplateError(f"{where}: `label_map` must be a mapping of coded values to names")
+        label_field = raw.get("label_field")
+        if label_field is not None and not isinstance(label_field, str):
+            raise TemplateError(f"{where}: `label_field` must be the name of one of its fields")
+        samples = raw.get("samples") or []
+        if not isinstance(samples, list) or not all(isinstance(row, dict) for row in samples):
+            raise TemplateError(f"{where}: `samples` must be a list of rows (mappings of field to value)")
+        template_list = raw.get("templates") or []
+        if not isinstance(template_list, list):
+            raise TemplateError(f"{where}: `templates` must be a list")
         schema = Schema(
             name=str(raw["name"]),
             fields={str(k): str(v) for k, v in fields.items()},
             description=str(raw.get("description", "")),
             source=str(raw.get("source", "")),
-            label_field=raw.get("label_field"),
+            label_field=label_field,
             label_map={k: str(v) for k, v in label_map.items()} if label_map else None,
-            samples=tuple(raw.get("samples") or ()),
+            samples=tuple(samples),
             origin=origin,
         )
         if schema.label_field and schema.label_field not in schema.fields:
             raise TemplateError(f"{where}: label_field {schema.label_field!r} is not one of its fields")
         schemas.append(schema)
-        for j, traw in enumerate(raw.get("templates") or []):
+        for j, traw in enumerate(template_list):
             templates.append(_native_template(traw, schema, f"{where}: templates[{j}]"))
     return schemas, templates
 
@@ -155,6 +168,8 @@ def _native_template(raw: Any, schema: Schema, where: str) -> Template:
     elif choices is not None and not isinstance(choices, str):
         raise TemplateError(f"{where}: `answer_choices` must be a list or a Jinja string with |||")
     metrics = raw.get("metrics") or ()
+    if not isinstance(metrics, (list, tuple)):
+        raise TemplateError(f"{where}: `metrics` must be a list of metric names")
     return Template(
         id=str(raw["id"]),
         name=str(raw.get("name", raw["id"])),
@@ -201,6 +216,8 @@ def _load_promptsource(data: dict, origin: str) -> tuple[list[Schema], list[Temp
                 f"{where}: `jinja` must hold one '|||' between prompt and target, found {len(parts) - 1}"
             )
         meta = raw.get("metadata") or {}
+        if not isinstance(meta, dict) or not isinstance(meta.get("metrics") or [], list):
+            raise TemplateError(f"{where}: `metadata` must be a !TemplateMetadata mapping with a `metrics` list")
         ps_metrics = [str(m).lower() for m in meta.get("metrics") or []]
         metrics = tuple(dict.fromkeys(m for m in (_PS_METRICS.get(x) for x in ps_metrics) if m))
         choices = raw.get("answer_choices")

@@ -1,0 +1,604 @@
+"""How much memory will fine-tuning take? An estimate from the model's shape, and what to change when it
+does not fit.
+
+    instructkit estimate-memory CONFIG.yaml      ->  estimate_for_run(config) + plan_for_budget(...)
+
+All figures are bytes of one process's peak resident memory (RSS) during training (fp32 weights, AdamW).
+Worked example, SmolLM2-135M (134.5 M parameters, hidden 576, MLP 1536, 30 layers, 9 heads of 64, 3 KV
+heads, vocab 49,152), one micro-batch of 4 x 256 = 1,024 tokens, fp32, logits only at the 12 labelled
+positions:
+
+    weights      134.5 M x 4 B                                        = 0.54 GB
+    gradients    134.5 M x 4 B                                        = 0.54 GB
+    AdamW        2 states (exp_avg, exp_avg_sq) x 134.5 M x 4 B        = 1.08 GB
+    activations  12,480 floats/token/layer x 4 B x 1,024 tokens x 30 layers
+                 + final norm                                         = 1.54 GB
+                 (checkpointing: 30 layer inputs of 576 floats + one layer recomputed = 0.13 GB)
+    logits       12 positions x 49,152 x 4 B x 4 copies                = 0.01 GB
+                 (at all 1,024 positions: 0.81 GB)
+
+How these add up to the peak, as measured (tests/train/test_memory.py):
+
+- The optimizer state exists from the first step on; the weights always.
+- The C allocator keeps the small tensors it frees (activations, per-layer gradients: under glibc's 32 MB
+  mmap threshold) for reuse instead of returning them to the system. So in RSS the gradients do not
+  reuse the activations' memory: backward ends with the gradients on top of the (retained) activations.
+- Tensors of 32 MB and more (the vocab-sized logits) are returned to the system when freed. The loss's
+  copies of the logits exist before the gradients do, so the two overlap: the larger one counts.
+
+    peak = framework + (1 + ALLOCATOR_SLACK) x (weights + optimizer + activations
+                                                + max(loss phase, gradient phase))
+
+    loss phase     = max(4 copies of the logits, 2 copies + the LM head's weight gradient)
+    gradient phase = gradients (+ one vocab x hidden matrix with tied embeddings: the embedding's own
+                     gradient, made last and added to the LM head's)
+
+`framework` is the RSS of a Python with torch, transformers, accelerate, datasets and peft loaded and a
+tiny step run (FRAMEWORK_OVERHEAD_BYTES, measured); ALLOCATOR_SLACK covers allocator fragmentation.
+Calibrated against real AdamW steps (random weights of the real shapes, 4 x 256 tokens, 3 labelled tokens a
+row, fp32, 1 thread, 4 steps, peak RSS of a child process):
+
+    shape           checkpointing   logits      estimate   measured   estimate/measured
+    SmolLM2-135M    off             all          4.93 GB    4.83 GB   1.02
+    SmolLM2-135M    off             at labels    4.76 GB    4.33 GB   1.10
+    SmolLM2-135M    on              all          3.35 GB    3.55 GB   0.94
+    SmolLM2-135M    on              at labels    3.18 GB    3.33 GB   0.95
+    Gemma-3-270M    off             all         10.76 GB    9.84 GB   1.09
+    Gemma-3-270M    off             at labels    7.90 GB    7.62 GB   1.04
+    Gemma-3-270M    on              all          9.07 GB    8.77 GB   1.03
+    Gemma-3-270M    on              at labels    6.22 GB    6.50 GB   0.96
+
+Not calibrated here (no GPU; bf16 is slow on this CPU): bf16/fp16 autocast and LoRA; their terms follow
+the same accounting (half-width activations plus autocast's half copies of the weights; adapter-only
+gradients and optimizer state plus the adapters' inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from instructkit.config import LoraSettings, ModelConfig, RunConfig
+
+logger = logging.getLogger(__name__)
+
+GB = 1e9
+FP32 = 4
+HALF = 2
+
+# Peak RSS of `import torch, transformers, accelerate, datasets, peft` + a tiny Llama forward/backward + fused
+# AdamW step, measured by measure_framework_overhead() on the 2-core CPU machine (torch 2.13 CPU,
+# transformers 5.24): 0.50 GB (torch + transformers + the Llama modelling code alone: 0.39 GB).
+FRAMEWORK_OVERHEAD_BYTES = int(0.50 * GB)
+# Fragmentation: what the calibration runs held beyond the modelled tensors, as a fraction of them:
+# 1-9% without gradient checkpointing (freed activations partly reused for gradients), 18-20% with.
+# 12% puts all eight calibration runs within 10% of their measured peak (table above).
+ALLOCATOR_SLACK = 0.12
+# Softmax cross-entropy in fp32 holds up to 4 vocab-sized tensors per position at its peak: the logits,
+# the log-softmax (saved for backward), the gradient arriving at the log-softmax, the gradient of the logits.
+LOGIT_COPIES = 4
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Model shape
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a transformer that its training memory depends on."""
+
+    params: int  # distinct parameters (tied embeddings counted once)
+    hidden: int
+    intermediate: int
+    layers: int  # decoder layers (+ encoder layers for encoder-decoders)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    extra_norms: int = 0  # hidden-size norms per layer beyond Llama's two (Gemma 3: two more)
+    qk_norm: bool = False  # per-head norms of queries and keys (Gemma 3)
+    eager_attention: bool = False  # attention probabilities materialised (heads x seq x seq per token row)
+    lm_head_params: int = 0  # parameters of the output projection (its gradient comes first in backward)
+    tied_embeddings: bool = False  # the LM head is the input embedding matrix
+    linears: tuple[tuple[str, int, int], ...] = ()  # (name, in, out) of every Linear in the body, for LoRA
+
+    def lora_targets(self, lora: LoraSettings) -> list[tuple[str, int, int]]:
+        """The Linears LoRA adapts: all of them for 'all-linear' (the LM head is never among them)."""
+        targets = lora.target_modules
+        names = None if targets == "all-linear" else ({targets} if isinstance(targets, str) else set(targets))
+        return [lin for lin in self.linears if names is None or lin[0].rsplit(".", 1)[-1] in names]
+
+    def lora_params(self, lora: LoraSettings) -> int:
+        """r x (in + out) per adapted Linear (A is r x in, B is out x r)."""
+        return sum(lora.r * (d_in + d_out) for _, d_in, d_out in self.lora_targets(lora))
+
+
+def hf_config_numbers(config: Any) -> dict[str, int]:
+    """hidden / intermediate / layers / heads / kv heads / head dim / vocab from a transformers config."""
+    get = lambda *names, default=None: next(  # noqa: E731
+        (getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
+    hidden = int(get("hidden_size", "d_model", "n_embd"))
+    heads = int(get("num_attention_heads", "num_heads", "n_head"))
+    layers = int(get("num_hidden_layers", "num_layers", "n_layer"))
+    if getattr(config, "is_encoder_decoder", False):
+        layers += int(get("num_decoder_layers", default=layers))
+    return {
+        "hidden": hidden,
+        "intermediate": int(get("intermediate_size", "d_ff", "n_inner", default=4 * hidden)),
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": int(get("num_key_value_heads", default=heads)),
+        "head_dim": int(get("head_dim", "d_kv", default=hidden // heads)),
+        "vocab": int(config.vocab_size),
+    }
+
+
+def model_shape(config: Any) -> ModelShape:
+    """Build the model on the meta device (no memory, ~1 s) to count parameters, norms and Linears exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    numbers = hf_config_numbers(config)
+    params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings()
+    tied = head is not None and embeddings is not None and head.weight is embeddings.weight
+    linears, norms, qk_norm = [], 0, False
+    first_layer = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            linears.append((name, module.in_features, module.out_features))
+        if first_layer is None and name.endswith(".layers.0"):
+            first_layer = module
+    if first_layer is not None:
+        for name, module in first_layer.named_modules():
+            weight = getattr(module, "weight", None)
+            if "norm" in type(module).__name__.lower() and weight is not None:
+                if weight.shape[-1] == numbers["hidden"]:
+                    norms += 1
+                elif name.endswith(("q_norm", "k_norm")):
+                    qk_norm = True
+    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    return ModelShape(
+        params=params,
+        extra_norms=max(norms - 2, 0),
+        qk_norm=qk_norm,
+        eager_attention=attn == "eager",
+        lm_head_params=head.weight.numel() if head is not None else 0,
+        tied_embeddings=tied,
+        linears=tuple(linears),
+        **numbers,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EstimateInputs:
+    shape: ModelShape
+    batch_tokens: int
+    seq_len: int
+    labelled_tokens: int
+    precision: Precision = "fp32"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None
+    logits_at_labels: bool = True
+    overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of peak resident memory of one training step, by part, and the inputs they came from."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    overhead: int
+    slack: int
+    total: int
+    trainable_params: int
+    inputs: EstimateInputs = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        parts = {k: getattr(self, k) for k in ("weights", "gradients", "optimizer", "activations", "logits",
+                                                "overhead", "slack", "total", "trainable_params")}
+        inputs = self.inputs
+        parts["inputs"] = {
+            "params": inputs.shape.params, "batch_tokens": inputs.batch_tokens, "seq_len": inputs.seq_len,
+            "labelled_tokens": inputs.labelled_tokens, "precision": inputs.precision,
+            "optimizer": inputs.optimizer, "gradient_checkpointing": inputs.gradient_checkpointing,
+            "lora_r": inputs.lora.r if inputs.lora else None, "logits_at_labels": inputs.logits_at_labels,
+        }
+        return parts
+
+    def describe(self) -> str:
+        """A plain-text table of the breakdown (GB = 10^9 bytes), for the command line to print."""
+        i = self.inputs
+        rows = [
+            ("weights", self.weights, f"{i.shape.params / 1e6:.1f} M params"),
+            ("gradients", self.gradients, f"{self.trainable_params / 1e6:.2f} M trainable"),
+            ("optimizer state", self.optimizer, i.optimizer),
+            ("activations", self.activations, f"{i.batch_tokens} tokens/micro-batch, "
+                                              f"checkpointing {'on' if i.gradient_checkpointing else 'off'}"),
+            ("logits", self.logits, f"{logit_positions(i)} positions x vocab {i.shape.vocab}"),
+            ("framework", self.overhead, "torch + transformers loaded"),
+            ("allocator slack", self.slack, f"{ALLOCATOR_SLACK:.0%} of live tensors"),
+        ]
+        lines = [f"{name:<16} {value / GB:7.2f} GB   {note}" for name, value, note in rows]
+        lines.append(f"{'peak (estimate)':<16} {self.total / GB:7.2f} GB   = framework + weights + "
+                     "optimizer + activations + max(logits, gradients) + slack")
+        return "\n".join(lines)
+
+
+def activation_floats_per_token_layer(shape: ModelShape) -> int:
+    """Floats one decoder layer keeps for backward, per token (no checkpointing, no dropout, SDPA).
+
+    Llama-style layer (x = residual input, H hidden, I MLP width, nh / nkv heads, hd head dim):
+
+        x (saved by the first norm)                               H
+        first RMSNorm: normalised x, output (input of q/k/v)      2H
+        q, k, v after RoPE, saved by attention                    3 nh hd   (K/V repeated to nh heads when
+                                                                           a padding mask is present)
+        attention output + its reshaped copy (o_proj input)       2 nh hd
+        residual after attention                                  H
+        second RMSNorm: normalised, output (MLP input)            2H
+        MLP: gate, act(gate), up, act(gate) * up                  4I
+                                                                  ---------------------------
+                                                                  6H + 5 nh hd + 4I
+
+    Each extra hidden-size norm (Gemma 3's norms after attention and after the MLP) saves its input and
+    its normalised value: +2H. Per-head q/k norms: +2 (nh + nkv) hd. SmolLM2: 6*576 + 5*576 + 4*1536 = 12,480.
+    """
+    h, i, hd = shape.hidden, shape.intermediate, shape.head_dim
+    floats = 6 * h + 5 * shape.heads * hd + 4 * i
+    floats += 2 * h * shape.extra_norms
+    if shape.qk_norm:
+        floats += 2 * (shape.heads + shape.kv_heads) * hd
+    return floats
+
+
+def activation_bytes(inputs: EstimateInputs) -> int:
+    """All layers' saved activations for one micro-batch (bf16/fp16 autocast: 2 bytes a float).
+
+    Checkpointing keeps only each layer's input (H floats per token per layer) and recomputes one layer at
+    a time in backward, so: layers x H + one layer's full activations.
+    With eager attention each layer also keeps its attention probabilities and scores: 2 x heads x seq_len
+    floats per token.
+    """
+    shape, tokens = inputs.shape, inputs.batch_tokens
+    width = FP32 if inputs.precision == "fp32" else HALF
+    per_layer = activation_floats_per_token_layer(shape)
+    if shape.eager_attention:
+        per_layer += 2 * shape.heads * inputs.seq_len
+    extra_bytes = 0
+    if inputs.lora is not None:
+        lora_floats, mask_bytes = lora_activation_per_token_layer(shape, inputs.lora)
+        per_layer += lora_floats
+        extra_bytes = mask_bytes * tokens * (1 if inputs.gradient_checkpointing else shape.layers)
+    final_norm = 2 * shape.hidden  # the final norm's input and normalised value
+    if inputs.gradient_checkpointing:
+        floats = shape.layers * shape.hidden + per_layer + final_norm
+    else:
+        floats = shape.layers * per_layer + final_norm
+    return floats * tokens * width + extra_bytes
+
+
+def lora_activation_per_token_layer(shape: ModelShape, lora: LoraSettings) -> tuple[int, int]:
+    """(floats, bytes) LoRA adds per token per layer: each adapted Linear's r-wide A output, and with
+    dropout > 0 its dropped-out copy of the input (in floats) plus the dropout mask (in bytes)."""
+    adapted = shape.lora_targets(lora)
+    layers = max(shape.layers, 1)
+    inputs = sum(d_in for _, d_in, _ in adapted) // layers
+    floats = lora.r * len(adapted) // layers + (inputs if lora.dropout > 0 else 0)
+    return floats, inputs if lora.dropout > 0 else 0
+
+
+def logit_positions(inputs: EstimateInputs) -> int:
+    """Positions where the LM head runs: the labelled ones (logits_to_keep) or every token."""
+    if not inputs.logits_at_labels:
+        return inputs.batch_tokens
+    return min(inputs.labelled_tokens, inputs.batch_tokens)
+
+
+def loss_phase_bytes(inputs: EstimateInputs) -> int:
+    """Memory on top of the activations while the loss is differentiated: all LOGIT_COPIES of the logits,
+    or, a moment later, two copies (logits, their gradient) plus the LM head's weight gradient."""
+    one_copy = logit_positions(inputs) * inputs.shape.vocab * FP32
+    head_gradient = inputs.shape.lm_head_params * FP32 if inputs.lora is None else 0
+    return max(LOGIT_COPIES * one_copy, 2 * one_copy + head_gradient)
+
+
+def gradient_phase_bytes(inputs: EstimateInputs) -> int:
+    """The gradients at the end of backward. With tied embeddings, the embedding's dense vocab x hidden
+    gradient is made last and added to the LM head's: one more vocab x hidden matrix for a moment."""
+    shape = inputs.shape
+    trainable = shape.lora_params(inputs.lora) if inputs.lora is not None else shape.params
+    tied_extra = shape.lm_head_params if shape.tied_embeddings and inputs.lora is None else 0
+    return (trainable + tied_extra) * FP32
+
+
+def logit_bytes(inputs: EstimateInputs) -> int:
+    """positions x vocab x 4 bytes x LOGIT_COPIES (the loss is computed in fp32 whatever the precision)."""
+    return logit_positions(inputs) * inputs.shape.vocab * FP32 * LOGIT_COPIES
+
+
+def estimate_memory(
+    model_config_or_hf_config: Any,
+    *,
+    batch_tokens: int,
+    seq_len: int,
+    labelled_tokens: int | None = None,
+    precision: Precision = "fp32",
+    optimizer: Literal["adamw", "sgd"] = "adamw",
+    gradient_checkpointing: bool = False,
+    lora: LoraSettings | None = None,
+    logits_at_labels: bool = True,
+    overhead_bytes: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> MemoryEstimate:
+    """Peak memory of a training step. See the module docstring for the arithmetic.
+
+    model_config_or_hf_config: an instructkit ModelConfig (resolved without loading weights), a transformers
+        config, or a ModelShape.
+    batch_tokens: tokens in one micro-batch (batch_size x padded length, or the packed row length).
+    seq_len: longest sequence (only matters for eager attention).
+    labelled_tokens: positions carrying a label in the micro-batch (default: all of them).
+    precision: fp32 (weights, activations fp32); bf16/fp16 = autocast: fp32 master weights + a half copy
+        of each weight cached by autocast, half activations.
+    optimizer: adamw (2 fp32 states per trainable parameter; fused, so no per-step temporaries) or sgd
+        with momentum (1 state).
+    lora: LoRA settings (enabled or not): only the adapters get gradients and optimizer state.
+    """
+    shape = as_shape(model_config_or_hf_config, cache_dir)
+    inputs = EstimateInputs(
+        shape=shape,
+        batch_tokens=int(batch_tokens),
+        seq_len=int(seq_len),
+        labelled_tokens=int(labelled_tokens if labelled_tokens is not None else batch_tokens),
+        precision=precision,
+        optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing,
+        lora=lora if lora is not None and lora.enabled else None,
+        logits_at_labels=logits_at_labels,
+        overhead_bytes=FRAMEWORK_OVERHEAD_BYTES if overhead_bytes is None else int(overhead_bytes),
+    )
+    return estimate_from_inputs(inputs)
+
+
+def estimate_from_inputs(inputs: EstimateInputs) -> MemoryEstimate:
+    """The breakdown and the peak (see the module docstring for why the peak has this form)."""
+    shape = inputs.shape
+    adapters = shape.lora_params(inputs.lora) if inputs.lora is not None else 0
+    trainable = adapters if inputs.lora is not None else shape.params
+    weights = (shape.params + adapters) * FP32
+    if inputs.precision != "fp32":
+        weights += shape.params * HALF  # autocast's cached half copies of the weights
+    gradients = trainable * FP32
+    states = {"adamw": 2, "sgd": 1}[inputs.optimizer]
+    optimizer = states * trainable * FP32
+    activations = activation_bytes(inputs)
+    logits = logit_bytes(inputs)
+    live = weights + optimizer + activations + max(loss_phase_bytes(inputs), gradient_phase_bytes(inputs))
+    slack = int(ALLOCATOR_SLACK * live)
+    return MemoryEstimate(
+        weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits,
+        overhead=inputs.overhead_bytes, slack=slack, total=inputs.overhead_bytes + live + slack,
+        trainable_params=trainable, inputs=inputs,
+    )
+
+
+def as_shape(model: Any, cache_dir: str | os.PathLike | None = None) -> ModelShape:
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, ModelConfig):
+        from instructkit.models import resolve_model_config
+
+        model = resolve_model_config(model, cache_dir)
+    return model_shape(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Advice
+# --------------------------------------------------------------------------------------------------
+
+
+def plan_for_budget(estimate: MemoryEstimate, budget_bytes: int) -> list[str]:
+    """Changes that bring the estimate under `budget_bytes`, largest saving first ([] when it fits).
+
+    Each change is estimated on its own from the same inputs; "(fits alone)" marks the ones that suffice.
+    """
+    if estimate.total <= budget_bytes:
+        return []
+    inputs = estimate.inputs
+    options: list[tuple[int, str, MemoryEstimate]] = []
+
+    def consider(changed: EstimateInputs, text: str) -> None:
+        new = estimate_from_inputs(changed)
+        saving = estimate.total - new.total
+        if saving > 0:
+            options.append((saving, text, new))
+
+    if not inputs.gradient_checkpointing:
+        consider(dataclasses.replace(inputs, gradient_checkpointing=True),
+                 "turn on gradient checkpointing (train.gradient_checkpointing=true; recomputes the forward "
+                 "in backward, ~30% slower)")
+    if not inputs.logits_at_labels:
+        consider(dataclasses.replace(inputs, logits_at_labels=True),
+                 "compute logits only at labelled positions (train.logits_at_labels=true)")
+    if inputs.lora is None:
+        lora = LoraSettings(enabled=True)
+        consider(dataclasses.replace(inputs, lora=lora),
+                 f"train LoRA adapters instead of all weights (train.lora.enabled=true, r={lora.r}: "
+                 "gradients and optimizer state only for the adapters)")
+    smaller = smaller_batch(inputs, budget_bytes)
+    if smaller is not None:
+        factor = inputs.batch_tokens // smaller.batch_tokens
+        consider(smaller, f"a {factor}x smaller micro-batch ({inputs.batch_tokens} -> {smaller.batch_tokens} "
+                          f"tokens: train.batch_size / {factor}) with train.grad_accum x {factor} (same "
+                          "effective batch)")
+    if inputs.precision == "fp32":
+        consider(dataclasses.replace(inputs, precision="bf16"),
+                 "on a GPU: train.precision=bf16 (halves activations; on this CPU bf16 is ~1.6x slower)")
+
+    options.sort(key=lambda item: -item[0])
+    advice = [
+        f"{text}: saves {saving / GB:.2f} GB -> {new.total / GB:.2f} GB"
+        f"{' (fits alone)' if new.total <= budget_bytes else ''}"
+        for saving, text, new in options
+    ]
+    combined = inputs
+    for _, _, new in options:
+        combined = merge_changes(combined, new.inputs)
+    final = estimate_from_inputs(combined)
+    if final.total > budget_bytes:
+        advice.append(f"even with all of these the estimate is {final.total / GB:.2f} GB, over the budget of "
+                      f"{budget_bytes / GB:.2f} GB: use a smaller model or shorter sequences "
+                      "(model.max_length)")
+    return advice
+
+
+def smaller_batch(inputs: EstimateInputs, budget_bytes: int) -> EstimateInputs | None:
+    """Halve the micro-batch until it fits or is one sequence long; None when it cannot shrink."""
+    factor, best = 1, None
+    while inputs.batch_tokens // (factor * 2) >= max(inputs.seq_len, 1):
+        factor *= 2
+        best = dataclasses.replace(
+            inputs, batch_tokens=inputs.batch_tokens // factor,
+            labelled_tokens=max(1, inputs.labelled_tokens // factor))
+        if estimate_from_inputs(best).total <= budget_bytes:
+            break
+    return best
+
+
+def merge_changes(base: EstimateInputs, changed: EstimateInputs) -> EstimateInputs:
+    """Apply to `base` every setting in which `changed` differs from the estimate it was derived from."""
+    updates = {}
+    for name in ("gradient_checkpointing", "logits_at_labels", "lora", "precision"):
+        value = getattr(changed, name)
+        if value != getattr(base, name) and value not in (False, None, "fp32"):
+            updates[name] = value
+    if changed.batch_tokens < base.batch_tokens:
+        updates["batch_tokens"] = changed.batch_tokens
+        updates["labelled_tokens"] = changed.labelled_tokens
+    return dataclasses.replace(base, **updates)
+
+
+# --------------------------------------------------------------------------------------------------
+# From a run configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def estimate_for_run(config: RunConfig, *, cache_dir: str | os.PathLike | None = None,
+                     labelled_tokens: int | None = None) -> MemoryEstimate:
+    """The estimate for `config` without loading weights (config.json or the registry's shape constants).
+
+    Micro-batch tokens: train.max_tokens_per_batch when packing (default batch_size x max_length), else
+    batch_size x max_length (padding to the longest). Labelled tokens per micro-batch, unless given: from the
+    prepared train.jsonl in the run directory when it exists (95th percentile completion length, at ~3
+    characters a token, + EOS, x examples per micro-batch), else a quarter of the tokens.
+    """
+    from instructkit.models import resolve_model_config
+
+    hf_config = resolve_model_config(config.model, cache_dir)
+    train, max_length = config.train, config.model.max_length
+    seq2seq = bool(getattr(hf_config, "is_encoder_decoder", False))
+    if train.packing and not seq2seq:
+        batch_tokens = train.max_tokens_per_batch or train.batch_size * max_length
+    else:
+        batch_tokens = train.batch_size * max_length
+    if labelled_tokens is None:
+        labelled_tokens = guess_labelled_tokens(config.run_dir / "train.jsonl", batch_tokens,
+                                                train.batch_size, max_length)
+    return estimate_memory(
+        hf_config,
+        batch_tokens=batch_tokens,
+        seq_len=max_length,
+        labelled_tokens=labelled_tokens,
+        precision=train.precision,
+        gradient_checkpointing=train.gradient_checkpointing,
+        lora=train.lora if train.lora.enabled else None,
+        logits_at_labels=train.logits_at_labels and not seq2seq,
+    )
+
+
+def guess_labelled_tokens(train_jsonl: Path, batch_tokens: int, batch_size: int, max_length: int) -> int:
+    """Labelled positions in a bad-case micro-batch (see estimate_for_run)."""
+    if not train_jsonl.is_file():
+        return max(1, batch_tokens // 4)
+    lengths, example_tokens = [], []
+    with open(train_jsonl, encoding="utf-8") as handle:
+        for n, line in enumerate(handle):
+            if n >= 5000 or not line.strip():
+                break
+            row = json.loads(line)
+            completion = math.ceil(len(row.get("completion", "")) / 3) + 1
+            lengths.append(min(completion, max_length))
+            example_tokens.append(min(completion + math.ceil(len(row.get("prompt", "")) / 3), max_length))
+    if not lengths:
+        return max(1, batch_tokens // 4)
+    lengths.sort()
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    mean_example = max(1, sum(example_tokens) // len(example_tokens))
+    examples = max(batch_size, batch_tokens // mean_example)
+    return min(batch_tokens, p95 * examples)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+
+_OVERHEAD_SCRIPT = r"""
+import torch, transformers, accelerate, datasets, peft
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.set_num_threads(1)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1))
+opt = torch.optim.AdamW(model.parameters(), fused=True)
+ids = torch.randint(0, 64, (2, 8))
+model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+opt.step()
+with open("/proc/self/status") as status:
+    print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def system_memory_bytes() -> int | None:
+    """Physical memory of this machine (the default budget of `estimate-memory`); None where unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def measure_framework_overhead(timeout: float = 300) -> int:
+    """Peak RSS (bytes) of a fresh Python that imports the training stack and runs a tiny step (Linux).
+
+    Read from /proc/self/status VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork time over
+    into the child's ru_maxrss, so a child of a process holding a model would report that model too.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", _OVERHEAD_SCRIPT], capture_output=True, text=True,
+                         timeout=timeout, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+

@@ -1,0 +1,77 @@
+"""One process of the multi-process tests; run under torchrun (CPU, gloo, 1 thread per process).
+
+    torchrun --standalone --nproc_per_node 2 tests/train/_ddp_worker.py OUT_DIR [--fsdp]
+
+Trains the tiny Llama on `examples()` with batch_size 2 per process (global batch 4) and writes
+OUT_DIR/metrics.jsonl (main process) and OUT_DIR/final.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import _train_helpers
+
+COMPLETIONS = ["1", "the kettle leaks fast and the quick brown fox", "5", "great coffee fast shipping", "2",
+               "the lazy dog", "3 4 5 1 2"]
+STEPS = 5
+
+
+def examples():
+    return _train_helpers.make_examples(20, seed=4, completions=COMPLETIONS)
+
+
+def config(per_process_batch: int, packing: bool):
+    return _train_helpers.train_config(batch_size=per_process_batch, max_steps=STEPS, lr=3e-3, packing=packing,
+                                       schedule="linear", warmup_ratio=0.2, group_by_length=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--packing", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    from accelerate import Accelerator
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    from instructkit.train.loop import train
+
+    torch.set_num_threads(1)
+    plugin = None
+    if args.fsdp:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(tokenizer).train()
+    dataset, settings = _train_helpers.tokenized(examples(), tokenizer)
+    result = train(model, tokenizer, dataset, None, config(2, args.packing), args.out_dir, settings=settings,
+                   is_seq2seq=False, accelerator=accelerator, show_progress=False)
+    if args.fsdp:
+        state = accelerator.get_state_dict(accelerator._models[0])
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state.items() if "lm_head" not in k},
+                      os.path.join(args.out_dir, "final.safetensors"))
+    elif accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        from instructkit.train.checkpoint import trainable_state
+
+        save_file(trainable_state(model), os.path.join(args.out_dir, "final.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        print(f"done {result.steps} steps on {accelerator.num_processes} processes "
+              f"distributed_type={accelerator.distributed_type}", file=sys.stderr)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""train/loop.py on tiny models: loss normalisation, logits at labels, resume, lock, NaN, disk, early stopping."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _train_helpers import make_examples, tokenized, train_config, trainable_tensors
+from conftest import build_tiny_llama, build_tiny_t5
+from safetensors.torch import load_file
+
+from instructkit.data.batching import example_weights
+from instructkit.errors import TrainingError
+from instructkit.train.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint
+from instructkit.train.loop import lower_is_better, lr_factor, train
+
+
+def _run(model, tokenizer, dataset, settings, run_dir, cfg, **kwargs):
+    kwargs.setdefault("show_progress", False)
+    return train(model, tokenizer, dataset, kwargs.pop("val_data", None), cfg, run_dir, settings=settings,
+                 is_seq2seq=kwargs.pop("is_seq2seq", False), **kwargs)
+
+
+def _losses(result):
+    return [r["loss"] for r in result.history if r["event"] == "train"]
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss normalisation: the same step whatever the batching
+# --------------------------------------------------------------------------------------------------
+
+
+def test_first_step_loss_equals_transformers_mean_token_loss(tiny_tokenizer, tmp_path):
+    """An independent reference: HF's own loss (mean CE over label tokens) on the padded batch."""
+    dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
+    model = build_tiny_llama(tiny_tokenizer)
+    ids = dataset["input_ids"]
+    width = max(map(len, ids))
+    pad = tiny_tokenizer.pad_token_id
+    with torch.no_grad():
+        reference = model(
+            input_ids=torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            attention_mask=torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            labels=torch.tensor([y + [-100] * (width - len(y)) for y in dataset["labels"]]),
+        ).loss.item()
+    for packing in (False, True):
+        result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / str(packing),
+                      train_config(batch_size=8, max_steps=1, packing=packing))
+        assert _losses(result)[0] == pytest.approx(reference, abs=1e-5)
+
+
+def test_batch8_equals_batch2_accum4_equals_packed(tiny_tokenizer, tmp_path):
+    """Two AdamW steps of 8 examples: per-step loss and final weights agree to 1e-5 in every layout."""
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+    layouts = {
+        "batch8": dict(batch_size=8, grad_accum=1, packing=False),
+        "batch2_accum4": dict(batch_size=2, grad_accum=4, packing=False),
+        "packed": dict(batch_size=8, grad_accum=1, packing=True),
+        "packed_small_rows": dict(batch_size=4, grad_accum=2, packing=True, max_tokens_per_batch=40),
+        "packed_full_logits": dict(batch_size=8, grad_accum=1, packing=True, logits_at_labels=False),
+        "padded_full_logits": dict(batch_size=8, grad_accum=1, packing=False, logits_at_labels=False),
+    }
+    results = {}
+    for name, layout in layouts.items():
+        model = build_tiny_llama(tiny_tokenizer)
+        result = _run(model, tiny_tokenizer, dataset, settings, tmp_path / name,
+                      train_config(lr=1e-3, epochs=1, **layout))
+        results[name] = (_losses(result), trainable_tensors(model))
+    ref_losses, ref_weights = results["batch8"]
+    assert len(ref_losses) == 2
+    start = trainable_tensors(build_tiny_llama(tiny_tokenizer))
+    assert max((ref_weights[k] - start[k]).abs().max().item() for k in start) > 1e-4  # it did train
+    for name, (losses, weights) in results.items():
+        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5, err_msg=name)
+        _assert_same_weights(weights, ref_weights, atol=1e-5)
+
+
+def _t5_without_dropout(tokenizer):
+    """The conftest T5 (seed 0) with dropout 0: random masks would differ between batch layouts."""
+    from transformers import T5ForConditionalGeneration
+
+    config = build_tiny_t5(tokenizer).config
+    config.dropout_rate = 0.0
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(config)
+
+
+def test_seq2seq_batch4_equals_batch2_accum2(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(8), tiny_tokenizer, seq2seq=True)
+    results = []
+    for layout in (dict(batch_size=4, grad_accum=1), dict(batch_size=2, grad_accum=2)):
+        model = _t5_without_dropout(tiny_tokenizer)
+        result = _run(model, tiny_tokenizer, dataset, settings, tmp_path / str(layout["batch_size"]),
+                      train_config(**layout), is_seq2seq=True)
+        results.append((_losses(result), trainable_tensors(model)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=0, atol=1e-5)
+    _assert_same_weights(results[0][1], results[1][1], atol=1e-5)
+    assert results[0][0][0] > 0
+
+
+def _per_example_ce(model, dataset) -> tuple[list[float], list[int]]:
+    """Summed next-token CE over each example's label tokens, and their count, one forward each."""
+    sums, counts = [], []
+    with torch.no_grad():
+        for ids, labels in zip(dataset["input_ids"], dataset["labels"]):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            sums.append(F.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item())
+            counts.append(int((target != -100).sum()))
+    return sums, counts
+
+
+def test_class_weighted_loss_is_weighted_mean_over_label_tokens(tiny_tokenizer, tmp_path):
+    examples = make_examples(8)
+    dataset, settings = tokenized(examples, tiny_tokenizer)
+    class_ids = [0, 0, 0, 0, 0, 1, 1, 2]
+    sums, counts = _per_example_ce(build_tiny_llama(tiny_tokenizer), dataset)
+    w = example_weights(class_ids)
+    expected = float(np.dot(w, sums) / np.dot(w, counts))
+    unweighted = sum(sums) / sum(counts)
+    assert abs(expected - unweighted) > 1e-3  # the weighting matters on this data
+    for packing in (False, True):
+        result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / str(packing),
+                      train_config(batch_size=4, grad_accum=2, max_steps=1, packing=packing,
+                                   class_balance="weighted"), class_ids=class_ids)
+        assert _losses(result)[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_class_balance_needs_class_ids(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(4), tiny_tokenizer)
+    with pytest.raises(TrainingError, match="class_ids"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path,
+             train_config(class_balance="sampled"))
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
+    out = []
+    for flag in (False, True):
+        model = build_tiny_llama(tiny_tokenizer)
+        result = _run(model, tiny_tokenizer, dataset, settings, tmp_path / str(flag),
+                      train_config(batch_size=8, max_steps=1, gradient_checkpointing=flag))
+        out.append((_losses(result), trainable_tensors(model)))
+    np.testing.assert_allclose(out[0][0], out[1][0], atol=1e-6)
+    _assert_same_weights(out[0][1], out[1][1], atol=1e-6)
+
+
+def test_lora_trains_only_the_adapter_and_checkpoints_it(tiny_tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
+    model = get_peft_model(build_tiny_llama(tiny_tokenizer),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = trainable_tensors(model)
+    result = _run(model, tiny_tokenizer, dataset, settings, tmp_path, train_config(max_steps=2, lr=1e-2))
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    after = trainable_tensors(model)
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    saved = load_file(str(result.last_checkpoint / "model.safetensors"))
+    assert saved.keys() == after.keys() and all("lora_" in k for k in saved)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume, lock, NaN, disk
+# --------------------------------------------------------------------------------------------------
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_weights(tiny_tokenizer, tmp_path):
+    """Stop mid-epoch (an exception at step 8's validation), resume: weights equal bitwise."""
+    dataset, settings = tokenized(make_examples(24), tiny_tokenizer)
+    val, _ = tokenized(make_examples(6, seed=9), tiny_tokenizer)
+    cfg = train_config(batch_size=4, epochs=2, lr=3e-3, schedule="linear", warmup_ratio=0.2, eval_every=4,
+                       save_every=1, packing=True)
+
+    calls = []
+
+    def validate(model):
+        calls.append(1)
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise _Interrupt()
+        return {"score": float(len(calls) % 3)}
+
+    interrupt_at = None
+    full = build_tiny_llama(tiny_tokenizer)
+    reference = _run(full, tiny_tokenizer, dataset, settings, tmp_path / "full", cfg, val_data=val, validate=validate,
+                     restore_best=False)
+    assert reference.steps == 12
+
+    calls.clear()
+    interrupt_at = 2  # the validation at step 8: checkpoint 7 is the newest
+    with pytest.raises(_Interrupt):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "cut", cfg,
+             val_data=val, validate=validate, restore_best=False)
+    assert latest_good_checkpoint(tmp_path / "cut").name == "step-000007"
+    assert not (tmp_path / "cut" / ".lock").exists()
+
+    calls[:] = [1]  # the resumed run has done one validation already
+    interrupt_at = None
+    resumed_model = build_tiny_llama(tiny_tokenizer, seed=5)  # different init: everything must come from disk
+    resumed = _run(resumed_model, tiny_tokenizer, dataset, settings, tmp_path / "cut", cfg, val_data=val,
+                   validate=validate, resume=True, restore_best=False)
+    assert resumed.steps == 12
+    final, expected = trainable_tensors(resumed_model), trainable_tensors(full)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert _losses(resumed) == _losses(reference)  # metrics.jsonl: steps 1-7 kept, 8-12 redone
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["event"] == "train"] == list(range(1, 13))
+    assert resumed.best_step == reference.best_step and resumed.best_value == reference.best_value
+
+
+def test_resume_refuses_changed_batch_settings(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(12), tiny_tokenizer)
+    _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path,
+         train_config(batch_size=4, max_steps=2, save_every=1))
+    with pytest.raises(TrainingError, match="group_size was 4, now 2"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path,
+             train_config(batch_size=2, max_steps=4), resume=True)
+
+
+def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(tiny_tokenizer, tmp_path, caplog):
+    dataset, settings = tokenized(make_examples(4), tiny_tokenizer)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / ".lock").write_text(f"{other.pid}\n")
+        with pytest.raises(TrainingError, match=rf"process {other.pid}.*{tmp_path.name}|{tmp_path}.*{other.pid}"):
+            _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, train_config())
+        assert (tmp_path / ".lock").read_text().strip() == str(other.pid)  # not ours to delete
+    finally:
+        other.kill()
+        other.wait()
+    # Now that process is gone: its lock is stale and is taken over with a warning.
+    with caplog.at_level("WARNING"):
+        result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, train_config())
+    assert result.steps == 1
+    assert "stale lock" in caplog.text
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+    model = build_tiny_llama(tiny_tokenizer)
+    # lr 1e30: the first step is finite but sends the weights to ~1e30; a later forward overflows.
+    with pytest.raises(TrainingError, match=r"diverged at step \d+") as info:
+        _run(model, tiny_tokenizer, dataset, settings, tmp_path,
+             train_config(lr=1e30, max_grad_norm=None, max_steps=4, save_every=1))
+    bad = int(re.search(r"step (\d+)", str(info.value)).group(1))
+    assert bad >= 2
+    assert list_checkpoints(tmp_path)[-1].name == f"step-{bad - 1:06d}"  # nothing written after the NaN
+    good = latest_good_checkpoint(tmp_path)
+    assert good.name == f"step-{bad - 1:06d}"
+    fresh = build_tiny_llama(tiny_tokenizer)
+    state = load_checkpoint(good, fresh)
+    assert state["step"] == bad - 1
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_disk_space_check_uses_the_substituted_reading(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(4), tiny_tokenizer)
+    with pytest.raises(TrainingError, match=r"needs about .* GB .* but 0\.00 GB are free"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "small",
+             train_config(), free_space_fn=lambda path: 1000)
+    assert not (tmp_path / "small" / "checkpoints").exists()
+    result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "big",
+                  train_config(), free_space_fn=lambda path: 10**12)
+    assert result.steps == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation, early stopping, best checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def test_early_stopping_after_patience_keeps_the_best_weights(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+    val, _ = tokenized(make_examples(4, seed=3), tiny_tokenizer)
+    scores = iter([0.2, 0.5, 0.4, 0.45, 0.9, 0.9])
+    snapshots = {}
+    model = build_tiny_llama(tiny_tokenizer)
+
+    def validate(m):
+        snapshots[len(snapshots) + 1] = trainable_tensors(m)
+        return {"score": next(scores)}
+
+    cfg = train_config(batch_size=2, epochs=1, eval_every=1, early_stopping={"metric": "score", "patience": 2})
+    result = _run(model, tiny_tokenizer, dataset, settings, tmp_path, cfg, val_data=val, validate=validate)
+    assert result.stopped_early and result.steps == 4  # best at 2, then 0.4 and 0.45: 2 without improvement
+    assert (result.best_step, result.best_metric, result.best_value) == (2, "score", 0.5)
+    best = load_file(str(result.best_path / "model.safetensors"))
+    assert all(torch.equal(best[k], snapshots[2][k]) for k in best)
+    assert all(torch.equal(p, snapshots[2][n]) for n, p in trainable_tensors(model).items())  # restored
+    evals = [r for r in result.history if r["event"] == "eval"]
+    assert [r["score"] for r in evals] == [0.2, 0.5, 0.4, 0.45]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+
+
+def test_validation_loss_is_token_weighted_and_best_by_val_loss_by_default(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
+    val, _ = tokenized(make_examples(5, seed=4), tiny_tokenizer)
+    model = build_tiny_llama(tiny_tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in zip(val["input_ids"], val["labels"]):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            target = torch.tensor(labels[1:])
+            total += F.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+    cfg = train_config(batch_size=8, max_steps=1, lr=1e-9, eval_every=1)
+    result = _run(model, tiny_tokenizer, dataset, settings, tmp_path, cfg, val_data=val)
+    record = [r for r in result.history if r["event"] == "eval"][0]
+    assert record["val_loss"] == pytest.approx(total / count, abs=1e-4)  # lr 1e-9: the initial model
+    assert record["val_label_tokens"] == count
+    assert result.best_metric == "val_loss"
+
+
+def test_metric_direction_and_schedule():
+    assert lower_is_better("val_loss") and lower_is_better("val_ppl") and not lower_is_better("macro_f1")
+    assert [round(lr_factor(s, 100, 5, "linear"), 4) for s in (0, 4, 5, 99)] == [0.1667, 0.8333, 1.0, 0.0105]
+    assert lr_factor(52, 100, 5, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert lr_factor(99, 100, 0, "constant") == 1.0
+
+
+def test_metrics_log_has_step_loss_lr_and_throughput(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
+    _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, train_config(batch_size=2))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    for record in lines:
+        assert {"epoch", "loss", "lr", "tokens", "tokens_per_s", "label_tokens"} <= record.keys()
+    assert lines[-1]["tokens"] == sum(len(x) for x in dataset["input_ids"])
+    assert lines[-1]["epoch"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# A model that learned: overfit, save, reload with plain transformers, generate, stop at EOS
+# --------------------------------------------------------------------------------------------------
+
+
+def test_overfit_tiny_model_generates_completion_and_stops(tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructkit.data.tokenize import encode_for_generation
+
+    completions = ["great coffee", "the kettle leaks", "5", "fast shipping"]
+    examples = make_examples(4, seed=11, completions=completions)
+    dataset, settings = tokenized(examples, tiny_tokenizer)
+    model = build_tiny_llama(tiny_tokenizer)
+    result = _run(model, tiny_tokenizer, dataset, settings, tmp_path / "run",
+                  train_config(batch_size=4, max_steps=150, lr=3e-3, warmup_ratio=0.05, schedule="linear"))
+    assert _losses(result)[-1] < 0.05
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    max_new = 16
+    prompts = encode_for_generation(tokenizer, [e["prompt"] for e in examples], settings, max_new)
+    for prompt, expected in zip(prompts, completions):
+        out = reloaded.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, len(prompt):].tolist()
+        assert new[-1] == tokenizer.eos_token_id and len(new) < max_new
+        assert tokenizer.decode(new[:-1]).strip() == expected
+
+
+def test_class_ids_follow_examples_through_dropped_rows(tiny_tokenizer, tmp_path):
+    """Tokenization drops an example whose completion cannot fit; class ids still line up by `index`."""
+    examples = make_examples(6)
+    examples[2]["completion"] = " ".join(["the kettle leaks"] * 40)  # longer than max_length: dropped
+    dataset, settings = tokenized(examples, tiny_tokenizer)
+    assert len(dataset) == 5 and 2 not in dataset["index"]
+    class_ids = [0, 1, 9, 0, 1, 0]
+    result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "w",
+                  train_config(batch_size=5, max_steps=1, class_balance="weighted"), class_ids=class_ids)
+    sums, counts = _per_example_ce(build_tiny_llama(tiny_tokenizer), dataset)
+    w = example_weights([class_ids[i] for i in dataset["index"]])  # rows -> examples 0, 1, 3, 4, 5
+    assert _losses(result)[0] == pytest.approx(float(np.dot(w, sums) / np.dot(w, counts)), abs=1e-5)
+    with pytest.raises(TrainingError, match="refers to example 5"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "x",
+             train_config(class_balance="sampled"), class_ids=class_ids[:5])
+    result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "s",
+                  train_config(batch_size=5, max_steps=2, class_balance="sampled"), class_ids=class_ids)
+    assert result.steps == 2
+
+
+def test_fresh_start_replaces_an_earlier_runs_checkpoints(tiny_tokenizer, tmp_path):
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+    _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path,
+         train_config(batch_size=2, save_every=1))  # 8 steps: step-000007, step-000008 kept
+    result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path,
+                  train_config(batch_size=4, save_every=1))  # no resume: 4 steps from scratch
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    assert latest_good_checkpoint(tmp_path) == result.last_checkpoint
+
+
+def test_tensorboard_missing_is_a_warning_not_a_failure(tiny_tokenizer, tmp_path, caplog):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    dataset, settings = tokenized(make_examples(4), tiny_tokenizer)
+    with caplog.at_level("WARNING"):
+        result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path,
+                      train_config(tensorboard=True))
+    assert result.steps == 1 and "tensorboard" in caplog.text
+
+
+@pytest.mark.slow
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    """bf16 needs its own process: accelerate keeps one mixed-precision state per process."""
+    import os
+    import sys
+
+    from _train_helpers import HERE
+
+    code = (
+        "import _train_helpers as h, torch, json, sys\n"
+        "from conftest import build_tiny_llama, build_tiny_tokenizer\n"
+        "from instructkit.train.loop import train\n"
+        "torch.set_num_threads(1)\n"
+        "tok = build_tiny_tokenizer(); model = build_tiny_llama(tok)\n"
+        "ds, s = h.tokenized(h.make_examples(8), tok)\n"
+        "r = train(model, tok, ds, ds, h.train_config(precision='bf16', max_steps=3, batch_size=4, eval_every=3),\n"
+        "          sys.argv[1], settings=s, is_seq2seq=False, show_progress=False)\n"
+        "print(json.dumps([x.get('loss', x.get('val_loss')) for x in r.history]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=HERE, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    values = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(values) == 4 and all(math.isfinite(v) for v in values)
