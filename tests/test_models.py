@@ -326,6 +326,7 @@ def test_card_accepts_provenance_spread_at_top_level_and_report_rows(tmp_path, t
     assert ("| rating · macro_f1 | 0.1000 | 0.5000 | [0.4000, 0.6000] | +0.4000 [0.3000, 0.5000] | 200 |"
             in text)
     assert "Seed: 3" in text and "Q4_K_M" in text
+    assert "# google/gemma-3-270m instruction-tuned with instructkit" in text  # not the base's short name
 
 
 def test_update_metrics_of_a_foreign_folder_is_an_error(tmp_path):

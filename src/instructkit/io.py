@@ -65,6 +65,16 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return n
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_jsonl(path: str | os.PathLike, skip_torn: bool = False) -> list[dict]:
+    """Read a JSONL file. With `skip_torn`, lines that do not parse (a write cut by a crash) are skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace" if skip_torn else "strict") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if not skip_torn:
+                    raise
+    return records

@@ -747,7 +747,7 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
     model's licence files.
 
     `card` keys (all optional): provenance (LoadedModel.provenance: base model, licence, GGUF sha256,
-    dequantized-from note; its keys may also be spread at the card's top level), name, description,
+    dequantized-from note; its keys may also be spread at the card's top level), title, run, description,
     data_sources (list of {name, licence, path, rows}), seed (default: train_config["seed"]), metrics (rows
     {name, value, ci: [lo, hi]} or evaluate.report.model_card_rows), tags.
 
@@ -843,7 +843,9 @@ def render_model_card(record: dict[str, Any]) -> str:
     if front["license"] == "other" and prov.get("licence"):
         front["license_name"] = str(prov["licence"])
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
-    title = card.get("name") or f"{front['base_model']} instruction-tuned with instructkit"
+    title = card.get("title") or f"{front['base_model']} instruction-tuned with instructkit"
+    if card.get("run"):
+        title += f" (run {card['run']})"
     lines += [f"# {title}", ""]
     if card.get("description"):
         lines += [str(card["description"]), ""]

@@ -153,6 +153,14 @@ def test_lora_dropout_keeps_a_copy_of_each_adapted_input(tiny_shape):
     assert drop.activations - no_drop.activations == 2 * 64 * 512 * (4 + 1)
 
 
+def test_lora_keeps_adapter_outputs_per_layer(tiny_shape):
+    plain = estimate_memory(tiny_shape, batch_tokens=64, seq_len=32)
+    lora = estimate_memory(tiny_shape, batch_tokens=64, seq_len=32,
+                           lora=LoraSettings(enabled=True, r=4, dropout=0.0))
+    # 7 adapted Linears: A outputs 7 x 4 floats + outputs q 64, k 32, v 32, o 64, gate 128, up 128, down 64.
+    assert lora.activations - plain.activations == 2 * 64 * (7 * 4 + 512) * 4
+
+
 def test_disabled_lora_settings_mean_full_fine_tuning(tiny_shape):
     est = estimate_memory(tiny_shape, batch_tokens=64, seq_len=32, lora=LoraSettings(enabled=False))
     assert est.trainable_params == tiny_shape.params
@@ -253,9 +261,12 @@ shape = dict(args["shape"])
 config = AutoConfig.for_model(shape.pop("model_type"), use_cache=False, **shape)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(config).train()
+if args["lora_dropout"] is not None:
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=args["lora_dropout"],
+                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
 if args["gradient_checkpointing"]:
     model.gradient_checkpointing_enable()
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
 batch, seq, labelled = args["batch"], args["seq"], args["labelled_per_row"]
 generator = torch.Generator().manual_seed(0)
 for step in range(args["steps"]):
@@ -281,15 +292,17 @@ print(json.dumps({"peak_rss": hwm, "ru_maxrss": resource.getrusage(resource.RUSA
 
 
 def measured_peak_rss(name: str, *, gradient_checkpointing: bool, logits_at_labels: bool,
-                      batch: int = 4, seq: int = 256, labelled_per_row: int = 3, steps: int = 4) -> int:
-    """Peak RSS of a child running `steps` AdamW steps (fp32) on a random model of `name`'s shape.
+                      lora_dropout: float | None = None, batch: int = 4, seq: int = 256,
+                      labelled_per_row: int = 3, steps: int = 4) -> int:
+    """Peak RSS of a child running `steps` AdamW steps (fp32) on a random model of `name`'s shape
+    (with lora_dropout: LoRA r=16 on all Linears).
 
     4 steps: the peak grows over the first steps (optimizer state at step 1, allocator reuse after) and is
     flat from step 3 on.
     """
     args = {"shape": MODEL_REGISTRY[name].shape, "gradient_checkpointing": gradient_checkpointing,
             "logits_at_labels": logits_at_labels, "batch": batch, "seq": seq,
-            "labelled_per_row": labelled_per_row, "steps": steps}
+            "labelled_per_row": labelled_per_row, "steps": steps, "lora_dropout": lora_dropout}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
                          env=env, timeout=1200, check=True)
@@ -309,6 +322,20 @@ def test_estimate_within_25_percent_of_measured_peak_smollm2(gradient_checkpoint
     print(f"ckpt={gradient_checkpointing} logits_at_labels={logits_at_labels}: "
           f"estimate {est.total / GB:.2f} GB, "
           f"measured {measured / GB:.2f} GB, ratio {ratio:.2f}")
+    assert 0.75 <= ratio <= 1.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_lora_estimate_within_25_percent_of_measured_peak_smollm2(dropout):
+    measured = measured_peak_rss("smollm2-135m-instruct", gradient_checkpointing=False, logits_at_labels=True,
+                                 lora_dropout=dropout)
+    lora = LoraSettings(enabled=True, r=16, alpha=32, dropout=dropout)
+    est = estimate_memory(registry_shape("smollm2-135m-instruct"), batch_tokens=4 * 256, seq_len=256,
+                          labelled_tokens=4 * 3, lora=lora)
+    ratio = est.total / measured
+    print(f"LoRA dropout={dropout}: estimate {est.total / GB:.2f} GB, measured {measured / GB:.2f} GB, "
+          f"ratio {ratio:.2f}")
     assert 0.75 <= ratio <= 1.25
 
 

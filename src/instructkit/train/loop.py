@@ -121,7 +121,7 @@ class _State:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # gone, or not a pid at all
         return False
     except PermissionError:  # exists, owned by someone else
         return True
@@ -201,7 +201,8 @@ class MetricsLog:
             return
         if resume_step is not None and self.path.exists():
             # Keep what led to the checkpoint; steps after it are redone and logged again.
-            self.history = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            # A run killed mid-write may leave a torn last line: keep the records that parse.
+            self.history = [r for r in read_jsonl(self.path, skip_torn=True) if r.get("step", 0) <= resume_step]
             write_jsonl(self.path, self.history)
         elif self.path.exists():
             self.path.unlink()
