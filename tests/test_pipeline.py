@@ -1,0 +1,106 @@
+"""`instructkit run` end to end on a tiny model: every step, the report, skip-when-up-to-date, and a run
+killed during training that continues from its checkpoint to the same report numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from instructkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(folder: Path, model_dir: Path, name: str, **train) -> Path:
+    train_cfg = {"lr": 3e-3, "epochs": 1, "batch_size": 4, "threads": 1, "eval_every": 6, "save_every": 1,
+                 "eval_max_examples": 8, **train}
+    config = {
+        "name": name,
+        "output_dir": str(folder / "runs"),
+        "datasets": [{"path": "demo", "schema": "amazon_us_reviews", "max_rows": 60,
+                      "templates": ["amazon_us_reviews.predict_rating", "amazon_us_reviews.describe_review"],
+                      "templates_per_row": 1}],
+        "split": {"seed": 0, "validation": 0.2, "test": 0.2},
+        "model": {"name": str(model_dir), "max_length": 128},
+        "train": train_cfg,
+        "eval": {"few_shot": [1], "bootstrap_resamples": 200, "max_new_tokens": {"summarization": 8}},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def headline(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "report.json").read_text())["headline"]
+
+
+def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, "e2e")
+    assert main(["run", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "e2e"
+    for name in ("train.jsonl", "test.jsonl", "stats.json", "metrics.jsonl", "report.json", "report.md",
+                 "report.html", "eval/base/eval.json", "eval/base-k1/eval.json", "eval/tuned/predictions.jsonl",
+                 "model/model.safetensors", "model/README.md"):
+        assert (run_dir / name).is_file(), name
+    rows = headline(run_dir)
+    assert {r["metric"] for r in rows} == {"macro_f1", "rougeL"}
+    assert all(r["low"] <= r["delta"] <= r["high"] for r in rows)
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "macro_f1" in card  # the model card carries the final metrics table
+    # A second run finds every step up to date and changes nothing.
+    before = (run_dir / "report.json").read_text()
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "up to date (skipped): prepare, evaluate-base, train, evaluate-tuned, compare" in " ".join(out.split())
+    assert (run_dir / "report.json").read_text() == before
+
+
+def test_run_killed_during_training_continues_to_the_same_report(tmp_path, tiny_model_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    # Uninterrupted reference run.
+    ref = write_config(tmp_path, tiny_model_dir, "reference", epochs=3)
+    subprocess.run([sys.executable, "-m", "instructkit", "run", str(ref)], check=True, env=env,
+                   capture_output=True, timeout=600)
+    # The same run, SIGKILLed once training has written its third checkpoint, then started again.
+    cfg = write_config(tmp_path, tiny_model_dir, "killed", epochs=3)
+    checkpoints = tmp_path / "runs" / "killed" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "instructkit", "run", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoints.is_dir() and len(list(checkpoints.glob("step-*"))) >= 2:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = tmp_path / "runs" / "killed"
+    assert not (run_dir / "steps" / "train.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "instructkit", "run", str(cfg)], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resum" in resumed.stderr.lower()
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(headline(run_dir)) == strip(headline(tmp_path / "runs" / "reference"))
+    a = (tmp_path / "runs" / "reference" / "model" / "model.safetensors").read_bytes()
+    b = (run_dir / "model" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_bad_inputs_exit_2_naming_the_culprit(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets:\n  - {path: demo, schema: amazon_us_reviews, templates: [amazon_us_reviews.nope]}\n")
+    assert main(["prepare", str(bad)]) == 2
+    assert "amazon_us_reviews.nope" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
