@@ -205,25 +205,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _parse_bytes(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    value = text.strip().lower().rstrip("b").rstrip("i")
-    if value and value[-1] in units:
-        return int(float(value[:-1]) * units[value[-1]])
-    return int(float(value))
+    """'8GB' -> 8e9 bytes (decimal units, as the estimate prints them; '8GiB' is binary)."""
+    value = text.strip().lower().removesuffix("b")
+    binary = value.endswith("i")
+    value = value.removesuffix("i")
+    scale = {"k": 1, "m": 2, "g": 3, "t": 4}
+    try:
+        if value and value[-1] in scale:
+            return int(float(value[:-1]) * (1024 if binary else 1000) ** scale[value[-1]])
+        return int(float(value))
+    except ValueError:
+        raise InstructkitError(f"--budget {text!r}: expected a size like 8GB or 7.5GiB") from None
 
 
 def cmd_estimate_memory(args: argparse.Namespace) -> int:
-    from instructkit.train.memory import estimate_for_run, plan_for_budget
+    from instructkit.train.memory import estimate_for_run, plan_for_budget, system_memory_bytes
 
     config = _load(args.config)
     estimate = estimate_for_run(config)
     console = _console()
-    console.print(estimate.describe() if hasattr(estimate, "describe") else str(estimate), markup=False)
-    if args.budget:
-        budget = _parse_bytes(args.budget)
-        advice = plan_for_budget(estimate, budget)
-        for line in advice:
-            console.print(f"- {line}", markup=False)
+    console.print(estimate.describe(), markup=False)
+    budget = _parse_bytes(args.budget) if args.budget else system_memory_bytes()
+    console.print(f"budget: {budget / 1e9:.1f} GB" + ("" if args.budget else " (this machine's memory)"))
+    for line in plan_for_budget(estimate, budget):
+        console.print(f"- {line}", markup=False)
     return 0
 
 
