@@ -178,6 +178,13 @@ def run(config_path: str | Path | None = None, overrides: list[str] | tuple[str,
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    from instructkit.train.loop import run_lock
+
+    with run_lock(run_dir):  # a second run on the same folder refuses before doing any work
+        return _run_locked(config, run_dir, force)
+
+
+def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     write_json(run_dir / "config.json", dump_config(config))
     summary = RunSummary(run_dir=run_dir)
     steps = Steps(run_dir, force)

@@ -101,7 +101,7 @@ _TEMPLATE_KEYS = {
 def _unknown_keys(given: Iterable[str], valid: set[str], where: str) -> None:
     for key in given:
         if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            close = difflib.get_close_matches(str(key), sorted(valid), n=1)  # YAML keys may be null or numbers
             hint = f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(valid))})"
             raise TemplateError(f"{where}: unknown key {key!r}{hint}")
 

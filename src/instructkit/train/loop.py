@@ -133,9 +133,14 @@ def run_lock(run_dir: Path) -> Iterator[Path]:
     """Hold `run_dir/.lock` (created with O_CREAT|O_EXCL, holding our pid) for the block.
 
     A lock whose pid is no longer alive (a killed run) is taken over with a warning; a live one makes
-    this run stop with TrainingError naming the pid and the folder.
+    this run stop with TrainingError naming the pid and the folder. Re-entrant: a lock this process
+    already holds (`instructkit run` locks the whole run, then trains) is simply used.
     """
     path = run_dir / ".lock"
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text().strip() or "0") == os.getpid():
+            yield path
+            return
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
