@@ -124,13 +124,19 @@ def cmd_templates_check(args: argparse.Namespace) -> int:
 
         schema = args.schema or _only_schema(library)
         columns = dict(pair.split("=", 1) for pair in args.column or [])
-        rows = {schema: rows_for_check(args.data, library.schema(schema), columns, limit=args.limit)}
+        rows = {schema: rows_for_check(args.data, library.schema(schema), columns, limit=args.limit,
+                                       format=args.format)}
         templates = library.select(dataset=schema)
-    problems = library.check(rows=rows, templates=templates)
+    missing: dict = {}
+    problems = library.check(rows=rows, templates=templates, missing=missing)
     checked = len(templates) if templates is not None else len(library)
     console = _console()
+    for template_id, fields in missing.items():
+        lacking = ", ".join(f"{n} rows lack {f!r}" for f, n in fields.items())
+        console.print(f"note: {template_id}: {lacking} (data rows skipped, not a template fault)", markup=False)
     for problem in problems:
-        console.print(f"[red]FAIL[/red] {problem}", markup=True)
+        console.print("FAIL", style="red", end=" ")
+        console.print(str(problem), markup=False)
     where = f" on {args.data}" if args.data else " on their sample rows"
     if problems:
         console.print(f"{len(problems)} problem(s) in {checked} templates{where}")
@@ -263,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--schema", help="the schema the --data rows follow")
     tc.add_argument("--column", action="append", help="field=column mapping for --data (repeatable)")
     tc.add_argument("--limit", type=int, default=None, help="check at most this many rows of --data")
+    tc.add_argument("--format", default="auto", help="format of --data (csv, tsv, json, jsonl, parquet, hf_disk, "
+                    "parallel); default: from the file name")
     tc.set_defaults(func=cmd_templates_check)
 
     prepare = sub.add_parser("prepare", help="turn data files into train/validation/test instruction data")

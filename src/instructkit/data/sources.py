@@ -921,6 +921,7 @@ def rows_for_check(
     limit: int | None = None,
     encoding: str = "utf-8",
     templates: Sequence[Template] = (),
+    format: str = "auto",
 ) -> list[dict]:
     """The first `limit` rows of a data file mapped to `schema`'s fields, for `instructkit templates check`.
 
@@ -930,7 +931,12 @@ def rows_for_check(
     schema's fields). A saved DatasetDict gives its train split (else its first).
     """
     problems = Problems(skip=False)
-    tables = read_tables(Path(path), "auto", encoding, problems)
+    if format == "parallel":  # a stem such as multi30k/val -> val.en.gz, val.de.gz
+        fields = list(schema.fields)
+        stem_files = _stem_files(Path(path), fields, set(fields), dict(columns or {}))
+        tables = {None: read_parallel(stem_files, encoding, problems)}
+    else:
+        tables = read_tables(Path(path), format, encoding, problems)
     table = tables.get(None) or tables.get("train") or next(iter(tables.values()))
     fields = list(schema.fields)
     required = set(fields)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -366,23 +367,34 @@ class TemplateLibrary:
         rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
         templates: Sequence[Template] | None = None,
         max_problems_per_template: int = 3,
+        missing: dict[str, Counter] | None = None,
     ) -> list[Problem]:
         """Render every template on rows of its schema; return the problems found.
 
         `rows` maps a schema name to rows (already mapped to the schema's fields); without it the
-        schema's built-in sample rows are used.
+        schema's built-in sample rows are used. A data row that lacks a value the template reads is the
+        data's fault, not the template's: it is skipped and counted in `missing[template_id][field]`
+        (prepare skips or rejects such rows by the same rule). Sample rows must have every field.
         """
         problems = list(self.duplicates)
         for template in templates if templates is not None else self.templates.values():
             schema = self.schemas.get(template.dataset)
             sample = rows.get(template.dataset) if rows is not None else None
+            real_data = sample is not None
             if sample is None:
                 sample = schema.samples if schema else ()
                 if not sample:
                     problems.append(Problem(template.id, "no-sample-rows", "no sample rows to render it on"))
                     continue
+            reads = sorted(template.fields_read & set(schema.fields)) if schema is not None else []
             found = 0
             for i, row in enumerate(sample):
+                if real_data:
+                    absent = [f for f in reads if row.get(f) is None]
+                    if absent:
+                        if missing is not None:
+                            missing.setdefault(template.id, Counter()).update(absent)
+                        continue
                 for problem in check_row(template, schema, row, i):
                     problems.append(problem)
                     found += 1

@@ -14,6 +14,7 @@ per reference), macro results, and the total number of loop iterations, calls an
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import json
 import random
@@ -686,15 +687,16 @@ class Template:
     def has_choices(self) -> bool:
         return self.answer_choices is not None
 
-    @property
-    def fields_read(self) -> set[str]:
+    @functools.cached_property
+    def fields_read(self) -> frozenset[str]:
+        """The row fields the instruction, completion and choices read (parsed once)."""
         sources = [self.instruction, self.completion]
         if isinstance(self.answer_choices, str):
             sources.append(self.answer_choices)
         names: set[str] = set()
         for source in sources:
             names |= fields_read(source)
-        return names - {"answer_choices", "label_map"} - set(ENV.globals)
+        return frozenset(names - {"answer_choices", "label_map"} - set(ENV.globals))
 
     def render(self, row: Mapping[str, Any], seed: int | str = 0) -> Rendered:
         """Render the prompt, completion and answer choices for one row.
