@@ -557,3 +557,16 @@ def test_real_every_catalog_template_renders_on_real_rows(tmp_path, data):
     ]
     for i, case in enumerate(cases):
         prepare(config(tmp_path / str(i), case))
+
+
+def test_empty_train_split_is_an_error_and_writes_nothing(tmp_path):
+    from instructkit.config import load_config
+    from instructkit.errors import DataError
+
+    held = "[amazon_us_reviews.predict_rating, amazon_us_reviews.describe_review]"
+    cfg = load_config(None, ["datasets.0.path=demo", "datasets.0.schema=amazon_us_reviews",
+                             f"datasets.0.templates={held}", f"datasets.0.held_out_templates={held}",
+                             f"output_dir={tmp_path}"])
+    with pytest.raises(DataError, match="no training examples"):
+        prepare(cfg)
+    assert not (tmp_path / "demo" / "train.jsonl").exists()
