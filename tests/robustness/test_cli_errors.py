@@ -84,7 +84,7 @@ CASES = [
     (["train", "good.yaml", "model.name={tmp}"], "{tmp} is not a model folder: it has no config.json"),
     (["train", "good.yaml", "model.name=nobody/nothing"],
      "hub id 'nobody/nothing' is not in the local Hugging Face cache"),
-    (["train", "notrain.yaml", "model.name={model}"], "notrain/train.jsonl: no training examples"),
+    (["train", "notrain.yaml", "model.name={model}"], "runs/notrain: no training examples"),
     (["evaluate", "--model", "{tmp}/nomodel", "--data", "runs/good"], "unknown model '{tmp}/nomodel'"),
     (["evaluate", "--model", "{model}", "--data", "runs/nothere"], "runs/nothere"),
     (["evaluate", "--model", "{model}", "--data", "runs/good", "--split", "bogus"], "bogus"),

@@ -590,7 +590,7 @@ def prepare(
         if written["train"] == 0 and not all(p.held_out for p in plans):
             # Raised inside the ExitStack: no output file is written.
             raise DataError(
-                f"no training examples: the split of {', '.join(p.name for p in plans)} leaves the train split "
+                f"{run_dir}: no training examples: the split of {', '.join(p.name for p in plans)} leaves the train split "
                 "empty (too few rows for the validation/test fractions, or every template held out)")
         for split in ("validation", "test"):
             written[split] = _write_jobs(
