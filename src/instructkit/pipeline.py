@@ -149,24 +149,6 @@ def _evaluate_into(loaded, examples: list[dict], config: RunConfig, out_dir: Pat
     write_jsonl(out_dir / "predictions.jsonl", result.predictions)
 
 
-def _eval_subset(examples: list[dict], cap: int | None, seed: int) -> list[dict]:
-    """A fixed, seeded subset of at most `cap` examples per template (all when cap is None)."""
-    if cap is None:
-        return examples
-    import random
-
-    by_template: dict[str, list[dict]] = {}
-    for ex in examples:
-        by_template.setdefault(ex["template_id"], []).append(ex)
-    out: list[dict] = []
-    for tid in sorted(by_template):
-        group = by_template[tid]
-        if len(group) > cap:
-            group = random.Random(f"{seed}:{tid}").sample(group, cap)
-        out += group
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +183,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     eval_fp = _digest({"eval": cfg["eval"], "model": cfg["model"], "data": data_fp})
 
     # 2. the base model, zero-shot and k-shot, on the evaluation split.
-    test = _eval_subset(_examples(run_dir, config.eval.split), config.eval.max_examples, config.split.seed)
+    test = _examples(run_dir, config.eval.split)  # evaluate_examples caps it per template (eval.max_examples)
     train_examples = _examples(run_dir, "train")
     base_loaded: list[Any] = []
 
@@ -376,7 +358,7 @@ def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir
     """`instructkit compare`: evaluate both models (k-shot too) and write the report."""
     config = load_config(None, list(overrides))
     run_dir = out_dir or (data if data.is_dir() else data.parent)
-    examples = _eval_subset(_read_eval_data(data, split), config.eval.max_examples, config.split.seed)
+    examples = _read_eval_data(data, split)
     train_examples = _examples(data, "train") if data.is_dir() and (data / "train.jsonl").is_file() else []
     loaded = _load_model(config, base)
     _evaluate_into(loaded, examples, config, run_dir / "eval" / "base", label=f"{base} (base)")
