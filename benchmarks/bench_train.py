@@ -2,6 +2,10 @@
 
     PYTHONPATH=src python benchmarks/bench_train.py                     # defaults: ~10-15 min on 2 cores
     PYTHONPATH=src python benchmarks/bench_train.py --steps 8 --repeats 3 --shape gemma3   # quiet machine
+    # GPU (bf16 autocast, fp32 master weights): save the tokenized inputs here, run them there
+    PYTHONPATH=src python benchmarks/bench_train.py --save-inputs .devbench/smollm2
+    PYTHONPATH=src python benchmarks/bench_train.py --inputs .devbench/smollm2 --device cuda --precision bf16 \
+        --steps 20 --repeats 2 --out benchmarks/results/train_gpu.json
 
 What is compared (everything identical except the training loop):
 - data: a fixed, seeded mixture of prepared examples from ../shared/data (Amazon Fine Food rating, DialogSum
@@ -71,7 +75,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                                tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
                                rope_theta=100000.0, hidden_act="silu")},
     # Gemma-3-270M: 268M parameters (168M of them the tied embedding, 262144 x 640).
-    "gemma3": {"kind": "gemma3", "tokenizer": "gemma3-270m",
+    "gemma3": {"kind": "gemma3", "tokenizer": "gemma-3-270m",
                "config": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                               num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
                               tie_word_embeddings=True, max_position_embeddings=32768)},
@@ -92,22 +96,31 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best of `repeats` fp32 torch.mm of two size x size matrices: 2 x size^3 FLOPs each (17.2 GFLOP)."""
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu", precision: str = "fp32") -> float:
+    """Best of `repeats` torch.mm of two size x size matrices: 2 x size^3 FLOPs each (17.2 GFLOP at 2048).
+
+    CPU: fp32 at 2048. GPU: the precision the systems compute in (bf16 under autocast) at 8192, where the
+    product is large enough to reach the tensor cores' rate (synchronised around each product)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm-up
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3 if device == "cuda" else 1):  # warm-up (and GPU clocks up)
+        torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best
 
 
-def build_model(shape: str, seed: int, layers: int | None) -> Any:
-    """Random-init model of the shape, seeded (identical weights in every system's process)."""
+def build_model(shape: str, seed: int, layers: int | None, attn: str = "sdpa") -> Any:
+    """Random-init model of the shape, seeded (identical weights in every system's process), fp32 weights."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
@@ -118,9 +131,11 @@ def build_model(shape: str, seed: int, layers: int | None) -> Any:
     torch.manual_seed(seed)
     if spec["kind"] == "llama":
         config = LlamaConfig(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        config._attn_implementation = attn
         model = LlamaForCausalLM(config)
     else:
         config = Gemma3TextConfig(**fields, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+        config._attn_implementation = attn
         model = Gemma3ForCausalLM(config)
     return model.float()
 
@@ -216,15 +231,18 @@ def step_timer_callback(marks: list[float]) -> Any:
     return StepTimer()
 
 
-def hf_args(cls: Any, out: Path, steps: int, seed: int, batch: int, **extra: Any) -> Any:
+def hf_args(cls: Any, out: Path, steps: int, seed: int, batch: int, device: str = "cpu", precision: str = "fp32",
+            **extra: Any) -> Any:
     return cls(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                max_steps=steps, learning_rate=1e-4, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0,
                max_grad_norm=1.0, seed=seed, data_seed=seed, logging_steps=10**6, save_strategy="no",
-               eval_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
+               eval_strategy="no", report_to="none", use_cpu=device == "cpu", bf16=precision == "bf16",
+               dataloader_num_workers=0,
                train_sampling_strategy="random", disable_tqdm=True, remove_unused_columns=False, **extra)
 
 
-def run_hf(model: Any, tokenizer: Any, rows: list[dict], steps: int, seed: int, batch: int, out: Path) -> dict:
+def run_hf(model: Any, tokenizer: Any, rows: list[dict], steps: int, seed: int, batch: int, out: Path,
+           device: str = "cpu", precision: str = "fp32") -> dict:
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -232,14 +250,15 @@ def run_hf(model: Any, tokenizer: Any, rows: list[dict], steps: int, seed: int, 
                               "attention_mask": [[1] * len(r["input_ids"]) for r in rows]})
     collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, model=None, padding=True, label_pad_token_id=-100))
     marks: list[float] = []
-    trainer = Trainer(model=model, args=hf_args(TrainingArguments, out, steps, seed, batch), train_dataset=data,
+    trainer = Trainer(model=model, args=hf_args(TrainingArguments, out, steps, seed, batch, device, precision),
+                      train_dataset=data,
                       data_collator=collator, processing_class=tokenizer, callbacks=[step_timer_callback(marks)])
     trainer.train()
     return timed_from_marks(marks, collator.batches)
 
 
 def run_trl(model: Any, tokenizer: Any, rows: list[dict], steps: int, seed: int, batch: int, out: Path,
-            max_length: int) -> dict:
+            max_length: int, device: str = "cpu", precision: str = "fp32") -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -250,7 +269,7 @@ def run_trl(model: Any, tokenizer: Any, rows: list[dict], steps: int, seed: int,
                                                   for r in rows]})
     collator = CountingCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id))
     marks: list[float] = []
-    args = hf_args(SFTConfig, out, steps, seed, batch, completion_only_loss=True, packing=False,
+    args = hf_args(SFTConfig, out, steps, seed, batch, device, precision, completion_only_loss=True, packing=False,
                    max_length=max_length, dataset_text_field="text")
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
                          processing_class=tokenizer, callbacks=[step_timer_callback(marks)])
@@ -269,7 +288,7 @@ def timed_from_marks(marks: list[float], batches: list[dict[str, int]]) -> dict:
 
 
 def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int, seed: int, batch: int, out: Path,
-                    max_length: int) -> dict:
+                    max_length: int, precision: str = "fp32") -> dict:
     from datasets import Dataset
 
     from instructkit.config import TrainConfig
@@ -280,7 +299,8 @@ def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int, se
     data = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
                               "prompt_length": [r["prompt_length"] for r in rows], "index": list(range(len(rows)))})
     cfg = TrainConfig(lr=1e-4, max_steps=steps, schedule="linear", warmup_ratio=0.0, max_grad_norm=1.0, seed=seed,
-                      batch_size=batch, grad_accum=1, threads=1, eval_every=10**6, save_every=10**6)
+                      batch_size=batch, grad_accum=1, threads=1, eval_every=10**6, save_every=10**6,
+                      precision=precision)
     at_end: dict[str, float] = {}
 
     def validate(_model: Any) -> dict[str, float]:  # called after the last step, before the final checkpoint
@@ -301,7 +321,12 @@ def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int, se
                      seed=seed)
     pad_id = tokenizer.pad_token_id
     computed, sq = [], []
-    for step_plan in plan_epoch(table.lengths, plan, 0, None)[:steps]:
+    replay: list = []
+    epoch = 0
+    while len(replay) < steps:  # the run crosses epochs when steps > examples / batch
+        replay += plan_epoch(table.lengths, plan, epoch, None)
+        epoch += 1
+    for step_plan in replay[:steps]:
         examples = [i for mb in step_plan[0] for row in mb for i in row]
         batches = [collate(table, mb, pad_id, seq2seq=False, packed=cfg.packing) for mb in step_plan[0]]
         computed.append(sum(int(b.inputs["input_ids"].numel()) for b in batches))
@@ -319,22 +344,32 @@ def child(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
-    peak = matmul_peak_flops()
+    if args.device == "cuda":
+        peak = matmul_peak_flops(8192, 5, "cuda", args.precision)
+    else:
+        peak = matmul_peak_flops(precision="fp32")
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = build_model(args.shape, args.seed, args.layers)
+    model = build_model(args.shape, args.seed, args.layers, args.attn)
     n_params = unique_parameters(model)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     total_steps = args.steps + 1
     with tempfile.TemporaryDirectory(prefix=f"bench_train_{args.child}_") as tmp:
         out = Path(tmp)
         if args.child == "instructkit":
-            res = run_instructkit(model, tokenizer, rows, total_steps, args.seed, args.batch_size, out, args.max_length)
+            res = run_instructkit(model, tokenizer, rows, total_steps, args.seed, args.batch_size, out, args.max_length,
+                                  args.precision)
         elif args.child == "hf_trainer":
-            res = run_hf(model, tokenizer, rows, total_steps, args.seed, args.batch_size, out)
+            res = run_hf(model, tokenizer, rows, total_steps, args.seed, args.batch_size, out, args.device,
+                         args.precision)
         else:
-            res = run_trl(model, tokenizer, rows, total_steps, args.seed, args.batch_size, out, args.max_length)
+            res = run_trl(model, tokenizer, rows, total_steps, args.seed, args.batch_size, out, args.max_length,
+                          args.device, args.precision)
+    if args.device == "cuda":
+        res.update(peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20, gpu=torch.cuda.get_device_name())
     res.update(system=args.child, peak_rss_mb=peak_rss_mb(), matmul_flops=peak, params=n_params,
                layers=model.config.num_hidden_layers, hidden=model.config.hidden_size,
                process_seconds=time.perf_counter() - started, torch_threads=torch.get_num_threads())
@@ -359,8 +394,9 @@ def figures(run: dict) -> dict:
 def summarize(runs: list[dict]) -> dict:
     per = [figures(r) for r in runs]
     med = lambda key: statistics.median(p[key] for p in per)  # noqa: E731
+    gpu = {"peak_gpu_mb": round(max(r["peak_gpu_mb"] for r in runs), 1)} if "peak_gpu_mb" in runs[0] else {}
     return {"tokens_per_s": round(med("tokens_per_s"), 2), "padding_fraction": round(med("padding_fraction"), 4),
-            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1), "mfu": round(med("mfu"), 4),
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1), **gpu, "mfu": round(med("mfu"), 4),
             "tokens_per_s_runs": [round(p["tokens_per_s"], 2) for p in per],
             "mfu_runs": [round(p["mfu"], 4) for p in per],
             "matmul_gflops_runs": [round(r["matmul_flops"] / 1e9, 2) for r in runs],
@@ -400,11 +436,36 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--layers", type=int, default=None, help="override n_layers (smoke tests only)")
     p.add_argument("--out", default=str(RESULT))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = autocast with fp32 master weights in every system (GPU)")
+    p.add_argument("--attn", default="sdpa", help="attention implementation for every system (sdpa, eager, "
+                   "flex_attention); packed batches need one that honours position_ids")
+    p.add_argument("--save-inputs", help="write the tokenized examples and the tokenizer to this folder and stop "
+                   "(for a machine without ../shared)")
+    p.add_argument("--inputs", help="read the examples and tokenizer written by --save-inputs")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def save_inputs(folder: Path, data: Path, tokenizer: Path, tok_stats: dict, args: argparse.Namespace) -> int:
+    """The tokenized examples + the tokenizer files, for a machine that has neither ../shared nor the model."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data, folder / "tokens.jsonl")
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer / name).is_file():
+            shutil.copyfile(tokenizer / name, folder / "tokenizer" / name)
+    (folder / "inputs.json").write_text(json.dumps({"shape": args.shape, "per_dataset": args.per_dataset,
+                                                    "max_length": args.max_length, "seed": args.seed,
+                                                    "tokenize_stats": tok_stats}))
+    print(f"wrote {folder}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,13 +479,22 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         scratch = Path(tmp)
-        examples = prepare_examples(args.per_dataset, args.seed, scratch)
-        folder = tokenizer_folder(args.shape)
-        rows, tok_stats = tokenize(examples, folder, args.max_length)
-        data = scratch / "tokens.jsonl"
-        data.write_text("\n".join(json.dumps(r) for r in rows))
+        if args.inputs:
+            saved = Path(args.inputs)
+            folder, data = saved / "tokenizer", saved / "tokens.jsonl"
+            rows = [json.loads(line) for line in data.read_text().splitlines()]
+            tok_stats = json.loads((saved / "inputs.json").read_text())["tokenize_stats"]
+        else:
+            examples = prepare_examples(args.per_dataset, args.seed, scratch)
+            folder = tokenizer_folder(args.shape)
+            rows, tok_stats = tokenize(examples, folder, args.max_length)
+            data = scratch / "tokens.jsonl"
+            data.write_text("\n".join(json.dumps(r) for r in rows))
+        if args.save_inputs:
+            return save_inputs(Path(args.save_inputs), data, folder, tok_stats, args)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT / "src"))
+                   TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
         runs: dict[str, list[dict]] = {s: [] for s in systems}
         loads: list[dict] = []
         for rep in range(args.repeats):
@@ -433,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, __file__, "--child", system, "--data", str(data), "--tokenizer", str(folder),
                        "--result", str(result), "--shape", args.shape, "--steps", str(args.steps),
                        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                       "--seed", str(args.seed)] + (["--layers", str(args.layers)] if args.layers else [])
+                       "--seed", str(args.seed), "--device", args.device, "--precision", args.precision,
+                       "--attn", args.attn] + (["--layers", str(args.layers)] if args.layers else [])
                 load_before = os.getloadavg()[0]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -444,9 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs[system].append(run)
                 loads.append({"system": system, "repeat": rep, "load_1min": run["load_1min_before_after"]})
                 f = figures(run)
+                gpu_mem = f", peak GPU {run['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in run else ""
                 print(f"{system} #{rep}: {f['tokens_per_s']:.1f} tok/s, padding {f['padding_fraction']:.3f}, "
-                      f"peak RSS {run['peak_rss_mb']:.0f} MB, MFU {f['mfu']:.3f}, load {run['load_1min_before_after']}",
-                      flush=True)
+                      f"peak RSS {run['peak_rss_mb']:.0f} MB{gpu_mem}, MFU {f['mfu']:.3f}, "
+                      f"load {run['load_1min_before_after']}", flush=True)
     summary = {s: summarize(r) for s, r in runs.items()}
     ratios = {}
     if "instructkit" in summary:
@@ -472,14 +544,16 @@ def main(argv: list[str] | None = None) -> int:
                      "warmup_steps_untimed": 1, "repeats": args.repeats, "per_dataset": args.per_dataset,
                      "batch_size": args.batch_size, "grad_accum": 1, "max_length": args.max_length, "lr": 1e-4,
                      "optimizer": "AdamW (HF/TRL: Trainer default optim; instructkit: fused AdamW)",
-                     "precision": "fp32", "torch_threads": 1, "seed": args.seed,
+                     "precision": args.precision, "device": args.device, "attn_implementation": args.attn,
+                     "torch_threads": 1, "seed": args.seed,
                      "sources": [s[3] for s in SOURCES], "examples": len(rows), "tokenize_stats": tok_stats},
         "formulas": {
             "tokens_per_s": "non-padding input tokens of the timed steps / seconds of the timed steps; median over repeats",
             "padding_fraction": "1 - real tokens / tokens in the input_ids tensors computed",
             "model_flops": "6 x N x real_tokens + 6 x n_layers x hidden x sum_i T_i^2 (causal attention: per token "
                            "2*2*L*T*d/2 forward x3 fwd+bwd = 6*L*d*T; N = unique params incl. tied embedding)",
-            "mfu": "model FLOPs / seconds / best-of-5 fp32 torch.mm 2048^3 FLOP/s in the same process at 1 thread",
+            "mfu": "model FLOPs / seconds / best-of-5 torch.mm FLOP/s in the same process (CPU: fp32 2048^3 at "
+                   "1 thread; GPU: 8192^3 in the run's precision)",
             "peak_rss_mb": "VmHWM of the child process at its end (max over repeats); instructkit's includes its "
                            "final checkpoint save, see runs[].peak_rss_mb_before_final_checkpoint",
             "timing": "instructkit: its per-step wall time (collate + fwd/bwd + optimizer) from metrics history; "
@@ -489,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios, "goals": goals, "goals_met": met,
         "machine": {**machine(), "load_average_at_start": load_start,
                     "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "load_per_run": loads,
-                    "note": "2-core machine shared with other workers during the run: expect noise"},
+                    "note": "2-core machine shared with other workers during the run: expect noise"
+                    if args.device == "cpu" else "GPU machine, used by this benchmark alone"},
         "versions": versions(),
         "wall_seconds": round(time.time() - started, 1),
         "runs": {s: d["runs"] for s, d in summary.items()},

@@ -73,3 +73,10 @@ def test_run_dir():
     config = RunConfig(name="x", output_dir="out")
     assert str(config.run_dir) == "out/x"
     assert DatasetConfig(path="a", schema="sst2").schema_name == "sst2"
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=nan", "datasets.0.weight=1e400"])
+def test_non_finite_numbers_are_config_errors_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(None, ["datasets.0.path=demo", "datasets.0.schema=amazon_us_reviews", override])

@@ -63,6 +63,27 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
     assert (run_dir / "report.json").read_text() == before
 
 
+def test_changed_train_settings_start_fresh_and_same_data_keeps_the_base_evaluation(tmp_path, tiny_model_dir,
+                                                                                    capsys):
+    """A new train setting retrains from the start (the old checkpoints belong to other settings) and a
+    re-prepare that writes the same examples keeps the base evaluation."""
+    config = write_config(tmp_path, tiny_model_dir, "change")
+    assert main(["run", str(config)]) == 0
+    run_dir = tmp_path / "runs" / "change"
+    first = (run_dir / "model" / "model.safetensors").read_bytes()
+    # Pretend the prepare step's inputs changed (as when a config field is added): same files come out.
+    step = run_dir / "steps" / "prepare.json"
+    step.write_text(step.read_text().replace('"fingerprint": "', '"fingerprint": "x'))
+    capsys.readouterr()
+    assert main(["run", str(config), "train.lr=0.01"]) == 0
+    captured = capsys.readouterr()
+    text = " ".join((captured.out + captured.err).split())
+    assert "up to date (skipped): evaluate-base" in text
+    assert (run_dir / "model" / "model.safetensors").read_bytes() != first  # retrained, not "resumed" at the end
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if r.get("event") == "train"][0] == 1
+
+
 def test_run_killed_during_training_continues_to_the_same_report(tmp_path, tiny_model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     # Uninterrupted reference run.

@@ -159,8 +159,12 @@ def _only_schema(library) -> str:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from instructkit.data.build import prepare
 
+    from instructkit.train.loop import run_lock
+
     config = _load(args.config)
-    result = prepare(config)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(config.run_dir):  # never rewrite the split under a run that is using it
+        result = prepare(config)
     _console().print(f"prepared {result.run_dir}: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
     return 0
 

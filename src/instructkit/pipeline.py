@@ -83,9 +83,19 @@ class Steps:
         write_json(self.folder / f"{name}.json", {"fingerprint": fingerprint, "seconds": round(seconds, 2),
                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
-    def clear_from(self, names: list[str]) -> None:
-        for name in names:
-            (self.folder / f"{name}.json").unlink(missing_ok=True)
+    def begin(self, name: str, fingerprint: str) -> bool:
+        """Record that `name` started from these inputs; True when an unfinished start had the same ones.
+
+        Training uses it to tell an interrupted run (resume from its checkpoints) from a changed
+        configuration (start fresh: the checkpoints belong to other settings or data).
+        """
+        path = self.folder / f"{name}.started.json"
+        try:
+            same = not self.force and json.loads(path.read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            same = False
+        write_json(path, {"fingerprint": fingerprint, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return same
 
 
 def _timed(summary: RunSummary, steps: Steps, name: str, fingerprint: str, fn: Callable[[], Any]) -> bool:
@@ -177,8 +187,9 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
     prep_fp = _digest({"datasets": cfg["datasets"], "split": cfg["split"], "templates": cfg["templates"],
                        "inputs": _input_digests(config)})
-    if _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir)):
-        steps.clear_from(["evaluate-base", "train", "evaluate-tuned", "compare"])
+    # Later fingerprints include the digests of the prepared files, so a re-prepare that writes the same
+    # examples (e.g. after a config field was added) keeps the base evaluation and training.
+    _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir))
     data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
     eval_fp = _digest({"eval": cfg["eval"], "model": cfg["model"], "data": data_fp})
 
@@ -202,11 +213,12 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     train_fp = _digest({"train": cfg["train"], "model": cfg["model"], "data": data_fp})
 
     def train() -> None:
-        train_step(config, resume=True, preloaded=base_loaded[0] if base_loaded else None)
+        # Resume only what this very configuration started; other settings or data start fresh.
+        resume = steps.begin("train", train_fp)
+        train_step(config, resume=resume, preloaded=base_loaded[0] if base_loaded else None)
         base_loaded.clear()
 
-    if _timed(summary, steps, "train", train_fp, train):
-        steps.clear_from(["evaluate-tuned", "compare"])
+    _timed(summary, steps, "train", train_fp, train)  # evaluate-tuned's fingerprint has the weights' digest
     summary.model_dir = model_dir
 
     # 4. the tuned model.
@@ -360,6 +372,10 @@ def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir
     run_dir = out_dir or (data if data.is_dir() else data.parent)
     examples = _read_eval_data(data, split)
     train_examples = _examples(data, "train") if data.is_dir() and (data / "train.jsonl").is_file() else []
+    from instructkit.models import resolve_model_config
+
+    for name in (base, tuned):  # a wrong --tuned fails now, not after the base evaluation
+        resolve_model_config(config.model.model_copy(update={"name": name}))
     loaded = _load_model(config, base)
     _evaluate_into(loaded, examples, config, run_dir / "eval" / "base", label=f"{base} (base)")
     for k in config.eval.few_shot if train_examples else []:

@@ -140,28 +140,34 @@ FINDINGS: list[dict[str, str]] = [
      "what": "_pid_alive lets OverflowError escape from os.kill when .lock holds a number past a C long",
      "fix": "catch OverflowError (and ValueError) in _pid_alive and treat the lock as stale",
      "test": "test_concurrency.py::test_unreadable_lock_contents_are_treated_as_stale[9999...]"},
+    # Reported (the suggestions were written down as found), then fixed by the owner with a regression test.
+    {"target": "concurrency (whole pipeline)", "module": "pipeline.py, cli.py", "status": "fixed by the owner",
+     "what": "the run lock was taken only inside train(): a second `instructkit run`/`prepare` on the same run "
+             "directory re-ran prepare and the base evaluation into the same folder before it was refused",
+     "fix": "pipeline.run holds run_lock (re-entrant) for the whole run; `instructkit prepare` takes it too",
+     "test": "test_concurrency.py::test_run_and_prepare_refuse_a_folder_locked_by_a_live_process"},
+    {"target": "fault injection (kill inside _seal)", "module": "train/checkpoint.py", "status": "fixed by the owner",
+     "what": "a kill between the two renames of _seal (replacing an existing step folder after a resume) left "
+             "checkpoints/.old-step-N-<pid> forever: save_checkpoint cleaned .tmp-* only",
+     "fix": "checkpoint._tidy, before every save: .old-<name>-<pid> is renamed back when <name> is missing, "
+            "else removed",
+     "test": "test_checkpoint.py::test_folders_left_by_a_kill_between_renames_are_restored_or_removed"},
+    {"target": "CLI compare", "module": "pipeline.py", "status": "fixed by the owner",
+     "what": "compare_step loaded and evaluated the base model before resolving --tuned: a typo in --tuned was "
+             "reported only after the whole base evaluation (minutes with a real model)",
+     "fix": "compare_step resolves both models' configs (no weights) first",
+     "test": "test_cli_errors.py::test_compare_checks_tuned_before_evaluating_the_base"},
+    {"target": "config values", "module": "config.py", "status": "fixed by the owner",
+     "what": "non-finite floats were accepted (train.lr=.inf, datasets.0.weight=1e400 -> inf); training then "
+             "stopped at step 1 with a TrainingError instead of a ConfigError naming the key",
+     "fix": "ConfigDict(allow_inf_nan=False) on Section",
+     "test": "test_config.py::test_non_finite_numbers_are_config_errors_naming_the_key"},
+    {"target": "prepare (empty train split)", "module": "data/build.py", "status": "fixed by the owner",
+     "what": "prepare succeeded (exit 0) when split fractions left no training rows for a small dataset; the "
+             "error appeared only at `train` (no training examples)",
+     "fix": "prepare raises a DataError naming the run folder and writes nothing",
+     "test": "tests/data/test_build.py::test_empty_train_split_is_an_error_and_writes_nothing"},
 ]
 
-REPORTED: list[dict[str, str]] = [
-    {"target": "concurrency (whole pipeline)", "module": "pipeline.py", "status": "reported",
-     "what": "the run lock is taken only inside train(): a second `instructkit run`/`prepare` on the same run "
-             "directory re-runs prepare and the base evaluation into the same folder (atomic writes keep files "
-             "whole, but work is duplicated and steps/*.json bookkeeping can interleave) before it is refused",
-     "suggestion": "take run_lock at the start of pipeline.run and cmd_prepare"},
-    {"target": "fault injection (kill inside _seal)", "module": "train/checkpoint.py", "status": "reported",
-     "what": "a kill between the two renames of _seal (replacing an existing step folder after a resume) leaves "
-             "checkpoints/.old-step-N-<pid> forever: save_checkpoint cleans .tmp-* only",
-     "suggestion": "also remove stale .old-* folders in save_checkpoint"},
-    {"target": "CLI compare", "module": "pipeline.py", "status": "reported",
-     "what": "compare_step loads and evaluates the base model before resolving --tuned: a typo in --tuned is "
-             "reported only after the whole base evaluation (minutes with a real model)",
-     "suggestion": "resolve both model names first (models.resolve_model(..., convert=False))"},
-    {"target": "config values", "module": "config.py", "status": "reported",
-     "what": "non-finite floats are accepted (train.lr=.inf, datasets.0.weight=1e400 -> inf); training then "
-             "stops at step 1 with a TrainingError instead of a ConfigError naming the key",
-     "suggestion": "ConfigDict(allow_inf_nan=False) on Section"},
-    {"target": "prepare (empty train split)", "module": "data/build.py", "status": "reported",
-     "what": "prepare succeeds (exit 0) when split fractions leave no training rows for a small dataset; the "
-             "error appears only at `train` (no training examples)",
-     "suggestion": "warn in prepare (stats note) when the train split is empty and the dataset is not held out"},
-]
+# Described to the module's owner and not fixed yet (none at present).
+REPORTED: list[dict[str, str]] = []

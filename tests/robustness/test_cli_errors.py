@@ -91,6 +91,7 @@ CASES = [
     (["evaluate", "--model", "{model}", "--data", "runs/good", "--split", "validation"],
      "the 'validation' split has no examples"),
     (["compare", "--base", "/nope", "--tuned", "{model}", "--data", "runs/good"], "unknown model '/nope'"),
+    (["compare", "--base", "{model}", "--tuned", "{tmp}/typo", "--data", "runs/good"], "unknown model '{tmp}/typo'"),
     (["generate", "--model", "{tmp}/nomodel", "hello"], "unknown model '{tmp}/nomodel'"),
     (["templates", "show", "amazon_us_reviews.predict_ratin"],
      "unknown template id 'amazon_us_reviews.predict_ratin'"),
@@ -136,3 +137,14 @@ def test_templates_check_reports_sandbox_refusals_as_problems(workspace, capsys,
     code = main(["templates", "check", "evil_templates.yaml"])
     out = capsys.readouterr().out
     assert code == 1 and "evil.t" in out and "unsafe" in out
+
+
+def test_compare_checks_tuned_before_evaluating_the_base(workspace, tiny_model_dir, capsys, monkeypatch):
+    """A typo in --tuned is reported at once, not after the (minutes-long) base evaluation."""
+    monkeypatch.chdir(workspace)
+    if not (workspace / "runs" / "good" / "test.jsonl").is_file():
+        assert main(["prepare", "good.yaml"]) == 0
+    assert main(["compare", "--base", str(tiny_model_dir), "--tuned", str(workspace / "typo"),
+                 "--data", "runs/good"]) == 2
+    assert "typo" in capsys.readouterr().err
+    assert not (workspace / "runs" / "good" / "eval" / "base").exists()

@@ -153,3 +153,26 @@ def test_two_cli_train_processes_on_one_run_directory(tiny_model_dir, tmp_path):
         assert verify_folder(folder) is None
     _robust.OTHER_TRIALS.append({"fault": "two `instructkit train` processes on one run directory",
                                  "result": "second exits 2 naming the folder and pid; first completes"})
+
+
+@pytest.mark.parametrize("command", ["run", "prepare"])
+def test_run_and_prepare_refuse_a_folder_locked_by_a_live_process(command, tiny_model_dir, tmp_path, capsys):
+    """The lock covers the whole pipeline: nothing is prepared or evaluated under a live run's lock."""
+    from instructkit.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"name": "busy", "output_dir": str(tmp_path / "runs"),
+                                  "datasets": [{"path": "demo", "schema": "amazon_us_reviews", "max_rows": 40,
+                                                "templates": ["amazon_us_reviews.predict_rating"]}],
+                                  "model": {"name": str(tiny_model_dir)}}))
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".lock").write_text(f"{holder.pid}\n")
+        assert main([command, str(config)]) == 2
+        assert f"process {holder.pid}" in " ".join(capsys.readouterr().err.split())
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()

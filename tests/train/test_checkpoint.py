@@ -25,6 +25,7 @@ from instructkit.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     trainable_state,
+    verify_folder,
 )
 from instructkit.train.loop import make_optimizer, make_scheduler
 
@@ -100,6 +101,22 @@ def test_keeps_only_the_newest_k_and_no_temporary_folders(tiny_tokenizer, tmp_pa
         save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004", "step-000005"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_folders_left_by_a_kill_between_renames_are_restored_or_removed(tiny_tokenizer, tmp_path):
+    """A kill inside _seal leaves `.old-<name>-<pid>`: put back when nothing replaced it, else removed."""
+    model, optimizer, scheduler = _trained_state(tiny_tokenizer, steps=1)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, keep=2)
+    root = tmp_path / "checkpoints"
+    os.rename(root / "step-000002", root / ".old-step-000002-99999")  # killed before the new one moved in
+    (root / "step-000001").rename(root / "tmp-copy")
+    os.makedirs(root / ".old-step-000001-88888")  # killed after: step-000001 exists again below
+    (root / "tmp-copy").rename(root / "step-000001")
+    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {}, keep=3)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000001", "step-000002", "step-000003"]
+    assert verify_folder(root / "step-000002") is None  # restored whole
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "no_manifest", "missing_file"])

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from instructkit.data.batching import example_weights
 from instructkit.errors import TrainingError
 from instructkit.train.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint
-from instructkit.train.loop import lower_is_better, lr_factor, train
+from instructkit.data.batching import TokenTable, collate
+from instructkit.train import loop as loop_module
+from instructkit.train.loop import batch_loss, lower_is_better, lr_factor, train
 
 
 def _run(model, tokenizer, dataset, settings, run_dir, cfg, **kwargs):
@@ -85,6 +87,27 @@ def test_batch8_equals_batch2_accum4_equals_packed(tiny_tokenizer, tmp_path):
     for name, (losses, weights) in results.items():
         np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5, err_msg=name)
         _assert_same_weights(weights, ref_weights, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_label_logits_paths_agree_with_full_logits(tiny_tokenizer, packed, monkeypatch):
+    """Logits at labels via a [B, T] boolean mask (newer transformers) and via a 1-D column index (every
+    transformers 5) give the full-logits loss, on multi-row batches where the two differ in shape."""
+    dataset, _ = tokenized(make_examples(6), tiny_tokenizer)
+    table = TokenTable.from_dataset(dataset)
+    rows = [[0, 1], [2, 3], [4, 5]] if packed else [[i] for i in range(6)]
+    batch = collate(table, rows, tiny_tokenizer.pad_token_id, seq2seq=False, packed=packed)
+    assert batch.target_mask.shape[0] == (3 if packed else 6)
+    model = build_tiny_llama(tiny_tokenizer)
+    with torch.no_grad():
+        full = batch_loss(model, batch, seq2seq=False, logits_at_labels=False).item()
+        losses = {}
+        for boolean in (True, False):
+            monkeypatch.setattr(loop_module, "boolean_logits_to_keep", lambda b=boolean: b)
+            losses[boolean] = batch_loss(model, batch, seq2seq=False, logits_at_labels=True).item()
+    assert full > 0
+    assert losses[True] == pytest.approx(full, abs=1e-5)
+    assert losses[False] == pytest.approx(full, abs=1e-5)
 
 
 def _t5_without_dropout(tokenizer):

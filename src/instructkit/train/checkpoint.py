@@ -231,6 +231,20 @@ def _seal(folder: Path, target: Path, info: dict[str, Any]) -> Path:
     return target
 
 
+def _tidy(root: Path) -> None:
+    """Clear what a process killed mid-write left: `.tmp-*` (never sealed) and `.old-<name>-<pid>` (moved
+    aside by `_seal`; put back when the kill came before its replacement was renamed in, else removed)."""
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in sorted(root.glob(".old-*")):
+        name = old.name[len(".old-"):].rsplit("-", 1)[0]
+        target = root / name
+        if name and not target.exists():
+            os.rename(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def verify_folder(path: Path) -> str | None:
     """None if every file listed in the manifest is present with its size and sha256; else the problem."""
     manifest = path / "manifest.json"
@@ -274,8 +288,7 @@ def save_checkpoint(
     """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _tidy(root)
     folder = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     folder.mkdir()
 
@@ -383,9 +396,8 @@ def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str
     """Write `checkpoints/best/` (trainable weights in safetensors + best.json) atomically, replacing it."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _tidy(root)
     folder = root / f".tmp-best-{os.getpid()}"
-    if folder.exists():
-        shutil.rmtree(folder)
     folder.mkdir()
     _write_tensors(folder / "model.safetensors", trainable_state(model))
     _write_json(folder / "best.json", _jsonable(info))

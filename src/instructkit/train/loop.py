@@ -17,7 +17,7 @@ What one optimizer step does (default config: batch_size 8, grad_accum 1, one pr
      d/dw [sum over the window of weight x CE] / W. Hence (batch 8, accum 1) == (batch 2, accum 4) ==
      packed == 2 processes x batch 4, even when processes hold different numbers of label tokens.
   4. Logits are computed only at positions whose next token is a label (`logits_to_keep` with a boolean
-     mask): 3 label tokens in a 200-token prompt skip ~98% of the 49k-wide LM head.
+     mask, or a 1-D column index on transformers releases without one): 3 label tokens in a 200-token prompt skip ~98% of the 49k-wide LM head.
   5. Clip, one .tolist() to read loss and grad norm (the only host sync), stop on NaN/Inf BEFORE the
      optimizer step, step, schedule.
 Every `eval_every` steps (default: each epoch) and at the end: validation loss/perplexity and the
@@ -28,6 +28,7 @@ opt-in. Checkpoints every `save_every` steps (default: at each validation) make 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -398,6 +399,15 @@ def supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+@functools.cache
+def boolean_logits_to_keep() -> bool:
+    """True when transformers takes a [B, T] boolean `logits_to_keep` (its `slice_logits_to_keep` helper,
+    transformers >= 5.2x); older 5.x releases index `hidden_states[:, logits_to_keep]` and need a 1-D index."""
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep")
+
+
 def batch_loss(model: torch.nn.Module, batch: Batch, *, seq2seq: bool, logits_at_labels: bool) -> torch.Tensor:
     """Sum over the batch's target tokens of weight x cross-entropy: a scalar, NOT yet normalised.
 
@@ -407,9 +417,15 @@ def batch_loss(model: torch.nn.Module, batch: Batch, *, seq2seq: bool, logits_at
     """
     if seq2seq or not logits_at_labels:
         logits = model(**batch.inputs, use_cache=False).logits[batch.target_mask]
-    else:
+    elif boolean_logits_to_keep() and batch.target_mask.shape[0] > 1:
         logits = model(**batch.inputs, use_cache=False, logits_to_keep=batch.target_mask).logits
         logits = logits.reshape(-1, logits.shape[-1])
+    else:
+        # The columns labelled in any row, as a 1-D index (every transformers 5 release takes it); on a
+        # packed one-row batch these are exactly the labelled positions.
+        columns = batch.target_mask.any(dim=0).nonzero().squeeze(1)
+        logits = model(**batch.inputs, use_cache=False, logits_to_keep=columns).logits
+        logits = logits[batch.target_mask[:, columns]]
     if batch.target_weights is None:
         loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
     else:
