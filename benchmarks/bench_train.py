@@ -563,8 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios, "goals": goals, "goals_met": met,
         "machine": {**machine(), "load_average_at_start": load_start,
                     "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "load_per_run": loads,
-                    "note": "2-core machine shared with other workers during the run: expect noise"
-                    if args.device == "cpu" else "GPU machine, used by this benchmark alone"},
+                    "note": "1-minute load average before/after each run in load_per_run (about 1.0 = this "
+                            "benchmark alone on the machine; higher = other jobs: expect noise)"},
         "versions": versions(),
         "wall_seconds": round(time.time() - started, 1),
         "runs": {s: d["runs"] for s, d in summary.items()},
