@@ -158,7 +158,6 @@ def _only_schema(library) -> str:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from instructkit.data.build import prepare
-
     from instructkit.train.loop import run_lock
 
     config = _load(args.config)
