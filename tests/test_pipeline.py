@@ -1,5 +1,5 @@
 """`instructkit run` end to end on a tiny model: every step, the report, skip-when-up-to-date, and a run
-killed during training that continues from its checkpoint to the same report numbers."""
+killed (SIGKILL or Ctrl-C) during training that continues from its checkpoint to the same report numbers."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_changed_train_settings_start_fresh_and_same_data_keeps_the_base_evaluat
     assert [r["step"] for r in history if r.get("event") == "train"][0] == 1
 
 
-def test_run_killed_during_training_continues_to_the_same_report(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_run_killed_during_training_continues_to_the_same_report(tmp_path, tiny_model_dir, sig):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     # Uninterrupted reference run.
     ref = write_config(tmp_path, tiny_model_dir, "reference", epochs=3)
@@ -94,15 +95,20 @@ def test_run_killed_during_training_continues_to_the_same_report(tmp_path, tiny_
     cfg = write_config(tmp_path, tiny_model_dir, "killed", epochs=3)
     checkpoints = tmp_path / "runs" / "killed" / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-m", "instructkit", "run", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if checkpoints.is_dir() and len(list(checkpoints.glob("step-*"))) >= 2:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:  # Ctrl-C: a clean exit 130 that says how to continue
+        assert proc.returncode == 130, err[-2000:]
+        assert "run the same command again" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
     run_dir = tmp_path / "runs" / "killed"
     assert not (run_dir / "steps" / "train.json").exists()
     resumed = subprocess.run([sys.executable, "-m", "instructkit", "run", str(cfg)], env=env,
