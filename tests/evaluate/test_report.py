@@ -355,6 +355,26 @@ def test_few_shot_rows_with_prompt_length(report):
     assert rows[1]["metrics"]["accuracy"]["value"] == pytest.approx(12 / 60)
 
 
+def test_k_shot_rows_say_when_the_pool_had_no_demonstrations(tmp_path, evaluation):
+    """A held-out template has no example in the train split, so its "k-shot" prompts had no demonstration:
+    no k-shot row for it (it would be the zero-shot result under a k-shot name). Partly short: labelled."""
+    few_b, _ = _rating_records("reviews.rating", 60, 0, held_out=False, seed=1)
+    unseen_b, _ = _rating_records("reviews.rating_unseen", 30, 0, held_out=True, seed=2)
+    preds = ([{**r, "prediction": "3", "demonstrations": ([] if i < 6 else [f"d{i}"])} for i, r in enumerate(few_b)]
+             + [{**r, "demonstrations": []} for r in unseen_b])
+    few_templates = {tid: _template_eval("reviews", "rating", tid.endswith("unseen"), ["accuracy", "macro_f1"], 45.0)
+                     for tid in ("reviews.rating", "reviews.rating_unseen")}
+    args = {**evaluation, "few_shot": {1: (_eval_json("base-model", few_templates), preds)}}
+    build_report(**args, out_dir=tmp_path, n_resamples=N_RESAMPLES, seed=0)
+    few = json.loads((tmp_path / "report.json").read_text())["few_shot"]
+    assert [r["system"] for r in few["reviews.rating_unseen"]] == ["base zero-shot", "tuned zero-shot"]
+    assert [r["system"] for r in few["reviews.rating"]] == [
+        "base zero-shot", "base 1-shot (6 of 60 short of demonstrations)", "tuned zero-shot"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "reviews.rating_unseen | base 1-shot" not in markdown
+    assert "base 1-shot (6 of 60 short of demonstrations)" in markdown
+
+
 def test_examples_wins_and_regressions(report):
     rating = report["examples"]["reviews.rating"]
     assert rating["wins"] and all(e["tuned"] == e["reference"] != e["base"] for e in rating["wins"])

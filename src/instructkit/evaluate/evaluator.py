@@ -446,8 +446,9 @@ def evaluate_examples(
         prompts[i] = _few_shot_prompt(ex, demos[i], settings.separator)
     short = sum(len(d) < k_shot for d in demos.values())
     if short:
-        logger.warning("%d examples got fewer than %d demonstrations (too few pool examples of their "
-                       "template)", short, k_shot)
+        lacking = sorted({examples[i]["template_id"] for i, d in demos.items() if len(d) < k_shot})
+        logger.warning("%d examples got fewer than %d demonstrations: too few pool examples of %s (a held-out "
+                       "template has none in the train split)", short, k_shot, ", ".join(lacking))
 
     was_training = getattr(model, "training", False)
     model.eval()

@@ -492,14 +492,25 @@ def _few_shot_rows(
     few_shot: dict[int, tuple[dict, list[dict]]], *, n_resamples: int, seed: int,
 ) -> list[dict[str, Any]]:
     """Rows "base zero-shot", "base k-shot" (each k), "tuned zero-shot" for one template: every
-    metric with its CI, and the mean prompt length in tokens (demonstrations make prompts longer)."""
+    metric with its CI, and the mean prompt length in tokens (demonstrations make prompts longer).
+
+    A k-shot evaluation in which no example of the template got a demonstration (its template had no
+    example in the pool: a held-out template is never in the train split) is left out rather than shown
+    as k-shot; one where only some examples fell short says how many."""
     tid = info.template_id
     systems: list[tuple[str, int, dict, list[dict]]] = [("base zero-shot", 0, base, pair.base)]
     for k in sorted(few_shot, key=int):
         eval_k, preds_k = few_shot[k]
         records = [r for r in preds_k if str(r.get("template_id")) == tid]
+        name = f"base {int(k)}-shot"
+        if records and any("demonstrations" in r for r in records):
+            short = sum(len(r.get("demonstrations") or []) < int(k) for r in records)
+            if not any(r.get("demonstrations") for r in records):
+                continue  # the pool had no example of this template (e.g. a held-out one): not a k-shot run
+            if short:
+                name += f" ({short} of {len(records)} short of demonstrations)"
         if records:
-            systems.append((f"base {int(k)}-shot", int(k), eval_k, records))
+            systems.append((name, int(k), eval_k, records))
     systems.append(("tuned zero-shot", 0, tuned, pair.tuned))
     rows = []
     for name, k, evaluation, records in systems:
