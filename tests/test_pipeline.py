@@ -131,3 +131,15 @@ def test_bad_inputs_exit_2_naming_the_culprit(tmp_path, capsys):
     assert "amazon_us_reviews.nope" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl")]) == 2
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_few_shot_baseline_runs_only_where_the_train_split_has_the_template(caplog):
+    from instructkit.config import RunConfig
+    from instructkit.pipeline import _few_shot_ks
+
+    config = RunConfig.model_validate({"eval": {"few_shot": [1, 3]}})
+    pool = [{"template_id": "shop.rating"}]
+    assert _few_shot_ks(config, [{"template_id": "shop.rating"}, {"template_id": "shop.title"}], pool) == [1, 3]
+    assert _few_shot_ks(config, [{"template_id": "shop.title"}], pool) == []  # only held-out templates
+    assert "no few-shot baseline" in caplog.text
+    assert _few_shot_ks(config, [{"template_id": "shop.rating"}], []) == []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -159,6 +160,18 @@ def _evaluate_into(loaded, examples: list[dict], config: RunConfig, out_dir: Pat
     write_jsonl(out_dir / "predictions.jsonl", result.predictions)
 
 
+def _few_shot_ks(config: RunConfig, examples: list[dict], pool: list[dict]) -> list[int]:
+    """The k of `eval.few_shot` to run: none when no evaluated template has an example in the pool (e.g. only
+    held-out templates are evaluated); the evaluator leaves out the templates the pool lacks."""
+    if not config.eval.few_shot or not pool:
+        return []
+    pooled = {d.get("template_id") for d in pool}
+    if not any(ex.get("template_id") in pooled for ex in examples):
+        log.warning("no few-shot baseline: none of the evaluated templates has an example in the train split")
+        return []
+    return list(config.eval.few_shot)
+
+
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
@@ -202,7 +215,10 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
         loaded = _load_model(config)
         base_loaded.append(loaded)
         _evaluate_into(loaded, test, config, run_dir / "eval" / "base", label=f"{config.model.name} (base)")
-        for k in config.eval.few_shot:
+        ks = _few_shot_ks(config, test, train_examples)
+        for k in set(config.eval.few_shot) - set(ks):  # not a stale k-shot result from earlier data
+            shutil.rmtree(run_dir / "eval" / f"base-k{k}", ignore_errors=True)
+        for k in ks:
             _evaluate_into(loaded, test, config, run_dir / "eval" / f"base-k{k}", k_shot=k, pool=train_examples,
                            label=f"{config.model.name} (base, {k}-shot)")
 
@@ -378,7 +394,7 @@ def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir
         resolve_model_config(config.model.model_copy(update={"name": name}))
     loaded = _load_model(config, base)
     _evaluate_into(loaded, examples, config, run_dir / "eval" / "base", label=f"{base} (base)")
-    for k in config.eval.few_shot if train_examples else []:
+    for k in _few_shot_ks(config, examples, train_examples):
         _evaluate_into(loaded, examples, config, run_dir / "eval" / f"base-k{k}", k_shot=k, pool=train_examples,
                        label=f"{base} (base, {k}-shot)")
     del loaded

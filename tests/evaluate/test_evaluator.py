@@ -197,6 +197,21 @@ def test_few_shot_prompts_hold_k_demonstrations_of_the_same_template(tiny_llama,
     assert cut.templates[RATING]["truncated_prompts"] == 4
 
 
+def test_k_shot_leaves_out_templates_the_pool_has_no_example_of(tiny_llama, tiny_tokenizer):
+    """A held-out template is never in the train split: its k-shot prompts would hold no demonstration, so
+    it is not scored under a k-shot name; a pool with none of the evaluated templates is an error."""
+    pool = [example(RATING, i, source=f"pool:{i}") for i in range(4)]
+    data = [example(RATING, i) for i in range(3)] + [example(DESCRIBE, i) for i in range(3)]
+    result = evaluate_examples(tiny_llama, tiny_tokenizer, data, TokenizeSettings(max_length=256),
+                               is_seq2seq=False, cfg=CFG, max_new_tokens_by_task=SHORT, few_shot_pool=pool,
+                               k_shot=1)
+    assert set(result.templates) == {RATING} and result.n == 3
+    assert all(len(p["demonstrations"]) == 1 for p in result.predictions)
+    with pytest.raises(DataError, match="demonstration pool"):
+        evaluate_examples(tiny_llama, tiny_tokenizer, data[3:], TokenizeSettings(max_length=256),
+                          is_seq2seq=False, cfg=CFG, max_new_tokens_by_task=SHORT, few_shot_pool=pool, k_shot=1)
+
+
 def test_unknown_metric_is_named(tiny_llama, tiny_tokenizer):
     data = [dict(example(RATING, 0), metrics=["acuracy"])]
     with pytest.raises(InstructkitError, match="acuracy"):

@@ -439,6 +439,17 @@ def evaluate_examples(
     pool: dict[str, list[dict]] = {}
     for d in few_shot_pool or []:
         pool.setdefault(d.get("template_id", ""), []).append(d)
+    if k_shot:
+        # A template with no example in the pool (a held-out template is never in the train split) would be
+        # scored zero-shot under a k-shot name: leave it out of the k-shot evaluation.
+        absent = sorted({examples[i]["template_id"] for i in chosen} - set(pool))
+        if absent:
+            logger.info("%d-shot: skipping %s (no example of it in the demonstration pool)", k_shot,
+                        ", ".join(absent))
+            chosen = [i for i in chosen if examples[i]["template_id"] in pool]
+        if not chosen:
+            raise DataError(f"{k_shot}-shot evaluation: no evaluated template has an example in the "
+                            "demonstration pool (the train split)")
     prompts, demos = {}, {}
     for i in chosen:
         ex = examples[i]
