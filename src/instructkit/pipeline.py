@@ -216,7 +216,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
         base_loaded.append(loaded)
         _evaluate_into(loaded, test, config, run_dir / "eval" / "base", label=f"{config.model.name} (base)")
         ks = _few_shot_ks(config, test, train_examples)
-        for k in set(config.eval.few_shot) - set(ks):  # not a stale k-shot result from earlier data
+        for k in config.eval.few_shot if not ks else []:  # no stale k-shot result from earlier data
             shutil.rmtree(run_dir / "eval" / f"base-k{k}", ignore_errors=True)
         for k in ks:
             _evaluate_into(loaded, test, config, run_dir / "eval" / f"base-k{k}", k_shot=k, pool=train_examples,

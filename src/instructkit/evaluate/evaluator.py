@@ -26,7 +26,8 @@ of the per-template values (the prompt sensitivity). Perplexity is that of the r
 
 k-shot: `k` examples of the same template drawn from `few_shot_pool` (seeded per example, never the same
 source row) are prepended as "prompt completion\\n\\n" blocks. The prompt is cut from the left like any
-prompt, so a long prompt can lose demonstrations: `truncated_prompts` counts the examples cut.
+prompt, so a long prompt can lose demonstrations: `truncated_prompts` counts the examples cut. A template
+with no example in the pool (a held-out one) is left out of a k-shot evaluation.
 """
 
 from __future__ import annotations
@@ -458,8 +459,8 @@ def evaluate_examples(
     short = sum(len(d) < k_shot for d in demos.values())
     if short:
         lacking = sorted({examples[i]["template_id"] for i, d in demos.items() if len(d) < k_shot})
-        logger.warning("%d examples got fewer than %d demonstrations: too few pool examples of %s (a held-out "
-                       "template has none in the train split)", short, k_shot, ", ".join(lacking))
+        logger.warning("%d examples got fewer than %d demonstrations: too few pool examples of %s", short, k_shot,
+                       ", ".join(lacking))
 
     was_training = getattr(model, "training", False)
     model.eval()

@@ -502,15 +502,16 @@ def _few_shot_rows(
     for k in sorted(few_shot, key=int):
         eval_k, preds_k = few_shot[k]
         records = [r for r in preds_k if str(r.get("template_id")) == tid]
+        if not records:
+            continue
         name = f"base {int(k)}-shot"
-        if records and any("demonstrations" in r for r in records):
-            short = sum(len(r.get("demonstrations") or []) < int(k) for r in records)
+        if any("demonstrations" in r for r in records):  # predictions that list their demonstrations
             if not any(r.get("demonstrations") for r in records):
                 continue  # the pool had no example of this template (e.g. a held-out one): not a k-shot run
+            short = sum(len(r.get("demonstrations") or []) < int(k) for r in records)
             if short:
                 name += f" ({short} of {len(records)} short of demonstrations)"
-        if records:
-            systems.append((name, int(k), eval_k, records))
+        systems.append((name, int(k), eval_k, records))
     systems.append(("tuned zero-shot", 0, tuned, pair.tuned))
     rows = []
     for name, k, evaluation, records in systems:
