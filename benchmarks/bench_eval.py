@@ -49,7 +49,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from instructkit.data.tokenize import TokenizeSettings, encode_batch, encode_prompts  # noqa: E402
-from instructkit.evaluate.scoring import generate, rank_choices  # noqa: E402
+from instructkit.evaluate.generate import generate  # noqa: E402
+from instructkit.evaluate.scoring import rank_choices  # noqa: E402
 from instructkit.io import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def load_tokenizer() -> tuple[object, str]:
     from transformers import AutoTokenizer
 
     try:
-        from instructkit.models import MODEL_REGISTRY, default_cache_dir, registry_folder
+        from instructkit.models.gguf_cache import default_cache_dir
+        from instructkit.models.registry import MODEL_REGISTRY, registry_folder
 
         folder = registry_folder(MODEL_REGISTRY["smollm2-135m-instruct"], default_cache_dir(), convert=False)
         if folder is not None:

@@ -22,7 +22,7 @@ from instructkit.config import DatasetConfig, RunConfig
 from instructkit.data import prepare
 from instructkit.data.sources import load_source
 from instructkit.io import write_json
-from instructkit.templates import TemplateLibrary
+from instructkit.templates.library import TemplateLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()

@@ -179,7 +179,7 @@ def prepare_examples(per_dataset: int, seed: int, scratch: Path) -> list[dict]:
 
 def tokenizer_folder(shape: str) -> Path:
     from instructkit.config import ModelConfig
-    from instructkit.models import resolve_model
+    from instructkit.models.resolve import resolve_model
 
     resolved = resolve_model(ModelConfig(name=SHAPES[shape]["tokenizer"]))
     return Path(resolved.folder)
@@ -292,9 +292,10 @@ def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int, se
     from datasets import Dataset
 
     from instructkit.config import TrainConfig
-    from instructkit.data.batching import BatchPlan, TokenTable, attention_tokens_of, collate, plan_epoch
+    from instructkit.data.batching import TokenTable, collate
+    from instructkit.data.sampler import BatchPlan, attention_tokens_of, plan_epoch
     from instructkit.data.tokenize import TokenizeSettings
-    from instructkit.train.loop import train
+    from instructkit.train.loop import TrainData, TrainOptions, train
 
     data = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
                               "prompt_length": [r["prompt_length"] for r in rows], "index": list(range(len(rows)))})
@@ -307,8 +308,9 @@ def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int, se
         at_end["rss_mb"] = peak_rss_mb()
         return {}
 
-    result = train(model, tokenizer, data, None, cfg, out, settings=TokenizeSettings(max_length=max_length),
-                   is_seq2seq=False, validate=validate, show_progress=False, log_every=1)
+    result = train(model, tokenizer, TrainData(data), cfg, out,
+                   TrainOptions(settings=TokenizeSettings(max_length=max_length), is_seq2seq=False, validate=validate,
+                                show_progress=False, log_every=1))
     records = [r for r in result.history if r.get("event") == "train"]
     # tokens_per_s of a one-step window = that step's tokens / its seconds.
     tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + records, records)]

@@ -1,10 +1,15 @@
-"""Typed configs: YAML loading, dotted overrides, clear errors with the nearest valid key."""
+"""Typed configs: YAML loading, dotted overrides, errors naming the right key, the generated reference."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from instructkit.config import DatasetConfig, RunConfig, load_config
+from instructkit.config import DatasetConfig, RunConfig
+from instructkit.config_docs import REGENERATE, config_sections, render_config_reference
+from instructkit.config_load import OTHER_TOOL_NAMES, load_config
 from instructkit.errors import ConfigError
 from instructkit.pipeline import DEFAULT_CONFIG
 
@@ -80,3 +85,91 @@ def test_non_finite_numbers_are_config_errors_naming_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
         load_config(None, ["datasets.0.path=demo", "datasets.0.schema=amazon_us_reviews", override])
+
+
+# --------------------------------------------------------------------------------------------------
+# Names other tools use
+# --------------------------------------------------------------------------------------------------
+
+TRAINER = "is the Hugging Face Trainer's name"
+PACKED = "(with packing, train.max_tokens_per_batch sizes the forward passes)"
+CUT = "(the prompt is cut, never the completion)"
+
+
+@pytest.mark.parametrize("section, name, says", [
+    ("train", "learning_rate", f"{TRAINER}: use train.lr"),
+    ("train", "gradient_accumulation_steps", f"{TRAINER}: use train.grad_accum {PACKED}"),
+    ("train", "num_train_epochs", f"{TRAINER}: use train.epochs"),
+    ("train", "per_device_train_batch_size", f"{TRAINER}: use train.batch_size {PACKED}"),
+    ("train", "max_seq_length", f"is TRL's name: use model.max_length {CUT}"),
+    (None, "learning_rate", f"{TRAINER}: use train.lr"),
+    ("model", "seed", f"{TRAINER}: use train.seed (split.seed seeds the data split)"),
+])
+@pytest.mark.parametrize("how", ["yaml", "override"])
+def test_other_tools_names_name_the_instructkit_key(tmp_path, section, name, says, how):
+    dotted = f"{section}.{name}" if section else name
+    expected = f"unknown key {dotted!r}: {name!r} {says}"
+    if how == "yaml":
+        path = write(tmp_path, f"{section}: {{{name}: 3}}\n" if section else f"{name}: 3\n")
+        overrides = []
+    else:
+        path = write(tmp_path, "train: {lr: 1.0e-4}\n")
+        overrides = [f"{dotted}=3"]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert message.endswith(expected), message
+    assert message.startswith(f"{path}: invalid configuration")
+    assert "did you mean" not in message
+    assert err.value.exit_code == 2
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(None, [f"{dotted}=3"])
+
+
+def _all_keys() -> set[str]:
+    return {f"{path}.{field.alias or name}".lstrip(".")
+            for path, model in config_sections() for name, field in model.model_fields.items()}
+
+
+def test_other_tools_names_point_at_real_keys():
+    keys = _all_keys()
+    assert "train.lora.r" in keys and "datasets[].schema" in keys
+    for name, (tool, key, _note) in OTHER_TOOL_NAMES.items():
+        assert key is None or key.split("=")[0] in keys, (name, key)
+        assert tool
+
+
+def test_typos_still_get_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch' \(did you mean 'epochs'\?\)"):
+        load_config(None, ["train.epoch=1"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The generated reference
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_config_field_has_a_description():
+    missing = [f"{path}.{name}".lstrip(".") for path, model in config_sections()
+               for name, field in model.model_fields.items() if not (field.description or "").strip()]
+    assert not missing, f"config fields without description=: {missing}"
+    assert all((model.__doc__ or "").strip() for _, model in config_sections())
+
+
+def test_docs_config_md_is_generated_from_the_models():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    expected = render_config_reference()
+    actual = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    assert actual == expected, f"{doc} is stale: regenerate it with `{REGENERATE}`"
+    for path, _ in config_sections():
+        assert f"## `{path}`" in expected or not path
+    assert "| `lr` | `float` | `0.0001` | Peak learning rate of AdamW" in expected
+    assert "| `learning_rate` | Hugging Face Trainer | `train.lr` |" in expected
+
+
+def test_config_docs_main_writes_the_reference(tmp_path):
+    from instructkit.config_docs import main
+
+    out = tmp_path / "config.md"
+    assert main([str(out)]) == 0
+    assert out.read_text(encoding="utf-8") == render_config_reference()

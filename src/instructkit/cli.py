@@ -48,7 +48,7 @@ def _split_config_args(values: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _load(values: list[str]):
-    from instructkit.config import load_config
+    from instructkit.config_load import load_config
 
     path, overrides = _split_config_args(values)
     return load_config(path, overrides)
@@ -60,7 +60,7 @@ def _load(values: list[str]):
 
 
 def cmd_templates_list(args: argparse.Namespace) -> int:
-    from instructkit.templates import TemplateLibrary
+    from instructkit.templates.library import TemplateLibrary
 
     library = TemplateLibrary.load(args.templates)
     chosen = library.select(dataset=args.dataset, task=args.task)
@@ -85,7 +85,7 @@ def cmd_templates_list(args: argparse.Namespace) -> int:
 
 
 def cmd_templates_show(args: argparse.Namespace) -> int:
-    from instructkit.templates import TemplateLibrary
+    from instructkit.templates.library import TemplateLibrary
 
     library = TemplateLibrary.load(args.templates)
     template = library.get(args.id)
@@ -111,7 +111,7 @@ def cmd_templates_show(args: argparse.Namespace) -> int:
 
 
 def cmd_templates_check(args: argparse.Namespace) -> int:
-    from instructkit.templates import TemplateLibrary
+    from instructkit.templates.library import TemplateLibrary
 
     if args.files:
         library = TemplateLibrary.load(args.files, include_builtin=False)
@@ -158,7 +158,7 @@ def _only_schema(library) -> str:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from instructkit.data.build import prepare
-    from instructkit.train.loop import run_lock
+    from instructkit.io import run_lock
 
     config = _load(args.config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ def _parse_bytes(text: str) -> int:
 
 
 def cmd_estimate_memory(args: argparse.Namespace) -> int:
-    from instructkit.train.memory import estimate_for_run, plan_for_budget, system_memory_bytes
+    from instructkit.train.memory_plan import estimate_for_run, plan_for_budget, system_memory_bytes
 
     config = _load(args.config)
     estimate = estimate_for_run(config)
@@ -261,11 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--task")
     tl.add_argument("--format", choices=["table", "json"], default="table")
     tl.add_argument("--templates", nargs="*", default=[], help="extra collection files")
-    tl.set_defaults(func=cmd_templates_list)
+    tl.set_defaults(func=cmd_templates_list, light=True)
     ts = tsub.add_parser("show", help="show one template and a rendered example")
     ts.add_argument("id")
     ts.add_argument("--templates", nargs="*", default=[], help="extra collection files")
-    ts.set_defaults(func=cmd_templates_show)
+    ts.set_defaults(func=cmd_templates_show, light=True)
     tc = tsub.add_parser("check", help="render every template on sample rows; exit 0 only if all pass")
     tc.add_argument("files", nargs="*", help="collection files (default: the built-in catalog)")
     tc.add_argument("--data", help="a data file whose rows to render the templates on")
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--limit", type=int, default=None, help="check at most this many rows of --data")
     tc.add_argument("--format", default="auto", help="format of --data (csv, tsv, json, jsonl, parquet, hf_disk, "
                     "parallel); default: from the file name")
-    tc.set_defaults(func=cmd_templates_check)
+    tc.set_defaults(func=cmd_templates_check, light=True)
 
     prepare = sub.add_parser("prepare", help="turn data files into train/validation/test instruction data")
     prepare.add_argument("config", nargs="+", help="CONFIG.yaml and key=value overrides")
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_library_progress_bars()
+    if not getattr(args, "light", False):  # `templates ...` and --help never import torch or datasets
+        _quiet_library_progress_bars()
     try:
         return args.func(args)
     except InstructkitError as exc:

@@ -1,4 +1,4 @@
-"""Typed configuration: one small sectioned YAML file, every key overridable on the command line.
+"""Typed configuration: the sections of one small YAML file, each key with its type, default and meaning.
 
     name: amazon-rating                # the run directory is <output_dir>/<name>
     datasets:                          # one entry per source (a mixture when several)
@@ -9,28 +9,25 @@
     model: {name: smollm2-135m-instruct}
     train: {lr: 1e-4, epochs: 2}
 
-Overrides use dotted keys, list items by index: `split.seed=3 datasets.0.path=/data/Reviews.csv`.
-Unknown keys are errors that suggest the nearest valid key.
+Every key is overridable on the command line with a dotted key, list items by index:
+`split.seed=3 datasets.0.path=/data/Reviews.csv`. Loading, overrides and the error messages are in
+config_load.py; the key reference docs/config.md is generated from the `description` of every field
+here (`python -m instructkit.config_docs`).
 """
 
 from __future__ import annotations
 
-import difflib
-import glob
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from instructkit.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,46 +38,75 @@ class Section(BaseModel):
 class DatasetConfig(Section):
     """One data source and the templates that turn its rows into instruction examples."""
 
-    path: str | None = Field(None, description="File or folder (CSV/TSV/JSON/JSONL/Parquet/saved HF dataset). "
-                             "'demo' for the built-in demo reviews.")
+    path: str | None = Field(
+        None, description="File or folder (CSV/TSV/JSON/JSONL/Parquet, .gz of a text format, a saved Hugging "
+        "Face dataset), or 'demo' for the built-in demo reviews. A relative path is read from the config "
+        "file's folder when it exists there.")
     files: dict[str, str] | None = Field(
-        None, description="The dataset's own splits: {train: PATH, validation: PATH, test: PATH}; "
-        "missing splits are carved from train.")
-    name: str | None = Field(None, description="Name of this source in reports and mixtures (default: schema).")
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "hf_disk", "parallel"] = "auto"
+        None, description="The dataset's own splits: {train: PATH, validation: PATH, test: PATH}; missing "
+        "splits are carved from train.")
+    name: str | None = Field(
+        None, description="Name of this source in reports, source ids and mixtures (default: the schema, "
+        "else the file name).")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "hf_disk", "parallel"] = Field(
+        "auto", description="File format; 'auto' picks by suffix (a folder is a saved dataset). 'parallel': "
+        "`path` is a stem read as `<stem>.<field>[.gz]`, one line-aligned text file per schema field.")
     schema_name: str | None = Field(
-        None, alias="schema", description="Template schema the rows follow (e.g. amazon_fine_food). "
-        "Not needed for data already in prompt/completion or chat `messages` form.")
+        None, alias="schema", description="Template schema the rows follow (e.g. amazon_fine_food). Not "
+        "needed for data already in prompt/completion or chat `messages` form.")
     columns: dict[str, str | list[str]] = Field(
-        default_factory=dict, description="Schema field -> column of this file, e.g. {review_body: Text}; a list "
-        "gives candidates tried in order (SST-2 train calls its text `sentence`, its dev `content`).")
+        default_factory=dict, description="Schema field -> column of this file, e.g. {review_body: Text}; a "
+        "list gives candidates tried in order (SST-2 train calls its text `sentence`, its dev `content`).")
     parallel: dict[str, str] | None = Field(
-        None, description="Line-aligned text files per field for translation data, e.g. {en: train.en.gz, de: train.de.gz}.")
-    templates: list[str] | Literal["all"] = Field("all", description="Template ids, or 'all' of the schema.")
-    templates_per_row: int | None = Field(None, ge=1, description="Sample k templates per row (seeded); "
-                                          "default: every chosen template.")
-    held_out_templates: list[str] = Field(default_factory=list,
-                                          description="Templates kept out of training (evaluated separately).")
-    held_out: bool = Field(False, description="Keep this whole dataset out of training (evaluation only).")
-    weight: float = Field(1.0, gt=0, description="Relative share of training examples in a mixture.")
-    max_rows: int | None = Field(None, ge=1, description="Cap on source rows per file (after deduplication): "
-                                 "a seeded random sample, so a dataset's own test file is not sampled away.")
-    dedup_key: list[str] | None = Field(None, description="Fields identifying a duplicate row "
-                                        "(default: the fields the chosen templates read).")
-    group_by: str | None = Field(None, description="Column whose groups never straddle splits (e.g. ProductId).")
-    encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSON files (a BOM is always accepted).")
-    skip_bad_rows: bool = Field(False, description="Skip rows that fail (reported in stats.json) "
-                                "instead of stopping at the first.")
+        None, description="Line-aligned text files per field for translation data, e.g. {en: train.en.gz, "
+        "de: train.de.gz}.")
+    templates: list[str] | Literal["all"] = Field(
+        "all", description="Template ids to render, or 'all' of the schema's templates.")
+    templates_per_row: int | None = Field(
+        None, ge=1, description="Training rows: render k of the chosen templates per row, sampled (seeded), "
+        "fewer examples per epoch; validation and test rows always get every template. Default: every "
+        "chosen template.")
+    held_out_templates: list[str] = Field(
+        default_factory=list, description="Template ids rendered only on validation and test rows, reported "
+        "apart (unseen instructions).")
+    held_out: bool = Field(
+        False, description="Keep this whole dataset out of training: its rows go to validation and test only "
+        "(evaluation on an unseen dataset).")
+    weight: float = Field(
+        1.0, gt=0, description="Relative share of the training examples in a mixture (1 and 1: half and "
+        "half; a dataset short of its share is repeated, one over it subsampled). No effect with one "
+        "dataset.")
+    max_rows: int | None = Field(
+        None, ge=1, description="Cap on source rows per file (after deduplication): a seeded random sample, "
+        "so a dataset's own test file is not sampled away.")
+    dedup_key: list[str] | None = Field(
+        None, description="Fields identifying a duplicate row (default: the fields the chosen templates "
+        "read); duplicates with different labels are all dropped.")
+    group_by: str | None = Field(
+        None, description="Column whose groups never straddle splits (e.g. ProductId); overrides "
+        "split.group_by for this dataset.")
+    encoding: str = Field(
+        "utf-8", description="Text encoding of CSV/TSV/JSON files (a BOM is always accepted).")
+    skip_bad_rows: bool = Field(
+        False, description="Skip rows that fail (counted per reason in stats.json) instead of stopping at "
+        "the first.")
 
 
 class SplitConfig(Section):
     """Splitting source rows (before templating) into train / validation / test."""
 
-    seed: int = 0
-    validation: float = Field(0.1, ge=0, lt=1, description="Fraction of rows for validation.")
-    test: float = Field(0.2, ge=0, lt=1, description="Fraction of rows for test.")
-    stratify: bool = Field(True, description="Keep label proportions equal across splits when there is a label.")
-    group_by: str | None = Field(None, description="Default group column for every dataset.")
+    seed: int = Field(
+        0, description="Seed of the data side: row caps, the split, per-row template sampling, mixture "
+        "resampling, and the evaluation subsets and bootstrap.")
+    validation: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of source rows for validation (a row's examples from several "
+        "templates stay in one split).")
+    test: float = Field(0.2, ge=0, lt=1, description="Fraction of source rows for test.")
+    stratify: bool = Field(
+        True, description="Keep label proportions equal across splits when there is a label.")
+    group_by: str | None = Field(
+        None, description="Default group column for every dataset (a dataset's own group_by wins); whole "
+        "groups go to one split.")
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
@@ -90,9 +116,12 @@ class SplitConfig(Section):
 
 
 class TemplatesConfig(Section):
-    files: list[str] = Field(default_factory=list, description="User template collections (instructkit "
-                             "or PromptSource YAML) added to the built-in catalog.")
-    builtin: bool = True
+    """Where templates come from: the built-in catalog and the user's own collections."""
+
+    files: list[str] = Field(
+        default_factory=list, description="User template collections (instructkit or PromptSource YAML) "
+        "added to the built-in catalog.")
+    builtin: bool = Field(True, description="Include the built-in template catalog (off: only `files`).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,93 +130,185 @@ class TemplatesConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field("smollm2-135m-instruct", description="Short name (smollm2-135m-instruct, gemma-3-270m), "
-                      "a local Hugging Face folder, a .gguf file, or a hub id in the local cache.")
-    kind: Literal["auto", "causal", "seq2seq"] = "auto"
-    chat_template: bool = Field(False, description="Wrap prompt/completion in the tokenizer's chat template.")
-    system_prompt: str | None = Field(None, description="System prompt for the chat template ('' = none; "
-                                      "None = the template's default).")
-    max_length: int = Field(256, ge=8, description="Tokens per example; the prompt is cut, never the completion.")
-    truncation: Literal["left", "middle"] = Field("left", description="Where to cut an over-long prompt.")
-    trust_remote_code: bool = Field(False, description="Run model code from the model folder (off: it is code).")
+    """The model to fine-tune and how examples become its tokens."""
+
+    name: str = Field(
+        "smollm2-135m-instruct", description="Short name (smollm2-135m-instruct, gemma-3-270m), a local "
+        "Hugging Face folder, a .gguf file, or a hub id in the local cache.")
+    kind: Literal["auto", "causal", "seq2seq"] = Field(
+        "auto", description="Decoder-only ('causal') or encoder-decoder ('seq2seq', e.g. T5); 'auto' reads "
+        "config.json, and a kind that contradicts it is an error.")
+    chat_template: bool = Field(
+        False, description="Wrap prompt/completion in the tokenizer's chat template (user turn, assistant "
+        "turn); for instruct models, causal only.")
+    system_prompt: str | None = Field(
+        None, description="System message for the chat template. null: none is sent, so the template's own "
+        "default applies; '': an empty system turn.")
+    max_length: int = Field(
+        256, ge=8, description="Tokens per example, prompt + completion; the prompt is cut, never the "
+        "completion (an example whose completion alone does not fit is dropped). Longer: more context, more "
+        "memory and time per step.")
+    truncation: Literal["left", "middle"] = Field(
+        "left", description="Where to cut an over-long prompt: 'left' drops its start (keeping BOS), "
+        "'middle' keeps both ends.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code from the model folder (off: it is code).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt weights (pickle can run code).")
 
 
 class LoraSettings(Section):
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    merge: bool = Field(True, description="Merge the adapter into the saved model (else save the adapter alone).")
+    """LoRA adapters (peft): only r x (in + out) parameters per adapted linear layer are trained."""
+
+    enabled: bool = Field(
+        False, description="Train LoRA adapters instead of all weights: gradients and AdamW state only for "
+        "the adapters (far less memory), often a little lower quality.")
+    r: int = Field(
+        16, ge=1, description="Adapter rank: r x (in + out) parameters per adapted layer; higher adapts more "
+        "and costs more.")
+    alpha: int = Field(
+        32, ge=1, description="LoRA scale numerator: the adapter's update is multiplied by alpha / r.")
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the adapter inputs (0 also saves the memory of its mask).")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all-linear': every "
+        "linear layer but the LM head.")
+    merge: bool = Field(
+        True, description="Merge the adapter into the saved model (else save the adapter alone).")
 
 
 class EarlyStopping(Section):
-    metric: str | None = Field(None, description="Metric to watch (default: macro_f1 for classification "
-                               "templates, else validation loss).")
+    """Stop training when the validation metric stops improving (the best weights are kept either way)."""
+
+    metric: str | None = Field(
+        None, description="Metric that picks the best weights and stops training (default: macro_f1 when the "
+        "task metrics have it, else validation loss).")
     patience: int = Field(3, ge=1, description="Validations without improvement before stopping.")
-    min_delta: float = 0.0
+    min_delta: float = Field(
+        0.0, description="Smallest change of the metric that counts as an improvement, in the metric's own "
+        "units.")
 
 
 class TrainConfig(Section):
+    """Supervised fine-tuning: optimiser, batching, memory, validation and checkpoints."""
+
     # Optimisation
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    lr: float = Field(
+        1e-4, gt=0, description="Peak learning rate of AdamW, reached after warm-up; then `schedule` "
+        "applies.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW decoupled weight decay of the weight matrices (biases and norms are "
+        "never decayed).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training examples (a fraction allowed); max_steps wins when "
+        "set.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (replaces epochs).")
+    schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning rate after warm-up: linear decay to 0, half a cosine to 0, or "
+        "constant.")
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of the optimizer steps over which the learning rate rises "
+        "linearly to lr.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm to this before each step (null: no clipping).")
+    seed: int = Field(
+        0, description="Seed of training randomness: batch order, dropout, LoRA initialisation (the data "
+        "split has split.seed).")
     # Batching
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch (per process).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    packing: bool = Field(True, description="Causal models: pack examples into rows without padding "
-                          "(position_ids restart per example; attention never crosses examples).")
-    max_tokens_per_batch: int | None = Field(None, ge=8, description="With packing: tokens per packed micro-batch "
-                                             "(default batch_size x max_length).")
-    group_by_length: bool = True
+    batch_size: int = Field(
+        8, ge=1, description="Examples per micro-batch (per process); an optimizer step sees batch_size x "
+        "grad_accum x processes examples. Lower it to save memory.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step: a bigger step for the same memory, more "
+        "passes per step (batch_size 8 x 1 and 2 x 4 train alike).")
+    packing: bool = Field(
+        True, description="Causal models: pack examples into rows without padding (position_ids restart per "
+        "example; attention never crosses examples).")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=8, description="With packing: micro-batch token budget, rows x padded width per forward "
+        "pass (default batch_size x model.max_length); lower it to save memory.")
+    group_by_length: bool = Field(
+        True, description="Give a step examples of similar length (less padding, faster); the steps stay in "
+        "random order.")
     class_balance: Literal["none", "weighted", "sampled"] = Field(
-        "none", description="For classification data: class-weighted loss or balanced sampling.")
+        "none", description="Classification data: 'weighted' loss (each class counts equally), 'sampled' "
+        "(classes drawn equally often, with replacement), or 'none' (the data as it is).")
     # Memory management
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 on CPU (bf16 measured 1.6x slower).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
-    logits_at_labels: bool = Field(True, description="Run the LM head only where labels are.")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    threads: int | None = Field(None, ge=1, description="torch threads (default: torch's choice).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or bf16/fp16 mixed precision through accelerate (GPUs); on CPU keep fp32 "
+        "(bf16 measured 1.6x slower).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations: less memory, ~30% slower.")
+    logits_at_labels: bool = Field(
+        True, description="Run the LM head only where labels are (causal models): saves time and the tokens "
+        "x vocabulary logits.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRA adapters (off: full fine-tuning).")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads for training and evaluation (default: torch's choice; 1 is "
+        "steadiest on 2 cores).")
     # Validation and checkpoints
-    eval_every: int | None = Field(None, ge=1, description="Validate every N steps (default: each epoch end).")
-    eval_max_examples: int = Field(200, ge=1, description="Cap on the fixed validation subset for task metrics.")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each validation).")
-    keep_checkpoints: int = Field(2, ge=2)
-    early_stopping: EarlyStopping | None = None
-    tensorboard: bool = False
+    eval_every: int | None = Field(
+        None, ge=1, description="Validate (loss + task metrics) every N optimizer steps and at the end "
+        "(default: each epoch end).")
+    eval_max_examples: int = Field(
+        200, ge=1, description="Cap on the fixed validation subset for task metrics: more is steadier, "
+        "slower to validate.")
+    save_every: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (default: at each validation).")
+    keep_checkpoints: int = Field(
+        2, ge=2, description="Newest resumable checkpoints kept on disk (a full SmolLM2-135M one is 1.6 GB); "
+        "the best weights are kept apart.")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop when the validation metric stops improving (null: train to the end).")
+    tensorboard: bool = Field(
+        False, description="Also write TensorBoard logs to <run_dir>/tensorboard (metrics.jsonl is always "
+        "written).")
 
 
 class EvalConfig(Section):
-    split: Literal["validation", "test"] = "test"
-    max_examples: int | None = Field(None, ge=1, description="Cap per template (a fixed, seeded subset).")
-    batch_size: int = Field(16, ge=1)
-    metrics: dict[str, list[str]] = Field(default_factory=dict, description="Template id -> metrics override.")
-    length_normalized: bool = Field(False, description="Rank choices by mean instead of summed log-probability.")
-    max_new_tokens: dict[str, int] = Field(default_factory=dict, description="Task family -> generation length.")
-    num_beams: int = Field(1, ge=1)
-    do_sample: bool = False
-    few_shot: list[int] = Field(default_factory=lambda: [1, 3], description="k in-context examples for the "
-                                "few-shot baseline of the base model ([] to skip).")
-    bootstrap_resamples: int = Field(1000, ge=100)
-    baselines: bool = True
+    """Evaluating the base and the fine-tuned model, and the comparison report."""
+
+    split: Literal["validation", "test"] = Field(
+        "test", description="Split the models are evaluated and compared on.")
+    max_examples: int | None = Field(
+        None, ge=1, description="Cap per template (a fixed, seeded subset, the same for every model); lower "
+        "is faster, with wider intervals.")
+    batch_size: int = Field(
+        16, ge=1, description="Examples per forward pass when scoring and generating (also for the task "
+        "metrics of validation); lower it to save memory.")
+    metrics: dict[str, list[str]] = Field(
+        default_factory=dict, description="Template id -> metric names, replacing the template's own.")
+    length_normalized: bool = Field(
+        False, description="Rank choices by mean instead of summed log-probability.")
+    max_new_tokens: dict[str, int] = Field(
+        default_factory=dict, description="Task family -> generation length in tokens, over the defaults "
+        "(rating 8, summarization 64, ...).")
+    num_beams: int = Field(1, ge=1, description="Beam width for generation (1: greedy); more is slower.")
+    do_sample: bool = Field(False, description="Sample answers (seeded) instead of greedy or beam search.")
+    few_shot: list[int] = Field(
+        default_factory=lambda: [1, 3], description="k in-context examples for the few-shot baseline of the "
+        "base model ([] to skip).")
+    bootstrap_resamples: int = Field(
+        1000, ge=100, description="Bootstrap resamples of the 95% confidence intervals: more is steadier, "
+        "slower.")
+    baselines: bool = Field(
+        True, description="Put trivial and classical baselines (majority class, TF-IDF + logistic "
+        "regression, lead sentence, ...) beside the models in the report.")
 
 
 class RunConfig(Section):
-    name: str = "demo"
-    output_dir: str = "runs"
-    datasets: list[DatasetConfig] = Field(default_factory=list)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    templates: TemplatesConfig = Field(default_factory=TemplatesConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """A whole run: the data, the model, training and evaluation (one YAML file)."""
+
+    name: str = Field("demo", description="Run name: the run folder is <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Folder holding the run folders.")
+    datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="Data sources, one entry each (several make a mixture).")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="How source rows are split.")
+    templates: TemplatesConfig = Field(default_factory=TemplatesConfig, description="Template collections.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model and its tokenization.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and the report.")
 
     @field_validator("name")
     @classmethod
@@ -211,151 +332,6 @@ class RunConfig(Section):
         return Path(self.output_dir) / self.name
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading, overrides, errors
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-4` -> (["train", "lr"], 0.0001); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.subkey=value")
-    key, raw = text.split("=", 1)
-    if not key.strip():
-        raise ConfigError(f"override {text!r} has no key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except (yaml.YAMLError, RecursionError):
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_override(data: dict, keys: list[str], value: Any, text: str) -> None:
-    node: Any = data
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"override {text!r}: {'.'.join(keys[:i])} is {node!r}, not a section or list")
-        if isinstance(node, list):
-            if not key.isdigit():
-                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i])} is a list; use an index like .0")
-            index = int(key)
-            if index > len(node):
-                raise ConfigError(f"override {text!r}: index {index} is past the end of a list of {len(node)}")
-            if index == len(node):
-                node.append({} if not last else value)
-            if last:
-                node[index] = value
-            node = node[index]
-        else:
-            if last:
-                node[key] = value
-            else:
-                if key == "datasets" and key not in node:
-                    node[key] = []
-                node = node.setdefault(key, {})
-                if node is None:
-                    raise ConfigError(f"override {text!r}: {key} is empty")
-
-
-def _suggest(loc: tuple, model: type[BaseModel]) -> str:
-    """The nearest valid key for an unknown key at `loc`."""
-    cls: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int) or cls is None:
-            continue
-        field = cls.model_fields.get(part) or next(
-            (f for f in cls.model_fields.values() if f.alias == part), None)
-        if field is None:
-            return ""
-        cls = _section_type(field.annotation)
-    if cls is None:
-        return ""
-    names = [f.alias or n for n, f in cls.model_fields.items()]
-    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.4)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(names)})"
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def validate_config(data: dict, source: str = "config") -> RunConfig:
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            loc = ".".join(str(p) for p in error["loc"]) or "(top level)"
-            if error["type"] == "extra_forbidden":
-                lines.append(f"unknown key {loc!r}{_suggest(error['loc'], RunConfig)}")
-            else:
-                lines.append(f"{loc}: {error['msg']} (got {error.get('input')!r})"[:400])
-        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
-
-    Relative data paths in the file are resolved against the config file's folder when they exist
-    there, else against the current directory.
-    """
-    data: dict = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (UnicodeDecodeError, OSError, ValueError) as exc:  # a folder, no permission, a NUL in the path
-            raise ConfigError(f"{path}: cannot read config: {exc}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of sections (name, datasets, train, ...)")
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(data, keys, value, text)
-    if path is not None:
-        _resolve_paths(data, Path(path).parent)
-    return validate_config(data, source)
-
-
-def _resolve_paths(data: dict, base: Path) -> None:
-    def resolve(p: Any) -> Any:
-        if not isinstance(p, str) or p == "demo" or os.path.isabs(p) or os.path.exists(p):
-            return p
-        candidate = base / p
-        # a `format: parallel` stem (multi30k/train -> train.en.gz, train.de.gz) exists only with a suffix
-        stem = candidate.parent.is_dir() and any(candidate.parent.glob(glob.escape(candidate.name) + ".*"))
-        return str(candidate) if candidate.exists() or stem else p
-
-    datasets = data.get("datasets")
-    for entry in datasets if isinstance(datasets, list) else []:  # other types: validation names them
-        if not isinstance(entry, dict):
-            continue
-        if "path" in entry:
-            entry["path"] = resolve(entry["path"])
-        for key in ("files", "parallel"):
-            if isinstance(entry.get(key), dict):
-                entry[key] = {k: resolve(v) for k, v in entry[key].items()}
-    templates = data.get("templates")
-    if isinstance(templates, dict) and isinstance(templates.get("files"), list):
-        templates["files"] = [resolve(f) for f in templates["files"]]
-
-
 def dump_config(config: RunConfig) -> dict:
+    """The config as plain JSON data under the YAML key names (`schema`, not schema_name)."""
     return config.model_dump(mode="json", by_alias=True)

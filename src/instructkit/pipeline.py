@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instructkit.config import RunConfig, dump_config, load_config
+from instructkit.config import RunConfig, dump_config
+from instructkit.config_load import load_config
 from instructkit.errors import InstructkitError
 from instructkit.io import read_jsonl, write_json
 
@@ -122,17 +123,11 @@ def _timed(summary: RunSummary, steps: Steps, name: str, fingerprint: str, fn: C
 def tokenize_settings(config: RunConfig, is_seq2seq: bool):
     from instructkit.data.tokenize import TokenizeSettings
 
-    return TokenizeSettings(
-        max_length=config.model.max_length,
-        truncation=config.model.truncation,
-        chat_template=config.model.chat_template,
-        system_prompt=config.model.system_prompt,
-        seq2seq=is_seq2seq,
-    )
+    return TokenizeSettings.from_model_config(config.model, is_seq2seq)
 
 
 def _load_model(config: RunConfig, name: str | None = None):
-    from instructkit.models import load_model, set_threads
+    from instructkit.models.load import load_model, set_threads
 
     set_threads(config.train.threads)
     model_cfg = config.model if name is None else config.model.model_copy(update={"name": name})
@@ -183,7 +178,7 @@ def run(config_path: str | Path | None = None, overrides: list[str] | tuple[str,
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    from instructkit.train.loop import run_lock
+    from instructkit.io import run_lock
 
     with run_lock(run_dir):  # a second run on the same folder refuses before doing any work
         return _run_locked(config, run_dir, force)
@@ -270,8 +265,9 @@ def _input_digests(config: RunConfig) -> dict[str, str]:
 
 
 def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model_dir: Path) -> None:
-    from instructkit.evaluate.report import build_report, model_card_rows
-    from instructkit.models import update_model_card_metrics
+    from instructkit.evaluate.compare import model_card_rows
+    from instructkit.evaluate.report import build_report
+    from instructkit.models.card import update_model_card_metrics
 
     def load(name: str) -> tuple[dict, list[dict]]:
         folder = run_dir / "eval" / name
@@ -297,12 +293,13 @@ def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model
 
 def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -> Path:
     """Prepare if needed, tokenize, train, save the instruct model to <run_dir>/model."""
-    from instructkit.data.batching import class_ids_from_examples
+    from instructkit.data.sampler import class_ids_from_examples
     from instructkit.data.build import prepare
     from instructkit.data.tokenize import tokenize_examples
     from instructkit.evaluate.evaluator import make_validation_fn
-    from instructkit.models import save_instruct_model, wrap_lora
-    from instructkit.train.loop import train
+    from instructkit.models.lora import wrap_lora
+    from instructkit.models.save import save_instruct_model
+    from instructkit.train.loop import TrainData, TrainOptions, train
 
     run_dir = config.run_dir
     if not (run_dir / "train.jsonl").is_file():
@@ -326,9 +323,9 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     if config.train.lora.enabled:
         model = wrap_lora(model, config.train.lora)
     class_ids = class_ids_from_examples(train_examples) if config.train.class_balance != "none" else None
-    result = train(model, loaded.tokenizer, train_ds, val_ds, config.train, run_dir, settings=settings,
-                   is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume, class_ids=class_ids,
-                   show_progress=sys.stderr.isatty())
+    result = train(model, loaded.tokenizer, TrainData(train_ds, val_ds, class_ids), config.train, run_dir,
+                   TrainOptions(settings=settings, is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume,
+                                show_progress=sys.stderr.isatty()))
     final_model = getattr(result, "model", None) or model
     card = {
         **getattr(loaded, "provenance", {}),
@@ -364,7 +361,7 @@ def evaluate_step(model: str, data: Path, split: str = "test", out_dir: Path | N
                   overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """`instructkit evaluate`: eval.json + predictions.jsonl for one model."""
     from instructkit.evaluate.evaluator import evaluate_run
-    from instructkit.models import set_threads
+    from instructkit.models.load import set_threads
 
     config = load_config(None, list(overrides) + [f"model.name={model}"])
     set_threads(config.train.threads)
@@ -388,7 +385,7 @@ def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir
     run_dir = out_dir or (data if data.is_dir() else data.parent)
     examples = _read_eval_data(data, split)
     train_examples = _examples(data, "train") if data.is_dir() and (data / "train.jsonl").is_file() else []
-    from instructkit.models import resolve_model_config
+    from instructkit.models.resolve import resolve_model_config
 
     for name in (base, tuned):  # a wrong --tuned fails now, not after the base evaluation
         resolve_model_config(config.model.model_copy(update={"name": name}))
@@ -404,7 +401,7 @@ def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir
 
 
 def generate_text(model: str, prompts: list[str], max_new_tokens: int = 64, chat_template: bool = False) -> list[str]:
-    from instructkit.evaluate.scoring import generate
+    from instructkit.evaluate.generate import generate
 
     config = load_config(None, [f"model.name={model}", f"model.chat_template={str(chat_template).lower()}"])
     loaded = _load_model(config)

@@ -11,10 +11,10 @@ import pytest
 
 from instructkit.config import DatasetConfig, RunConfig, SplitConfig, TemplatesConfig
 from instructkit.data import Example, load_examples, prepare
-from instructkit.data.build import example_line
+from instructkit.data.examples import example_line
 from instructkit.data.sources import demo_path
 from instructkit.errors import ConfigError, DataError, InstructkitError, TemplateError
-from instructkit.templates import TemplateLibrary
+from instructkit.templates.library import TemplateLibrary
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 SPLITS = ("train", "validation", "test")
@@ -560,7 +560,7 @@ def test_real_every_catalog_template_renders_on_real_rows(tmp_path, data):
 
 
 def test_empty_train_split_is_an_error_and_writes_nothing(tmp_path):
-    from instructkit.config import load_config
+    from instructkit.config_load import load_config
     from instructkit.errors import DataError
 
     held = "[amazon_us_reviews.predict_rating, amazon_us_reviews.describe_review]"

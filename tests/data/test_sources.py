@@ -9,17 +9,13 @@ from pathlib import Path
 import pytest
 
 from instructkit.config import DatasetConfig
-from instructkit.data.sources import (
-    Problems,
-    demo_path,
-    load_source,
-    parse_jsonl,
-    read_table,
-    rows_for_check,
-    strip_eos,
-)
+from instructkit.data.readers import read_table
+from instructkit.data.readers_text import parse_jsonl
+from instructkit.data.rows import strip_eos
+from instructkit.data.sources import demo_path, load_source, rows_for_check
+from instructkit.data.table import Problems
 from instructkit.errors import DataError, InstructkitError
-from instructkit.templates import TemplateLibrary
+from instructkit.templates.library import TemplateLibrary
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from instructkit.data.sources import read_table
+from instructkit.data.readers import read_table
 from instructkit.data.split import SPLITS, allocate, deduplicate, largest_remainder, split_rows
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

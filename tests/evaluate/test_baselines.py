@@ -11,12 +11,11 @@ from instructkit.evaluate import metrics as M
 from instructkit.evaluate.baselines import (
     baseline_predictions,
     classification_baselines,
-    first_sentence,
     generation_baselines,
     gold_choice,
-    main_inputs,
     score_baselines,
 )
+from instructkit.evaluate.main_input import first_sentence, main_inputs
 
 SENTIMENT = ["negative", "neutral", "positive"]
 CUES = {

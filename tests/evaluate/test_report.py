@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from instructkit.errors import DataError
-from instructkit.evaluate import metrics as M
-from instructkit.evaluate.report import align_predictions, build_report, model_card_rows
+from instructkit.evaluate import generation_metrics as M
+from instructkit.evaluate.compare import model_card_rows
+from instructkit.evaluate.pairing import align_predictions
+from instructkit.evaluate.report import build_report
 
 N_RESAMPLES = 200  # enough for interval checks; keeps the module fast
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -58,15 +58,15 @@ def run(tokenizer: Any, run_dir: Path, *, seed: int = 0, resume: bool = False, c
     import torch
     from conftest import build_tiny_llama
 
-    from instructkit.train.loop import train
+    from instructkit.train.loop import TrainData, TrainOptions, train
 
     torch.set_num_threads(1)
     dataset, settings = tokenized(tokenizer)
     model = model if model is not None else build_tiny_llama(tokenizer, seed=seed)
     kwargs.setdefault("show_progress", False)
     kwargs.setdefault("restore_best", False)
-    train(model, tokenizer, dataset, kwargs.pop("val_data", None), cfg or config(), run_dir, settings=settings,
-          is_seq2seq=False, resume=resume, **kwargs)
+    train(model, tokenizer, TrainData(dataset, kwargs.pop("val_data", None)), cfg or config(), run_dir,
+          TrainOptions(settings=settings, is_seq2seq=False, resume=resume, **kwargs))
     return model
 
 

@@ -7,11 +7,10 @@ key, column, template or model at fault, and carry no traceback.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 import _robust
+import pytest
+
 from instructkit.cli import main
 
 GOOD_ROWS = "".join(json.dumps({"prompt": f"question {i}?", "completion": f"answer {i}"}) + "\n"

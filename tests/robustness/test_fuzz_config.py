@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import _robust
 from _robust import expect_clean, fuzz_test, time_limit
-from instructkit.config import RunConfig, dump_config, load_config, validate_config
+from instructkit.config import RunConfig, dump_config
+from instructkit.config_load import load_config, validate_config
 from instructkit.errors import ConfigError, DataError, InstructkitError, TemplateError
 
 SECTIONS = {
@@ -197,7 +198,7 @@ def test_output_dir_with_nul_is_refused():
 
 def test_paths_with_nul_characters_are_instructkit_errors(tmp_path):
     from instructkit.data.build import prepare
-    from instructkit.templates import load_collection
+    from instructkit.templates.collection import load_collection
 
     config = validate_config({"name": "nul", "output_dir": str(tmp_path),
                               "datasets": [{"path": "reviews\x00.jsonl", "schema": "amazon_us_reviews"}]})

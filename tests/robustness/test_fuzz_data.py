@@ -24,9 +24,11 @@ import _robust
 from _robust import expect_clean, fuzz_test, time_limit
 from instructkit.config import DatasetConfig, RunConfig
 from instructkit.data.build import load_examples, prepare
-from instructkit.data.sources import Problems, load_source, read_table
+from instructkit.data.readers import read_table
+from instructkit.data.sources import load_source
+from instructkit.data.table import Problems
 from instructkit.errors import DataError
-from instructkit.templates import TemplateLibrary
+from instructkit.templates.library import TemplateLibrary
 
 LIBRARY = TemplateLibrary.builtin()
 SCHEMA = LIBRARY.schema("amazon_us_reviews")

@@ -18,8 +18,11 @@ from hypothesis import strategies as st
 import _robust
 from _robust import expect_clean, fuzz_test, time_limit
 from instructkit.errors import TemplateError
-from instructkit.templates import MAX_RENDER_CHARS, TemplateLibrary, load_collection
-from instructkit.templates.template import FIELD_TYPES, TASK_FAMILIES, Schema, Template
+from instructkit.templates.collection import load_collection
+from instructkit.templates.library import TemplateLibrary
+from instructkit.templates.limits import MAX_RENDER_CHARS
+from instructkit.templates.schema import FIELD_TYPES, Schema
+from instructkit.templates.template import TASK_FAMILIES, Template
 
 # Hypothesis warns about the large reprs of the recursive strategies; harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")

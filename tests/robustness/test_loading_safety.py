@@ -17,9 +17,10 @@ import torch
 
 import _robust
 from conftest import build_tiny_llama
-from instructkit.config import ModelConfig, validate_config
+from instructkit.config import ModelConfig
+from instructkit.config_load import validate_config
 from instructkit.errors import InstructkitError, ModelError
-from instructkit.models import load_model
+from instructkit.models.load import load_model
 
 
 class _Payload:
@@ -216,7 +217,7 @@ def test_prepare_writes_only_inside_the_run_directory(tmp_path):
 
 @pytest.mark.parametrize("name", ["../escape", "a/../../b", "/etc", "..", "x/y"])
 def test_run_names_that_would_escape_are_refused_everywhere(name, tmp_path):
-    from instructkit.config import load_config
+    from instructkit.config_load import load_config
 
     with pytest.raises(InstructkitError, match="run name"):
         load_config(None, [f"name={name}", f"output_dir={tmp_path}"])

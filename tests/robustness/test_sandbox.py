@@ -15,7 +15,8 @@ import pytest
 
 import _robust
 from instructkit.errors import ConfigError, TemplateError
-from instructkit.templates import MAX_RENDER_CHARS, load_collection
+from instructkit.templates.collection import load_collection
+from instructkit.templates.limits import MAX_RENDER_CHARS
 from instructkit.templates.template import Template
 
 MARKER = "IK_MARKER_PATH"  # replaced by a per-test file path; a payload that runs code would create it
@@ -227,7 +228,7 @@ def test_yaml_tags_that_construct_python_objects_are_refused(doc, tmp_path):
 
 @pytest.mark.timeout(10)
 def test_config_yaml_tags_that_construct_python_objects_are_refused(tmp_path):
-    from instructkit.config import load_config
+    from instructkit.config_load import load_config
 
     marker = tmp_path / "pwned"
     path = tmp_path / "config.yaml"

@@ -8,8 +8,10 @@ from collections import Counter
 import pytest
 
 from instructkit.errors import TemplateError
-from instructkit.templates import TASK_FAMILIES, Schema, Template, TemplateLibrary, load_collection
-from instructkit.templates.library import check_row
+from instructkit.templates.collection import load_collection
+from instructkit.templates.library import TemplateLibrary, check_row
+from instructkit.templates.schema import Schema
+from instructkit.templates.template import TASK_FAMILIES, Template
 
 
 def make(instruction: str, completion: str = "x", **kw) -> Template:

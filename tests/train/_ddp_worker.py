@@ -39,7 +39,7 @@ def main() -> None:
     from accelerate import Accelerator
     from conftest import build_tiny_llama, build_tiny_tokenizer
 
-    from instructkit.train.loop import train
+    from instructkit.train.loop import TrainData, TrainOptions, train
 
     torch.set_num_threads(1)
     plugin = None
@@ -51,8 +51,8 @@ def main() -> None:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_llama(tokenizer).train()
     dataset, settings = _train_helpers.tokenized(examples(), tokenizer)
-    result = train(model, tokenizer, dataset, None, config(2, args.packing), args.out_dir, settings=settings,
-                   is_seq2seq=False, accelerator=accelerator, show_progress=False)
+    result = train(model, tokenizer, TrainData(dataset), config(2, args.packing), args.out_dir,
+                   TrainOptions(settings=settings, is_seq2seq=False, accelerator=accelerator, show_progress=False))
     if args.fsdp:
         state = accelerator.get_state_dict(accelerator._models[0])
         if accelerator.is_main_process:

@@ -17,7 +17,7 @@ def run(run_dir: str, resume: bool = False, sleep: float = 0.0, seed: int = 0):
     import torch
     from conftest import build_tiny_llama, build_tiny_tokenizer
 
-    from instructkit.train.loop import train
+    from instructkit.train.loop import TrainData, TrainOptions, train
 
     torch.set_num_threads(1)
     tokenizer = build_tiny_tokenizer()
@@ -31,8 +31,9 @@ def run(run_dir: str, resume: bool = False, sleep: float = 0.0, seed: int = 0):
         time.sleep(sleep)
         return {}
 
-    train(model, tokenizer, dataset, val, cfg, run_dir, settings=settings, is_seq2seq=False, validate=validate,
-          resume=resume, show_progress=False, restore_best=False)
+    train(model, tokenizer, TrainData(dataset, val), cfg, run_dir,
+          TrainOptions(settings=settings, is_seq2seq=False, validate=validate, resume=resume, show_progress=False,
+                       restore_best=False))
     return model
 
 

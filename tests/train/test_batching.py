@@ -1,4 +1,4 @@
-"""data/batching.py: padding, targets, packing, samplers, class balance."""
+"""data/batching.py and data/sampler.py: padding, targets, packing, samplers, class balance."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from hypothesis import strategies as st
 
 from instructkit.data.batching import (
     IGNORE_INDEX,
-    BatchPlan,
     TokenTable,
-    balanced_sampler,
-    class_weights,
     collate_packed,
     collate_padded,
     collate_seq2seq,
+)
+from instructkit.data.sampler import (
+    BatchPlan,
+    balanced_sampler,
+    class_weights,
     example_weights,
     first_fit_decreasing,
     pack_group,
@@ -288,7 +290,7 @@ def test_weighted_batch_carries_class_weights_per_target():
 
 
 def test_class_ids_from_examples_uses_labels_of_classification_examples():
-    from instructkit.data.batching import class_ids_from_examples
+    from instructkit.data.sampler import class_ids_from_examples
 
     examples = [{"label": "5", "choices": ["1", "5"]}, {"label": "1", "choices": ["1", "5"]},
                 {"label": 5, "choices": ["1", "5"]}, {"label": "x", "choices": None}, {"completion": "free text"}]

@@ -27,7 +27,7 @@ from instructkit.train.checkpoint import (
     trainable_state,
     verify_folder,
 )
-from instructkit.train.loop import make_optimizer, make_scheduler
+from instructkit.train.optim import make_optimizer, make_scheduler
 
 
 def _trained_state(tokenizer, steps: int = 2):

@@ -33,12 +33,12 @@ def _single_process(tokenizer, tmp_path: Path, packing: bool):
     sys.path.insert(0, str(HERE))
     import _ddp_worker
 
-    from instructkit.train.loop import train
+    from instructkit.train.loop import TrainData, TrainOptions, train
 
     model = build_tiny_llama(tokenizer).train()
     dataset, settings = tokenized(_ddp_worker.examples(), tokenizer)
-    result = train(model, tokenizer, dataset, None, _ddp_worker.config(4, packing), tmp_path / "single",
-                   settings=settings, is_seq2seq=False, show_progress=False)
+    result = train(model, tokenizer, TrainData(dataset), _ddp_worker.config(4, packing), tmp_path / "single",
+                   TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
     return [r["loss"] for r in result.history], trainable_tensors(model), dataset
 
 
@@ -48,7 +48,8 @@ def _losses(run_dir: Path) -> list[float]:
 
 def _check_unequal_label_tokens_per_rank(dataset, packing: bool) -> None:
     """The point of the test: the processes hold different numbers of label tokens in some step."""
-    from instructkit.data.batching import BatchPlan, TokenTable, plan_epoch
+    from instructkit.data.batching import TokenTable
+    from instructkit.data.sampler import BatchPlan, plan_epoch
 
     table = TokenTable.from_dataset(dataset)
     counts = table.label_counts()
@@ -104,7 +105,7 @@ def test_fsdp_smoke_two_cpu_processes(tmp_path):
 
 @pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero3"])
 def test_distributed_example_configs_parse(name):
-    from instructkit.config import load_config
+    from instructkit.config_load import load_config
 
     launcher = EXAMPLES / "accelerate" / f"{name}.yaml"
     data = yaml.safe_load(launcher.read_text())

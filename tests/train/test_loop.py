@@ -15,18 +15,22 @@ from _train_helpers import make_examples, tokenized, train_config, trainable_ten
 from conftest import build_tiny_llama, build_tiny_t5
 from safetensors.torch import load_file
 
-from instructkit.data.batching import example_weights
+from instructkit.data.sampler import example_weights
 from instructkit.errors import TrainingError
 from instructkit.train.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint
 from instructkit.data.batching import TokenTable, collate
-from instructkit.train import loop as loop_module
-from instructkit.train.loop import batch_loss, lower_is_better, lr_factor, train
+from instructkit.train import loss as loss_module
+from instructkit.train.loop import TrainData, TrainOptions, train
+from instructkit.train.loss import batch_loss
+from instructkit.train.optim import lr_factor
+from instructkit.train.tracking import lower_is_better
 
 
 def _run(model, tokenizer, dataset, settings, run_dir, cfg, **kwargs):
     kwargs.setdefault("show_progress", False)
-    return train(model, tokenizer, dataset, kwargs.pop("val_data", None), cfg, run_dir, settings=settings,
-                 is_seq2seq=kwargs.pop("is_seq2seq", False), **kwargs)
+    data = TrainData(dataset, kwargs.pop("val_data", None), kwargs.pop("class_ids", None))
+    return train(model, tokenizer, data, cfg, run_dir,
+                 TrainOptions(settings=settings, is_seq2seq=kwargs.pop("is_seq2seq", False), **kwargs))
 
 
 def _losses(result):
@@ -103,7 +107,7 @@ def test_label_logits_paths_agree_with_full_logits(tiny_tokenizer, packed, monke
         full = batch_loss(model, batch, seq2seq=False, logits_at_labels=False).item()
         losses = {}
         for boolean in (True, False):
-            monkeypatch.setattr(loop_module, "boolean_logits_to_keep", lambda b=boolean: b)
+            monkeypatch.setattr(loss_module, "boolean_logits_to_keep", lambda b=boolean: b)
             losses[boolean] = batch_loss(model, batch, seq2seq=False, logits_at_labels=True).item()
     assert full > 0
     assert losses[True] == pytest.approx(full, abs=1e-5)
@@ -458,12 +462,13 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     code = (
         "import _train_helpers as h, torch, json, sys\n"
         "from conftest import build_tiny_llama, build_tiny_tokenizer\n"
-        "from instructkit.train.loop import train\n"
+        "from instructkit.train.loop import TrainData, TrainOptions, train\n"
         "torch.set_num_threads(1)\n"
         "tok = build_tiny_tokenizer(); model = build_tiny_llama(tok)\n"
         "ds, s = h.tokenized(h.make_examples(8), tok)\n"
-        "r = train(model, tok, ds, ds, h.train_config(precision='bf16', max_steps=3, batch_size=4, eval_every=3),\n"
-        "          sys.argv[1], settings=s, is_seq2seq=False, show_progress=False)\n"
+        "r = train(model, tok, TrainData(ds, ds),\n"
+        "          h.train_config(precision='bf16', max_steps=3, batch_size=4, eval_every=3), sys.argv[1],\n"
+        "          TrainOptions(settings=s, is_seq2seq=False, show_progress=False))\n"
         "print(json.dumps([x.get('loss', x.get('val_loss')) for x in r.history]))\n")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=HERE, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

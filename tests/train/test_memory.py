@@ -10,19 +10,17 @@ import sys
 import pytest
 
 from instructkit.config import LoraSettings, RunConfig
-from instructkit.models import MODEL_REGISTRY
+from instructkit.models.registry import MODEL_REGISTRY
 from instructkit.train.memory import (
     ALLOCATOR_SLACK,
     FRAMEWORK_OVERHEAD_BYTES,
     GB,
     LOGIT_COPIES,
     activation_floats_per_token_layer,
-    estimate_for_run,
     estimate_memory,
-    measure_framework_overhead,
     model_shape,
-    plan_for_budget,
 )
+from instructkit.train.memory_plan import estimate_for_run, measure_framework_overhead, plan_for_budget
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +127,7 @@ def test_bf16_halves_activations_but_adds_autocast_weight_copies(tiny_shape):
 
 
 def test_lora_parameter_count_matches_peft(tiny_shape, tiny_llama):
-    from instructkit.models import wrap_lora
+    from instructkit.models.lora import wrap_lora
 
     lora = LoraSettings(enabled=True, r=4, dropout=0.0)
     peft_trainable = sum(p.numel() for p in wrap_lora(tiny_llama, lora).parameters() if p.requires_grad)
@@ -182,7 +180,7 @@ def test_describe_lists_every_part_and_the_peak(tiny_shape):
 
 
 def test_system_memory_is_positive():
-    from instructkit.train.memory import system_memory_bytes
+    from instructkit.train.memory_plan import system_memory_bytes
 
     assert system_memory_bytes() is None or system_memory_bytes() > 0
 

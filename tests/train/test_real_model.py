@@ -7,13 +7,13 @@ import importlib.util
 
 import pytest
 
-from instructkit.config import load_config
+from instructkit.config_load import load_config
 from instructkit.data.build import load_examples, prepare
 from instructkit.data.tokenize import tokenize_examples
 from instructkit.evaluate.scoring import completion_nll
-from instructkit.models import load_model, set_threads
+from instructkit.models.load import load_model, set_threads
 from instructkit.pipeline import tokenize_settings
-from instructkit.train.loop import train
+from instructkit.train.loop import TrainData, TrainOptions, train
 
 
 @pytest.mark.slow
@@ -42,8 +42,8 @@ def test_smollm2_30_steps_lower_validation_loss(tmp_path, shared_data):
     before = val_loss()
     train_ds, _ = tokenize_examples(train_examples, loaded.tokenizer, settings)
     val_ds, _ = tokenize_examples(val_examples, loaded.tokenizer, settings)
-    result = train(loaded.model, loaded.tokenizer, train_ds, val_ds, config.train, config.run_dir,
-                   settings=settings, is_seq2seq=False, show_progress=False)
+    result = train(loaded.model, loaded.tokenizer, TrainData(train_ds, val_ds), config.train, config.run_dir,
+                   TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
     after = val_loss()
     assert result.steps == 30
     assert after < before, f"validation loss {before:.4f} -> {after:.4f}"

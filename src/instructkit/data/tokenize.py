@@ -26,17 +26,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from instructkit.config import ModelConfig
+from instructkit.io import replace_folder, sha256_file, temp_folder_beside
+
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    max_length: int = 256
+    """How prompt and completion become token ids; training, scoring and generation share one."""
+
+    max_length: int = 256  # tokens of prompt + completion (+ EOS); the prompt is cut, never the completion
     truncation: Literal["left", "middle"] = "left"
     chat_template: bool = False
     system_prompt: str | None = None
     separator: str = " "
     seq2seq: bool = False
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig, is_seq2seq: bool) -> TokenizeSettings:
+        """The settings a run's `model:` section asks for."""
+        return cls(max_length=model.max_length, truncation=model.truncation, chat_template=model.chat_template,
+                   system_prompt=model.system_prompt, seq2seq=is_seq2seq)
 
 
 @dataclass
@@ -133,6 +144,40 @@ def encode_completions(
     return [list(x) for x in ids]
 
 
+def end_of_turn_id(tokenizer: Any, settings: TokenizeSettings) -> int | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|>, <end_of_turn>).
+
+    Found the way training learns it: the last token of an encoded assistant turn
+    (`encode_completions(..., add_eos=True)`). None when no chat template is in use (`settings`, or the
+    tokenizer has none), for seq2seq, when the template cannot render a plain user/assistant exchange, or
+    when the turn ends with an ordinary token (a `role: content` template): an ordinary token is no stop.
+    """
+    if not settings.chat_template or settings.seq2seq or not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        ids = encode_completions(tokenizer, ["x"], settings, ["x"], add_eos=True)[0]
+    except Exception:  # noqa: BLE001 - any template error means: no end-of-turn token to stop at
+        return None
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return int(ids[-1]) if ids and ids[-1] in special else None
+
+
+def stop_token_ids(tokenizer: Any, settings: TokenizeSettings, existing: Any = None) -> list[int]:
+    """Token ids that end an answer, in this order without repeats: `existing` (an int or a list, e.g. a
+    model's generation_config.eos_token_id), the tokenizer's EOS, the chat template's end-of-turn token.
+
+    Raises: ValueError when there is none (generation would never stop).
+    """
+    ids: list[int] = []
+    for value in (existing, tokenizer.eos_token_id, end_of_turn_id(tokenizer, settings)):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and int(item) not in ids:
+                ids.append(int(item))
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token: generation would never stop")
+    return ids
+
+
 def truncate_prompt(ids: list[int], budget: int, mode: str, keep_first: bool) -> list[int]:
     """Cut `ids` to `budget` tokens from the left (keeping a leading BOS) or from the middle."""
     if len(ids) <= budget:
@@ -219,9 +264,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
     candidate = Path(folder) / "tokenizer.json"
     digest = hashlib.sha256()
     if folder and candidate.is_file():
-        with open(candidate, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(sha256_file(candidate).encode())
     else:
         digest.update(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(json.dumps(getattr(tokenizer, "chat_template", None) or "").encode())
@@ -297,13 +340,9 @@ def tokenize_examples(
             columns["index"].append(start + offset)
     dataset = datasets.Dataset.from_dict(columns)  # datasets 5 has no fingerprint argument here
     if cached is not None:
-        tmp = cached.with_name(cached.name + ".tmp")
+        tmp = temp_folder_beside(cached)
         dataset.save_to_disk(str(tmp / "data"))
         (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
-        if cached.exists():
-            import shutil
-
-            shutil.rmtree(cached)
-        os.replace(tmp, cached)
+        replace_folder(tmp, cached)
         dataset = datasets.load_from_disk(str(cached / "data"))
     return dataset, stats

@@ -1,1 +1,2 @@
-"""Evaluation: metrics and bootstrap confidence intervals (see ``instructkit.evaluate.metrics``)."""
+"""Evaluation: metrics (``instructkit.evaluate.metrics``) and bootstrap confidence intervals
+(``instructkit.evaluate.bootstrap``)."""

@@ -24,16 +24,8 @@ examples. Two families, both without torch:
   - ``copy_source`` (translation): the source text itself, unchanged (chrF rewards shared
     names and numbers, so this is not zero).
 
-  The *main input* of a prompt is found without knowing the template: the text that all the
-  prompts of a template share at the start and at the end is the instruction (cut back to
-  whitespace, so a shared "The" of "The cat" / "Then" stays), the rest varies from example to
-  example. Of that varying part we take the longest block between blank lines (the document
-  rather than, say, a short question), drop a header line ending in ":" ("Dialogue:") and, from
-  a one-line block, a short "Label: " prefix. Example, template
-  ``"Article: {{ article }}\\n\\nWhat are the key takeaways?\\nTakeaways:"`` over two prompts:
-  shared start ``"Article: "``, shared end ``"\\n\\nWhat are the key takeaways?\\nTakeaways:"``,
-  main input = the article. With a single prompt there is nothing to compare, so only the
-  block/header rules apply.
+  The *main input* of a prompt (``instructkit.evaluate.main_input``) is the text that varies between
+  the prompts of a template, e.g. the article of a summarization template.
 
 :func:`baseline_predictions` runs both families; :func:`score_baselines` scores them with the same
 metrics (and bootstrap confidence intervals) as the models.
@@ -42,29 +34,26 @@ metrics (and bootstrap confidence intervals) as the models.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from instructkit.errors import DataError
-from instructkit.evaluate import metrics as M
+from instructkit.evaluate.bootstrap import bootstrap_ci
+from instructkit.evaluate.main_input import first_sentence, main_inputs
+from instructkit.evaluate.metric_registry import METRICS, MetricSpec, macro_f1_metric
 
 __all__ = [
     "BaselineResult",
     "baseline_predictions",
     "classification_baselines",
-    "first_sentence",
     "generation_baselines",
     "gold_choice",
-    "main_inputs",
     "score_baselines",
 ]
 
 log = logging.getLogger(__name__)
 
-LEAD_MAX_WORDS = 40  # a "sentence" that runs on (no full stop in a dialogue) is cut here
 TITLE_WORDS = 10  # gigaword headlines average ~8-9 words
 
 # task family -> (baseline name, how to turn the main input into a prediction)
@@ -203,87 +192,13 @@ def classification_baselines(
     ``predictions[tid][name][i]`` is the answer for the i-th example of template ``tid`` in
     ``test_examples`` order. Templates that cannot be served are left out (see
     :func:`baseline_predictions` for the reasons).
+
+    Raises: DataError when a choice example's completion is not one of its answer choices.
     """
     return _classification_baselines(train_examples, test_examples, seed)[0]
 
 
 # --------------------------------------------------------------------- generation
-
-
-def _cut_back_to_space(text: str, n: int) -> int:
-    """Largest ``k <= n`` such that ``text[:k]`` is empty or ends in whitespace.
-
-    A shared start must end between words: two documents opening "The cat" and "Then" share
-    "The", and two sentences ending "bike." and "snow." share ".", which belong to the text.
-    """
-    if n >= len(text):
-        return n
-    k = n
-    while k > 0 and not text[k - 1].isspace():
-        k -= 1
-    return k
-
-
-def _cut_forward_to_space(text: str, start: int) -> int:
-    """Smallest ``k >= start`` such that ``text[k:]`` is empty or starts with whitespace."""
-    k = start
-    while 0 < k < len(text) and not text[k].isspace():
-        k += 1
-    return k
-
-
-def _shared_ends(prompts: Sequence[str]) -> tuple[int, int]:
-    """Lengths of the start and the end that every prompt shares, cut back to whitespace.
-
-    ``os.path.commonprefix`` works on any list of strings (character by character); the shared
-    end is the common prefix of the reversed strings. The two never overlap: their sum is capped
-    at the shortest prompt's length.
-    """
-    if len(prompts) < 2:
-        return 0, 0
-    head = len(os.path.commonprefix(list(prompts)))
-    tail = len(os.path.commonprefix([p[::-1] for p in prompts]))
-    tail = min(tail, min(len(p) for p in prompts) - head)
-    head = min(_cut_back_to_space(p, head) for p in prompts)
-    tail = min(len(p) - _cut_forward_to_space(p, len(p) - tail) for p in prompts)
-    return head, tail
-
-
-_LABEL_PREFIX = re.compile(r"^[A-Z][\w ]{0,30}?:\s+")  # "Article: ", "Opening sentence: "
-
-
-def _main_block(varying: str) -> str:
-    """Longest blank-line-separated block, minus a header line ending in ':' and a 'Label: ' prefix."""
-    blocks = [b.strip() for b in re.split(r"\n\s*\n", varying) if b.strip()]
-    if not blocks:
-        return varying.strip()
-    block = max(blocks, key=len)  # the first of equally long blocks
-    lines = block.split("\n")
-    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
-        block = "\n".join(lines[1:]).strip()
-    if "\n" not in block and len(block.split()) > 3:  # not a dialogue's "Name: ..." lines
-        block = _LABEL_PREFIX.sub("", block, count=1)
-    return block.strip().strip('"').strip()
-
-
-def main_inputs(prompts: Sequence[str]) -> list[str]:
-    """The main input of each prompt of ONE template (see the module docstring)."""
-    head, tail = _shared_ends(prompts)
-    return [_main_block(p[head : len(p) - tail]) for p in prompts]
-
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
-
-
-def first_sentence(text: str, max_words: int = LEAD_MAX_WORDS) -> str:
-    """Text up to the first '.', '!' or '?' followed by whitespace, or the first line break,
-    whichever comes first; at most ``max_words`` words.
-
-    >>> first_sentence("The cat sat. Then it left.")
-    'The cat sat.'
-    """
-    sentence = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
-    return " ".join(sentence.split()[:max_words])
 
 
 def _generation_prediction(name: str, main_input: str) -> str:
@@ -340,7 +255,10 @@ def _reference(example: dict) -> str:
 def baseline_predictions(
     train_examples: Sequence[dict] | None, test_examples: Sequence[dict], *, seed: int = 0
 ) -> BaselineResult:
-    """Run every baseline that applies; classification ones need ``train_examples``."""
+    """Run every baseline that applies; classification ones need ``train_examples``.
+
+    Raises: DataError when a choice example's completion is not one of its answer choices.
+    """
     result = BaselineResult()
     if train_examples:
         result.predictions, result.skipped = _classification_baselines(train_examples, test_examples, seed)
@@ -364,7 +282,10 @@ def score_baselines(
 ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """``{template_id: {baseline: {metric: {"value", "low", "high"}}}}``: each metric with its
     percentile-bootstrap 95% CI. macro_f1 uses the template's answer choices as the label set
-    when ``labels_by_template`` has them (so it averages over the same classes as the models)."""
+    when ``labels_by_template`` has them (so it averages over the same classes as the models).
+
+    Raises: ValueError when a template's predictions and references differ in length or are empty.
+    """
     labels_by_template = labels_by_template or {}
     scores: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for tid, by_name in result.predictions.items():
@@ -374,20 +295,20 @@ def score_baselines(
                 spec = metric_spec(metric, labels_by_template.get(tid))
                 if spec is None:
                     continue
-                value, low, high = M.bootstrap_ci(spec, preds, refs, n_resamples=n_resamples, seed=seed)
+                value, low, high = bootstrap_ci(spec, preds, refs, n_resamples=n_resamples, seed=seed)
                 scores.setdefault(tid, {}).setdefault(name, {})[metric] = {
                     "value": value, "low": low, "high": high,
                 }
     return scores
 
 
-def metric_spec(name: str, labels: Sequence[str] | None = None) -> M.MetricSpec | None:
+def metric_spec(name: str, labels: Sequence[str] | None = None) -> MetricSpec | None:
     """The MetricSpec for ``name``: macro_f1 over a fixed label set when ``labels`` is given;
     ``None`` (with a log line) for a name the metrics registry does not know (e.g. perplexity,
     which is reported separately)."""
     if name == "macro_f1" and labels:
-        return M.macro_f1_metric(labels)
-    if name not in M.METRICS:
+        return macro_f1_metric(labels)
+    if name not in METRICS:
         log.info("metric %r is not a per-prediction metric; not bootstrapped", name)
         return None
-    return M.METRICS[name]
+    return METRICS[name]

@@ -7,34 +7,18 @@
     evaluate_run("smollm2-135m-instruct", Path("runs/demo"), "test", Path("runs/demo/eval/base"),
                  EvalConfig(), ModelConfig())   # writes eval.json + predictions.jsonl
 
-How each template is scored (examples are grouped by `template_id`):
-
-* a template whose examples carry `choices` -> rank classification: every choice scored by its summed
-  log-probability (mean per token with `cfg.length_normalized`); the prediction is the best choice's text.
-* any other template -> greedy generation (beam / sampling per `cfg`), `max_new_tokens` by task family
-  (`DEFAULT_MAX_NEW_TOKENS`, overridden by `cfg.max_new_tokens`, then by the `max_new_tokens_by_task`
-  argument).
-* `classify_by="generate"` scores choice templates by generation instead, mapping the answer to a choice
-  with `map_to_choice`; answers that name no choice count as wrong and are reported as `unparseable`.
-
-Metrics per template come from the examples' `metrics` (or `cfg.metrics[template_id]`), each with a
-percentile-bootstrap 95% interval over examples. Per task, `tasks["<dataset>/<task>"]` pools the examples
-of that task's templates (interval over the pooled examples: a source row rendered by several templates
-appears several times, so these pooled intervals are somewhat optimistic) and gives the mean and spread
-of the per-template values (the prompt sensitivity). Perplexity is that of the reference completions
-(+ EOS, as trained) given the prompts.
-
-k-shot: `k` examples of the same template drawn from `few_shot_pool` (seeded per example, never the same
-source row) are prepended as "prompt completion\\n\\n" blocks. The prompt is cut from the left like any
-prompt, so a long prompt can lose demonstrations: `truncated_prompts` counts the examples cut. A template
-with no example in the pool (a held-out one) is left out of a k-shot evaluation.
+Examples are grouped by `template_id` and scored template by template
+(`instructkit.evaluate.template_scoring`: rank classification for templates with choices, generation for
+the others). Each template's metrics, and those of the examples of each task pooled, get bootstrap
+intervals (`instructkit.evaluate.summary`).
+k-shot demonstrations are drawn and prepended by `instructkit.evaluate.fewshot`; a template with no
+example in the pool (a held-out one) is left out of a k-shot evaluation.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,29 +27,27 @@ from typing import Any, Literal
 import numpy as np
 
 from instructkit.config import EvalConfig, ModelConfig
-from instructkit.data.tokenize import TokenizeSettings, encode_for_generation, encode_prompts
+from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import ConfigError, DataError, TemplateError
-from instructkit.evaluate import metrics as M
-from instructkit.evaluate.scoring import completion_nll, generate, map_to_choice, rank_choices
+from instructkit.evaluate.fewshot import _demonstrations, _few_shot_prompt
+from instructkit.evaluate.summary import (
+    _metric_names_by_template,
+    _metric_values,
+    _task_summaries,
+    _template_summary,
+)
+from instructkit.evaluate.template_scoring import _score_templates
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_MAX_NEW_TOKENS",
     "EvalResult",
     "evaluate_examples",
     "evaluate_run",
     "make_validation_fn",
 ]
 
-DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
-    "rating": 8, "classification": 8, "sentiment": 8, "nli": 8, "yes_no_qa": 8,
-    "summarization": 64, "title_generation": 24, "translation": 96, "extractive_qa": 32,
-    "generation": 128, "instruction_following": 128, "question_generation": 48,
-}
-FALLBACK_MAX_NEW_TOKENS = 64  # a task family not listed above
 REQUIRED_FIELDS = ("prompt", "completion", "template_id", "task")
-NOT_BOOTSTRAPPED = {"perplexity"}  # reported in its own field, from log-likelihoods, not predictions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,24 +83,8 @@ class EvalResult:
         }
 
 
-@dataclass
-class _Scored:
-    """One template's outputs before metrics: predictions, references, and how the prompts were fed."""
-
-    template_id: str
-    indices: list[int]
-    predictions: list[str]
-    references: list[str]
-    labels: list[str] | None  # the class set for choice templates, else None
-    records: list[dict[str, Any]]
-    prompt_tokens: list[int]
-    truncated: int
-    unparseable: int
-    nll: tuple[float, int] | None = None
-
-
 # --------------------------------------------------------------------------------------------------
-# Inputs: checks, caps, demonstrations
+# Inputs: checks, caps
 # --------------------------------------------------------------------------------------------------
 
 
@@ -153,252 +119,9 @@ def _cap_per_template(examples: Sequence[dict], cap: int | None, seed: int) -> l
     return sorted(keep)
 
 
-def _demonstrations(ex: dict, pool: dict[str, list[dict]], k: int, seed: int) -> list[dict]:
-    """k pool examples of the same template, none from the same source row; seeded by the example itself.
-
-    The draw depends only on (seed, template, source_id, prompt), not on the order of the evaluation set,
-    so the same example gets the same demonstrations in every run.
-    """
-    candidates = [d for d in pool.get(ex["template_id"], []) if d.get("source_id") != ex.get("source_id")]
-    rng = random.Random(f"{seed}|{ex['template_id']}|{ex.get('source_id')}|{ex['prompt']}")
-    return rng.sample(candidates, min(k, len(candidates)))
-
-
-def _few_shot_prompt(ex: dict, demos: Sequence[dict], separator: str) -> str:
-    """"P1 C1\\n\\nP2 C2\\n\\nPROMPT": each demonstration as its prompt, the separator and its completion."""
-    return "".join(f"{d['prompt']}{separator}{d['completion']}\n\n" for d in demos) + ex["prompt"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Scoring one template
-# --------------------------------------------------------------------------------------------------
-
-
-def _record(index: int, ex: dict, prompt: str, prediction: str, **extra: Any) -> dict[str, Any]:
-    """One line of predictions.jsonl; `prompt` is the prompt as given to the model (with demonstrations)."""
-    return {
-        "index": index,
-        "template_id": ex["template_id"],
-        "source_id": ex.get("source_id"),
-        "dataset": _dataset(ex),
-        "task": ex["task"],
-        "prompt": prompt,
-        "reference": ex["completion"],
-        "prediction": prediction,
-        "choice_logprobs": None,
-        "correct": None,
-        "held_out": bool(ex.get("held_out", False)),
-        **extra,
-    }
-
-
-def _dataset(ex: dict) -> str:
-    return ex.get("dataset") or ex["template_id"].split(".")[0]
-
-
-def _class_labels(exs: Sequence[dict]) -> list[str]:
-    """The union of the examples' choices, in first-seen order."""
-    labels: dict[str, None] = {}
-    for ex in exs:
-        for choice in ex.get("choices") or []:
-            labels.setdefault(choice, None)
-    return list(labels)
-
-
-def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
-                   settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig) -> _Scored:
-    try:
-        scores = rank_choices(model, tokenizer, prompts, [ex["choices"] for ex in exs], settings,
-                              is_seq2seq=is_seq2seq, batch_size=cfg.batch_size,
-                              length_normalized=cfg.length_normalized)
-    except ValueError as exc:  # a choice too long for max_length, an empty choice list
-        # "example 3" counts within this template's batch: name the example of the input instead.
-        message = re.sub(r"example (\d+)", lambda m: f"example {indices[int(m.group(1))] + 1}", str(exc))
-        raise DataError(f"template {exs[0]['template_id']!r}: {message}") from None
-    preds, records = [], []
-    for i, ex, prompt, s in zip(indices, exs, prompts, scores):
-        pred = ex["choices"][s.predicted]
-        preds.append(pred)
-        records.append(_record(i, ex, prompt, pred, correct=pred == ex["completion"],
-                               choice_logprobs=dict(zip(ex["choices"], s.logprobs))))
-    return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
-                   _class_labels(exs), records, [s.prompt_tokens for s in scores],
-                   sum(s.truncated for s in scores), 0)
-
-
-def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
-                         settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig, max_new_tokens: int,
-                         seed: int, classify: bool) -> _Scored:
-    texts = generate(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
-                     max_new_tokens=max_new_tokens, batch_size=cfg.batch_size, num_beams=cfg.num_beams,
-                     do_sample=cfg.do_sample, seed=seed)
-    fed = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
-    full = encode_prompts(tokenizer, prompts, settings)
-    preds, records, unparseable = [], [], 0
-    for i, ex, prompt, text in zip(indices, exs, prompts, texts):
-        if classify:
-            mapped = map_to_choice(text, ex["choices"])
-            unparseable += mapped is None
-            pred = text if mapped is None else mapped
-            preds.append(pred)
-            records.append(_record(i, ex, prompt, pred, generated=text, correct=mapped == ex["completion"]))
-        else:
-            preds.append(text)
-            records.append(_record(i, ex, prompt, text))
-    return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
-                   _class_labels(exs) if classify else None, records, [len(x) for x in fed],
-                   sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable)
-
-
-# --------------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------------
-
-
-def _metric_names(exs: Sequence[dict], template_id: str, cfg: EvalConfig) -> list[str]:
-    """cfg.metrics[template] if set, else the examples' own `metrics`, else the task family's defaults."""
-    from instructkit.templates.template import DEFAULT_METRICS
-
-    names = (cfg.metrics.get(template_id) or exs[0].get("metrics")
-             or list(DEFAULT_METRICS.get(exs[0]["task"], ())))
-    if not names:
-        names = ["accuracy", "macro_f1"] if exs[0].get("choices") else ["rougeL"]
-    for name in names:
-        if name not in M.METRICS and name not in NOT_BOOTSTRAPPED:
-            raise ConfigError(f"template {template_id!r}: unknown metric {name!r} "
-                              f"(known: {', '.join(sorted(M.METRICS))})")
-    return [n for n in names if n not in NOT_BOOTSTRAPPED]
-
-
-def _metric_spec(name: str, labels: list[str] | None, preds: Sequence[str], refs: Sequence[str]) -> Any:
-    """The registry metric; macro-F1 of a choice template over the classes seen in refs and valid preds.
-
-    Fixing the class set keeps an unparseable generated answer from becoming a class of its own.
-    """
-    if name == "macro_f1" and labels is not None:
-        seen = set(refs) | {p for p in preds if p in labels}
-        return M.macro_f1_metric([c for c in labels if c in seen] + sorted(set(refs) - set(labels)))
-    return M.get_metric(name)
-
-
-def _metric_values(names: Sequence[str], labels: list[str] | None, preds: list[str], refs: list[str],
-                   resamples: int | None, seed: int) -> dict[str, dict[str, float]]:
-    """{name: {"value", "low", "high"}}; without `resamples` (validation) low = high = value."""
-    out = {}
-    for name in names:
-        spec = _metric_spec(name, labels, preds, refs)
-        if resamples:
-            value, low, high = M.bootstrap_ci(spec, preds, refs, n_resamples=resamples, seed=seed)
-        else:
-            value = low = high = float(spec.fn(preds, refs))
-        out[name] = {"value": value, "low": low, "high": high}
-    return out
-
-
-def _metric_names_by_template(examples: Sequence[dict], chosen: Sequence[int], cfg: EvalConfig
-                              ) -> dict[str, list[str]]:
-    by_template: dict[str, list[dict]] = {}
-    for i in chosen:
-        by_template.setdefault(examples[i]["template_id"], []).append(examples[i])
-    return {tid: _metric_names(exs, tid, cfg) for tid, exs in by_template.items()}
-
-
-def _perplexity(nll: tuple[float, int] | None) -> float | None:
-    if nll is None or nll[1] == 0:
-        return None
-    return M.perplexity(*nll)
-
-
-def _template_summary(scored: _Scored, exs: Sequence[dict], names: list[str], resamples: int | None,
-                      seed: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {
-        "dataset": _dataset(exs[0]),
-        "task": exs[0]["task"],
-        "held_out": bool(exs[0].get("held_out", False)),
-        "n": len(scored.predictions),
-        "scored_by": "rank" if scored.records[0]["choice_logprobs"] is not None else "generation",
-        "metrics": _metric_values(names, scored.labels, scored.predictions, scored.references, resamples,
-                                  seed),
-        "perplexity": _perplexity(scored.nll),
-        "mean_prompt_tokens": float(np.mean(scored.prompt_tokens)),
-        "truncated_prompts": scored.truncated,
-        "unparseable": scored.unparseable,
-    }
-    if scored.labels is not None:
-        labels = scored.labels
-        summary["confusion"] = {"labels": labels,
-                                "matrix": M.confusion(scored.predictions, scored.references, labels)}
-    return summary
-
-
-def _task_summaries(scored: dict[str, _Scored], summaries: dict[str, dict], names: dict[str, list[str]],
-                    resamples: int | None, seed: int) -> dict[str, dict[str, Any]]:
-    """Per (dataset, task): metrics pooled over the task's templates, and the per-template mean and spread."""
-    groups: dict[str, list[str]] = {}
-    for tid, summary in summaries.items():
-        groups.setdefault(f"{summary['dataset']}/{summary['task']}", []).append(tid)
-    tasks = {}
-    for key, tids in groups.items():
-        shared = [n for n in names[tids[0]] if all(n in names[t] for t in tids)]
-        preds = [p for t in tids for p in scored[t].predictions]
-        refs = [r for t in tids for r in scored[t].references]
-        labels = None
-        if all(scored[t].labels is not None for t in tids):
-            labels = list(dict.fromkeys(label for t in tids for label in scored[t].labels or []))
-        nll = [scored[t].nll for t in tids if scored[t].nll is not None]
-        per_template = {n: [summaries[t]["metrics"][n]["value"] for t in tids] for n in shared}
-        tasks[key] = {
-            "dataset": summaries[tids[0]]["dataset"],
-            "task": summaries[tids[0]]["task"],
-            "templates": tids,
-            "held_out": all(summaries[t]["held_out"] for t in tids),
-            "n": len(preds),
-            "metrics": _metric_values(shared, labels, preds, refs, resamples, seed),
-            "template_mean": {n: float(np.mean(v)) for n, v in per_template.items()},
-            "template_std": {n: float(np.std(v)) for n, v in per_template.items()},
-            "perplexity": _perplexity((sum(a for a, _ in nll), sum(b for _, b in nll))) if nll else None,
-            "unparseable": sum(summaries[t]["unparseable"] for t in tids),
-        }
-    return tasks
-
-
 # --------------------------------------------------------------------------------------------------
 # The API
 # --------------------------------------------------------------------------------------------------
-
-
-def _max_new_tokens(task: str, cfg: EvalConfig, override: dict[str, int] | None) -> int:
-    table = {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens, **(override or {})}
-    return table.get(task, FALLBACK_MAX_NEW_TOKENS)
-
-
-def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chosen: list[int],
-                     prompts: dict[int, str], settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig,
-                     max_new_tokens_by_task: dict[str, int] | None, seed: int, classify_by: str,
-                     with_perplexity: bool) -> dict[str, _Scored]:
-    """Score the chosen examples, template by template (in first-seen order)."""
-    by_template: dict[str, list[int]] = {}
-    for i in chosen:
-        by_template.setdefault(examples[i]["template_id"], []).append(i)
-    scored = {}
-    for tid, indices in by_template.items():
-        exs = [examples[i] for i in indices]
-        texts = [prompts[i] for i in indices]
-        has_choices = all(ex.get("choices") for ex in exs)
-        logger.info("evaluating %s: %d examples by %s", tid, len(exs),
-                    "rank" if has_choices and classify_by == "rank" else "generation")
-        if has_choices and classify_by == "rank":
-            result = _score_by_rank(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg)
-        else:
-            result = _score_by_generation(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg,
-                                          _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
-                                          classify=has_choices)
-        if with_perplexity:
-            total, tokens, _ = completion_nll(model, tokenizer, texts, [ex["completion"] for ex in exs],
-                                              settings, is_seq2seq, batch_size=cfg.batch_size)
-            result.nll = (total, tokens)
-        scored[tid] = result
-    return scored
 
 
 def _model_name(model: Any) -> str:
@@ -426,6 +149,11 @@ def evaluate_examples(
 
     The model is put in eval mode and restored. `examples` are prepared example dicts (see the module
     docstring); `few_shot_pool` (usually the train split) supplies k-shot demonstrations.
+
+    Raises: DataError when `examples` is empty, an example lacks a required field or has malformed
+    choices, a choice leaves no room for its prompt within `settings.max_length`, or (k-shot) no evaluated
+    template has an example in the pool; ConfigError when `k_shot` is set without `few_shot_pool` or a
+    template names an unknown metric.
     """
     import torch
 
@@ -512,6 +240,10 @@ def make_validation_fn(
     ("macro_f1", "accuracy", "rougeL", ...) and per template ("<template_id>/macro_f1"). Choice templates
     are ranked; the others generate (`max_new_tokens` per task family, as in evaluation), so
     generation-based metrics are included. No bootstrap and no perplexity: the loop has its own loss.
+
+    Raises: DataError when an example lacks a required field or has malformed choices (here), or when a
+    choice leaves no room for its prompt (at validation); ConfigError when a template names an unknown
+    metric (here, not mid-training).
     """
     _check_examples(examples, "validation examples")
     rng = random.Random(seed)
@@ -583,11 +315,11 @@ def _fill_metrics_from_library(examples: list[dict], path: Path, cfg: EvalConfig
 
 
 def _load(model_spec: Any, model_cfg: ModelConfig) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, is_seq2seq) from a name/path through `instructkit.models.load_model`, or an
+    """(model, tokenizer, is_seq2seq) from a name/path through `instructkit.models.load.load_model`, or an
     already loaded object with `.model`, `.tokenizer`, `.is_seq2seq`."""
     if hasattr(model_spec, "model") and hasattr(model_spec, "tokenizer"):
         return model_spec.model, model_spec.tokenizer, bool(model_spec.is_seq2seq)
-    from instructkit.models import load_model
+    from instructkit.models.load import load_model
 
     cfg = model_cfg if model_spec is None else model_cfg.model_copy(update={"name": str(model_spec)})
     loaded = load_model(cfg)
@@ -611,6 +343,10 @@ def evaluate_run(
     `model_spec`: a short name, folder or .gguf path (loaded with `model_cfg`'s settings), or a loaded
     model object. k-shot demonstrations come from `few_shot_data` (default: the run directory's
     train.jsonl). Bad input raises InstructkitError subclasses naming the file, example and field.
+
+    Raises: DataError when the data file is missing, the split has no examples or an example is malformed;
+    TemplateError when examples without `metrics` name a template the library lacks; ConfigError as
+    `evaluate_examples`; whatever `instructkit.models.load.load_model` raises for a model it cannot load.
     """
     from instructkit.data.build import load_examples
     from instructkit.io import write_json, write_jsonl
@@ -627,9 +363,7 @@ def evaluate_run(
         pool = load_examples(pool_path, "train")
         _check_examples(pool, str(pool_path))
     model, tokenizer, is_seq2seq = _load(model_spec, model_cfg)
-    settings = TokenizeSettings(max_length=model_cfg.max_length, truncation=model_cfg.truncation,
-                                chat_template=model_cfg.chat_template, system_prompt=model_cfg.system_prompt,
-                                seq2seq=is_seq2seq)
+    settings = TokenizeSettings.from_model_config(model_cfg, is_seq2seq)
     name = str(model_spec) if isinstance(model_spec, (str, Path)) else None
     try:
         result = evaluate_examples(model, tokenizer, examples, settings, is_seq2seq=is_seq2seq, cfg=cfg,
@@ -641,4 +375,3 @@ def evaluate_run(
     write_jsonl(out_dir / "predictions.jsonl", result.predictions)
     logger.info("wrote %s and %s", out_dir / "eval.json", out_dir / "predictions.jsonl")
     return result
-

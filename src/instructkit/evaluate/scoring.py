@@ -1,4 +1,4 @@
-"""Scoring a model on prompts: rank classification, batched generation, perplexity of references.
+"""Scoring a model on prompts: rank classification of answer choices, NLL of reference completions.
 
 All inputs are built by `instructkit.data.tokenize`, the same functions that build training examples, so a
 prompt is cut and a completion tokenized exactly as the model saw them in training.
@@ -30,16 +30,17 @@ EOS: by default (`include_eos=False`) a choice is scored without EOS, as in the 
 two tokens). With `include_eos=True` the EOS (or the chat template's end-of-turn token) is scored too,
 which also asks "does the answer stop here?".
 
-Padding: causal batches are LEFT-padded with explicit `position_ids` (0 at each example's first real token),
-so every row ends at the last column and a padded row computes what the unpadded one does.
+Reference completions (`completion_nll`): the summed NLL (nats) of each completion given its prompt,
+encoded exactly as for training, so that perplexity = exp(total / tokens) is the training loss's measure.
+
+Batching and padding are in `instructkit.evaluate.model_inputs`; generation in `instructkit.evaluate.generate`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,8 +51,17 @@ from instructkit.data.tokenize import (
     assemble,
     encode_batch,
     encode_completions,
-    encode_for_generation,
     encode_prompts,
+)
+from instructkit.evaluate.model_inputs import (
+    index_chunks,
+    left_pad,
+    longest_first,
+    model_device,
+    right_pad,
+    settings_for_model,
+    token_logprobs,
+    tokenizer_pad_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,84 +69,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ChoiceScores",
     "completion_nll",
-    "generate",
-    "map_to_choice",
     "rank_choices",
-    "stop_token_ids",
 ]
 
 
 # --------------------------------------------------------------------------------------------------
-# Small helpers: settings, padding, batching
+# Rank classification
 # --------------------------------------------------------------------------------------------------
-
-
-def _for_model(settings: TokenizeSettings, is_seq2seq: bool) -> TokenizeSettings:
-    """The settings with `seq2seq` matching the model (the model decides, not the caller's default)."""
-    return settings if settings.seq2seq == is_seq2seq else replace(settings, seq2seq=is_seq2seq)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else its EOS id (SmolLM2's pad IS its EOS; padding is masked anyway)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    return int(pad)
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids), left-padded: every row ends at the last column.
-
-    Positions count real tokens only: a row [pad, pad, a, b, c] gets positions [0, 0, 0, 1, 2], so its
-    tokens sit where they would without padding.
-    """
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-def _right_pad(rows: Sequence[Sequence[int]], pad_value: int, device: torch.device,
-               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), right-padded to `width` (default: the longest row)."""
-    width = max([len(r) for r in rows] + [1]) if width is None else width
-    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(indices), max(size, 1)):
-        yield list(indices[start:start + size])
-
-
-def _longest_first(lengths: Sequence[int]) -> list[int]:
-    """Indices sorted by length, longest first: rows of one batch have similar lengths (little padding)."""
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at each position: log_softmax over the vocabulary, then gather.
-
-    logits (..., V), targets (...) -> (...). The full log-softmax lives only for this batch's kept
-    positions; nothing of vocabulary size is kept across batches.
-    """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
 def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -151,11 +90,6 @@ def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     while n < limit and all(s[n] == seqs[0][n] for s in seqs):
         n += 1
     return n
-
-
-# --------------------------------------------------------------------------------------------------
-# Rank classification
-# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -235,10 +169,10 @@ def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
     choice's first own token. Pass 2 (only for choices with 2+ own tokens) feeds those tokens but the last
     on top of a copy of the prompt's cache, `rows_per_pass` choice rows at a time.
     """
-    device = _device(model)
+    device = model_device(model)
     prefix_lens = [_common_prefix_length(item.choice_ids) for item in items]
     contexts = [item.prompt_ids + item.choice_ids[0][:q] for item, q in zip(items, prefix_lens)]
-    ids, mask, positions = _left_pad(contexts, pad_id, device)
+    ids, mask, positions = left_pad(contexts, pad_id, device)
     keep = max(prefix_lens) + 1
     rest = [(b, j) for b, item in enumerate(items) for j, c in enumerate(item.choice_ids)
             if len(c) - prefix_lens[b] >= 2]
@@ -254,12 +188,12 @@ def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
     del logprobs
 
     context_lengths = mask.sum(-1)
-    for chunk in _chunks(range(len(rest)), rows_per_pass):
+    for chunk in index_chunks(range(len(rest)), rows_per_pass):
         pairs = [rest[k] for k in chunk]
         rows = torch.tensor([b for b, _ in pairs], device=device)
         own = [items[b].choice_ids[j][prefix_lens[b]:] for b, j in pairs]
-        inputs, choice_mask = _right_pad([c[:-1] for c in own], pad_id, device)
-        targets, _ = _right_pad([c[1:] for c in own], 0, device, width=inputs.shape[1])
+        inputs, choice_mask = right_pad([c[:-1] for c in own], pad_id, device)
+        targets, _ = right_pad([c[1:] for c in own], 0, device, width=inputs.shape[1])
         steps = torch.arange(inputs.shape[1], device=device)
         out2 = model(
             input_ids=inputs,
@@ -268,7 +202,7 @@ def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
             cache=_select_cache_rows(out.cache, rows, model.config),
             use_cache=True,
         )
-        token_lp = _token_logprobs(out2.logits, targets) * choice_mask
+        token_lp = token_logprobs(out2.logits, targets) * choice_mask
         for (b, j), value in zip(pairs, token_lp.sum(-1).tolist()):
             scores[b][j] += value
     return scores
@@ -279,25 +213,25 @@ def _score_seq2seq(model: Any, items: Sequence[_RankItem], pad_id: int,
     """Encoder once per prompt, then the decoder over all choices with the encoder states repeated."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    device = _device(model)
-    ids, mask = _right_pad([item.prompt_ids for item in items], pad_id, device)
+    device = model_device(model)
+    ids, mask = right_pad([item.prompt_ids for item in items], pad_id, device)
     encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     start = int(model.config.decoder_start_token_id)
     pairs_all = [(b, j) for b, item in enumerate(items) for j in range(len(item.choice_ids))]
     scores = [[0.0] * len(item.choice_ids) for item in items]
-    for chunk in _chunks(range(len(pairs_all)), rows_per_pass):
+    for chunk in index_chunks(range(len(pairs_all)), rows_per_pass):
         pairs = [pairs_all[k] for k in chunk]
         rows = torch.tensor([b for b, _ in pairs], device=device)
         choices = [items[b].choice_ids[j] for b, j in pairs]
-        decoder_in, choice_mask = _right_pad([[start] + c[:-1] for c in choices], pad_id, device)
-        targets, _ = _right_pad(choices, 0, device, width=decoder_in.shape[1])
+        decoder_in, choice_mask = right_pad([[start] + c[:-1] for c in choices], pad_id, device)
+        targets, _ = right_pad(choices, 0, device, width=decoder_in.shape[1])
         out = model(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoded.index_select(0, rows)),
             attention_mask=mask.index_select(0, rows),
             decoder_input_ids=decoder_in,
             use_cache=False,
         )
-        token_lp = _token_logprobs(out.logits, targets) * choice_mask
+        token_lp = token_logprobs(out.logits, targets) * choice_mask
         for (b, j), value in zip(pairs, token_lp.sum(-1).tolist()):
             scores[b][j] = value
     return scores
@@ -324,16 +258,20 @@ def rank_choices(
 
     `batch_size` prompts go through the model together (sorted by length to limit padding); choice rows
     that need a second pass go `batch_size` at a time (each row holds a copy of its prompt's KV cache).
-    Returns one `ChoiceScores` per prompt, in the order given.
+    Returns one `ChoiceScores` per prompt, in the order given (log-probabilities in nats).
+
+    Raises: ValueError when `prompts` and `choices_per_prompt` differ in length, an example has no choices
+    or a choice with no tokens, a choice leaves no room for the prompt within `settings.max_length`, or the
+    tokenizer has neither a pad nor an EOS token.
     """
-    settings = _for_model(settings, is_seq2seq)
+    settings = settings_for_model(settings, is_seq2seq)
     items = _rank_items(tokenizer, prompts, choices_per_prompt, settings, include_eos)
-    pad_id = _pad_id(tokenizer)
+    pad_id = tokenizer_pad_id(tokenizer)
     score_batch = _score_seq2seq if is_seq2seq else _score_causal
     sums: list[list[float]] = [[] for _ in items]
-    order = _longest_first([len(item.prompt_ids) for item in items])
+    order = longest_first([len(item.prompt_ids) for item in items])
     with torch.no_grad():
-        for batch in _chunks(order, batch_size):
+        for batch in index_chunks(order, batch_size):
             values = score_batch(model, [items[i] for i in batch], pad_id, batch_size)
             for i, choice_sums in zip(batch, values):
                 sums[i] = choice_sums
@@ -351,150 +289,6 @@ def rank_choices(
 
 
 # --------------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------------
-
-
-def stop_token_ids(tokenizer: Any, settings: TokenizeSettings) -> list[int]:
-    """Tokens that end an answer: EOS, plus the chat template's end-of-turn token when one is used.
-
-    The end-of-turn token is found the way training learns it: the last token of an encoded assistant
-    turn (`encode_completions(..., add_eos=True)` with the chat template), e.g. <|im_end|> for ChatML.
-    """
-    stops = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    if settings.chat_template and not settings.seq2seq:
-        end_of_turn = encode_completions(tokenizer, ["x"], settings, ["x"], add_eos=True)[0][-1]
-        if end_of_turn not in stops:
-            stops.append(int(end_of_turn))
-    if not stops:
-        raise ValueError("the tokenizer has no EOS token: generation would never stop")
-    return stops
-
-
-def _with_model_stops(stops: list[int], model: Any) -> list[int]:
-    """`stops` plus the model's own generation_config EOS ids (e.g. an instruct model's end-of-turn)."""
-    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for tok in own if isinstance(own, (list, tuple)) else [own]:
-        if tok is not None and int(tok) not in stops:
-            stops = stops + [int(tok)]
-    return stops
-
-
-def _generation_config(model: Any, *, max_new_tokens: int, num_beams: int, do_sample: bool,
-                       stops: list[int], pad_id: int) -> Any:
-    """The model's own generation config (sampling temperature etc.), with our length, stops and mode."""
-    import copy
-
-    config = copy.deepcopy(model.generation_config)
-    config.max_new_tokens = max_new_tokens
-    config.max_length = None
-    config.min_new_tokens = None
-    config.min_length = 0
-    config.num_beams = num_beams
-    config.do_sample = do_sample
-    config.eos_token_id = stops
-    config.pad_token_id = pad_id
-    config.num_return_sequences = 1
-    if not do_sample:  # greedy / beam: sampling knobs would only raise warnings
-        config.temperature = None
-        config.top_p = None
-        config.top_k = None
-    return config
-
-
-def _cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
-    """The tokens before the first stop token."""
-    out = []
-    for tok in tokens:
-        if tok in stops:
-            break
-        out.append(tok)
-    return out
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    settings: TokenizeSettings,
-    *,
-    is_seq2seq: bool,
-    max_new_tokens: int,
-    batch_size: int = 16,
-    num_beams: int = 1,
-    do_sample: bool = False,
-    seed: int = 0,
-) -> list[str]:
-    """Answers to `prompts`, `batch_size` at a time: greedy by default, stopping at EOS / end-of-turn
-    (`stop_token_ids`) or any EOS id the model's generation_config lists.
-
-    Prompts are cut as in training so that prompt + answer fits `max_length`
-    (`encode_for_generation`), left-padded for causal models. Only the new tokens are decoded (special
-    tokens skipped, whitespace stripped). Sampling is seeded: the same call gives the same answers, and the
-    global torch random state is left as it was.
-    """
-    settings = _for_model(settings, is_seq2seq)
-    prompt_ids = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
-    stops = _with_model_stops(stop_token_ids(tokenizer, settings), model)
-    pad_id = _pad_id(tokenizer)
-    config = _generation_config(model, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                do_sample=do_sample, stops=stops, pad_id=pad_id)
-    device = _device(model)
-    answers = [""] * len(prompt_ids)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for batch in _chunks(_longest_first([len(p) for p in prompt_ids]), batch_size):
-            rows = [prompt_ids[i] for i in batch]
-            if is_seq2seq:
-                ids, mask = _right_pad(rows, pad_id, device)
-            else:
-                ids, mask, _ = _left_pad(rows, pad_id, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            # Causal output = the (padded) prompt then the new tokens; seq2seq output = decoder start + new.
-            new = out[:, ids.shape[1]:] if not is_seq2seq else out[:, 1:]
-            for i, tokens in zip(batch, new.tolist()):
-                answers[i] = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True).strip()
-    return answers
-
-
-# --------------------------------------------------------------------------------------------------
-# Mapping a generated answer to a class
-# --------------------------------------------------------------------------------------------------
-
-_EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}*"
-
-
-def _norm(text: str) -> str:
-    return text.strip().strip(_EDGE_PUNCT).casefold()
-
-
-def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
-    """The choice a generated answer names, or None when it names none (counted as unparseable).
-
-    In order: (1) the whole answer equals a choice, ignoring case and edge punctuation ("Positive." ->
-    "positive"); (2) the answer starts with a choice followed by a non-word character ("5 stars" -> "5",
-    "yes, it does" -> "yes"), the longest such choice winning ("not entailment" over "not"); (3) the first
-    word equals a choice ("**4** stars" -> "4").
-    """
-    answer = _norm(text)
-    if not answer:
-        return None
-    normalized = [(_norm(c), c) for c in choices]
-    for norm, choice in normalized:
-        if norm and answer == norm:
-            return choice
-    leading = [(norm, choice) for norm, choice in normalized
-               if norm and answer.startswith(norm) and not re.match(r"\w", answer[len(norm):len(norm) + 1])]
-    if leading:
-        return max(leading, key=lambda pair: len(pair[0]))[1]
-    first_word = _norm(answer.split()[0]) if answer.split() else ""
-    for norm, choice in normalized:
-        if norm and first_word == norm:
-            return choice
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
 # Perplexity of reference completions
 # --------------------------------------------------------------------------------------------------
 
@@ -506,8 +300,8 @@ def _nll_causal(model: Any, encoded: Sequence[Any], pad_id: int) -> list[tuple[f
     their logits come from columns T-K-1 .. T-2 (`logits_to_keep` as an index tensor). Memory: B x K x V
     floats instead of B x T x V.
     """
-    device = _device(model)
-    ids, mask, positions = _left_pad([e.input_ids for e in encoded], pad_id, device)
+    device = model_device(model)
+    ids, mask, positions = left_pad([e.input_ids for e in encoded], pad_id, device)
     width = ids.shape[1]
     labels = torch.full_like(ids, IGNORE_INDEX)
     for i, e in enumerate(encoded):
@@ -518,18 +312,18 @@ def _nll_causal(model: Any, encoded: Sequence[Any], pad_id: int) -> list[tuple[f
                 logits_to_keep=predicting)
     targets = labels[:, width - k:]
     valid = targets != IGNORE_INDEX
-    token_lp = _token_logprobs(out.logits, targets) * valid
+    token_lp = token_logprobs(out.logits, targets) * valid
     return [(-float(s), int(n)) for s, n in zip(token_lp.sum(-1).tolist(), valid.sum(-1).tolist())]
 
 
 def _nll_seq2seq(model: Any, encoded: Sequence[Any], pad_id: int) -> list[tuple[float, int]]:
-    device = _device(model)
-    ids, mask = _right_pad([e.input_ids for e in encoded], pad_id, device)
+    device = model_device(model)
+    ids, mask = right_pad([e.input_ids for e in encoded], pad_id, device)
     start = int(model.config.decoder_start_token_id)
-    decoder_in, label_mask = _right_pad([[start] + e.labels[:-1] for e in encoded], pad_id, device)
-    targets, _ = _right_pad([e.labels for e in encoded], 0, device, width=decoder_in.shape[1])
+    decoder_in, label_mask = right_pad([[start] + e.labels[:-1] for e in encoded], pad_id, device)
+    targets, _ = right_pad([e.labels for e in encoded], 0, device, width=decoder_in.shape[1])
     out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_in, use_cache=False)
-    token_lp = _token_logprobs(out.logits, targets) * label_mask
+    token_lp = token_logprobs(out.logits, targets) * label_mask
     return [(-float(s), int(n)) for s, n in zip(token_lp.sum(-1).tolist(), label_mask.sum(-1).tolist())]
 
 
@@ -548,20 +342,22 @@ def completion_nll(
     perplexity = exp(total / tokens) is the training loss's measure on this data. An example whose
     completion alone does not fit `max_length` is dropped by the tokenizer: its NLL is NaN and it counts
     in neither total.
+
+    Raises: ValueError when the tokenizer has neither a pad nor an EOS token.
     """
-    settings = _for_model(settings, is_seq2seq)
+    settings = settings_for_model(settings, is_seq2seq)
     encoded = encode_batch(tokenizer, prompts, completions, settings)
     dropped = sum(e is None for e in encoded)
     if dropped:
         logger.warning("perplexity: %d of %d completions do not fit max_length=%d and are skipped",
                        dropped, len(encoded), settings.max_length)
     kept = [i for i, e in enumerate(encoded) if e is not None]
-    pad_id = _pad_id(tokenizer)
+    pad_id = tokenizer_pad_id(tokenizer)
     nll_batch = _nll_seq2seq if is_seq2seq else _nll_causal
     per_example = [float("nan")] * len(encoded)
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in _chunks(sorted(kept, key=lambda i: -len(encoded[i].input_ids)), batch_size):
+        for batch in index_chunks(sorted(kept, key=lambda i: -len(encoded[i].input_ids)), batch_size):
             for i, (nll, n) in zip(batch, nll_batch(model, [encoded[i] for i in batch], pad_id)):
                 per_example[i] = nll
                 total += nll

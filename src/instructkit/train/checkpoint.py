@@ -22,14 +22,13 @@ parameter = 12 bytes x 135M = 1.6 GB for SmolLM2-135M; with LoRA (r=16, ~5M para
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from instructkit.errors import TrainingError
-from instructkit.io import fsync_dir
+from instructkit.io import fsync_dir, replace_folder, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -188,14 +187,6 @@ def load_scheduler_state(scheduler: Any, state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -220,15 +211,9 @@ def _seal(folder: Path, target: Path, info: dict[str, Any]) -> Path:
         files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     _write_json(folder / "manifest.json", {"format": FORMAT, **info, "files": files})
     fsync_dir(folder)
-    old = None
-    if target.exists():  # e.g. a corrupt step-N left by a killed run, rewritten after resuming from N-1
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(folder, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+    # a target that exists (e.g. a corrupt step-N left by a killed run, rewritten after resuming from
+    # N-1) is moved aside under a name `_tidy` recognises, so a kill mid-swap loses nothing
+    return replace_folder(folder, target, aside=target.with_name(f".old-{target.name}-{os.getpid()}"))
 
 
 def _tidy(root: Path) -> None:
@@ -414,3 +399,34 @@ def load_best(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]
     with contextlib.suppress(FileNotFoundError):
         return json.loads((path / "best.json").read_text(encoding="utf-8"))
     return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Disk space, checked before the first step
+# --------------------------------------------------------------------------------------------------
+
+
+def required_disk_bytes(model: torch.nn.Module, keep: int) -> int:
+    """Bytes the run will write, fp32.
+
+    A checkpoint holds the trainable weights (4 bytes each) and AdamW's two moments (8 bytes): 12 bytes
+    per trainable parameter. `keep` are kept and one more exists while the newest is written: (keep + 1)
+    checkpoints. Plus checkpoints/best (4 bytes per trainable parameter) and the final model (4 bytes per
+    parameter). SmolLM2-135M, full fine-tuning, keep 2: 3 x 1.62 GB + 0.54 + 0.54 = 5.9 GB.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (keep + 1) * 12 * trainable + 4 * trainable + 4 * total
+
+
+def check_disk_space(run_dir: Path, model: torch.nn.Module, keep: int,
+                     free_space_fn: Callable[[Path], int] | None = None) -> None:
+    """Raise TrainingError before training when `run_dir`'s file system has less free space than
+    `required_disk_bytes`; `free_space_fn(path) -> bytes` replaces the reading (tests)."""
+    free = (free_space_fn or (lambda p: shutil.disk_usage(p).free))(run_dir)
+    needed = required_disk_bytes(model, keep)
+    if free < needed:
+        raise TrainingError(
+            f"not enough disk space in {run_dir}: training needs about {needed / 1e9:.2f} GB "
+            f"({keep} checkpoints + best + final model) but {free / 1e9:.2f} GB are free. Free some space, "
+            "lower train.keep_checkpoints (>= 2) or use LoRA (train.lora.enabled=true).")

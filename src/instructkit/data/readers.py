@@ -1,0 +1,222 @@
+"""Files -> Tables: pick each file's format, read its bytes, hand text to a parser or read the Arrow formats.
+
+Formats (`format: auto` picks by suffix; a `.gz` of any text format is decompressed first):
+
+    .csv .tsv .json .jsonl (.ndjson)   text, parsed in readers_text.py
+    .parquet    through pyarrow
+    a folder    a Hugging Face dataset saved with `save_to_disk`; a DatasetDict gives its splits
+    parallel    line-aligned text files, one per field: `parallel: {en: train.en.gz, de: train.de.gz}`,
+                or `format: parallel` with `path` (or each `files:` entry) a stem such as
+                `multi30k/train`, read as `<stem>.<field>[.gz]` for each schema field
+                (`columns: {en: english}` reads `<stem>.english`)
+
+Parquet files and saved datasets are Arrow already and are read with pyarrow / `datasets.load_from_disk`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from instructkit.data.readers_text import decode_text, parse_delimited, parse_json, parse_jsonl
+from instructkit.data.table import Problems, Table
+from instructkit.errors import ConfigError, DataError
+
+TEXT_FORMATS = ("csv", "tsv", "json", "jsonl")
+SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+def detect_format(path: Path, declared: str = "auto") -> str:
+    """The format of `path`: the declared one, or the suffix's (after a `.gz`); a folder is hf_disk.
+
+    Raises: DataError when the name has no known suffix and no format is declared.
+    """
+    if declared != "auto":
+        return declared
+    if path.is_dir():
+        return "hf_disk"
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    fmt = SUFFIX_FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise DataError(
+            f"{path}: cannot tell the format from the name; set `format:` to one of "
+            "csv, tsv, json, jsonl, parquet, hf_disk, parallel"
+        )
+    return fmt
+
+
+def _not_found(path: Path) -> DataError:
+    hint = ""
+    parent = path.parent
+    if parent.is_dir():
+        close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=2, cutoff=0.6)
+        if close:
+            hint = f"; did you mean {' or '.join(str(parent / c) for c in close)}?"
+    elif not parent.exists():
+        hint = f" (the folder {parent} does not exist either)"
+    return DataError(f"{path}: file not found{hint}")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when the name ends in .gz.
+
+    Raises: DataError when the file is missing (naming close names), a folder, unreadable, or a bad gzip.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _not_found(path) from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. a NUL character in the path
+        raise DataError(f"{path!r}: not a usable file path ({exc})") from None
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path}: not a valid gzip file ({exc})") from None
+    return data
+
+
+def read_parquet(path: Path) -> Table:
+    """One Parquet file, read through pyarrow.
+
+    Raises: DataError when the file is missing, not readable as Parquet, or has no rows.
+    """
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise _not_found(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file has no rows (columns: {', '.join(table.column_names)})")
+    return Table(str(path), list(table.column_names), table.to_pylist(), None, format="parquet")
+
+
+def read_hf_disk(path: Path) -> dict[str | None, Table]:
+    """A dataset saved with `save_to_disk`: {None: table} for a Dataset, {split: table} for a DatasetDict.
+
+    Raises: DataError when `path` is not such a folder, cannot be loaded, or a split has no rows.
+    """
+    if not path.is_dir():
+        raise (
+            _not_found(path)
+            if not path.exists()
+            else DataError(f"{path}: expected a folder saved with save_to_disk")
+        )
+    if not any(
+        (path / marker).exists() for marker in ("dataset_dict.json", "state.json", "dataset_info.json")
+    ):
+        raise DataError(
+            f"{path}: this folder is not a dataset saved with `save_to_disk` "
+            "(no dataset_dict.json or state.json); "
+            "for line-aligned text files use `format: parallel`"
+        )
+    import datasets  # imported here: slow to import and only needed for this format
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a damaged folder
+        raise DataError(f"{path}: cannot load the saved dataset: {exc}") from None
+
+    def table(ds: Any, where: str) -> Table:
+        rows = ds.with_format(None).to_list()
+        if not rows:
+            raise DataError(f"{where}: the dataset has no rows")
+        return Table(where, list(ds.column_names), rows, None, format="hf_disk")
+
+    if isinstance(loaded, datasets.DatasetDict):
+        return {split: table(ds, f"{path} [{split}]") for split, ds in loaded.items()}
+    return {None: table(loaded, str(path))}
+
+
+def read_parallel(files: Mapping[str, Path], encoding: str, problems: Problems) -> Table:
+    """Line-aligned text files, one per field: line i of each file makes row i.
+
+    Raises: ConfigError for fewer than two files; DataError when a file cannot be read or decoded or the
+    files differ in line count; an empty line goes to `problems` (a DataError unless skipping).
+    """
+    if len(files) < 2:
+        raise ConfigError(f"parallel data needs at least two files (one per field), got {dict(files)}")
+    columns: dict[str, list[str]] = {}
+    for name, path in files.items():
+        text = decode_text(read_bytes(path), path, encoding)
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        columns[name] = [line.removesuffix("\r") for line in lines]
+    counts = {name: len(lines) for name, lines in columns.items()}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{files[name]} has {n}" for name, n in counts.items())
+        raise DataError(f"parallel files are not line-aligned: {detail} lines")
+    label = " + ".join(str(p) for p in files.values())
+    names = list(columns)
+    rows: list[dict] = []
+    lines_kept: list[int] = []
+    for i, values in enumerate(zip(*columns.values())):
+        empty = [names[j] for j, v in enumerate(values) if not v.strip()]
+        if empty:
+            where = ", ".join(str(files[n]) for n in empty)
+            problems.bad(
+                "empty line in parallel files",
+                f"{where}: line {i + 1}: empty line (field {', '.join(empty)})",
+            )
+            continue
+        rows.append(dict(zip(names, values)))
+        lines_kept.append(i + 1)
+    return Table(label, names, rows, lines_kept, format="parallel")
+
+
+def read_table(
+    path: str | Path, format: str = "auto", encoding: str = "utf-8", skip_bad_rows: bool = False
+) -> Table:
+    """Read one file (not a DatasetDict folder: see `read_tables`).
+
+    Raises: DataError when the path holds several splits, or as `read_tables`.
+    """
+    tables = read_tables(Path(path), format, encoding, Problems(skip_bad_rows))
+    if len(tables) != 1:
+        raise DataError(f"{path}: holds several splits ({', '.join(map(str, tables))}); use read_tables")
+    return next(iter(tables.values()))
+
+
+def read_tables(path: Path, format: str, encoding: str, problems: Problems) -> dict[str | None, Table]:
+    """Read a file or saved-dataset folder; {None: table} unless the folder is a DatasetDict.
+
+    Raises: DataError for an unknown or multi-file format (parallel), or what the format's reader raises.
+    """
+    fmt = detect_format(path, format)
+    if fmt in TEXT_FORMATS:
+        text = decode_text(read_bytes(path), path, encoding)
+        if fmt == "csv":
+            return {None: parse_delimited(text, str(path), ",", problems)}
+        if fmt == "tsv":
+            return {None: parse_delimited(text, str(path), "\t", problems)}
+        if fmt == "json":
+            return {None: parse_json(text, str(path), problems)}
+        return {None: parse_jsonl(text, str(path), problems)}
+    if fmt == "parquet":
+        return {None: read_parquet(path)}
+    if fmt == "hf_disk":
+        return read_hf_disk(path)
+    raise DataError(f"{path}: format {fmt!r} cannot be read as a single file")

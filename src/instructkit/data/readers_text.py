@@ -1,0 +1,194 @@
+"""Decoded text -> Table: decode bytes, parse CSV / TSV / JSON / JSONL with errors that name the line.
+
+    .csv        comma-separated with a header row, RFC 4180 quoting
+    .tsv        tab-separated with a header row, no quoting (the GLUE convention: a quote is text)
+    .json       an array of objects, or {"data": [...]}; a .json file holding one object per line
+                (e.g. the Amazon 2018 `*_5.json` files) is read as JSONL
+    .jsonl      one object per line (.ndjson too)
+
+Text formats are parsed here rather than by `datasets.load_dataset("csv"/"json")`: that route builds an
+Arrow cache (seconds for SST-2's 67k rows, plus a cache folder to manage) and its errors name neither the
+line nor the column. Parsing ourselves lets every problem name the file and the 1-based line: a malformed
+JSON line, a ragged CSV row, a byte that is not valid in the file's encoding, an empty file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from instructkit.data.table import Problems, Table
+from instructkit.errors import DataError
+from instructkit.io import json_problem
+
+def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
+    """Decode `data`, dropping a byte-order mark; an undecodable byte is named by offset and line.
+
+    Raises: DataError when the encoding is unknown, a byte does not decode, or the text is empty.
+    """
+    try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(
+            f"{path}: unknown text encoding {encoding!r} (set `encoding:`, e.g. utf-8 or latin-1)"
+        ) from None
+    try:
+        text = data.decode("utf-8-sig" if codec == "utf-8" else encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        inside = " of the decompressed text" if str(path).lower().endswith(".gz") else ""
+        raise DataError(
+            f"{path}: line {line}: not valid {encoding} text: byte 0x{data[exc.start]:02x} at byte offset "
+            f"{exc.start}{inside} (byte {column} of the line); set `encoding:` for this dataset "
+            "(e.g. latin-1 or cp1252)"
+        ) from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
+def parse_delimited(text: str, path: str, delimiter: str, problems: Problems) -> Table:
+    """CSV (quoted) or TSV (unquoted) with a header row; a ragged row is named by its line.
+
+    Raises: DataError when the header repeats a name, the text cannot be parsed, or there is no header or
+    no data row; a ragged row goes to `problems` (a DataError unless skipping).
+    """
+    if csv.field_size_limit() < 1 << 30:
+        csv.field_size_limit(1 << 30)  # long reviews and articles are longer than the 128 KiB default
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    header: list[str] | None = None
+    header_line = 0
+    rows: list[dict] = []
+    lines: list[int] = []
+    previous = 0
+    try:
+        for record in reader:
+            start = previous + 1
+            previous = reader.line_num
+            if not record:
+                continue
+            if header is None:
+                header, header_line = record, start
+                dups = sorted(name for name, n in Counter(header).items() if n > 1)
+                if dups:
+                    raise DataError(f"{path}: line {start}: the header repeats column name(s) {dups}")
+                width = len(header)
+                continue
+            if len(record) != width:
+                if len(record) > width:
+                    hint = f" (an unquoted {'tab' if delimiter == chr(9) else 'comma'} inside a field?)"
+                else:
+                    hint = " (a line break inside an unquoted field, or a missing field?)"
+                problems.bad(
+                    "ragged row",
+                    f"{path}: line {start}: {len(record)} fields, but the header (line {header_line}) "
+                    f"has {width}{hint}",
+                )
+                continue
+            rows.append(dict(zip(header, record)))
+            lines.append(start)
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: cannot parse as CSV: {exc}") from None
+    if header is None:
+        raise DataError(f"{path}: the file is empty")
+    if not rows and not problems.total:
+        raise DataError(f"{path}: only a header (line {header_line}), no data rows")
+    return Table(path, list(header), rows, lines, format="tsv" if delimiter == "\t" else "csv")
+
+
+def _columns_of(rows: Iterable[dict]) -> list[str]:
+    """Union of the rows' keys, in order of first appearance."""
+    seen: set[str] = set()
+    order: list[str] = []
+    for row in rows:
+        if not seen.issuperset(row):
+            for key in row:
+                if key not in seen:
+                    seen.add(key)
+                    order.append(key)
+    return order
+
+
+def parse_jsonl(text: str, path: str, problems: Problems) -> Table:
+    """One JSON object per line; a malformed line is named by its 1-based number.
+
+    Raises: DataError when the text holds no object; a malformed line or a non-object goes to `problems`
+    (a DataError unless skipping).
+    """
+    loads = json.loads
+    rows: list[dict] = []
+    lines: list[int] = []
+    # split("\n"), not splitlines(): U+2028 and friends may sit raw inside JSON strings
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line or line.isspace():
+            continue
+        try:
+            record = loads(line)
+        except json.JSONDecodeError as exc:
+            problems.bad(
+                "malformed JSON line",
+                f"{path}: line {lineno}: malformed JSON at column {exc.colno}: {exc.msg}",
+            )
+            continue
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested 100,000 deep
+            problems.bad("malformed JSON line", f"{path}: line {lineno}: cannot read this JSON: {json_problem(exc)}")
+            continue
+        if not isinstance(record, dict):
+            problems.bad(
+                "not a JSON object",
+                f"{path}: line {lineno}: expected a JSON object, found {type(record).__name__}",
+            )
+            continue
+        rows.append(record)
+        lines.append(lineno)
+    if not rows and not problems.total:
+        raise DataError(f"{path}: the file is empty")
+    return Table(path, _columns_of(rows), rows, lines, format="jsonl")
+
+
+def parse_json(text: str, path: str, problems: Problems) -> Table:
+    """A JSON array of objects or {"data": [...]}; a file of one object per line is read as JSONL.
+
+    Raises: DataError on malformed JSON, a top level that is neither an array nor {"data": [...]}, or an
+    empty array; a record that is not an object goes to `problems` (a DataError unless skipping).
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            return parse_jsonl(text, path, problems)
+        raise DataError(
+            f"{path}: line {exc.lineno}: malformed JSON at column {exc.colno}: {exc.msg}"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested 100,000 deep
+        raise DataError(f"{path}: cannot read this JSON: {json_problem(exc)}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        records = data["data"]
+    elif isinstance(data, list):
+        records = data
+    else:
+        found = f"an object with keys {sorted(data)[:10]}" if isinstance(data, dict) else type(data).__name__
+        raise DataError(f'{path}: expected a JSON array of objects or {{"data": [...]}}, found {found}')
+    rows: list[dict] = []
+    for i, record in enumerate(records):
+        if isinstance(record, dict):
+            rows.append(record)
+        else:
+            problems.bad(
+                "not a JSON object",
+                f"{path}: record {i + 1}: expected an object, found {type(record).__name__}",
+            )
+    if not records:
+        raise DataError(f"{path}: the JSON array is empty")
+    positions = None
+    if len(rows) != len(records):  # some records skipped: keep naming rows by their place in the array
+        positions = [i + 1 for i, record in enumerate(records) if isinstance(record, dict)]
+    return Table(path, _columns_of(rows), rows, None, unit="record", format="json", positions=positions)

@@ -1,0 +1,72 @@
+"""What reading a file hands on: its rows as read (`Table`) and the bad rows met on the way (`Problems`).
+
+A bad row stops reading with a DataError naming file and line, unless `skip_bad_rows` is on: then it is
+skipped and counted by reason, and the first `MAX_SAMPLES` messages are kept for stats.json.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from instructkit.errors import DataError, InstructkitError
+
+MAX_SAMPLES = 10
+"""How many skipped-row messages are kept (per dataset) for stats.json."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad rows: raise at the first, or count them
+# --------------------------------------------------------------------------------------------------
+
+
+class Problems:
+    """Collects bad rows: raises a DataError at the first one unless `skip` is on, then counts by reason."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.counts: Counter[str] = Counter()
+        self.samples: list[str] = []
+
+    def bad(self, reason: str, message: str, error: type[InstructkitError] = DataError) -> None:
+        """Record one bad row under `reason`.
+
+        Raises: `error` (default DataError) with `message` when `skip` is off.
+        """
+        if not self.skip:
+            raise error(message) from None
+        self.counts[reason] += 1
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append(message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw tables
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """The rows of one file as read, before column mapping."""
+
+    path: str
+    columns: list[str]
+    rows: list[dict]
+    lines: list[int] | None = None
+    """1-based line where each row starts (line formats); None: rows are named by `unit` and number."""
+    unit: str = "row"
+    format: str = ""
+    positions: list[int] | None = None
+    """1-based `unit` numbers when rows were skipped while parsing (else the row's index + 1)."""
+
+    def where(self, index: int) -> str:
+        """`line 12` / `record 3` / `row 7`: how row `index` (0-based) is named in messages."""
+        if self.lines is not None:
+            return f"line {self.lines[index]}"
+        if self.positions is not None:
+            return f"{self.unit} {self.positions[index]}"
+        return f"{self.unit} {index + 1}"

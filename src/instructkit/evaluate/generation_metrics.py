@@ -1,0 +1,172 @@
+"""Generation metrics from third-party scorers: ROUGE (rouge-score), BLEU and chrF (sacrebleu).
+
+Same input contract as every metric (see ``instructkit.evaluate.metrics``): ``preds`` and ``refs`` are
+two equally long, non-empty sequences of strings, one reference per example.
+
+* :func:`rouge` (and one mean per ROUGE key, for the registry): F-measures in [0, 1];
+* :func:`corpus_bleu`, :func:`sentence_bleu_mean`, :func:`chrf`: sacrebleu's 0-100 scale.
+
+:func:`_sacrebleu_resampler` gives the bootstrap of BLEU and chrF a fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+import numpy as np
+
+from instructkit.evaluate.metrics import MetricFn, PerExampleFn, Resampler, ResamplerFactory, _check_pair
+
+__all__ = [
+    "ROUGE_KEYS",
+    "chrf",
+    "corpus_bleu",
+    "rouge",
+    "sentence_bleu_mean",
+]
+
+ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+# --------------------------------------------------------------------------- ROUGE
+
+
+@lru_cache(maxsize=None)
+def _rouge_scorer(keys: tuple[str, ...]):  # -> rouge_score.rouge_scorer.RougeScorer
+    """A cached ``RougeScorer`` for ``keys`` with the Porter stemmer enabled."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+
+
+def _rouge_per_example(
+    preds: Sequence[str], refs: Sequence[str], keys: tuple[str, ...] = ROUGE_KEYS
+) -> dict[str, np.ndarray]:
+    """ROUGE F-measure of each example for each key in ``keys``."""
+    _check_pair(preds, refs)
+    scorer = _rouge_scorer(keys)
+    rows = [scorer.score(r, p) for p, r in zip(preds, refs)]  # score(target, prediction)
+    return {key: np.array([row[key].fmeasure for row in rows], dtype=float) for key in keys}
+
+
+def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE F-measures (in [0, 1]) ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``.
+
+    Computed per example with ``rouge_score.rouge_scorer.RougeScorer(..., use_stemmer=True)``
+    and averaged over examples. That scorer's tokenizer lowercases, turns every
+    character outside ``[a-z0-9]`` into a space (so non-Latin text yields no tokens and
+    scores 0), and Porter-stems tokens longer than 3 characters ("running" -> "run").
+
+    * ``rouge1`` / ``rouge2``: unigram / bigram overlap F-measure (clipped counts).
+    * ``rougeL``: longest common subsequence over the whole text; newlines are
+      ordinary whitespace.
+    * ``rougeLsum``: summary-level LCS. Both texts are split into sentences on
+      ``"\\n"`` (empty lines dropped) and, for each reference sentence, the union of
+      its LCS with every predicted sentence is counted (without double counting).
+      Without newlines each text is one sentence and ``rougeLsum == rougeL``; put one
+      sentence per line to get the summary-level score.
+
+    Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
+    differ or they are empty.
+    """
+    per_example = _rouge_per_example(preds, refs, ROUGE_KEYS)
+    return {key: float(values.mean()) for key, values in per_example.items()}
+
+
+def _rouge_key_per_example(key: str) -> PerExampleFn:
+    """Per-example F-measure function for one ROUGE key."""
+
+    def per_example(preds: Sequence[str], refs: Sequence[str]) -> np.ndarray:
+        return _rouge_per_example(preds, refs, (key,))[key]
+
+    per_example.__name__ = f"{key}_per_example"
+    return per_example
+
+
+def _rouge_key_mean(key: str) -> MetricFn:
+    """Mean F-measure function for one ROUGE key."""
+
+    def mean(preds: Sequence[str], refs: Sequence[str]) -> float:
+        return float(_rouge_per_example(preds, refs, (key,))[key].mean())
+
+    mean.__name__ = key
+    mean.__doc__ = f"Mean {key} F-measure over examples (see :func:`rouge`)."
+    return mean
+
+
+# --------------------------------------------------------------------- BLEU / chrF
+
+
+def _bleu(sentence_level: bool = False):  # -> sacrebleu.metrics.BLEU
+    """sacrebleu BLEU with default settings (13a tokenizer, exp smoothing); at
+    sentence level ``effective_order=True`` as ``sacrebleu.sentence_bleu`` uses."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(effective_order=sentence_level)
+
+
+def _chrf():  # -> sacrebleu.metrics.CHRF
+    """sacrebleu chrF with default settings (char order 6, no word n-grams, beta 2)."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
+def corpus_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """sacrebleu corpus BLEU (0-100): n-gram counts and lengths are summed over all
+    examples before the precisions and the brevity penalty are computed.
+
+    Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
+    differ or they are empty.
+    """
+    _check_pair(preds, refs)
+    return float(_bleu().corpus_score(list(preds), [list(refs)]).score)
+
+
+def sentence_bleu_mean(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Unweighted mean over examples of sacrebleu sentence BLEU (0-100).
+
+    Sentence BLEU uses effective n-gram order and exp smoothing, so this is not
+    :func:`corpus_bleu` and is usually different from it.
+
+    Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
+    differ or they are empty.
+    """
+    _check_pair(preds, refs)
+    bleu = _bleu(sentence_level=True)
+    return float(np.mean([bleu.sentence_score(p, [r]).score for p, r in zip(preds, refs)]))
+
+
+def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """sacrebleu corpus chrF (0-100), character n-gram statistics summed over examples.
+
+    Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
+    differ or they are empty.
+    """
+    _check_pair(preds, refs)
+    return float(_chrf().corpus_score(list(preds), [list(refs)]).score)
+
+
+def _sacrebleu_resampler(make_metric: Callable[[], object]) -> ResamplerFactory:
+    """Resample a sacrebleu corpus metric from per-sentence sufficient statistics.
+
+    Uses the same (underscore-prefixed) statistics hooks that sacrebleu's own
+    paired-bootstrap significance test uses: per-sentence statistics are summed over
+    each resample and the score is recomputed from the sums, which equals calling
+    ``corpus_score`` on the resampled corpus without re-tokenising it.
+    """
+
+    def factory(preds: Sequence[str], refs: Sequence[str]) -> Resampler:
+        metric = make_metric()
+        stats = np.asarray(
+            metric._extract_corpus_statistics(list(preds), [list(refs)]), dtype=np.int64
+        )
+
+        def scores(idx: np.ndarray) -> np.ndarray:
+            sums = stats[idx].sum(axis=1)
+            return np.array([metric._compute_score_from_stats(row).score for row in sums])
+
+        return scores
+
+    return factory

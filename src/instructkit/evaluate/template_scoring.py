@@ -1,0 +1,172 @@
+"""Scoring one template's examples with a model, into predictions and predictions.jsonl records.
+
+How each template is scored (examples are grouped by `template_id`):
+
+* a template whose examples carry `choices` -> rank classification: every choice scored by its summed
+  log-probability (mean per token with `cfg.length_normalized`); the prediction is the best choice's text.
+* any other template -> greedy generation (beam / sampling per `cfg`), `max_new_tokens` by task family
+  (`DEFAULT_MAX_NEW_TOKENS`, overridden by `cfg.max_new_tokens`, then by the `max_new_tokens_by_task`
+  argument).
+* `classify_by="generate"` scores choice templates by generation instead, mapping the answer to a choice
+  with `map_to_choice`; answers that name no choice count as wrong and are reported as `unparseable`.
+
+Perplexity, when asked for, is that of the reference completions (+ EOS, as trained) given the prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from instructkit.config import EvalConfig
+from instructkit.data.tokenize import TokenizeSettings, encode_for_generation, encode_prompts
+from instructkit.errors import DataError
+from instructkit.evaluate.generate import generate, map_to_choice
+from instructkit.evaluate.scoring import completion_nll, rank_choices
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+]
+
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
+    "rating": 8, "classification": 8, "sentiment": 8, "nli": 8, "yes_no_qa": 8,
+    "summarization": 64, "title_generation": 24, "translation": 96, "extractive_qa": 32,
+    "generation": 128, "instruction_following": 128, "question_generation": 48,
+}
+FALLBACK_MAX_NEW_TOKENS = 64  # a task family not listed above
+
+
+@dataclass
+class _Scored:
+    """One template's outputs before metrics: predictions, references, and how the prompts were fed."""
+
+    template_id: str
+    indices: list[int]
+    predictions: list[str]
+    references: list[str]
+    labels: list[str] | None  # the class set for choice templates, else None
+    records: list[dict[str, Any]]
+    prompt_tokens: list[int]
+    truncated: int
+    unparseable: int
+    nll: tuple[float, int] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring one template
+# --------------------------------------------------------------------------------------------------
+
+
+def _record(index: int, ex: dict, prompt: str, prediction: str, **extra: Any) -> dict[str, Any]:
+    """One line of predictions.jsonl; `prompt` is the prompt as given to the model (with demonstrations)."""
+    return {
+        "index": index,
+        "template_id": ex["template_id"],
+        "source_id": ex.get("source_id"),
+        "dataset": _dataset(ex),
+        "task": ex["task"],
+        "prompt": prompt,
+        "reference": ex["completion"],
+        "prediction": prediction,
+        "choice_logprobs": None,
+        "correct": None,
+        "held_out": bool(ex.get("held_out", False)),
+        **extra,
+    }
+
+
+def _dataset(ex: dict) -> str:
+    return ex.get("dataset") or ex["template_id"].split(".")[0]
+
+
+def _class_labels(exs: Sequence[dict]) -> list[str]:
+    """The union of the examples' choices, in first-seen order."""
+    labels: dict[str, None] = {}
+    for ex in exs:
+        for choice in ex.get("choices") or []:
+            labels.setdefault(choice, None)
+    return list(labels)
+
+
+def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
+                   settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig) -> _Scored:
+    try:
+        scores = rank_choices(model, tokenizer, prompts, [ex["choices"] for ex in exs], settings,
+                              is_seq2seq=is_seq2seq, batch_size=cfg.batch_size,
+                              length_normalized=cfg.length_normalized)
+    except ValueError as exc:  # a choice too long for max_length, an empty choice list
+        # "example 3" counts within this template's batch: name the example of the input instead.
+        message = re.sub(r"example (\d+)", lambda m: f"example {indices[int(m.group(1))] + 1}", str(exc))
+        raise DataError(f"template {exs[0]['template_id']!r}: {message}") from None
+    preds, records = [], []
+    for i, ex, prompt, s in zip(indices, exs, prompts, scores):
+        pred = ex["choices"][s.predicted]
+        preds.append(pred)
+        records.append(_record(i, ex, prompt, pred, correct=pred == ex["completion"],
+                               choice_logprobs=dict(zip(ex["choices"], s.logprobs))))
+    return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
+                   _class_labels(exs), records, [s.prompt_tokens for s in scores],
+                   sum(s.truncated for s in scores), 0)
+
+
+def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
+                         settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig, max_new_tokens: int,
+                         seed: int, classify: bool) -> _Scored:
+    texts = generate(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
+                     max_new_tokens=max_new_tokens, batch_size=cfg.batch_size, num_beams=cfg.num_beams,
+                     do_sample=cfg.do_sample, seed=seed)
+    fed = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
+    full = encode_prompts(tokenizer, prompts, settings)
+    preds, records, unparseable = [], [], 0
+    for i, ex, prompt, text in zip(indices, exs, prompts, texts):
+        if classify:
+            mapped = map_to_choice(text, ex["choices"])
+            unparseable += mapped is None
+            pred = text if mapped is None else mapped
+            preds.append(pred)
+            records.append(_record(i, ex, prompt, pred, generated=text, correct=mapped == ex["completion"]))
+        else:
+            preds.append(text)
+            records.append(_record(i, ex, prompt, text))
+    return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
+                   _class_labels(exs) if classify else None, records, [len(x) for x in fed],
+                   sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable)
+
+
+def _max_new_tokens(task: str, cfg: EvalConfig, override: dict[str, int] | None) -> int:
+    table = {**DEFAULT_MAX_NEW_TOKENS, **cfg.max_new_tokens, **(override or {})}
+    return table.get(task, FALLBACK_MAX_NEW_TOKENS)
+
+
+def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chosen: list[int],
+                     prompts: dict[int, str], settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig,
+                     max_new_tokens_by_task: dict[str, int] | None, seed: int, classify_by: str,
+                     with_perplexity: bool) -> dict[str, _Scored]:
+    """Score the chosen examples, template by template (in first-seen order)."""
+    by_template: dict[str, list[int]] = {}
+    for i in chosen:
+        by_template.setdefault(examples[i]["template_id"], []).append(i)
+    scored = {}
+    for tid, indices in by_template.items():
+        exs = [examples[i] for i in indices]
+        texts = [prompts[i] for i in indices]
+        has_choices = all(ex.get("choices") for ex in exs)
+        logger.info("evaluating %s: %d examples by %s", tid, len(exs),
+                    "rank" if has_choices and classify_by == "rank" else "generation")
+        if has_choices and classify_by == "rank":
+            result = _score_by_rank(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg)
+        else:
+            result = _score_by_generation(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg,
+                                          _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
+                                          classify=has_choices)
+        if with_perplexity:
+            total, tokens, _ = completion_nll(model, tokenizer, texts, [ex["completion"] for ex in exs],
+                                              settings, is_seq2seq, batch_size=cfg.batch_size)
+            result.nll = (total, tokens)
+        scored[tid] = result
+    return scored

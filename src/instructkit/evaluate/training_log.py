@@ -1,0 +1,82 @@
+"""Read the training run's ``metrics.jsonl`` for the report: records, per-key series and a summary.
+
+A record counts when it has a numeric ``step``; a line that is not JSON (a crash mid-write) is skipped.
+Validation task metrics are the flat keys that name a metric ("macro_f1", "rougeL") or start with
+``val_``; per-template keys ("t/macro_f1") and the training counters are not plotted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from instructkit.evaluate.metric_registry import METRICS
+from instructkit.io import iter_jsonl
+
+__all__ = ["read_metrics_log", "series", "task_metric_keys", "training_summary"]
+
+log = logging.getLogger(__name__)
+
+LOG_COUNTERS = {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "val_loss", "val_ppl", "time",
+                "elapsed", "elapsed_s", "grad_norm", "examples", "wall_s"}
+
+
+def read_metrics_log(path: Path | None) -> list[dict]:
+    """Records of ``metrics.jsonl`` that have a step; unreadable lines (a crash mid-write) skipped.
+
+    A missing file gives ``[]`` (with a warning); nothing is raised for unreadable lines.
+    """
+    if path is None:
+        return []
+    path = Path(path)
+    if not path.is_file():
+        log.warning("training log %s not found; no training curves", path)
+        return []
+    return [record for record in iter_jsonl(path, skip_torn=True)
+            if isinstance(record, dict) and isinstance(record.get("step"), (int, float))]
+
+
+def series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that carry a finite number under ``key``."""
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(float(r["step"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def task_metric_keys(records: Sequence[dict]) -> list[str]:
+    """Flat validation task metrics in the log ("macro_f1", "rougeL"; not per-template "t/macro_f1")."""
+    keys: list[str] = []
+    for r in records:
+        for k, v in r.items():
+            numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if k in LOG_COUNTERS or "/" in k or k in keys or not numeric:
+                continue
+            if k in METRICS or k.startswith("val_"):
+                keys.append(k)
+    return keys
+
+
+def training_summary(records: Sequence[dict], path: Path | None) -> dict[str, Any] | None:
+    """Last step, final training loss, best validation loss (step and value)."""
+    if not records:
+        return None if path is None else {"path": str(path), "n_records": 0}
+    _, losses = series(records, "loss")
+    vsteps, vlosses = series(records, "val_loss")
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "n_records": len(records),
+        "last_step": max(float(r["step"]) for r in records),
+        "final_loss": losses[-1] if losses else None,
+        "task_metrics": task_metric_keys(records),
+    }
+    if vlosses:
+        best = min(range(len(vlosses)), key=lambda i: vlosses[i])
+        summary["best_val_loss"] = {"step": vsteps[best], "value": vlosses[best]}
+    return summary

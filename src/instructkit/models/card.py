@@ -1,0 +1,246 @@
+"""The model card of a saved instruct model: README.md with Hugging Face metadata, and its metrics.
+
+The card is a `huggingface_hub.ModelCard`. Its YAML header (`ModelCardData`) holds license (license_name
+when the licence has no Hub identifier), base_model, library_name (peft for an adapter saved alone),
+pipeline_tag (text2text-generation for seq2seq), tags, datasets (the data sources' names) and, once there
+are metrics, a `model-index` with base and tuned values per template:
+
+    model-index:
+    - name: <the card's title>
+      results:
+      - task: {type: text-generation, name: <report section>}
+        dataset: {name: held-out test split, template <tid>, type: <sources>, config: <tid>, split: test}
+        metrics:
+        - {type: macro_f1, name: macro_f1 (base), value: 0.41}
+        - {type: macro_f1, name: macro_f1 (tuned), value: 0.55}
+
+A row without a base value ({name, value, ci}) gives one metric named as the row. Missing and non-finite
+values stay out of the model-index (the table still shows them). The body is markdown: base model and
+licence, training data, training, the evaluation table with 95% intervals, and how to load the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+from instructkit.errors import ModelError
+from instructkit.io import atomic_open, write_json
+
+CONFIG_FILE = "instructkit_config.json"  # card + training config + provenance, inside a saved model
+
+PROVENANCE_KEYS = ("name", "base_model", "licence", "license_id", "instruct", "package", "gguf_file",
+                   "gguf_sha256", "dequantized_from", "licence_files", "requested", "folder", "kind")
+
+
+def card_provenance(card: dict[str, Any]) -> dict[str, Any]:
+    """card["provenance"], or the provenance keys spread at the card's top level (`{**loaded.provenance}`)."""
+    if card.get("provenance"):
+        return dict(card["provenance"])
+    return {k: card[k] for k in PROVENANCE_KEYS if k in card}
+
+
+def update_model_card_metrics(out_dir: str | os.PathLike, metrics_rows: list[dict[str, Any]]) -> None:
+    """Put `metrics_rows` ({name, value, ci}, or `evaluate.compare.model_card_rows`) into a saved model's
+    card: its metrics table and its model-index.
+
+    README.md and instructkit_config.json are each rewritten atomically.
+    Raises: ModelError when `out_dir` holds no instructkit_config.json (not saved by instructkit).
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ModelError(f"{out_dir} is not a model saved by instructkit (no {CONFIG_FILE})")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["card"]["metrics"] = list(metrics_rows)
+    write_json(path, record)
+    with atomic_open(out_dir / "README.md") as handle:
+        handle.write(render_model_card(record))
+
+
+def render_model_card(record: dict[str, Any]) -> str:
+    """README.md: the Hub metadata (`card_metadata`) + provenance, data, training, metrics, usage."""
+    from huggingface_hub import ModelCard
+
+    card, prov = record["card"], record.get("provenance") or {}
+    adapter_only, seq2seq = record.get("adapter_only", False), record.get("seq2seq", False)
+    lines = [f"# {card_title(record)}", ""]
+    if card.get("description"):
+        lines += [str(card["description"]), ""]
+    lines += model_card_provenance(prov)
+    lines += model_card_data(card.get("data_sources") or [])
+    lines += model_card_training(record)
+    lines += model_card_metrics(card.get("metrics") or [])
+    lines += model_card_usage(adapter_only, seq2seq)
+    body = "\n".join(lines).rstrip() + "\n"
+    return str(ModelCard(f"---\n{card_metadata(record).to_yaml()}\n---\n\n{body}"))
+
+
+def card_base_model(prov: dict[str, Any]) -> str:
+    return prov.get("base_model") or prov.get("name") or "unknown"
+
+
+def card_title(record: dict[str, Any]) -> str:
+    card = record["card"]
+    base_model = card_base_model(record.get("provenance") or {})
+    title = card.get("title") or f"{base_model} instruction-tuned with instructkit"
+    if card.get("run"):
+        title += f" (run {card['run']})"
+    return title
+
+
+def card_metadata(record: dict[str, Any]) -> Any:
+    """The card's YAML header as a `huggingface_hub.ModelCardData` (see the module docstring)."""
+    from huggingface_hub import ModelCardData
+
+    card, prov = record["card"], record.get("provenance") or {}
+    seq2seq = record.get("seq2seq", False)
+    pipeline_tag = "text2text-generation" if seq2seq else "text-generation"
+    license_id = prov.get("license_id") or "other"
+    sources = [str(s.get("name")) for s in card.get("data_sources") or [] if s.get("name")]
+    results = eval_results(card.get("metrics") or [], task_type=pipeline_tag,
+                           dataset_type="+".join(sources) or "unknown")
+    return ModelCardData(
+        license=license_id,
+        license_name=str(prov["licence"]) if license_id == "other" and prov.get("licence") else None,
+        base_model=card_base_model(prov),
+        library_name="peft" if record.get("adapter_only", False) else "transformers",
+        pipeline_tag=pipeline_tag,
+        tags=["instructkit", "instruction-tuning",
+              *[t for t in card.get("tags", []) if t not in ("instructkit", "instruction-tuning")]],
+        datasets=sources or None,
+        model_name=card_title(record) if results else None,
+        eval_results=results or None,
+    )
+
+
+def metric_number(value: Any) -> int | float | None:
+    """A metric value fit for the model-index: a plain int or a finite float; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def eval_results(rows: list[dict[str, Any]], *, task_type: str, dataset_type: str) -> list[Any]:
+    """Metrics rows as `huggingface_hub.EvalResult`s: a row with a base value gives "<metric> (base)" and
+    "<metric> (tuned)"; other rows give one result named as the row. One model-index entry per template
+    (dataset config = template id); rows without a number are left out."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for row in rows:
+        template = row.get("template")
+        dataset_name = f"held-out test split, template {template}" if template else "held-out test split"
+        if "base" in row:
+            metric = str(row.get("metric") or row.get("name", "?"))
+            tuned = row.get("tuned", row.get("value"))
+            values = [(f"{metric} (base)", row["base"]), (f"{metric} (tuned)", tuned)]
+        else:
+            metric = str(row.get("name", "?"))
+            values = [(metric, row.get("value"))]
+        for name, value in values:
+            number = metric_number(value)
+            if number is None:
+                continue
+            results.append(EvalResult(
+                task_type=task_type, task_name=row.get("section") or None,
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_config=str(template) if template else None, dataset_split="test",
+                metric_type=metric, metric_name=name, metric_value=number,
+            ))
+    return results
+
+
+def model_card_provenance(prov: dict[str, Any]) -> list[str]:
+    lines = ["## Base model and licence", ""]
+    lines.append(f"- Base model: `{prov.get('base_model') or prov.get('name') or 'unknown'}`")
+    lines.append(f"- Licence of the base model: {prov.get('licence') or 'unknown'}")
+    if prov.get("license_id") == "gemma":
+        lines.append("- Gemma is provided under and subject to the Gemma Terms of Use found at "
+                     "https://ai.google.dev/gemma/terms; this model is a derivative and the same terms "
+                     "apply.")
+    if prov.get("dequantized_from"):
+        lines.append(f"- Starting weights: {prov['dequantized_from']}")
+    if prov.get("gguf_sha256"):
+        lines.append(f"- GGUF file: `{prov.get('gguf_file', '?')}`, sha256 `{prov['gguf_sha256']}`")
+    files = [Path(f).name for f in prov.get("licence_files") or []]
+    if files:
+        lines.append(f"- Licence files shipped in this folder: {', '.join(files)}")
+    return lines + [""]
+
+
+def model_card_data(sources: list[dict[str, Any]]) -> list[str]:
+    if not sources:
+        return ["## Training data", "", "Not recorded.", ""]
+    lines = ["## Training data", "", "| source | licence | rows | path |", "|---|---|---|---|"]
+    for src in sources:
+        lines.append(f"| {src.get('name', '?')} | {src.get('licence') or src.get('license') or 'unknown'} "
+                     f"| {src.get('rows', '')} | {src.get('path', '')} |")
+    return lines + [""]
+
+
+def model_card_training(record: dict[str, Any]) -> list[str]:
+    card, versions = record["card"], record.get("versions") or {}
+    lines = ["## Training", ""]
+    lines.append(f"- Seed: {card.get('seed')}")
+    if record.get("adapter_only"):
+        lines.append("- Saved as a LoRA adapter alone (apply it to the base model with peft).")
+    lines.append("- Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    lines.append(f"- Full training configuration: `{CONFIG_FILE}`")
+    return lines + [""]
+
+
+def format_metric_value(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def interval(low: Any, high: Any) -> str:
+    return f"[{format_metric_value(low)}, {format_metric_value(high)}]" if low is not None else ""
+
+
+def metric_row_cells(row: dict[str, Any]) -> dict[str, str]:
+    """One metrics row as table cells. Accepts {name, value, ci: [lo, hi]} and the report's rows
+    ({name, base, value, value_low, value_high, delta, ci_low, ci_high, n})."""
+    ci = row.get("ci") or (row.get("value_low"), row.get("value_high"))
+    cells = {"metric": str(row.get("name", "?")), "value": format_metric_value(row.get("value")),
+             "95% CI": interval(*ci)}
+    if "base" in row:
+        cells["base"] = format_metric_value(row["base"])
+    if "delta" in row:
+        delta = f"{row['delta']:+.4f}" if isinstance(row["delta"], float) else str(row["delta"])
+        change_ci = interval(row.get("ci_low"), row.get("ci_high"))
+        cells["change vs base [95% CI]"] = f"{delta} {change_ci}".strip()
+    if "n" in row:
+        cells["n"] = str(row["n"])
+    return cells
+
+
+def model_card_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The metrics table: metric | value | 95% CI, plus base / change / n columns when rows carry them."""
+    if not rows:
+        return []
+    cells = [metric_row_cells(row) for row in rows]
+    order = ["metric", "base", "value", "95% CI", "change vs base [95% CI]", "n"]
+    columns = [c for c in order if any(c in row for row in cells)]
+    lines = ["## Evaluation", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in cells]
+    return lines + [""]
+
+
+def model_card_usage(adapter_only: bool, seq2seq: bool) -> list[str]:
+    auto = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+    if adapter_only:
+        code = ["from peft import AutoPeftModelForCausalLM", "",
+                'model = AutoPeftModelForCausalLM.from_pretrained("PATH")']
+    else:
+        code = [f"from transformers import {auto}, AutoTokenizer", "",
+                f'model = {auto}.from_pretrained("PATH")',
+                'tokenizer = AutoTokenizer.from_pretrained("PATH")']
+    return ["## Loading", "", "```python", *code, "```", ""]

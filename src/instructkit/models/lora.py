@@ -1,0 +1,40 @@
+"""Wrap a model with peft LoRA adapters, and tell a peft model apart."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from instructkit.config import LoraSettings
+from instructkit.errors import ModelError
+
+
+def wrap_lora(model: Any, settings: LoraSettings) -> Any:
+    """Wrap `model` in a peft LoRA model: only the adapters train (r x (in + out) parameters per linear).
+
+    `target_modules: all-linear` adapts every linear layer except the LM head.
+    Raises: ModelError when peft refuses `settings.target_modules` (no such layer).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ModelError(f"train.lora.target_modules={settings.target_modules!r}: {exc}") from None
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a peft-wrapped model (False when peft is not installed)."""
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

@@ -1,0 +1,84 @@
+"""Save the instruct model atomically (temporary folder beside it, then rename) with its model card.
+
+The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)`, no instructkit needed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from instructkit.io import atomic_open, fsync_dir, replace_folder, temp_folder_beside, write_json
+from instructkit.models.card import CONFIG_FILE, card_provenance, render_model_card
+from instructkit.models.generation import configure_generation
+from instructkit.models.lora import is_peft_model
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("instructkit", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, card: dict[str, Any],
+                        train_config: dict[str, Any] | None, merge_lora: bool = True) -> Path:
+    """Save the tuned model to `out_dir` atomically (temporary folder beside it, then rename).
+
+    Writes: config.json + model.safetensors (or, for a peft model with merge_lora=False, the adapter alone:
+    adapter_config.json + adapter_model.safetensors), the tokenizer, generation_config.json (EOS plus the
+    chat template's end-of-turn token; pad), README.md (model card), instructkit_config.json, and the base
+    model's licence files.
+
+    `card` keys (all optional): provenance (LoadedModel.provenance: base model, licence, GGUF sha256,
+    dequantized-from note; its keys may also be spread at the card's top level), title, run, description,
+    data_sources (list of {name, licence, path, rows}), seed (default: train_config["seed"]), metrics (rows
+    {name, value, ci: [lo, hi]} or evaluate.compare.model_card_rows), tags.
+
+    A peft model with merge_lora=True is merged in place (merge_and_unload): its base weights then hold the
+    adapter, so it can be evaluated as the saved model but not trained further as LoRA.
+    Raises: OSError when writing fails; `out_dir` then keeps its previous content.
+    """
+    out_dir = Path(out_dir)
+    adapter_only = False
+    if is_peft_model(model):
+        if merge_lora:
+            model = model.merge_and_unload()
+        else:
+            adapter_only = True
+    configure_generation(model, tokenizer)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    card = {**card, "seed": card.get("seed", (train_config or {}).get("seed"))}
+    record = {
+        "format": 1,
+        "adapter_only": adapter_only,
+        "seq2seq": seq2seq,
+        "card": card,
+        "provenance": card_provenance(card),
+        "train_config": train_config,
+        "versions": library_versions(),
+    }
+
+    tmp = temp_folder_beside(out_dir)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if adapter_only and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        for path in record["provenance"].get("licence_files") or []:
+            if Path(path).is_file():
+                shutil.copy2(path, tmp / Path(path).name)
+        write_json(tmp / CONFIG_FILE, record)
+        with atomic_open(tmp / "README.md") as handle:
+            handle.write(render_model_card(record))
+        fsync_dir(tmp)
+        return replace_folder(tmp, out_dir, keep_existing=False)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

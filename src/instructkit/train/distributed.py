@@ -1,0 +1,84 @@
+"""The execution engine: `accelerate` for devices, processes and mixed precision, and the few collectives
+the loop needs (sums, a broadcast, RNG states). Each is a no-op in one process.
+
+Launch: `torchrun --nproc_per_node 2 -m instructkit train CONFIG` (CPU: gloo, DDP) or `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from instructkit.config import TrainConfig
+from instructkit.data.batching import Batch
+from instructkit.errors import TrainingError
+from instructkit.train.checkpoint import capture_rng
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An Accelerator for cfg.precision; devices and processes come from the launcher (torchrun/accelerate)."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision])
+    except ValueError as exc:  # accelerate keeps one state per process
+        raise TrainingError(f"train.precision={cfg.precision}: {exc} (or pass your own accelerator=)") from None
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: works with frozen inputs and LoRA)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def distributed(accelerator: Any) -> bool:
+    return accelerator.num_processes > 1 and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(accelerator: Any, values: Sequence[float]) -> list[float]:
+    """Sum Python numbers over processes (float64); returns them unchanged in one process."""
+    if not distributed(accelerator):
+        return [float(v) for v in values]
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast(accelerator: Any, obj: Any) -> Any:
+    if not distributed(accelerator):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_rng(accelerator: Any) -> list[dict[str, Any]]:
+    mine = capture_rng()
+    if not distributed(accelerator):
+        return [mine]
+    out: list[Any] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def sharded(accelerator: Any) -> bool:
+    """FSDP / DeepSpeed: parameters are split over processes (no exact checkpoints here)."""
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    return "FSDP" in kind or "DEEPSPEED" in kind
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move a collated batch to `device` (in place; a no-op on CPU, where batches are built)."""
+    if device.type == "cpu":
+        return batch
+    batch.inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
+    batch.target_mask = batch.target_mask.to(device, non_blocking=True)
+    batch.targets = batch.targets.to(device, non_blocking=True)
+    if batch.target_weights is not None:
+        batch.target_weights = batch.target_weights.to(device, non_blocking=True)
+    return batch

@@ -1,0 +1,75 @@
+"""Where a run starts: fresh (an earlier run's checkpoints removed) or from the newest verified checkpoint,
+with the data position checked so the resumed run replays the very same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from instructkit.data.sampler import plan_digest, plan_epoch
+from instructkit.errors import TrainingError
+from instructkit.train.checkpoint import checkpoints_dir, latest_good_checkpoint, load_checkpoint
+from instructkit.train.distributed import broadcast
+from instructkit.train.state import Run, TrainState
+
+logger = logging.getLogger(__name__)
+
+
+def resume_point(run: Run, resume: bool) -> tuple[TrainState, Path | None]:
+    """The state to start from and the checkpoint it came from (None: a fresh start).
+
+    A fresh start owns the folder: an earlier run's checkpoints are removed, since its step-N would
+    otherwise outrank the new ones. Raises TrainingError when the checkpoint cannot be resumed exactly.
+    """
+    state, last_checkpoint = TrainState(), None
+    if resume:
+        if run.sharded:
+            raise TrainingError("--resume is not supported with FSDP/DeepSpeed in instructkit yet; "
+                                "restart the run without --resume or train with DDP")
+        found = broadcast(run.accelerator, str(latest_good_checkpoint(run.run_dir) or "") if run.main else None)
+        if not found:
+            logger.warning("resume: no complete checkpoint in %s; starting from the beginning", run.run_dir)
+        else:
+            last_checkpoint = Path(found)
+            saved = load_checkpoint(last_checkpoint, run.unwrapped, getattr(run.optimizer, "optimizer", run.optimizer),
+                                    run.scheduler, rank=run.accelerator.process_index)
+            state = TrainState(**saved["extra"]["state"])
+            check_position(run, saved["sampler"], last_checkpoint)
+            logger.info("resumed from %s (step %d of %d)", last_checkpoint, state.step, run.total_steps)
+    if last_checkpoint is None and run.main and checkpoints_dir(run.run_dir).exists():
+        logger.warning("starting fresh: removing the earlier run's checkpoints in %s", checkpoints_dir(run.run_dir))
+        shutil.rmtree(checkpoints_dir(run.run_dir))
+    run.accelerator.wait_for_everyone()
+    return state, last_checkpoint
+
+
+def data_position(run: Run, state: TrainState, epoch_plan: list) -> dict[str, Any]:
+    """The data position a resumed run restarts from (plus what must not have changed)."""
+    plan = run.plan
+    return {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "seed": plan.seed,
+            "group_size": plan.group_size, "world_size": plan.world_size, "packing": plan.packing,
+            "examples": len(run.table), "total_steps": run.total_steps,
+            "plan_digest": plan_digest(epoch_plan) if state.step_in_epoch else None}
+
+
+def check_position(run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Raise TrainingError unless the saved data position replays the very same batches now."""
+    plan = run.plan
+    now = {"seed": plan.seed, "group_size": plan.group_size, "world_size": plan.world_size,
+           "packing": plan.packing, "examples": len(run.table)}
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if changed:
+        raise TrainingError(f"cannot resume exactly from {path}: "
+                            + ", ".join(f"{k} was {a}, now {b}" for k, (a, b) in changed.items())
+                            + ". Resume with the same data and batch settings, or start a new run.")
+    if saved.get("plan_digest"):
+        digest = plan_digest(plan_epoch(run.table.lengths, plan, saved["epoch"], run.sample_labels))
+        if digest != saved["plan_digest"]:
+            raise TrainingError(f"cannot resume exactly from {path}: the epoch's batches differ (the training data "
+                                "or its tokenization changed)")
+    if saved.get("total_steps") != run.total_steps:
+        logger.warning("resume: the run now has %s steps instead of %s; the learning-rate schedule changes",
+                       run.total_steps, saved.get("total_steps"))

@@ -1,0 +1,83 @@
+"""One optimizer step over a window of micro-batches, with the loss normalised over the whole window.
+
+  1. The window's label weight W (label tokens, or the sum of their class weights) is summed over all
+     micro-batches and all processes BEFORE any backward pass.
+  2. Each micro-batch's loss is sum(weight x cross-entropy over its label tokens) x world_size / W, so
+     the gradients added over micro-batches and averaged by DDP over processes are exactly
+     d/dw [sum over the window of weight x CE] / W. Hence (batch 8, accum 1) == (batch 2, accum 4) ==
+     packed == 2 processes x batch 4, even when processes hold different numbers of label tokens.
+  3. Clip, one .tolist() to read loss and grad norm (the only host sync), stop on NaN/Inf BEFORE the
+     optimizer step, step, schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from instructkit.data.batching import Batch
+from instructkit.errors import TrainingError
+from instructkit.train.distributed import all_reduce_sum, distributed
+from instructkit.train.loss import batch_loss
+from instructkit.train.state import Run
+
+
+@dataclass
+class StepStats:
+    loss: float  # sum(weight x CE) / sum(weight) over the window, all processes
+    grad_norm: float
+    tokens: int  # non-padding input tokens, all processes
+    label_tokens: int
+    lr: float
+
+
+def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
+    """One optimizer step over this process's micro-batches of one window (see the module docstring).
+
+    `step` (1-based) only names the step in errors. Raises TrainingError when the window has no label
+    token, or when the loss or the gradient norm is not finite (the step is then not applied).
+    """
+    model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
+    seq2seq, logits_at_labels, max_grad_norm = run.seq2seq, run.logits_at_labels, run.cfg.max_grad_norm
+    weight, tokens, labels = all_reduce_sum(accelerator, [
+        sum(b.weight_sum for b in batches), sum(b.n_tokens for b in batches), sum(b.n_targets for b in batches)])
+    if weight <= 0:
+        raise TrainingError(f"step {step}: no label tokens in the whole step (completions empty?)")
+    # DDP averages gradients over processes, so each process scales by world_size / W: the average of
+    # world_size x (its share of the sum) / W is the sum over all processes / W.
+    scale = accelerator.num_processes / weight
+    window_loss = torch.zeros((), device=accelerator.device)
+    deepspeed = "DEEPSPEED" in str(accelerator.distributed_type)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        if deepspeed:  # DeepSpeed steps its engine inside backward at the boundary (untested: not installed here)
+            accelerator.gradient_state._set_sync_gradients(last)
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                part = batch_loss(model, batch, seq2seq=seq2seq, logits_at_labels=logits_at_labels)
+            accelerator.backward(part * scale)
+        window_loss += part.detach().float()
+    # The norm is needed even without clipping: a finite loss can still give Inf/NaN gradients.
+    # (max_norm=inf scales by exactly 1.0.)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    readings = torch.stack([window_loss, torch.as_tensor(grad_norm).float().to(window_loss.device)])
+    if distributed(accelerator):
+        torch.distributed.all_reduce(readings)
+    loss_sum, norm_sum = readings.tolist()  # the step's one host sync
+    loss = loss_sum / weight
+    norm = norm_sum / accelerator.num_processes  # the same on every process after DDP's all-reduce
+    lr = scheduler.get_last_lr()[0]
+    # fp16: the grad scaler skips Inf steps by design; everywhere else Inf/NaN means divergence.
+    if not math.isfinite(loss) or (not math.isfinite(norm) and accelerator.mixed_precision != "fp16"):
+        raise TrainingError(
+            f"training diverged at step {step}: loss {loss}, gradient norm {norm} (lr {lr:.3g}). The step was "
+            "not applied and no checkpoint was written after it. Lower train.lr, keep train.max_grad_norm on, "
+            "or use precision fp32.")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss, norm, int(tokens), int(labels), lr)

@@ -1,0 +1,212 @@
+"""Tests for instructkit.evaluate.bootstrap: bootstrap intervals and the paired bootstrap."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from instructkit.evaluate import bootstrap as bs
+from instructkit.evaluate import metric_registry as reg
+from instructkit.evaluate import metrics as m
+
+# --------------------------------------------------------------------------- fixtures
+
+# 3-class toy problem (worked out in test_metrics.py).
+REFS = ["cat", "cat", "cat", "dog", "dog", "bird"]
+PREDS = ["cat", "cat", "dog", "dog", "bird", "bird"]
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_bootstrap_errors():
+    with pytest.raises(ValueError, match="empty input: preds and refs"):
+        bs.bootstrap_ci("accuracy", [], [])
+    with pytest.raises(ValueError, match="length mismatch"):
+        bs.bootstrap_ci("accuracy", ["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="empty input: preds_a and refs"):
+        bs.paired_bootstrap_diff("accuracy", [], [], [])
+    with pytest.raises(ValueError, match="length mismatch: preds_b has 1 items, refs has 2"):
+        bs.paired_bootstrap_diff("accuracy", ["a", "b"], ["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="n_resamples"):
+        bs.bootstrap_ci("accuracy", ["a"], ["a"], n_resamples=0)
+    with pytest.raises(ValueError, match="confidence"):
+        bs.bootstrap_ci("accuracy", ["a"], ["a"], confidence=1.0)
+
+
+# ------------------------------------------------------------------------- bootstrap
+
+
+def _toy_generation_data(n: int = 60, seed: int = 1) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    words = ["cat", "dog", "sat", "on", "the", "mat", "ran", "fast", "home", "red"]
+    refs, preds = [], []
+    for _ in range(n):
+        ref = list(rng.choice(words, size=6))
+        pred = [w if rng.random() < 0.7 else str(rng.choice(words)) for w in ref]
+        refs.append(" ".join(ref))
+        preds.append(" ".join(pred))
+    return preds, refs
+
+
+def _toy_classification_data(n: int = 60, seed: int = 1) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    labels = ["pos", "neg", "neutral"]
+    refs = [labels[i] for i in rng.integers(0, 3, n)]
+    preds = [r if rng.random() < 0.7 else labels[rng.integers(0, 3)] for r in refs]
+    return preds, refs
+
+
+@pytest.mark.parametrize("name", sorted(reg.METRICS))
+def test_bootstrap_ci_contains_point_and_is_deterministic(name):
+    if name in {"accuracy", "macro_f1"}:
+        preds, refs = _toy_classification_data()
+    else:
+        preds, refs = _toy_generation_data()
+    point, low, high = bs.bootstrap_ci(name, preds, refs, n_resamples=300, seed=3)
+    assert point == pytest.approx(reg.compute(name, preds, refs))
+    assert low <= point <= high
+    assert low < high
+    assert bs.bootstrap_ci(name, preds, refs, n_resamples=300, seed=3) == (point, low, high)
+
+
+def test_bootstrap_ci_depends_on_seed():
+    preds, refs = _toy_generation_data()
+    first = bs.bootstrap_ci("token_f1", preds, refs, n_resamples=300, seed=3)
+    second = bs.bootstrap_ci("token_f1", preds, refs, n_resamples=300, seed=4)
+    assert first[0] == second[0]
+    assert first[1:] != second[1:]
+
+
+def test_bootstrap_ci_single_example_is_degenerate():
+    for name in ("accuracy", "macro_f1", "bleu", "rouge1"):
+        point, low, high = bs.bootstrap_ci(name, ["the cat sat down"], ["the cat sat up"])
+        assert low == pytest.approx(point) and high == pytest.approx(point)
+
+
+def test_bootstrap_ci_accepts_callable_and_spec():
+    preds, refs = PREDS * 5, REFS * 5
+    by_name = bs.bootstrap_ci("accuracy", preds, refs, n_resamples=200)
+    by_callable = bs.bootstrap_ci(m.accuracy, preds, refs, n_resamples=200)  # looped path
+    by_spec = bs.bootstrap_ci(reg.METRICS["accuracy"], preds, refs, n_resamples=200)
+    assert by_callable == pytest.approx(by_name)
+    assert by_spec == pytest.approx(by_name)
+
+
+def test_macro_f1_bootstrap_matches_looped_sklearn():
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", "d"]
+    refs = [labels[i] for i in rng.integers(0, 4, 40)]
+    preds = [labels[i] for i in rng.integers(0, 4, 40)]
+    fixed = reg.macro_f1_metric(labels)
+    vectorised = bs.bootstrap_ci(fixed, preds, refs, n_resamples=100, seed=5)
+    looped = bs.bootstrap_ci(fixed.fn, preds, refs, n_resamples=100, seed=5)
+    assert vectorised == pytest.approx(looped)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(st.sampled_from("abcd"), st.sampled_from("abcde")), min_size=1, max_size=25
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_macro_f1_resampler_equals_sklearn_on_each_resample(pairs, seed):
+    refs = [r for r, _ in pairs]
+    preds = [p for _, p in pairs]
+    labels = sorted(set(refs) | set(preds))
+    idx = np.random.default_rng(seed).integers(0, len(pairs), size=(5, len(pairs)))
+    idx[0] = np.arange(len(pairs))  # identity resample == full data
+    got = reg.METRICS["macro_f1"].resampler(preds, refs)(idx)
+    for row, value in zip(idx, got):
+        sub_p, sub_r = [preds[i] for i in row], [refs[i] for i in row]
+        assert value == pytest.approx(m.macro_f1(sub_p, sub_r, labels=labels))
+    assert got[0] == pytest.approx(m.macro_f1(preds, refs))
+
+
+def test_macro_f1_bootstrap_is_fast():
+    rng = np.random.default_rng(0)
+    labels = [f"class{i}" for i in range(5)]
+    refs = [labels[i] for i in rng.integers(0, 5, 200)]
+    preds = [labels[i] for i in rng.integers(0, 5, 200)]
+    start = time.perf_counter()
+    bs.bootstrap_ci("macro_f1", preds, refs, n_resamples=1000)
+    assert time.perf_counter() - start < 1.0
+
+
+# ------------------------------------------------------------------ paired bootstrap
+
+
+def test_paired_identical_predictions():
+    preds, refs = _toy_generation_data()
+    for name in ("accuracy", "bleu", "macro_f1"):
+        out = bs.paired_bootstrap_diff(name, preds, preds, refs, n_resamples=300)
+        assert out["delta"] == 0.0
+        assert out["low"] == 0.0 and out["high"] == 0.0  # only possible with paired indices
+        assert out["p_value"] > 0.2
+        assert out["n"] == len(refs)
+
+
+def test_paired_large_consistent_improvement():
+    refs = ["yes"] * 100
+    preds_a = ["no"] * 80 + ["yes"] * 20  # accuracy 0.2
+    preds_b = ["yes"] * 95 + ["no"] * 5  # accuracy 0.95
+    out = bs.paired_bootstrap_diff("accuracy", preds_a, preds_b, refs, n_resamples=1000)
+    assert out["delta"] == pytest.approx(0.75)  # metric(b) - metric(a)
+    assert 0 < out["low"] <= 0.75 <= out["high"]
+    assert out["p_value"] < 0.01
+    # swapping the systems flips the sign but not the p-value
+    rev = bs.paired_bootstrap_diff("accuracy", preds_b, preds_a, refs, n_resamples=1000)
+    assert rev["delta"] == pytest.approx(-0.75)
+    assert rev["low"] == pytest.approx(-out["high"]) and rev["high"] == pytest.approx(-out["low"])
+    assert rev["p_value"] == out["p_value"]
+
+
+def test_paired_interval_is_narrower_than_unpaired_for_correlated_systems():
+    # b = a except for 10 extra correct answers: paired deltas vary little
+    refs = ["y"] * 200
+    preds_a = ["y"] * 100 + ["n"] * 100
+    preds_b = ["y"] * 110 + ["n"] * 90
+    out = bs.paired_bootstrap_diff("accuracy", preds_a, preds_b, refs, n_resamples=500)
+    _, lo_a, hi_a = bs.bootstrap_ci("accuracy", preds_a, refs, n_resamples=500)
+    assert out["high"] - out["low"] < (hi_a - lo_a) / 2
+
+
+# Joint distribution of (A correct, B correct): correlated errors, true accuracies
+# P(A) = 0.55 + 0.05 = 0.60 and P(B) = 0.55 + 0.15 = 0.70, true difference 0.10.
+_JOINT = {(1, 1): 0.55, (1, 0): 0.05, (0, 1): 0.15, (0, 0): 0.25}
+TRUE_DIFF = 0.10
+
+
+def _paired_coverage(n_trials: int, n_examples: int, n_resamples: int, seed: int) -> float:
+    """Fraction of simulated datasets whose paired 95% interval covers TRUE_DIFF."""
+    rng = np.random.default_rng(seed)
+    outcomes = list(_JOINT)
+    cells = rng.choice(len(outcomes), p=list(_JOINT.values()), size=(n_trials, n_examples))
+    correct = np.array(outcomes)[cells]  # (trials, examples, 2)
+    refs = ["gold"] * n_examples
+    covered = 0
+    for trial in range(n_trials):
+        a = ["gold" if c else "wrong" for c in correct[trial, :, 0]]
+        b = ["gold" if c else "wrong" for c in correct[trial, :, 1]]
+        out = bs.paired_bootstrap_diff(
+            "accuracy", a, b, refs, n_resamples=n_resamples, seed=trial
+        )
+        covered += out["low"] <= TRUE_DIFF <= out["high"]
+    return covered / n_trials
+
+
+def test_paired_bootstrap_coverage_simulation():
+    coverage = _paired_coverage(n_trials=200, n_examples=200, n_resamples=500, seed=0)
+    assert 0.90 <= coverage <= 0.99
+
+
+@pytest.mark.slow
+def test_paired_bootstrap_coverage_simulation_large():
+    coverage = _paired_coverage(n_trials=2000, n_examples=300, n_resamples=1000, seed=1)
+    # binomial s.e. at 2000 trials ~0.005
+    assert 0.93 <= coverage <= 0.965

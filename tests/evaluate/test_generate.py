@@ -1,0 +1,154 @@
+"""Generation against direct computations: batched equals one at a time, stop tokens, answer mapping.
+
+The references are deliberately naive: one prompt at a time, unpadded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructkit.data.tokenize import TokenizeSettings, encode_batch, encode_prompts
+from instructkit.data.tokenize import stop_token_ids
+from instructkit.evaluate.generate import generate, map_to_choice
+
+PROMPTS = [
+    "Predict the associated rating for the following review: great coffee, fast shipping. Rating:",
+    "hi",
+    "Translate to German: a man rides a bike. The quick brown fox jumps over the lazy dog again and again.",
+    "Summarize the dialogue.",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation on a model that has learned its answers
+# --------------------------------------------------------------------------------------------------
+
+TRAIN_PAIRS = [
+    ("Predict the rating: great coffee, fast shipping.", "5"),
+    ("Translate to German: a man rides a bike.", "Ein Mann fährt Fahrrad."),
+    ("hi", "hello there"),
+    ("Summarize the dialogue. #Person1#: hello there. #Person2#: hi, how are you?", "a greeting"),
+]
+
+
+def overfit(model, tokenizer, settings, steps=80):
+    """Plain AdamW on prompt + completion + EOS, labels -100 on the prompt, until it recites the answers."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    encoded = encode_batch(tokenizer, [p for p, _ in TRAIN_PAIRS], [c for _, c in TRAIN_PAIRS], settings)
+    ids = pad_sequence([torch.tensor(e.input_ids) for e in encoded], batch_first=True, padding_value=0)
+    labels = pad_sequence([torch.tensor(e.labels) for e in encoded], batch_first=True, padding_value=-100)
+    mask = pad_sequence([torch.ones(len(e.input_ids), dtype=torch.long) for e in encoded], batch_first=True)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return float(loss.detach())
+
+
+@pytest.fixture(scope="module")
+def learned_llama(tiny_tokenizer):
+    from conftest import build_tiny_llama
+
+    model = build_tiny_llama(tiny_tokenizer, seed=1)
+    loss = overfit(model, tiny_tokenizer, TokenizeSettings(max_length=64))
+    assert loss < 0.05, f"the tiny model did not learn its answers (loss {loss})"
+    return model
+
+
+def test_generation_recites_answers_and_stops_at_eos(learned_llama, tiny_tokenizer):
+    settings = TokenizeSettings(max_length=64)
+    prompts = [p for p, _ in TRAIN_PAIRS]
+    answers = generate(learned_llama, tiny_tokenizer, prompts, settings, is_seq2seq=False, max_new_tokens=24,
+                       batch_size=4)
+    assert answers == [c for _, c in TRAIN_PAIRS]
+    # It stopped: the answers are far shorter than 24 new tokens; recompute the raw continuation to see EOS.
+    ids = encode_prompts(tiny_tokenizer, [prompts[0]], settings)[0]
+    out = learned_llama.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                 eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    assert tiny_tokenizer.eos_token_id in new and len(new) < 24
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generation_batched_equals_one_at_a_time(learned_llama, tiny_tokenizer, num_beams):
+    settings = TokenizeSettings(max_length=64)
+    # Unseen prompts of very different lengths: the model produces varied continuations, not just EOS.
+    prompts = [p for p, _ in TRAIN_PAIRS] + ["The quick brown fox", "Rating: 5 World Sports Business"]
+    batched = generate(learned_llama, tiny_tokenizer, prompts, settings, is_seq2seq=False, max_new_tokens=12,
+                       batch_size=6, num_beams=num_beams)
+    single = [generate(learned_llama, tiny_tokenizer, [p], settings, is_seq2seq=False, max_new_tokens=12,
+                       batch_size=1, num_beams=num_beams)[0] for p in prompts]
+    assert batched == single
+    assert len(set(batched)) >= 4
+
+
+def test_generation_seq2seq_batched_equals_one_at_a_time(tiny_t5, tiny_tokenizer):
+    settings = TokenizeSettings(max_length=32, seq2seq=True)
+    batched = generate(tiny_t5, tiny_tokenizer, PROMPTS, settings, is_seq2seq=True, max_new_tokens=6,
+                       batch_size=4)
+    single = [generate(tiny_t5, tiny_tokenizer, [p], settings, is_seq2seq=True, max_new_tokens=6)[0]
+              for p in PROMPTS]
+    assert batched == single
+    assert all(isinstance(a, str) and a == a.strip() for a in batched)
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(tiny_llama, tiny_tokenizer):
+    settings = TokenizeSettings(max_length=64)
+
+    def sample(seed):
+        return generate(tiny_llama, tiny_tokenizer, PROMPTS, settings, is_seq2seq=False, max_new_tokens=8,
+                        do_sample=True, seed=seed)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = sample(7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert a == sample(7) and a != sample(8)
+
+
+def test_stop_tokens_include_end_of_turn_with_chat_template(tiny_tokenizer):
+    plain = stop_token_ids(tiny_tokenizer, TokenizeSettings())
+    chat = stop_token_ids(tiny_tokenizer, TokenizeSettings(chat_template=True))
+    assert plain == [tiny_tokenizer.eos_token_id]
+    assert chat == [tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Mapping generated text to a choice
+# --------------------------------------------------------------------------------------------------
+
+
+STARS = ["1", "2", "3", "4", "5"]
+SENTIMENT = ["positive", "negative", "neutral"]
+
+
+@pytest.mark.parametrize("text, choices, expected", [
+    ("5", STARS, "5"),
+    (" 5 stars", STARS, "5"),
+    ("5/5", STARS, "5"),
+    ("**4** stars", STARS, "4"),
+    ("Positive.", SENTIMENT, "positive"),
+    ("NEGATIVE", SENTIMENT, "negative"),
+    ("positive, clearly", SENTIMENT, "positive"),
+    ("\"neutral\"", SENTIMENT, "neutral"),
+    ("55", STARS, None),
+    ("positively great", SENTIMENT, None),
+    ("I think it is 5", STARS, None),
+    ("", STARS, None),
+    ("   ", STARS, None),
+])
+def test_map_to_choice(text, choices, expected):
+    assert map_to_choice(text, choices) == expected
+
+
+def test_map_to_choice_prefers_longest_leading_choice():
+    nli = ["entailment", "not", "not entailment"]
+    assert map_to_choice("not entailment, because", nli) == "not entailment"
+    assert map_to_choice("Sci/Tech news", ["World", "Sports", "Business", "Sci/Tech"]) == "Sci/Tech"

@@ -1,0 +1,115 @@
+"""Tests for instructkit.evaluate.generation_metrics.
+
+Expected values are worked out by hand in the comments next to each assertion,
+not obtained by running the wrapped libraries on the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from instructkit.evaluate import generation_metrics as gm
+from instructkit.evaluate import metric_registry as reg
+
+# ------------------------------------------------------------------------------ ROUGE
+
+
+def test_rouge_by_hand():
+    preds = ["the cat sat on the mat", "the cat sat"]
+    refs = ["the cat lay on the mat", "the cat sat on the mat"]
+    # (all tokens <= 3 chars, so the stemmer leaves them alone)
+    # Example 1 (6 vs 6 tokens):
+    #   rouge1: clipped unigram overlap the:2 cat on mat = 5 -> P=R=5/6, F=5/6
+    #   rouge2: pred bigrams the-cat cat-sat sat-on on-the the-mat, shared with ref:
+    #           the-cat on-the the-mat = 3 of 5 -> F=3/5
+    #   rougeL: LCS "the cat on the mat" = 5 -> F=5/6
+    # Example 2 (3 vs 6 tokens):
+    #   rouge1: overlap 3 -> P=1, R=1/2, F=2/3
+    #   rouge2: 2 of 2 pred bigrams, ref has 5 -> P=1, R=2/5, F=2*(2/5)/(7/5)=4/7
+    #   rougeL: LCS 3 -> F=2/3
+    got = gm.rouge(preds, refs)
+    assert set(got) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert got["rouge1"] == pytest.approx((5 / 6 + 2 / 3) / 2)
+    assert got["rouge2"] == pytest.approx((3 / 5 + 4 / 7) / 2)
+    assert got["rougeL"] == pytest.approx((5 / 6 + 2 / 3) / 2)
+    # no newlines: each text is a single sentence, so rougeLsum == rougeL
+    assert got["rougeLsum"] == pytest.approx(got["rougeL"])
+    for key in got:
+        assert reg.compute(key, preds, refs) == pytest.approx(got[key])
+
+
+def test_rouge_stemming():
+    # Porter stemmer maps "running" -> "run" (tokens > 3 chars are stemmed), so the
+    # unigrams match: F=1. Unstemmed they would share nothing (F=0).
+    assert gm.rouge(["running"], ["run"])["rouge1"] == pytest.approx(1.0)
+    # Irregular forms are not conflated by the stemmer.
+    assert gm.rouge(["ran"], ["run"])["rouge1"] == pytest.approx(0.0)
+
+
+def test_rouge_lsum_splits_on_newlines():
+    pred = "dog ran\ncat sat"
+    ref = "cat sat\ndog ran"
+    # rougeL (newline = whitespace): ref "cat sat dog ran" vs pred "dog ran cat sat";
+    #   LCS = 2 ("cat sat" or "dog ran") -> P=R=2/4, F=1/2
+    # rougeLsum: ref sentences {cat sat}, {dog ran}; pred sentences {dog ran}, {cat sat}.
+    #   union-LCS of "cat sat" with the pred sentences = {cat, sat} (2 hits),
+    #   of "dog ran" = {dog, ran} (2 hits) -> 4 hits of 4 -> P=R=1, F=1
+    got = gm.rouge([pred], [ref])
+    assert got["rougeL"] == pytest.approx(0.5)
+    assert got["rougeLsum"] == pytest.approx(1.0)
+    assert got["rouge1"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------- BLEU / chrF
+
+BLEU_PREDS = ["the quick brown fox jumps over the lazy dog", "hello there"]
+BLEU_REFS = ["the quick brown fox jumps over the lazy dog", "hello now friend"]
+
+
+def test_corpus_bleu_by_hand():
+    # Summed n-gram counts: sentence 1 is a 9-token exact match (9, 8, 7, 6 n-grams),
+    # sentence 2 has 2 tokens, 1 matching unigram, 1 bigram (no match), no 3/4-grams.
+    #   p1 = 10/11, p2 = 8/9, p3 = 7/7, p4 = 6/6
+    #   hyp length 11 < ref length 12 -> BP = exp(1 - 12/11)
+    expected = 100 * math.exp(1 - 12 / 11) * (10 / 11 * 8 / 9 * 1 * 1) ** 0.25
+    assert gm.corpus_bleu(BLEU_PREDS, BLEU_REFS) == pytest.approx(expected)
+
+
+def test_sentence_bleu_mean_by_hand_and_differs_from_corpus_bleu():
+    # Sentence 1: perfect -> 100.
+    # Sentence 2: effective order 2 (no 3-grams in the hypothesis);
+    #   p1 = 1/2 -> 50; p2 = 0/1, exp smoothing -> 100 / (2 * 1) = 50;
+    #   BP = exp(1 - 3/2); BLEU = exp(-1/2) * sqrt(50 * 50) = 50 exp(-1/2)
+    expected = (100 + 50 * math.exp(-0.5)) / 2  # ~65.2
+    mean = gm.sentence_bleu_mean(BLEU_PREDS, BLEU_REFS)
+    assert mean == pytest.approx(expected)
+    assert mean < gm.corpus_bleu(BLEU_PREDS, BLEU_REFS) - 10  # corpus ~86.6
+
+
+def test_bleu_perfect_match_is_100():
+    sents = ["the quick brown fox jumps", "over the lazy dog again"]
+    assert gm.corpus_bleu(sents, sents) == pytest.approx(100.0)
+    assert gm.sentence_bleu_mean(sents, sents) == pytest.approx(100.0)
+    assert reg.compute("bleu", sents, sents) == pytest.approx(100.0)
+
+
+def test_chrf_identical_is_100():
+    sents = ["Ein kleiner Test.", "another sentence here"]
+    assert gm.chrf(sents, sents) == pytest.approx(100.0)
+
+
+def test_sacrebleu_resampler_reproduces_corpus_scores():
+    # bootstrap fast path: identity resample == full-corpus score
+    idx = np.arange(len(BLEU_PREDS))[None, :]
+    for name, fn in (("bleu", gm.corpus_bleu), ("chrf", gm.chrf)):
+        resample = reg.METRICS[name].resampler(BLEU_PREDS, BLEU_REFS)
+        assert resample(idx)[0] == pytest.approx(fn(BLEU_PREDS, BLEU_REFS))
+    # a resample repeating sentence 2 twice == corpus BLEU of that duplicated corpus
+    resample = reg.METRICS["bleu"].resampler(BLEU_PREDS, BLEU_REFS)
+    dup = [0, 1, 1]
+    assert resample(np.array([dup]))[0] == pytest.approx(
+        gm.corpus_bleu([BLEU_PREDS[i] for i in dup], [BLEU_REFS[i] for i in dup])
+    )
