@@ -229,14 +229,15 @@ def main() -> int:
           f"(mean {statistics.mean(lengths):.0f}); choices {choice_ids}")
 
     # Warm-up: first calls pay one-off costs (allocations, kernel selection).
-    rank_choices(model, tokenizer, prompts[:2], [CHOICES] * 2, SETTINGS, is_seq2seq=False)
+    # include_eos=False: the choice text alone on both sides (the per-choice baseline encodes no EOS).
+    rank_choices(model, tokenizer, prompts[:2], [CHOICES] * 2, SETTINGS, is_seq2seq=False, include_eos=False)
     generate(model, tokenizer, prompts[:2], SETTINGS, is_seq2seq=False, max_new_tokens=2)
 
     print("A. rank classification, 16 prompts x 5 choices")
     rank, once, per_choice = interleaved(
         "rank",
         lambda: rank_choices(model, tokenizer, prompts, [CHOICES] * len(prompts), SETTINGS, is_seq2seq=False,
-                             batch_size=16),
+                             batch_size=16, include_eos=False),
         lambda: rank_per_choice(model, tokenizer, prompts),
     )
     rank["max_abs_score_difference"] = max(

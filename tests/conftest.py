@@ -21,7 +21,7 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_CORPUS = [
+CORPUS = [
     "Predict the associated rating for the following review: great coffee, fast shipping. Rating: 5",
     "Give a short sentence describing the following product review: the kettle leaks.",
     "Translate to German: a man rides a bike. Ein Mann fährt Fahrrad.",
@@ -59,7 +59,7 @@ def build_tiny_tokenizer(folder: Path | None = None):
     trainer = trainers.BpeTrainer(
         vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token=None
     )

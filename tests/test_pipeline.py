@@ -64,7 +64,7 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
 
 
 def test_changed_train_settings_start_fresh_and_same_data_keeps_the_base_evaluation(tmp_path, tiny_model_dir,
-                                                                                    capsys):
+                                                                                    capsys, caplog):
     """A new train setting retrains from the start (the old checkpoints belong to other settings) and a
     re-prepare that writes the same examples keeps the base evaluation."""
     config = write_config(tmp_path, tiny_model_dir, "change")
@@ -82,6 +82,15 @@ def test_changed_train_settings_start_fresh_and_same_data_keeps_the_base_evaluat
     assert (run_dir / "model" / "model.safetensors").read_bytes() != first  # retrained, not "resumed" at the end
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if r.get("event") == "train"][0] == 1
+    # The finished run was not destroyed: it is kept whole beside, with its own config, model and report.
+    kept = tmp_path / "runs" / "change.previous-1"
+    assert f"the earlier run is kept whole in {kept}" in caplog.text
+    assert (kept / "model" / "model.safetensors").read_bytes() == first
+    assert json.loads((kept / "config.json").read_text())["train"]["lr"] == 3e-3
+    assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 0.01
+    for name in ("report.json", "eval/base/eval.json", "eval/tuned/eval.json", "metrics.jsonl", "steps/train.json"):
+        assert (kept / name).is_file(), name
+    assert (kept / "train.jsonl").read_bytes() == (run_dir / "train.jsonl").read_bytes()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
@@ -107,6 +116,7 @@ def test_run_killed_during_training_continues_to_the_same_report(tmp_path, tiny_
     if sig == signal.SIGINT:  # Ctrl-C: a clean exit 130 that says how to continue
         assert proc.returncode == 130, err[-2000:]
         assert "run the same command again" in err
+        assert "checkpoint written at step" in err and "to continue from step" in err  # says what happens
     else:
         assert proc.returncode == -signal.SIGKILL
     run_dir = tmp_path / "runs" / "killed"

@@ -10,6 +10,7 @@
     instructkit compare --base B --tuned T --data RUN_DIR_OR_JSONL
     instructkit generate --model PATH "prompt"
     instructkit estimate-memory CONFIG.yaml [--budget 8GB]
+    instructkit export MODEL_DIR --gguf OUT.gguf [--quant f32|f16|bf16|q8_0] [--ollama] [--force]
 
 Every user error (bad config, data, template, model path) prints one message and exits with code 2.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -75,12 +77,27 @@ def cmd_templates_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"{len(chosen)} templates over {len({t.dataset for t in chosen})} dataset schemas")
-    for column in ("id", "task", "choices", "metrics"):
-        table.add_column(column)
+    # Ids are never cut (they are what `show` and configs take): the id column keeps its full width and
+    # the other columns wrap when the terminal (or the default 80 columns of a pipe) is narrower.
+    table.add_column("id", no_wrap=True, overflow="ignore", min_width=max((len(t.id) for t in chosen), default=2))
+    for column in ("task", "choices", "metrics"):
+        table.add_column(column, overflow="fold")
     for t in chosen:
         choices = "in prompt" if t.choices_in_prompt else ("yes" if t.has_choices else "")
         table.add_row(t.id, t.task, choices, ", ".join(t.effective_metrics))
-    _console().print(table)
+    console = _console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:  # a pipe or file: the table's natural width
+        console.width = 10_000
+        console.width = max(80, console.measure(table).maximum)
+    if console.width >= table.columns[0].min_width + 40:
+        console.print(table)
+        return 0
+    console.print(table.title, markup=False)  # too narrow for a table: one template per two lines
+    for t in chosen:
+        choices = "choices in prompt" if t.choices_in_prompt else ("choices" if t.has_choices else "")
+        console.print(t.id, markup=False, overflow="ignore", crop=False)
+        console.print("    " + " · ".join(x for x in (t.task, choices, ", ".join(t.effective_metrics)) if x),
+                      markup=False)
     return 0
 
 
@@ -160,9 +177,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from instructkit.data.build import prepare
     from instructkit.io import run_lock
 
+    from instructkit.run_folder import new_run_folder
+
     config = _load(args.config)
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(config.run_dir):  # never rewrite the split under a run that is using it
+    # never rewrite the split under a run that is using it; a failed first prepare leaves no folder behind
+    with new_run_folder(config.run_dir), run_lock(config.run_dir):
         result = prepare(config)
     _console().print(f"prepared {result.run_dir}: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
     return 0
@@ -171,8 +190,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from instructkit import pipeline
 
+    from instructkit.run_folder import new_run_folder
+
     config = _load(args.config)
-    out = pipeline.train_step(config, resume=args.resume)
+    with new_run_folder(config.run_dir):  # a failed first attempt leaves no folder behind
+        out = pipeline.train_step(config, resume=args.resume)
     _console().print(f"model saved to {out}")
     return 0
 
@@ -227,8 +249,23 @@ def _parse_bytes(text: str) -> int:
         raise InstructkitError(f"--budget {text!r}: expected a size like 8GB or 7.5GiB") from None
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from instructkit.models.export import export_model
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer's per-file INFO lines are noise here
+    result = export_model(args.model_dir, args.gguf, quant=args.quant, ollama=args.ollama, force=args.force)
+    console = _console()
+    size = f"{result.bytes / 1e6:.1f} MB"
+    console.print(f"wrote {result.gguf} ({result.quant}, {size}) in {result.seconds:.1f} s", markup=False)
+    if result.modelfile is not None:
+        folder, name = result.modelfile.parent, result.modelfile.name
+        console.print(f"wrote {result.modelfile}; create the Ollama model with:\n"
+                      f"    cd {folder} && ollama create NAME -f {name}", markup=False)
+    return 0
+
+
 def cmd_estimate_memory(args: argparse.Namespace) -> int:
-    from instructkit.train.memory_plan import estimate_for_run, plan_for_budget, system_memory_bytes
+    from instructkit.train.memory_plan import cheapest_fit, estimate_for_run, plan_for_budget, system_memory_bytes
 
     config = _load(args.config)
     estimate = estimate_for_run(config)
@@ -236,6 +273,11 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
     console.print(estimate.describe(), markup=False)
     budget = _parse_bytes(args.budget) if args.budget else system_memory_bytes()
     console.print(f"budget: {budget / 1e9:.1f} GB" + ("" if args.budget else " (this machine's memory)"))
+    fit = cheapest_fit(estimate, budget, config.train.grad_accum)
+    if fit is not None and fit[0]:
+        console.print(f"cheapest setting that fits ({fit[1].total / 1e9:.2f} GB): {' '.join(fit[0])}", markup=False)
+    elif fit is None:
+        console.print("no setting of train.* fits: also see below", markup=False)
     for line in plan_for_budget(estimate, budget):
         console.print(f"- {line}", markup=False)
     return 0
@@ -251,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="prepare -> evaluate base -> train -> evaluate tuned -> compare -> save")
     run.add_argument("config", nargs="*", help="CONFIG.yaml (default: the built-in demo) and key=value overrides")
-    run.add_argument("--force", action="store_true", help="redo every step even if its output is up to date")
+    run.add_argument("--force", action="store_true", help="redo every step, replacing the earlier run in the "
+                     "folder (without it, changed settings keep the earlier run beside, as <name>.previous-N)")
     run.set_defaults(func=cmd_run)
 
     templates = sub.add_parser("templates", help="browse and validate prompt templates")
@@ -311,21 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     memory = sub.add_parser("estimate-memory", help="predict the peak memory of a planned run")
     memory.add_argument("config", nargs="+", help="CONFIG.yaml and key=value overrides")
-    memory.add_argument("--budget", help="memory budget, e.g. 8GB: say which options make it fit")
+    memory.add_argument("--budget", help="memory budget, e.g. 8GB: print the cheapest setting that fits (as configured, "
+                        "then adding chunked loss, optimizer in backward, 8-bit AdamW, gradient checkpointing, a "
+                        "smaller micro-batch) and what each change saves")
     memory.set_defaults(func=cmd_estimate_memory)
+
+    export = sub.add_parser("export", help="write a saved model as a GGUF file (llama.cpp, Ollama)")
+    export.add_argument("model_dir", help="the model folder a run saved (e.g. runs/demo/model)")
+    export.add_argument("--gguf", required=True, help="output .gguf file")
+    export.add_argument("--quant", default="q8_0", help="f32, f16, bf16 or q8_0 (default: q8_0)")
+    export.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
+    export.add_argument("--force", action="store_true", help="replace existing output files")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, console=_console_err())],
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[_log_handler()])
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not getattr(args, "light", False):  # `templates ...` and --help never import torch or datasets
@@ -335,9 +382,22 @@ def main(argv: list[str] | None = None) -> int:
     except InstructkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {_interrupted(args, exc)}", file=sys.stderr)
         return 130
+
+
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """What Ctrl-C left and what running the command again will do."""
+    if hasattr(exc, "continue_hint"):  # train/interrupt.TrainingInterrupted, from `instructkit train`
+        resumable = exc.checkpoint is not None and not args.resume
+        how = "run the same command with --resume" if resumable else "run the same command again"
+        return f"{exc}; {exc.continue_hint(how)}"
+    if str(exc):  # pipeline.RunInterrupted says which step stopped and what is kept
+        return str(exc)
+    if args.command == "run":
+        return "run the same command again: finished steps are kept, the interrupted one is redone"
+    return "stopped; outputs are written whole or not at all, so nothing half-written was left"
 
 
 def _quiet_library_progress_bars() -> None:
@@ -351,6 +411,20 @@ def _quiet_library_progress_bars() -> None:
         transformers.utils.logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def _log_handler() -> logging.Handler:
+    """Rich log lines on a terminal; elsewhere (nohup, CI, a log file) one plain line per message, with the
+    time, so progress lines stay whole and greppable."""
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, console=_console_err())
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        return handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    return handler
 
 
 def _console_err():

@@ -41,7 +41,8 @@ class DatasetConfig(Section):
     path: str | None = Field(
         None, description="File or folder (CSV/TSV/JSON/JSONL/Parquet, .gz of a text format, a saved Hugging "
         "Face dataset), or 'demo' for the built-in demo reviews. A relative path is read from the config "
-        "file's folder when it exists there.")
+        "file's folder (given on the command line: from the current directory); the same holds for `files`, "
+        "`parallel`, templates.files and a model.name that starts with ./ or ../.")
     files: dict[str, str] | None = Field(
         None, description="The dataset's own splits: {train: PATH, validation: PATH, test: PATH}; missing "
         "splits are carved from train.")
@@ -90,6 +91,16 @@ class DatasetConfig(Section):
     skip_bad_rows: bool = Field(
         False, description="Skip rows that fail (counted per reason in stats.json) instead of stopping at "
         "the first.")
+    choices: list[str] | Literal["auto", "none"] = Field(
+        "auto", description="Prompt/completion (or chat) data: the closed set of answers, scored by rank "
+        "classification with accuracy and macro-F1 instead of free generation. 'auto' detects one when the "
+        "most frequent completions covering >= 95% of the rows are at most 20 (>= 4 rows per answer on "
+        "average; rarer completions are left out, counted); 'none': free text. The decision is in stats.json "
+        "(`answers`).")
+    metrics: list[str] | None = Field(
+        None, description="Prompt/completion (or chat) data: metric names for its evaluation (default: "
+        "accuracy and macro_f1 with choices, else rougeL). Templated data: a template's own metrics, or "
+        "eval.metrics.")
 
 
 class SplitConfig(Section):
@@ -107,6 +118,10 @@ class SplitConfig(Section):
     group_by: str | None = Field(
         None, description="Default group column for every dataset (a dataset's own group_by wins); whole "
         "groups go to one split.")
+    prompt_leakage: Literal["drop", "report"] = Field(
+        "drop", description="A training example whose prompt is also a validation or test prompt (of any "
+        "template or dataset, e.g. a review re-posted under another headline): 'drop' leaves it out of "
+        "train; 'report' keeps it. stats.json counts both (leaked_prompts, prompt_leakage).")
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
@@ -154,6 +169,12 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code from the model folder (off: it is code).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt weights (pickle can run code).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = Field(
+        "auto", description="Attention kernel (transformers' attn_implementation). 'auto': the model's default "
+        "(sdpa) on CPU; on CUDA, flash_attention_2 when flash_attn is installed and the weights load in "
+        "bf16/fp16, else sdpa with cuDNN attention switched off for the process (it builds a plan per new "
+        "batch shape, ~0.5 s each). The choice is logged. Other values are passed as they are.")
 
 
 class LoraSettings(Section):
@@ -192,6 +213,21 @@ class TrainConfig(Section):
     """Supervised fine-tuning: optimiser, batching, memory, validation and checkpoints."""
 
     # Optimisation
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = Field(
+        "adamw", description="Update rule: 'adamw' (fused torch AdamW, two fp32 moments: 8 bytes per "
+        "trainable parameter), 'adamw_8bit' (bitsandbytes AdamW8bit, moments in 8 bits: ~2 bytes; pip install "
+        "'instructkit[lowbit]'; ~15x slower update on CPU), 'adafactor' (transformers Adafactor at a fixed lr, "
+        "factored second moment, no first moment: ~0 bytes).")
+    optimizer_in_backward: bool = Field(
+        False, description="Apply the optimizer to each parameter as soon as its gradient is complete in "
+        "backward and free that gradient, so the gradients never exist all at once (torchtune's approach). "
+        "One process only; needs max_grad_norm: null (the global norm is known only after the update). "
+        "With grad_accum > 1 or a step of several micro-batches the earlier gradients are kept until the last "
+        "micro-batch (same result, no saving for that step).")
+    loss_chunk_tokens: int | None = Field(
+        None, ge=1, description="Causal models: run the LM head and cross-entropy over the labelled positions "
+        "this many at a time, each chunk's logits recomputed in backward, so the positions x vocabulary "
+        "logits are never held whole (null: all at once). 128-512 suits large vocabularies (Gemma 3: 262k).")
     lr: float = Field(
         1e-4, gt=0, description="Peak learning rate of AdamW, reached after warm-up; then `schedule` "
         "applies.")
@@ -229,7 +265,15 @@ class TrainConfig(Section):
         "pass (default batch_size x model.max_length); lower it to save memory.")
     group_by_length: bool = Field(
         True, description="Give a step examples of similar length (less padding, faster); the steps stay in "
-        "random order.")
+        "random order. With packing and pad_to_multiple_of > 1, steps are token-balanced instead.")
+    pad_to_multiple_of: int | None = Field(
+        None, ge=1, description="Round every micro-batch's width (tokens per row) up to a multiple of this, "
+        "so an accelerator sees few distinct shapes. With packing and a value > 1, each micro-batch is one "
+        "row of batch_size examples chosen so its tokens land just under a multiple (< 1% padding on the "
+        "Amazon rating data). Default: 64 on CUDA, 1 (exact widths) elsewhere.")
+    loss_on: Literal["all_assistant_turns", "last_assistant_turn"] = Field(
+        "all_assistant_turns", description="Chat data with `model.chat_template`: learn every assistant turn "
+        "of a conversation (each on the exact prompt the template renders before it), or only the last one.")
     class_balance: Literal["none", "weighted", "sampled"] = Field(
         "none", description="Classification data: 'weighted' loss (each class counts equally), 'sampled' "
         "(classes drawn equally often, with replacement), or 'none' (the data as it is).")
@@ -239,6 +283,9 @@ class TrainConfig(Section):
         "(bf16 measured 1.6x slower).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations: less memory, ~30% slower.")
+    compile: bool = Field(
+        False, description="torch.compile the model for training, with dynamic shapes: one graph serves every "
+        "row width (the first steps pay the compilation). See README for the measured CPU effect.")
     logits_at_labels: bool = Field(
         True, description="Run the LM head only where labels are (causal models): saves time and the tokens "
         "x vocabulary logits.")
@@ -256,6 +303,10 @@ class TrainConfig(Section):
         "slower to validate.")
     save_every: int | None = Field(
         None, ge=1, description="Checkpoint every N steps (default: at each validation).")
+    save_every_minutes: float | None = Field(
+        10.0, gt=0, description="Also checkpoint when this many minutes of wall time passed since the last "
+        "checkpoint (or the start), so a long epoch never holds all the work unsaved (null: off). Ctrl-C "
+        "always writes one at the step in flight.")
     keep_checkpoints: int = Field(
         2, ge=2, description="Newest resumable checkpoints kept on disk (a full SmolLM2-135M one is 1.6 GB); "
         "the best weights are kept apart.")
@@ -264,6 +315,18 @@ class TrainConfig(Section):
     tensorboard: bool = Field(
         False, description="Also write TensorBoard logs to <run_dir>/tensorboard (metrics.jsonl is always "
         "written).")
+
+    @model_validator(mode="after")
+    def _in_backward_limits(self) -> TrainConfig:
+        if self.optimizer_in_backward and self.max_grad_norm is not None:
+            raise ValueError(
+                "train.optimizer_in_backward=true cannot clip gradients "
+                f"(train.max_grad_norm={self.max_grad_norm}): each parameter is updated before the global "
+                "gradient norm is known. Set train.max_grad_norm: null, or train.optimizer_in_backward: false")
+        if self.optimizer_in_backward and self.precision == "fp16":
+            raise ValueError("train.optimizer_in_backward=true does not work with train.precision=fp16 (the "
+                             "gradient scaler must unscale all gradients before any update); use bf16 or fp32")
+        return self
 
 
 class EvalConfig(Section):
@@ -281,6 +344,11 @@ class EvalConfig(Section):
         default_factory=dict, description="Template id -> metric names, replacing the template's own.")
     length_normalized: bool = Field(
         False, description="Rank choices by mean instead of summed log-probability.")
+    choice_end: Literal["eos", "none"] = Field(
+        "eos", description="What follows each answer choice in rank classification (evaluation, validation, "
+        "early stopping, best checkpoint): 'eos' scores the end of the answer the model was trained to "
+        "produce (EOS, or the chat template's end-of-turn token), so a choice that is a prefix of another "
+        "(\"1\" of \"10\") can win; 'none' scores the choice text alone, as lm-evaluation-harness's `acc`.")
     max_new_tokens: dict[str, int] = Field(
         default_factory=dict, description="Task family -> generation length in tokens, over the defaults "
         "(rating 8, summarization 64, ...).")
@@ -297,11 +365,31 @@ class EvalConfig(Section):
         "regression, lead sentence, ...) beside the models in the report.")
 
 
+class ExportConfig(Section):
+    """Export of the fine-tuned model at the end of `instructkit run` (also: `instructkit export`)."""
+
+    gguf: Literal["f32", "f16", "bf16", "q8_0"] | None = Field(
+        None, description="Write <run_dir>/export/<name>.<quant>.gguf for llama.cpp, Ollama and LM Studio "
+        "at this quant type (f32, f16, bf16 or q8_0; pure Python, needs the gguf extra); null: no export.")
+    ollama: bool = Field(
+        False, description="Also write an Ollama Modelfile beside the GGUF (chat template, stop tokens); "
+        "needs `gguf`.")
+
+    @model_validator(mode="after")
+    def _ollama_needs_gguf(self) -> ExportConfig:
+        if self.ollama and self.gguf is None:
+            raise ValueError("export.ollama needs export.gguf (Ollama reads GGUF files), e.g. "
+                             "export.gguf=q8_0")
+        return self
+
+
 class RunConfig(Section):
     """A whole run: the data, the model, training and evaluation (one YAML file)."""
 
     name: str = Field("demo", description="Run name: the run folder is <output_dir>/<name>.")
-    output_dir: str = Field("runs", description="Folder holding the run folders.")
+    output_dir: str = Field("runs", description="Folder holding the run folders; a relative one is in the "
+                            "current directory (results go where you run, unlike input paths, which are read "
+                            "from the config file's folder).")
     datasets: list[DatasetConfig] = Field(
         default_factory=list, description="Data sources, one entry each (several make a mixture).")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How source rows are split.")
@@ -309,6 +397,8 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model and its tokenization.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and the report.")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="GGUF / Ollama export of the fine-tuned model.")
 
     @field_validator("name")
     @classmethod

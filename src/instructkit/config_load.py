@@ -11,7 +11,6 @@ holds that setting (`OTHER_TOOL_NAMES`).
 from __future__ import annotations
 
 import difflib
-import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ OTHER_TOOL_NAMES: dict[str, tuple[str, str | None, str]] = {
     "weight_decay": (TRAINER, "train.weight_decay", ""),
     "max_grad_norm": (TRAINER, "train.max_grad_norm", ""),
     "seed": (TRAINER, "train.seed", "split.seed seeds the data split"),
-    "optim": (TRAINER, None, "the optimizer is always AdamW"),
+    "optim": (TRAINER, "train.optimizer", "adamw (fused), adamw_8bit (bitsandbytes) or adafactor"),
     "output_dir": (TRAINER, "output_dir", "top level; the run folder is <output_dir>/<name>"),
     "logging_steps": (TRAINER, None, "every optimizer step is logged to metrics.jsonl"),
     "eval_strategy": (TRAINER, "train.eval_every", "null: at each epoch end"),
@@ -202,11 +201,18 @@ def validate_config(data: dict, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
+PATH_RULE = ("relative paths in a config file are read from the config file's folder, those given on the "
+             "command line from the current directory")
+"""The one rule for relative input paths (data files, template collections, a model folder written as
+./name or ../name); output_dir is where results go and stays relative to the current directory."""
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
 
-    Relative data paths in the file are resolved against the config file's folder when they exist
-    there, else against the current directory.
+    Input paths become absolute by `PATH_RULE`: a relative path written in the file is read from the
+    file's folder, one given as an override from the current directory (datasets.*.path, .files.*,
+    .parallel.*, templates.files, and model.name when it starts with ./ or ../; `~` is expanded).
 
     Raises: ConfigError when the file is missing, unreadable, not YAML or not a mapping, when an override
     is malformed, and when validation fails (see `validate_config`).
@@ -218,32 +224,37 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         data = read_yaml(path, error=ConfigError, what="config file") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections (name, datasets, train, ...)")
+        _resolve_paths(data, Path(os.path.abspath(path)).parent)
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value, text)
-    if path is not None:
-        _resolve_paths(data, Path(path).parent)
+    _resolve_paths(data, Path(os.getcwd()))  # the overrides' paths (the file's are absolute by now)
     return validate_config(data, source)
 
 
-def _resolve_paths(data: dict, base: Path) -> None:
-    def resolve(p: Any) -> Any:
-        if not isinstance(p, str) or p == "demo" or os.path.isabs(p) or os.path.exists(p):
-            return p
-        candidate = base / p
-        # a `format: parallel` stem (multi30k/train -> train.en.gz, train.de.gz) exists only with a suffix
-        stem = candidate.parent.is_dir() and any(candidate.parent.glob(glob.escape(candidate.name) + ".*"))
-        return str(candidate) if candidate.exists() or stem else p
+def resolve_path(value: Any, base: Path) -> Any:
+    """`value` as an absolute, normalised path when it is a relative path string (`~` expanded); 'demo',
+    absolute paths and non-strings are returned as they are."""
+    if not isinstance(value, str) or not value or value == "demo" or "\x00" in value:
+        return value
+    value = os.path.expanduser(value)
+    return value if os.path.isabs(value) else os.path.normpath(base / value)
 
+
+def _resolve_paths(data: dict, base: Path) -> None:
     datasets = data.get("datasets")
     for entry in datasets if isinstance(datasets, list) else []:  # other types: validation names them
         if not isinstance(entry, dict):
             continue
         if "path" in entry:
-            entry["path"] = resolve(entry["path"])
+            entry["path"] = resolve_path(entry["path"], base)
         for key in ("files", "parallel"):
             if isinstance(entry.get(key), dict):
-                entry[key] = {k: resolve(v) for k, v in entry[key].items()}
+                entry[key] = {k: resolve_path(v, base) for k, v in entry[key].items()}
     templates = data.get("templates")
     if isinstance(templates, dict) and isinstance(templates.get("files"), list):
-        templates["files"] = [resolve(f) for f in templates["files"]]
+        templates["files"] = [resolve_path(f, base) for f in templates["files"]]
+    model = data.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if isinstance(name, str) and name.startswith(("./", "../", "~", ".\\", "..\\")):
+        model["name"] = resolve_path(name, base)

@@ -11,17 +11,19 @@
       steps/<step>.json                  what each finished step was computed from
 
 Each step records a fingerprint of its inputs (the config sections it reads and the files it consumes)
-and is skipped when that fingerprint is unchanged, so an interrupted run continues where it stopped and
-`--force` redoes everything. Training itself resumes from its last good checkpoint.
+and is skipped when that fingerprint is unchanged, so an interrupted run continues where it stopped.
+Training itself resumes from its last good checkpoint. When a step that already ran would run again from
+other settings or data, the earlier run is first kept whole beside the folder (runs/<name>.previous-<n>,
+run_folder.py), so a finished run is never destroyed and the folder never mixes two runs; `--force`
+replaces the earlier run and redoes everything. Ctrl-C ends with RunInterrupted, which says what is kept
+and what the same command does next.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +34,23 @@ from instructkit.config import RunConfig, dump_config
 from instructkit.config_load import load_config
 from instructkit.errors import InstructkitError
 from instructkit.io import read_jsonl, write_json
+from instructkit.run_folder import (
+    Steps,
+    clear_run,
+    keep_if_stale,
+    keep_previous_run,
+    new_run_folder,
+    outputs,
+    stash_prepared,
+)
+from instructkit.run_folder import digest as _digest
+from instructkit.run_folder import file_digest as _file_digest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+NOT_LEARNED = ("save_every", "save_every_minutes", "keep_checkpoints", "tensorboard")
+"""Train settings that change how training is saved or logged, never the model: not in its fingerprint."""
 
 
 @dataclass
@@ -53,51 +68,19 @@ class RunSummary:
 # --------------------------------------------------------------------------------------------------
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `instructkit run` during step `step`; `done`: the steps finished or up to date;
+    `cause`: the KeyboardInterrupt (a TrainingInterrupted from training says where training stopped)."""
 
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:20]
-
-
-class Steps:
-    """Records which steps are done and from what inputs (`steps/<name>.json`)."""
-
-    def __init__(self, run_dir: Path, force: bool):
-        self.folder = run_dir / "steps"
-        self.force = force
-
-    def done(self, name: str, fingerprint: str) -> bool:
-        path = self.folder / f"{name}.json"
-        if self.force or not path.is_file():
-            return False
-        try:
-            return json.loads(path.read_text()).get("fingerprint") == fingerprint
-        except ValueError:
-            return False
-
-    def mark(self, name: str, fingerprint: str, seconds: float) -> None:
-        write_json(self.folder / f"{name}.json", {"fingerprint": fingerprint, "seconds": round(seconds, 2),
-                                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-    def begin(self, name: str, fingerprint: str) -> bool:
-        """Record that `name` started from these inputs; True when an unfinished start had the same ones.
-
-        Training uses it to tell an interrupted run (resume from its checkpoints) from a changed
-        configuration (start fresh: the checkpoints belong to other settings or data).
-        """
-        path = self.folder / f"{name}.started.json"
-        try:
-            same = not self.force and json.loads(path.read_text()).get("fingerprint") == fingerprint
-        except (OSError, ValueError):
-            same = False
-        write_json(path, {"fingerprint": fingerprint, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        return same
+    def __init__(self, step: str, done: list[str], cause: BaseException):
+        self.step, self.done, self.cause = step, done, cause
+        kept = f"; the finished steps ({', '.join(done)}) are kept" if done else ""
+        if hasattr(cause, "continue_hint"):  # train/interrupt.TrainingInterrupted
+            message = f"{cause}{kept}; {cause.continue_hint('run the same command again')}"
+        else:
+            message = (f"stopped during {step} (its outputs are written whole or not at all){kept}; run the same "
+                       f"command again to redo {step} and go on")
+        super().__init__(message)
 
 
 def _timed(summary: RunSummary, steps: Steps, name: str, fingerprint: str, fn: Callable[[], Any]) -> bool:
@@ -108,7 +91,10 @@ def _timed(summary: RunSummary, steps: Steps, name: str, fingerprint: str, fn: C
         return False
     log.info("step %s ...", name)
     start = time.perf_counter()
-    fn()
+    try:
+        fn()
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted(name, [*summary.skipped, *summary.timings], exc) from None
     seconds = time.perf_counter() - start
     summary.timings[name] = round(seconds, 1)
     steps.mark(name, fingerprint, seconds)
@@ -123,7 +109,7 @@ def _timed(summary: RunSummary, steps: Steps, name: str, fingerprint: str, fn: C
 def tokenize_settings(config: RunConfig, is_seq2seq: bool):
     from instructkit.data.tokenize import TokenizeSettings
 
-    return TokenizeSettings.from_model_config(config.model, is_seq2seq)
+    return TokenizeSettings.from_model_config(config.model, is_seq2seq, loss_on=config.train.loss_on)
 
 
 def _load_model(config: RunConfig, name: str | None = None):
@@ -177,14 +163,17 @@ def run(config_path: str | Path | None = None, overrides: list[str] | tuple[str,
     """The whole job. Without a config: the built-in demo (SmolLM2-135M-Instruct on the demo reviews)."""
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     from instructkit.io import run_lock
 
-    with run_lock(run_dir):  # a second run on the same folder refuses before doing any work
+    # A first attempt that fails before any step finished (a bad data path) leaves no folder behind.
+    with new_run_folder(run_dir), run_lock(run_dir):  # a second run on the same folder refuses at once
         return _run_locked(config, run_dir, force)
 
 
 def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
+    old_config = (run_dir / "config.json").read_bytes() if (run_dir / "config.json").is_file() else None
+    if force and (gone := clear_run(run_dir)):  # --force replaces the earlier run
+        log.warning("--force: the earlier run in %s is replaced (%d outputs deleted)", run_dir, len(gone))
     write_json(run_dir / "config.json", dump_config(config))
     summary = RunSummary(run_dir=run_dir)
     steps = Steps(run_dir, force)
@@ -197,9 +186,17 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
                        "inputs": _input_digests(config)})
     # Later fingerprints include the digests of the prepared files, so a re-prepare that writes the same
     # examples (e.g. after a config field was added) keeps the base evaluation and training.
+    # The data an earlier run was prepared from, linked aside in case that run must be kept whole.
+    prepared = None if steps.done("prepare", prep_fp) or not steps.recorded("prepare") else stash_prepared(run_dir)
     _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir))
     data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
     eval_fp = _digest({"eval": cfg["eval"], "model": cfg["model"], "data": data_fp})
+    # Validation ranks choices as evaluation does (early stopping and the best checkpoint depend on it).
+    ranking = {k: cfg["eval"][k] for k in ("choice_end", "length_normalized")}
+    learned = {k: v for k, v in cfg["train"].items() if k not in NOT_LEARNED}
+    train_fp = _digest({"train": learned, "model": cfg["model"], "data": data_fp, "ranking": ranking})
+    # Steps that ran here from other settings or data: the earlier run is kept whole beside this folder.
+    keep_if_stale(run_dir, steps, {"evaluate-base": eval_fp, "train": train_fp}, old_config, prepared)
 
     # 2. the base model, zero-shot and k-shot, on the evaluation split.
     test = _examples(run_dir, config.eval.split)  # evaluate_examples caps it per template (eval.max_examples)
@@ -221,7 +218,6 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
     # 3. train (resumes from the last good checkpoint when interrupted).
     model_dir = run_dir / "model"
-    train_fp = _digest({"train": cfg["train"], "model": cfg["model"], "data": data_fp})
 
     def train() -> None:
         # Resume only what this very configuration started; other settings or data start fresh.
@@ -242,6 +238,11 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     # 5. compare, and put the metrics into the model card.
     report_fp = _digest({"tuned": tuned_fp, "base": eval_fp})
     _timed(summary, steps, "compare", report_fp, lambda: _compare(config, run_dir, train_examples, model_dir))
+    if config.export.gguf:  # 6. GGUF (and Ollama Modelfile) of the tuned model, when asked
+        from instructkit.models.export import export_run_model
+
+        _timed(summary, steps, "export", _digest({"export": cfg["export"], "model": tuned_fp}),
+               lambda: export_run_model(model_dir, run_dir / "export", config.name, config.export))
     summary.report = run_dir / "report.html"
     report_json = run_dir / "report.json"
     if report_json.is_file():
@@ -302,6 +303,11 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     from instructkit.train.loop import TrainData, TrainOptions, train
 
     run_dir = config.run_dir
+    later = ["train", "evaluate-tuned", "compare"]
+    if not resume and outputs(run_dir, later, records=False):  # an earlier model or report: kept beside
+        config_file = run_dir / "config.json"
+        keep_previous_run(run_dir, later, config_file.read_bytes() if config_file.is_file() else None,
+                          keep_started=True)
     if not (run_dir / "train.jsonl").is_file():
         prepare(config, run_dir)
     loaded = preloaded or _load_model(config)
@@ -317,15 +323,17 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     validate = make_validation_fn(loaded.tokenizer, val_examples, settings, is_seq2seq=loaded.is_seq2seq,
                                   max_examples=config.train.eval_max_examples, seed=config.split.seed,
                                   batch_size=config.eval.batch_size,
-                                  max_new_tokens_by_task=config.eval.max_new_tokens or None) \
+                                  max_new_tokens_by_task=config.eval.max_new_tokens or None,
+                                  choice_end=config.eval.choice_end,
+                                  length_normalized=config.eval.length_normalized) \
         if val_examples else None
     model = loaded.model
     if config.train.lora.enabled:
-        model = wrap_lora(model, config.train.lora)
+        model = wrap_lora(model, config.train.lora, seed=config.train.seed)  # adapters drawn from train.seed
     class_ids = class_ids_from_examples(train_examples) if config.train.class_balance != "none" else None
     result = train(model, loaded.tokenizer, TrainData(train_ds, val_ds, class_ids), config.train, run_dir,
                    TrainOptions(settings=settings, is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume,
-                                show_progress=sys.stderr.isatty()))
+                                show_progress=True))
     final_model = getattr(result, "model", None) or model
     card = {
         **getattr(loaded, "provenance", {}),

@@ -45,7 +45,7 @@ schemas:
       - id: tiny.note
         task: generation
         instruction: "Note for {{ text }}"
-        completion: "{{ note }}"
+        completion: "{{ '' if note == '-' else note }}"
 """
 
 
@@ -337,13 +337,22 @@ def test_template_rendering_empty_names_file_line_template_column(tmp_path, tiny
     _, library = tiny
     data = write_tiny(tmp_path / "d.jsonl", 10)
     with open(data, "a") as f:
-        f.write(json.dumps({"text": "last", "stars": 2, "note": "  "}) + "\n")
+        f.write(json.dumps({"text": "last", "stars": 2, "note": "-"}) + "\n")  # tiny.note renders "" for "-"
     cfg = config(tmp_path, {"path": str(data), "schema": "tiny", "templates": ["tiny.note"]})
     with pytest.raises(InstructkitError) as info:
         prepare(cfg, library=library)
     message = str(info.value)
     assert "d.jsonl: line 11" in message and "'tiny.note'" in message and "empty completion" in message
     assert "note" in message
+    # a blank value is not rendered at all: it is a missing value, named by line and column
+    blank = write_tiny(tmp_path / "blank.jsonl", 10)
+    with open(blank, "a") as f:
+        f.write(json.dumps({"text": "last", "stars": 2, "note": "  "}) + "\n")
+    cfg = config(tmp_path, {"path": str(blank), "schema": "tiny", "templates": ["tiny.note"]})
+    with pytest.raises(DataError) as info:
+        prepare(cfg, library=library)
+    assert str(info.value) == (f"{blank}: line 11: column 'note' is missing (empty text); "
+                               "read by template(s) tiny.note")
 
 
 def test_failure_leaves_previous_run_untouched(tmp_path, tiny):
@@ -354,7 +363,7 @@ def test_failure_leaves_previous_run_untouched(tmp_path, tiny):
     )
     prepare(good, library=library)
     before = {p.name: p.read_bytes() for p in good.run_dir.iterdir()}
-    bad_data = write_tiny(tmp_path / "bad.jsonl", 50, note="")  # every completion renders empty
+    bad_data = write_tiny(tmp_path / "bad.jsonl", 50, note="-")  # every completion renders empty
     bad = config(tmp_path, {"path": str(bad_data), "schema": "tiny", "templates": ["tiny.note"]})
     with pytest.raises(DataError):
         prepare(bad, library=library)
@@ -365,7 +374,7 @@ def test_skip_bad_rows_counts_examples_that_fail_to_render(tmp_path, tiny):
     _, library = tiny
     data = write_tiny(tmp_path / "d.jsonl", 30)
     with open(data, "a") as f:
-        f.write(json.dumps({"text": "x", "stars": 2, "note": ""}) + "\n")
+        f.write(json.dumps({"text": "x", "stars": 2, "note": "-"}) + "\n")  # tiny.note renders "" for "-"
         f.write(json.dumps({"text": "y", "stars": 7, "note": "n"}) + "\n")
     cfg = config(
         tmp_path, {"path": str(data), "schema": "tiny", "templates": ["tiny.note"], "skip_bad_rows": True}
@@ -375,6 +384,12 @@ def test_skip_bad_rows_counts_examples_that_fail_to_render(tmp_path, tiny):
     assert stats["rows_skipped_by_reason"] == {"label outside the label map": 1}
     assert stats["examples_skipped_by_reason"] == {"empty completion (tiny.note)": 1}
     assert sum(result.counts.values()) == 30
+    # an empty note is a missing value: the row is skipped when read, before any template renders it
+    with open(data, "a") as f:
+        f.write(json.dumps({"text": "z", "stars": 2, "note": ""}) + "\n")
+    stats = prepare(cfg, library=library).stats["datasets"]["tiny"]
+    assert stats["rows_skipped_by_reason"] == {"label outside the label map": 1, "missing value (note)": 1}
+    assert stats["examples_skipped_by_reason"] == {"empty completion (tiny.note)": 1}
 
 
 def test_jinja_syntax_error_in_user_template_file(tmp_path):
@@ -482,6 +497,7 @@ def test_real_fashion_dedup_and_skipped_rows(tmp_path, data):
             "templates": ["amazon_reviews_2018.predict_rating", "amazon_reviews_2018.write_summary"],
             "skip_bad_rows": True,
         },
+        prompt_leakage="report",  # every kept row written, as before the prompt guard (checked below)
     )
     result = prepare(cfg)
     stats = result.stats["datasets"]["amazon_reviews_2018"]
@@ -498,6 +514,17 @@ def test_real_fashion_dedup_and_skipped_rows(tmp_path, data):
     assert {ex["completion"] for ex in run["train"] if ex["template_id"].endswith("predict_rating")} <= set(
         "12345"
     )
+    # Some reviewText repeats under another summary (not duplicates under the default key): those
+    # training rows repeat a validation/test prompt. The default guard leaves exactly their examples out.
+    held = {ex["prompt"] for s in ("validation", "test") for ex in run[s]}
+    leaking = [ex for ex in run["train"] if ex["prompt"] in held]
+    assert leaking and result.stats["leaked_prompts"]["test"] > 0
+    guarded = prepare(cfg.model_copy(update={"split": cfg.split.model_copy(update={"prompt_leakage": "drop"})}))
+    assert guarded.stats["leaked_prompts"] == {"validation": 0, "test": 0}
+    assert guarded.stats["prompt_leakage"]["train_examples_dropped"] == len(leaking)
+    after = read_run(cfg.run_dir)
+    assert after["train"] == [ex for ex in run["train"] if ex["prompt"] not in held]
+    assert after["validation"] == run["validation"] and after["test"] == run["test"]
 
 
 def test_real_sst2_train_and_dev_as_test(tmp_path, data):

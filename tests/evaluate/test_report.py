@@ -253,10 +253,13 @@ def test_values_by_hand(report):
 
 def test_macro_f1_label_set_is_fixed_for_both_models(tmp_path):
     # Choices a, b, c, d. References a, a, b, b; base says a, a, c, a; tuned is always right.
-    # Label set: choices seen as a reference or a prediction of either model = [a, b, c]
-    # ("d" occurs nowhere and would add F1 = 0 to every system alike).
-    #   base : a: tp=2, pred=3, ref=2 -> F1 = 4/5; b: 0; c: 0            -> (4/5) / 3 = 4/15
-    #   tuned: a: 1; b: 1; c: never predicted nor a reference -> 0         -> 2/3
+    # Label set (issue 19, one definition everywhere: macro_f1_classes): the choices that occur as a
+    # reference = [a, b]. It never depends on a model's predictions: base's "c" (no reference has it)
+    # costs the recall of "b" but does not add a class to TUNED's average, as it did when the set was
+    # "references or either model's predictions" ([a, b, c]: tuned 2/3 in report.json, 1 in eval.json).
+    # "d" occurs nowhere and would add F1 = 0 to every system alike.
+    #   base : a: tp=2, pred=3, ref=2 -> F1 = 4/5; b: tp=0 -> 0           -> (4/5) / 2 = 2/5
+    #   tuned: a: 1; b: 1                                                  -> 1
     base, tuned = [], []
     for i, (ref, pred) in enumerate([("a", "a"), ("a", "a"), ("b", "c"), ("b", "a")]):
         common = {"index": i, "template_id": "t", "source_id": str(i), "dataset": "d",
@@ -269,10 +272,10 @@ def test_macro_f1_label_set_is_fixed_for_both_models(tmp_path):
                  tuned_predictions=tuned, out_dir=tmp_path, n_resamples=N_RESAMPLES)
     report = json.loads((tmp_path / "report.json").read_text())
     entry = report["templates"]["t"]
-    assert entry["labels"] == ["a", "b", "c", "d"] and entry["f1_labels"] == ["a", "b", "c"]
-    assert entry["metrics"]["macro_f1"]["base"]["value"] == pytest.approx(4 / 15)
-    assert entry["metrics"]["macro_f1"]["tuned"]["value"] == pytest.approx(2 / 3)
-    assert entry["metrics"]["macro_f1"]["delta"]["delta"] == pytest.approx(2 / 3 - 4 / 15)
+    assert entry["labels"] == ["a", "b", "c", "d"] and entry["f1_labels"] == ["a", "b"]
+    assert entry["metrics"]["macro_f1"]["base"]["value"] == pytest.approx(2 / 5)
+    assert entry["metrics"]["macro_f1"]["tuned"]["value"] == pytest.approx(1.0)
+    assert entry["metrics"]["macro_f1"]["delta"]["delta"] == pytest.approx(1.0 - 2 / 5)
 
 
 def test_alignment_by_key_when_predictions_are_shuffled(tmp_path, evaluation):

@@ -100,7 +100,7 @@ def test_rank_equals_full_forward_causal(tiny_llama, tiny_tokenizer, choices):
     # max_length 24 cuts the third prompt (about 40 tokens) from the left.
     settings = TokenizeSettings(max_length=24)
     scores = rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [choices] * len(PROMPTS), settings,
-                          is_seq2seq=False, batch_size=3)
+                          is_seq2seq=False, batch_size=3, include_eos=False)
     truncated = []
     for prompt, got in zip(PROMPTS, scores):
         want, counts, was_cut = reference_causal(tiny_llama, tiny_tokenizer, prompt, choices, settings)
@@ -116,7 +116,8 @@ def test_rank_prompt_cut_equals_training_cut_for_equal_length_choices(tiny_llama
     """With " 1" .. " 4" the scored context is token for token the training input (encode_batch)."""
     settings = TokenizeSettings(max_length=24)
     prompt = PROMPTS[2]
-    [got] = rank_choices(tiny_llama, tiny_tokenizer, [prompt], [SHARED], settings, is_seq2seq=False)
+    [got] = rank_choices(tiny_llama, tiny_tokenizer, [prompt], [SHARED], settings, is_seq2seq=False,
+                         include_eos=False)
     encoded = encode_batch(tiny_tokenizer, [prompt] * 4, SHARED, settings, add_eos=False)
     assert encoded[0].truncated
     for enc, value in zip(encoded, got.logprobs):
@@ -147,11 +148,11 @@ def test_rank_encodes_each_prompt_once(tiny_llama, tiny_tokenizer):
     widths, handle = forward_widths(tiny_llama)
     try:
         rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [SHARED] * 4, settings, is_seq2seq=False,
-                     batch_size=4)
+                     batch_size=4, include_eos=False)
         assert widths == [(4, prompt_tokens + 1)]  # prompt + the shared space token, then nothing
         widths.clear()
         rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [WORDS] * 4, settings, is_seq2seq=False,
-                     batch_size=4)
+                     batch_size=4, include_eos=False)
         # Pass 1: the prompts. Pass 2: 4 x 3 choices with 2+ tokens, 4 rows at a time (batch_size), each
         # row its own tokens but the last (zebra: 3): never the prompt again.
         assert widths == [(4, prompt_tokens), (4, 3), (4, 3), (4, 3)]
@@ -175,7 +176,7 @@ def test_rank_with_eos_and_mixed_choice_lists(tiny_llama, tiny_tokenizer):
 def test_rank_with_chat_template(tiny_llama, tiny_tokenizer):
     settings = TokenizeSettings(max_length=48, chat_template=True)
     scores = rank_choices(tiny_llama, tiny_tokenizer, PROMPTS[:2], [WORDS, RATINGS], settings,
-                          is_seq2seq=False)
+                          is_seq2seq=False, include_eos=False)
     for prompt, choices, got in zip(PROMPTS[:2], [WORDS, RATINGS], scores):
         want, _, _ = reference_causal(tiny_llama, tiny_tokenizer, prompt, choices, settings)
         assert got.logprobs == pytest.approx(want, abs=1e-4)
@@ -183,9 +184,10 @@ def test_rank_with_chat_template(tiny_llama, tiny_tokenizer):
 
 def test_rank_length_normalized(tiny_llama, tiny_tokenizer):
     settings = TokenizeSettings(max_length=64)
-    plain = rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [WORDS] * 4, settings, is_seq2seq=False)
+    plain = rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [WORDS] * 4, settings, is_seq2seq=False,
+                         include_eos=False)
     normed = rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [WORDS] * 4, settings, is_seq2seq=False,
-                          length_normalized=True)
+                          length_normalized=True, include_eos=False)
     for a, b, prompt in zip(plain, normed, PROMPTS):
         want, counts, _ = reference_causal(tiny_llama, tiny_tokenizer, prompt, WORDS, settings)
         means = [w / n for w, n in zip(want, counts)]
@@ -201,7 +203,7 @@ def test_rank_equals_full_forward_seq2seq(tiny_t5, tiny_tokenizer):
     settings = TokenizeSettings(max_length=24, seq2seq=True)
     for choices in (RATINGS, WORDS):
         scores = rank_choices(tiny_t5, tiny_tokenizer, PROMPTS, [choices] * 4, settings, is_seq2seq=True,
-                              batch_size=3)
+                              batch_size=3, include_eos=False)
         for prompt, got in zip(PROMPTS, scores):
             want = reference_seq2seq(tiny_t5, tiny_tokenizer, prompt, choices, settings)
             assert got.logprobs == pytest.approx(want, abs=1e-4)

@@ -38,6 +38,65 @@ def test_wrap_lora_bad_target_is_a_model_error(tiny_llama):
         wrap_lora(tiny_llama, LoraSettings(enabled=True, target_modules=["no_such_layer"]))
 
 
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_same_seed_gives_bitwise_identical_adapters_whatever_was_drawn_before(tiny_tokenizer):
+    """Issue 19 item 3: the adapters are drawn from the run's seed, not from wherever the global RNG stands."""
+    from conftest import build_tiny_llama
+
+    settings = LoraSettings(enabled=True, r=4)
+    torch.manual_seed(123)
+    first = adapter_tensors(wrap_lora(build_tiny_llama(tiny_tokenizer), settings, seed=7))
+    model = build_tiny_llama(tiny_tokenizer)
+    torch.rand(1000)  # the global generator moves on: tokenization, validation set-up, another model
+    state = torch.random.get_rng_state()
+    again = adapter_tensors(wrap_lora(model, settings, seed=7))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left as it was
+    other = adapter_tensors(wrap_lora(build_tiny_llama(tiny_tokenizer), settings, seed=8))
+    assert first.keys() == again.keys() == other.keys() and len(first) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    lora_a = [n for n in first if "lora_A" in n]
+    assert all(first[n].abs().sum() > 0 and not torch.equal(first[n], other[n]) for n in lora_a)
+    assert all(torch.count_nonzero(first[n]) == 0 for n in first if "lora_B" in n)  # B starts at zero
+
+
+@pytest.mark.slow  # a second interpreter imports torch, transformers and peft: ~10 s idle, a minute loaded
+def test_same_seed_gives_the_same_adapters_in_a_fresh_process(tmp_path, tiny_model_dir):
+    """A fresh interpreter (another hash seed, other draws before wrapping) gives the same adapter bytes."""
+    from safetensors.torch import load_file, save_file
+
+    script = (
+        "import sys, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from instructkit.config import LoraSettings\n"
+        "from instructkit.models.lora import wrap_lora\n"
+        "torch.set_num_threads(1)\n"
+        "torch.rand(int(sys.argv[3]))\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "wrapped = wrap_lora(model, LoraSettings(enabled=True, r=4), seed=7)\n"
+        "save_file({n: p.detach().contiguous() for n, p in wrapped.named_parameters() if 'lora_' in n}, sys.argv[2])\n"
+    )
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "fresh.safetensors"
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script, str(tiny_model_dir), str(out), "17"], check=True, env=env)
+    from transformers import AutoModelForCausalLM
+
+    torch.rand(5)
+    here = wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSettings(enabled=True, r=4), seed=7)
+    save_file({n: p.detach().contiguous() for n, p in here.named_parameters() if "lora_" in n},
+              tmp_path / "here.safetensors")
+    fresh, mine = load_file(out), load_file(tmp_path / "here.safetensors")
+    assert fresh.keys() == mine.keys() and fresh
+    assert all(torch.equal(fresh[n], mine[n]) for n in fresh)
+
+
 def test_lora_merge_saves_a_plain_model(tmp_path, tiny_llama, tiny_tokenizer):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -295,3 +297,177 @@ def test_class_ids_from_examples_uses_labels_of_classification_examples():
     examples = [{"label": "5", "choices": ["1", "5"]}, {"label": "1", "choices": ["1", "5"]},
                 {"label": 5, "choices": ["1", "5"]}, {"label": "x", "choices": None}, {"completion": "free text"}]
     assert class_ids_from_examples(examples) == [1, 0, 1, -1, -1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Buckets (accelerators): few distinct micro-batch shapes, little padding
+# --------------------------------------------------------------------------------------------------
+
+
+def test_round_up_and_bucket_caps():
+    from instructkit.data.buckets import bucket_caps, round_up
+
+    assert [round_up(812, 64), round_up(832, 64), round_up(833, 64), round_up(5, 1)] == [832, 832, 896, 5]
+    # 4 groups of 8 holding 3,250 tokens: 4 x 768 = 3,072 and 2 x 832 + 2 x 768 = 3,200 are too small,
+    # 3 x 832 + 768 = 3,264 holds them: three caps of 832, one of 768.
+    caps = bucket_caps(3250, [8, 8, 8, 8], 64)
+    assert sorted(caps) == [768, 832, 832, 832]
+    # Unequal sizes share the total in proportion: 3 + 1 examples, 256 tokens -> shares 192 and 64.
+    assert bucket_caps(256, [3, 1], 64) == [192, 64]
+
+
+def test_fill_buckets_finds_the_exact_fit():
+    from instructkit.data.buckets import fill_buckets
+
+    # 256 tokens in 4 rows of 2: the only way to fill four 64-token rows exactly is these pairs.
+    lengths = np.array([60, 4, 50, 14, 40, 24, 30, 34])
+    rows = fill_buckets(range(8), lengths, [2, 2, 2, 2], 64)
+    assert sorted(sorted(lengths[row].tolist()) for row in rows) == [[4, 60], [14, 50], [24, 40], [30, 34]]
+
+
+def test_fill_buckets_repairs_what_greedy_leaves_over_the_cap():
+    from instructkit.data.buckets import fill_buckets
+
+    # 160 tokens in 2 rows of 3, multiple 32: caps 96 and 64 (shares of 80 round down to 64; one is raised).
+    # Greedy, longest first into the most room: 54 -> A (room 42), 50 -> B (14), 24 -> A (18), 22 -> A
+    # (18 > 14): A = {54, 24, 22} = 100, over its 96; 6 and 4 -> B = {50, 6, 4} = 60. Swapping 54 and 50
+    # moves 4 tokens: {50, 24, 22} = 96 and {54, 6, 4} = 64, both exact.
+    lengths = np.array([6, 4, 50, 24, 54, 22])
+    rows = fill_buckets(range(6), lengths, [3, 3], 32)
+    assert sorted(sorted(lengths[row].tolist()) for row in rows) == [[4, 6, 54], [22, 24, 50]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=4, max_size=80), st.sampled_from([1, 2, 4, 8]),
+       st.sampled_from([16, 64]))
+def test_fill_buckets_and_best_fit_partition_every_example_once(lengths, size, multiple):
+    from instructkit.data.buckets import best_fit_rows, fill_buckets
+
+    lengths = np.array(lengths)
+    n = len(lengths) - len(lengths) % size
+    rows = fill_buckets(range(n), lengths, [size] * (n // size), multiple)
+    assert sorted(i for row in rows for i in row) == list(range(n))
+    assert all(len(row) == size for row in rows)
+    fitted = best_fit_rows(range(len(lengths)), lengths, size, multiple)
+    assert sorted(i for row in fitted for i in row) == list(range(len(lengths)))
+    assert all(len(row) == size for row in fitted[:-1]) and 1 <= len(fitted[-1]) <= size
+
+
+def test_best_fit_rows_fills_each_row_to_its_bucket():
+    from instructkit.data.buckets import best_fit_rows
+
+    # Longest first: 100 + the shortest (10) needs 128, and 28 fills it exactly; then 54 + 10 = 64 exactly;
+    # 50 + 36 = 86 is all that is left (bucket 128).
+    lengths = np.array([10, 50, 54, 100, 28, 36])
+    rows = best_fit_rows(range(6), lengths, 2, 64)
+    assert [sorted(lengths[row].tolist()) for row in rows] == [[28, 100], [10, 54], [36, 50]]
+
+
+def test_token_balanced_steps_are_rows_of_the_batch_and_cover_the_epoch():
+    from instructkit.data.buckets import token_balanced
+
+    lengths = np.random.default_rng(4).integers(20, 256, 203)
+    order = np.random.default_rng(5).permutation(203)
+    groups = token_balanced(order, lengths, 8, 2, 64, np.random.default_rng(6))
+    assert sorted(np.concatenate(groups).tolist()) == list(range(203))
+    # 203 = 101 rows of 2 + the order's last example, a row of its own at the very end: 25 steps of 8 + 3.
+    assert [len(g) for g in groups] == [8] * 25 + [3]
+    assert groups[-1][-1] == order[-1]
+    again = token_balanced(order, lengths, 8, 2, 64, np.random.default_rng(6))
+    assert [g.tolist() for g in again] == [g.tolist() for g in groups]
+    with pytest.raises(ValueError, match="multiple of row_size"):
+        token_balanced(order, lengths, 8, 3, 64, np.random.default_rng(6))
+
+
+def _shapes_and_padding(lengths, plan, epoch):
+    from instructkit.data.buckets import micro_batch_shape
+
+    shapes, real, computed, seen = set(), 0, 0, []
+    for step in plan_epoch(lengths, plan, epoch):
+        for rank in step:
+            for mb in rank:
+                rows, width = micro_batch_shape(mb, lengths, plan.pad_to_multiple_of)
+                shapes.add((rows, width))
+                computed += rows * width
+                real += sum(int(lengths[i]) for row in mb for i in row)
+                seen += [i for row in mb for i in row]
+    return shapes, 1 - real / computed, sorted(seen)
+
+
+@pytest.mark.parametrize("batch,accum,world", [(8, 1, 1), (2, 4, 1), (4, 1, 2)])
+def test_bucketed_plan_bounds_shapes_with_little_padding(batch, accum, world):
+    lengths = np.random.default_rng(7).integers(30, 257, 700)  # 30..256 tokens, like short reviews
+    plan = BatchPlan(batch, accum, world, packing=True, max_tokens=batch * 256, seed=0, pad_to_multiple_of=64)
+    random_plan = BatchPlan(batch, accum, world, packing=True, max_tokens=batch * 256, seed=0,
+                            group_by_length=False, pad_to_multiple_of=1)
+    for epoch in (0, 1):
+        shapes, padding, seen = _shapes_and_padding(lengths, plan, epoch)
+        assert seen == list(range(700))  # every example once per epoch
+        assert all(rows == 1 and (width % 64 == 0 or width == 1) for rows, width in shapes)  # 1: a dummy
+        assert len(shapes) <= 8, shapes
+        assert padding <= 0.05, padding
+        # Without buckets the same epoch has several times as many shapes.
+        assert len(_shapes_and_padding(lengths, random_plan, epoch)[0]) > 2 * len(shapes)
+
+
+def test_collation_pads_to_the_bucket_and_the_padding_changes_nothing(tiny_tokenizer, tiny_llama):
+    from instructkit.train.loss import batch_loss
+
+    table, _, _ = _table([7, 12, 3, 9], n_labels=2)
+    pad = tiny_tokenizer.pad_token_id
+    exact = collate_packed(table, [[0, 1, 2, 3]], pad)
+    padded = collate_packed(table, [[0, 1, 2, 3]], pad, pad_to_multiple_of=16)
+    assert exact.inputs["input_ids"].shape == (1, 31)
+    assert padded.inputs["input_ids"].shape == (1, 32)
+    assert padded.inputs["position_ids"][0, 31].item() == 0  # the padding is a segment of its own
+    assert padded.n_tokens == exact.n_tokens == 31 and padded.n_targets == exact.n_targets == 8
+    with torch.no_grad():
+        a = batch_loss(tiny_llama, exact, seq2seq=False, logits_at_labels=True)
+        b = batch_loss(tiny_llama, padded, seq2seq=False, logits_at_labels=True)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    rows = collate_padded(table, [0, 1], pad, pad_to_multiple_of=16)
+    assert rows.inputs["input_ids"].shape == (2, 16)
+    assert rows.inputs["attention_mask"].sum().item() == 19
+
+
+def test_step_shape_is_one_pair_or_a_list():
+    from instructkit.data.buckets import record_shape, step_shape
+
+    lengths = np.array([100, 30, 50])
+    assert step_shape([[[0, 1]]], lengths, 64) == [1, 192]
+    assert step_shape([[[0]], [[1], [2]]], lengths, 1) == [[1, 100], [2, 50]]
+    assert step_shape([[]], lengths, 64) == [1, 1]  # a placeholder: the one-token dummy
+    assert record_shape([(1, 832)]) == [1, 832]
+
+
+def test_amazon_rating_epoch_plans_few_shapes_on_cuda(shared_data, tmp_path):
+    """examples/amazon_rating_baseline.yaml, one epoch planned as on CUDA (train.pad_to_multiple_of auto
+    -> 64): at most 8 distinct micro-batch shapes, at most 5% padding."""
+    from transformers import AutoTokenizer
+
+    from instructkit.config_load import load_config
+    from instructkit.data.build import load_examples, prepare
+    from instructkit.data.tokenize import TokenizeSettings, tokenize_examples
+    from instructkit.models.resolve import ResolvedModel, resolve_model
+    from instructkit.train.compile import pad_multiple
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "examples" / "amazon_rating_baseline.yaml", [f"output_dir={tmp_path}"])
+    resolved = resolve_model(config.model, convert=False)
+    if not isinstance(resolved, ResolvedModel) or not resolved.folder.is_dir():
+        pytest.skip("the SmolLM2 tokenizer is not in the model cache (instructkit run converts it once)")
+    prepare(config)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.folder)
+    dataset, _ = tokenize_examples(load_examples(config.run_dir, "train"), tokenizer,
+                                   TokenizeSettings.from_model_config(config.model, False))
+    lengths = TokenTable.from_dataset(dataset).lengths
+    cfg = config.train
+    plan = BatchPlan(cfg.batch_size, cfg.grad_accum, 1, packing=cfg.packing,
+                     max_tokens=cfg.batch_size * config.model.max_length, seed=cfg.seed,
+                     pad_to_multiple_of=pad_multiple(cfg.pad_to_multiple_of, "cuda"))
+    assert plan.pad_to_multiple_of == 64
+    for epoch in (0, 1):
+        shapes, padding, seen = _shapes_and_padding(lengths, plan, epoch)
+        assert seen == list(range(len(lengths)))
+        assert len(shapes) <= 8, shapes
+        assert padding <= 0.05, padding

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from instructkit.data.buckets import round_up
 from instructkit.data.sampler import MicroBatch, Row
 from instructkit.data.tokenize import IGNORE_INDEX
 
@@ -185,16 +186,18 @@ def _finish(
 
 
 def collate_padded(
-    table: TokenTable, indices: Sequence[int], pad_id: int, weights: np.ndarray | None = None
+    table: TokenTable, indices: Sequence[int], pad_id: int, weights: np.ndarray | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> Batch:
     """Causal, dynamic padding: right-pad to the longest example; labels padded with -100.
 
-    Tensors are [B, T]: B = len(indices), T = the longest example's tokens. `weights` [n_examples] are
-    per-example loss weights. Raises: ValueError when labels are not aligned with input_ids (seq2seq data).
+    Tensors are [B, T]: B = len(indices), T = the longest example's tokens rounded up to
+    `pad_to_multiple_of`. `weights` [n_examples] are per-example loss weights. Raises: ValueError when
+    labels are not aligned with input_ids (seq2seq data).
     """
     _require_aligned(table)
     lengths = table.lengths[list(indices)]
-    width = int(lengths.max())
+    width = round_up(int(lengths.max()), pad_to_multiple_of)
     ids = np.full((len(indices), width), pad_id, dtype=np.int64)
     labels = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
     attention = np.zeros((len(indices), width), dtype=np.int64)
@@ -219,7 +222,8 @@ def collate_padded(
 
 
 def collate_packed(
-    table: TokenTable, rows: Sequence[Row], pad_id: int, weights: np.ndarray | None = None
+    table: TokenTable, rows: Sequence[Row], pad_id: int, weights: np.ndarray | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> Batch:
     """Causal, packed: each row holds whole examples end to end, `position_ids` restart at 0 for each.
 
@@ -227,11 +231,12 @@ def collate_packed(
     use_cache=False). Rows shorter than the widest are padded at the end; the padding is a segment of its
     own (positions restart there too), comes after every real token, and so is never attended to.
     With one row the batch is padding-free. Tensors are [R, W]: R = len(rows), W = the fullest row's
-    tokens. Raises: ValueError when labels are not aligned with input_ids (seq2seq data).
+    tokens rounded up to `pad_to_multiple_of` (the bucket; the rounding is padding of the same kind).
+    Raises: ValueError when labels are not aligned with input_ids (seq2seq data).
     """
     _require_aligned(table)
     fills = [int(table.lengths[row].sum()) for row in rows]
-    width = max(fills)
+    width = round_up(max(fills), pad_to_multiple_of)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
@@ -256,17 +261,19 @@ def collate_packed(
 
 
 def collate_seq2seq(
-    table: TokenTable, indices: Sequence[int], pad_id: int, weights: np.ndarray | None = None
+    table: TokenTable, indices: Sequence[int], pad_id: int, weights: np.ndarray | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> Batch:
     """Seq2seq: the table's `input_ids` feed the encoder and its `labels` are the decoder targets.
 
     Encoder ids padded with `pad_id` (+ attention_mask), labels padded with -100; the model derives
     its decoder inputs from the labels (shift right, -100 -> pad). Targets are not shifted.
-    `input_ids` [B, T] (T = the longest source), `labels` [B, L] (L = the most label tokens).
+    `input_ids` [B, T] (T = the longest source), `labels` [B, L] (L = the most label tokens), both
+    rounded up to `pad_to_multiple_of`.
     """
     sources = [table.tokens(i) for i in indices]
-    width = max(len(x) for x, _ in sources)
-    label_width = max(int((y != IGNORE_INDEX).sum()) for _, y in sources)
+    width = round_up(max(len(x) for x, _ in sources), pad_to_multiple_of)
+    label_width = round_up(max(int((y != IGNORE_INDEX).sum()) for _, y in sources), pad_to_multiple_of)
     ids = np.full((len(indices), width), pad_id, dtype=np.int64)
     attention = np.zeros((len(indices), width), dtype=np.int64)
     labels = np.full((len(indices), label_width), IGNORE_INDEX, dtype=np.int64)
@@ -309,15 +316,17 @@ def collate(
     seq2seq: bool,
     packed: bool,
     weights: np.ndarray | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> Batch:
     """A planned micro-batch -> Batch: packed rows, padded rows (causal) or seq2seq; [] -> dummy.
+    Widths are rounded up to `pad_to_multiple_of` (train.pad_to_multiple_of: buckets on accelerators).
 
     Raises: ValueError for causal collation of labels not aligned with input_ids.
     """
     if not micro_batch:
         return dummy_batch(pad_id, seq2seq)
     if seq2seq:
-        return collate_seq2seq(table, [row[0] for row in micro_batch], pad_id, weights)
+        return collate_seq2seq(table, [row[0] for row in micro_batch], pad_id, weights, pad_to_multiple_of)
     if packed:
-        return collate_packed(table, micro_batch, pad_id, weights)
-    return collate_padded(table, [row[0] for row in micro_batch], pad_id, weights)
+        return collate_packed(table, micro_batch, pad_id, weights, pad_to_multiple_of)
+    return collate_padded(table, [row[0] for row in micro_batch], pad_id, weights, pad_to_multiple_of)

@@ -8,6 +8,15 @@ interleaved.
 
 Writing is atomic: all four files are written to temporary names and renamed only when everything
 succeeded, so a failure never leaves a partial or mixed set behind (stats.json is renamed last).
+
+No validation or test prompt is a training prompt: the source rows are split before templating and
+deduplicated, but two rows can still render the same prompt (the same review re-posted under another
+headline is not a duplicate under a key that holds the headline, yet it gives the same rating prompt; two
+datasets of a mixture can share texts). Validation and test are rendered first; a training example whose
+prompt is one of theirs (any template, any dataset) is left out (`split.prompt_leakage: drop`, counted per
+template in stats.json "prompt_leakage"), so the split itself stays exactly as seeded, stratified and
+grouped. stats.json "leaked_prompts" counts the validation and test examples whose prompt is in the
+written training set: 0 unless `prompt_leakage: report`.
 Rendering failures (an undefined field, a prompt or completion that renders empty, a completion that is
 not among the answer choices) stop with an error naming file, line and template, or with
 `skip_bad_rows` are skipped and counted per reason in stats.json ("examples_skipped_by_reason").
@@ -28,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from instructkit.config import RunConfig, dump_config
+from instructkit.data.chat import CHAT_METRICS
 from instructkit.data.examples import Example, LineEncoder, example_line
+from instructkit.data.leakage import PromptLedger
 from instructkit.data.plan import DatasetPlan, mix, plan_dataset, train_jobs
 from instructkit.data.sources import dataset_name
 from instructkit.data.split import SPLITS
@@ -86,19 +97,22 @@ def _render_checked(
 
 def _as_is_example(plan: DatasetPlan, row: dict, source_id: str) -> Example:
     kind = plan.source.kind
+    closed = plan.answers is not None and plan.answers.choices is not None  # data/answers.py
+    default_metrics = CHAT_METRICS if kind == "chat" else DEFAULT_METRICS[AS_IS_TASK]
     return Example(
         prompt=row["prompt"],
         completion=row["completion"],
-        choices=None,
-        task=AS_IS_TASK,
+        choices=plan.answers.choices if closed else None,
+        task=plan.answers.task if closed else AS_IS_TASK,
         template_id=f"{plan.name}.{'chat' if kind == 'chat' else 'as_is'}",
         source_id=source_id,
         dataset=plan.name,
         template_version=AS_IS_VERSION,
-        label=None,
-        metrics=list(DEFAULT_METRICS[AS_IS_TASK]),
+        label=row["completion"] if closed else None,
+        metrics=list(plan.config.metrics or (plan.answers.metrics if closed else default_metrics)),
         held_out=plan.held_out,
         messages=row.get("messages") if kind == "chat" else None,
+        tools=row.get("tools") if kind == "chat" else None,
     )
 
 
@@ -109,8 +123,11 @@ def _write_jobs(
     split: str,
     encoder: LineEncoder,
     counts: dict[str, Counter],
+    ledger: PromptLedger,
 ) -> int:
-    """Render and write (dataset, row, template index) jobs; return the number of lines (the hot loop)."""
+    """Render and write (dataset, row, template index) jobs; return the number of lines (the hot loop).
+
+    A training example whose prompt the ledger holds from validation/test is left out (`ledger.keep`)."""
     enc = _encode_text
     contexts = []
     for plan in plans:
@@ -124,12 +141,14 @@ def _write_jobs(
         source_id = ids[r]
         if t < 0:  # data already in instruction form
             example = _as_is_example(plan, rows[r], source_id)
+            if not ledger.keep(split, example.prompt, plan.name, example.template_id):
+                continue
             buffer.append(example_line(example))
             count[example.template_id] += 1
         else:
             template = templates[t]
             rendered = _render_checked(template, rows[r], source_id, plan, r)
-            if rendered is None:
+            if rendered is None or not ledger.keep(split, rendered.prompt, plan.name, template.id):
                 continue
             a, b, c, choices = parts[t]
             completion = enc(rendered.completion)
@@ -212,6 +231,7 @@ def prepare(
     random.Random(f"shuffle:{seed}").shuffle(train_order)
 
     encoder = LineEncoder()
+    ledger = PromptLedger(drop=config.split.prompt_leakage == "drop")
     counts: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     written: dict[str, int] = {}
     files = {s: run_dir / f"{s}.jsonl" for s in SPLITS}
@@ -219,19 +239,24 @@ def prepare(
     with contextlib.ExitStack() as stack:
         stats_handle = stack.enter_context(atomic_open(files["stats"]))  # entered first: renamed last
         handles = {s: stack.enter_context(atomic_open(files[s])) for s in SPLITS}
+        for split in ("validation", "test"):  # first: their prompts are what train must not repeat
+            written[split] = _write_jobs(
+                handles[split], plans, _eval_jobs(plans, split), split, encoder, counts[split], ledger
+            )
         written["train"] = _write_jobs(
-            handles["train"], plans, train_order, "train", encoder, counts["train"]
+            handles["train"], plans, train_order, "train", encoder, counts["train"], ledger
         )
         if written["train"] == 0 and not all(p.held_out for p in plans):
             # Raised inside the ExitStack: no output file is written.
+            also = f"; {ledger.dropped.total()} left out as validation/test prompts" if ledger.dropped else ""
             raise DataError(
                 f"{run_dir}: no training examples: the split of {', '.join(p.name for p in plans)} leaves the train split "
-                "empty (too few rows for the validation/test fractions, or every template held out)")
-        for split in ("validation", "test"):
-            written[split] = _write_jobs(
-                handles[split], plans, _eval_jobs(plans, split), split, encoder, counts[split]
-            )
+                f"empty (too few rows for the validation/test fractions, or every template held out){also}")
+        for plan in plans:  # before _stats: a note when the guard left out much of a template
+            plan.notes += ledger.notes(plan.name, counts["train"][plan.name])
         stats = _stats(config, run_dir, plans, counts, written, mixture)
+        stats["leaked_prompts"] = ledger.leaked()
+        stats["prompt_leakage"] = ledger.report(config.split.prompt_leakage)
         stats["seconds"] = {
             "read_dedup_split": round(planned - started, 3),
             "render_write": round(time.perf_counter() - planned, 3),
@@ -278,6 +303,7 @@ def _stats(
             "templates_per_row": plan.config.templates_per_row,
             "weight": plan.config.weight,
             "notes": plan.notes,
+            "answers": plan.answers.to_dict() if plan.answers is not None else None,
         }
     splits: dict[str, Any] = {}
     for split in SPLITS:

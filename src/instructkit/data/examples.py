@@ -31,6 +31,8 @@ class Example:
     """Held-out template or dataset (validation/test only); written only when true."""
     messages: list[dict] | None = None
     """Chat turns before the completion (chat data only); written only when present."""
+    tools: list[dict] | None = None
+    """Function specs the conversation may call (chat data with tool calls only); written only when present."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -49,6 +51,8 @@ class Example:
             out["held_out"] = True
         if self.messages is not None:
             out["messages"] = self.messages
+        if self.tools:
+            out["tools"] = self.tools
         return out
 
     @classmethod

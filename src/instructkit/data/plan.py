@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from instructkit.config import DatasetConfig, RunConfig
+from instructkit.data.answers import OUTSIDE_DETECTED, Answers, decide_answers
 from instructkit.data.sources import DEMO_SCHEMA, Source, dataset_name, load_source
 from instructkit.data.split import DedupResult, SplitResult, deduplicate, largest_remainder, split_rows
 from instructkit.data.table import Problems
@@ -63,6 +64,8 @@ class DatasetPlan:
     rows_capped: int = 0
     problems: Problems = field(default_factory=lambda: Problems(False))
     notes: list[str] = field(default_factory=list)
+    answers: Answers | None = None
+    """Instruction-form data: its answers (a closed set of choices, or free text); data/answers.py."""
 
     @property
     def held_out(self) -> bool:
@@ -153,6 +156,7 @@ def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunCo
         key = sorted(reads & set(schema.fields)) if schema.fields else sorted(reads)
     label_field = source.label_field
     dedup = deduplicate(source.rows, key, label_field, source.given)
+    answers = instruction_answers(dataset, source, dedup, schema, name)
     rows, capped = cap_rows(dedup.keep, source.given, dataset.max_rows, f"cap:{split_cfg.seed}:{name}")
     all_rows = source.rows
     labels = None
@@ -195,8 +199,44 @@ def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunCo
         rows=rows,
         rows_capped=capped,
         problems=Problems(dataset.skip_bad_rows),
+        answers=answers,
         notes=notes,
     )
+
+
+def instruction_answers(dataset: DatasetConfig, source: Source, dedup: DedupResult, schema: Schema | None,
+                        name: str) -> Answers | None:
+    """The answers of instruction-form data (None for templated data), decided on the deduplicated rows;
+    rows whose completion is outside the choices leave `dedup.keep` (declared choices: a bad row).
+
+    Raises: ConfigError when templated data sets `choices` or `metrics`; DataError naming file and line
+    for a completion outside declared choices, unless `skip_bad_rows`.
+    """
+    if schema is not None:
+        if dataset.choices != "auto" or dataset.metrics is not None:
+            raise ConfigError(f"dataset {name!r}: `choices` and `metrics` are for prompt/completion data; a "
+                              "template sets its own (eval.metrics overrides them per template)")
+        return None
+    answers = decide_answers([source.rows[r]["completion"] for r in dedup.keep], dataset.choices, dataset.metrics)
+    if answers.choices is None:
+        return answers
+    allowed, problems, kept = set(answers.choices), Problems(dataset.skip_bad_rows), []
+    for r in dedup.keep:
+        completion = source.rows[r]["completion"]
+        if completion in allowed:
+            kept.append(r)
+        elif answers.origin == "declared":
+            problems.bad("completion outside the declared choices", f"{source.where(r)}: completion "
+                         f"{completion[:80]!r} is not one of the dataset's choices {answers.choices}")
+        else:
+            source.skipped[OUTSIDE_DETECTED] += 1
+    source.skipped.update(problems.counts)
+    source.skipped_samples.extend(problems.samples)
+    if len(kept) < len(dedup.keep) and answers.origin == "detected":
+        log.warning("dataset %s: %d rows whose completion is outside the detected answer choices %s are left "
+                    "out (see stats.json)", name, len(dedup.keep) - len(kept), answers.choices)
+    dedup.keep = kept
+    return answers
 
 
 def cap_rows(

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import os
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from instructkit.config_load import PATH_RULE
 from instructkit.data.readers_text import decode_text, parse_delimited, parse_json, parse_jsonl
 from instructkit.data.table import Problems, Table
 from instructkit.errors import ConfigError, DataError
@@ -69,7 +71,8 @@ def _not_found(path: Path) -> DataError:
             hint = f"; did you mean {' or '.join(str(parent / c) for c in close)}?"
     elif not parent.exists():
         hint = f" (the folder {parent} does not exist either)"
-    return DataError(f"{path}: file not found{hint}")
+    # The absolute path tried, and the rule that made it (config_load.PATH_RULE).
+    return DataError(f"{os.path.abspath(path)}: file not found{hint}; {PATH_RULE}")
 
 
 def read_bytes(path: Path) -> bytes:

@@ -26,6 +26,7 @@ from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
 from instructkit.io import json_problem
 
+
 def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
     """Decode `data`, dropping a byte-order mark; an undecodable byte is named by offset and line.
 

@@ -7,24 +7,34 @@ Amazon `overall: 5.0` becomes 5 when the schema says int) and the label is check
 label map. A bad row stops reading with a DataError naming file, line, column and the templates that read
 the column, unless `skip_bad_rows` is on: then it is skipped and counted by reason.
 
+What counts as missing is one rule for every format (`missing_kind`): null (JSON null, a Parquet or
+Arrow null, None), a float NaN (a bare `NaN` written by `json.dumps`, a NaN cell pandas wrote to Parquet)
+and text that is empty or only whitespace (an empty CSV/TSV cell, quoted `""` or not: the csv module
+cannot tell them apart, and pandas writes a NaN as an empty cell). The text "nan" or "NULL" is text. A
+missing value in a field a template reads, the label, a `dedup_key` or `group_by` field is a bad row
+("missing value (<column>)"), exactly like null; a field that every template reading it tests first
+(`{% if input %}`, Alpaca's optional input) may be missing and becomes "" (text) or null; any other
+field that is missing becomes null.
+
 Data already in instruction form needs no schema and no template:
     prompt/completion   rows with `prompt` and `completion`; a trailing end-of-sequence marker such as
                         "<|endoftext|>" is stripped from the completion (tokenization adds the model's own)
-    chat                rows with `messages: [{role, content}, ...]` ending with an assistant turn: the
-                        final assistant turn is the completion, the turns before it are kept as
-                        `messages` so tokenization can apply a chat template; the plain-text `prompt` is
-                        the user's message for a single exchange, else "role: content" lines.
+    chat                rows with `messages: [{role, content}, ...]` or ShareGPT `conversations: [{from,
+                        value}, ...]` (and `tools`) ending with an assistant turn: the final assistant
+                        turn is the completion, the turns before it are kept as `messages` so
+                        tokenization can apply a chat template (chat_rows.py reads them); the plain-text
+                        `prompt` is the user's message for a single exchange, else "role: content" lines.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from instructkit.data.chat import CHAT_ROLES, chat_prompt
+from instructkit.data.chat_rows import chat_row
 from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
 from instructkit.templates.schema import Schema
@@ -41,6 +51,17 @@ KNOWN_EOS_MARKERS = (
     "<eos>",
 )
 """End-of-sequence markers stripped from the end of ready-made completions (tokenize adds the real EOS)."""
+
+
+def missing_kind(value: Any) -> str | None:
+    """How `value` is missing ("null", "NaN", "empty text"), or None when it holds a value."""
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else None
+    if isinstance(value, str) and (not value or value.isspace()):
+        return "empty text"
+    return None
 
 
 def column_candidates(columns: Mapping[str, Any], name: str) -> list[str]:
@@ -82,9 +103,21 @@ class RowChecker:
                 if name in required:
                     raise DataError(self._missing_column(name, schema))
         self.renames = [(f, c) for f, c in self.mapping.items() if f != c]
-        self.required = [f for f in fields if f in required]
         self.coerce = schema.coerce if schema is not None and schema.fields else None
         self.label = label if label in self.mapping else None
+        # fields every template that reads them tests first (`{% if input %}`) may be missing
+        optional = {
+            f for f in self.mapping
+            if any(f in t.fields_read for t in templates)
+            and all(f in t.fields_optional for t in templates if f in t.fields_read)
+        }
+        non_text = {f for f, kind in (schema.fields if schema is not None else {}).items() if kind != "str"}
+        self.required = [
+            f for f in self.mapping if (f in required and f not in optional) or f == self.label
+        ]
+        # the other mapped fields: a missing value becomes "" (optional text a template tests) or None
+        self.blank = [(f, "" if f in optional and f not in non_text else None)
+                      for f in self.mapping if f not in self.required]
 
     def _readers(self, name: str) -> str:
         ids = [t.id for t in self.templates if name in t.fields_read]
@@ -120,13 +153,17 @@ class RowChecker:
         for name, col in self.renames:
             row[name] = row.get(col)
         for name in self.required:
-            if row.get(name) is None:
+            kind = missing_kind(row.get(name))
+            if kind is not None:
                 self.problems.bad(
                     f"missing value ({self.mapping.get(name, name)})",
-                    f"{self.table.path}: {self.table.where(i)}: {self.column(name)} is missing or null"
+                    f"{self.table.path}: {self.table.where(i)}: {self.column(name)} is missing ({kind})"
                     f"{self._readers(name)}",
                 )
                 return None
+        for name, empty in self.blank:
+            if missing_kind(row.get(name)) is not None:
+                row[name] = empty
         if self.coerce is not None:
             try:
                 row = self.coerce(row)
@@ -194,63 +231,19 @@ def instruction_row(kind: str, row: dict, where: str, problems: Problems, eos: C
         row["prompt"] = prompt.strip()  # type: ignore[union-attr]
         row["completion"] = completion
         return row
-    messages = row.get("messages")
-    if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except ValueError:
-            pass
-    if not isinstance(messages, list) or not messages:
-        problems.bad(
-            "bad messages", f"{where}: column 'messages' must be a non-empty list of {{role, content}}"
-        )
-        return None
-    turns = []
-    for j, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(role, str) or role.lower() not in CHAT_ROLES or not isinstance(content, str):
-            problems.bad(
-                "bad messages",
-                f"{where}: column 'messages': turn {j + 1} must be "
-                "{role: system|user|assistant, content: text}, "
-                f"got {str(message)[:120]}",
-            )
-            return None
-        turns.append({"role": role.lower(), "content": content})
-    if turns[-1]["role"] != "assistant":
-        problems.bad(
-            "no final assistant turn",
-            f"{where}: column 'messages': the conversation must end with an assistant turn to learn",
-        )
-        return None
-    context = turns[:-1]
-    if not any(t["role"] == "user" for t in context):
-        problems.bad(
-            "no user turn", f"{where}: column 'messages': no user turn before the final assistant turn"
-        )
-        return None
-    completion, marker = strip_eos(turns[-1]["content"])
-    if marker:
-        eos[marker] += 1
-    if not completion:
-        problems.bad("empty completion", f"{where}: column 'messages': the final assistant turn is empty")
-        return None
-    row["messages"] = context
-    row["prompt"] = chat_prompt(context)
-    row["completion"] = completion
-    return row
+    return chat_row(row, where, problems, eos)
 
 
 def instruction_kind(columns: Iterable[str], mapping: Mapping[str, Any]) -> str | None:
-    """The kind of instruction data: "chat" with a `messages` column, "prompt_completion" with both of
+    """The kind of instruction data: "chat" with a `messages` (or ShareGPT `conversations`) column,
+    "prompt_completion" with both of
     those columns, else None."""
     present = set(columns)
 
     def has(name: str) -> bool:
         return any(c in present for c in column_candidates(mapping, name))
 
-    if has("messages"):
+    if has("messages") or has("conversations"):
         return "chat"
     if has("prompt") and has("completion"):
         return "prompt_completion"

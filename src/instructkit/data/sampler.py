@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from instructkit.data.buckets import token_balanced
+
 Row = list[int]  # example indices laid end to end in one row (one index when padded)
 MicroBatch = list[Row]  # the rows of one forward pass; [] is a placeholder (see `plan_step`)
 
@@ -128,17 +130,23 @@ def step_groups(
     *,
     group_by_length: bool,
     sample_labels: Sequence[int] | None = None,
+    balance_multiple: int = 1,
+    row_size: int | None = None,
 ) -> list[np.ndarray]:
     """The epoch's examples cut into groups of `group_size` (the last may be smaller), one per step.
 
     Order: a seeded permutation (or a `balanced_sampler` draw when `sample_labels` is given), then
-    length grouping when asked. Deterministic in (seed, epoch, group_size).
+    length grouping when asked, or, with `balance_multiple` > 1 (packed rows on an accelerator),
+    groups of rows of `row_size` examples whose sums sit on multiples of it (buckets.token_balanced;
+    replaces length grouping). Deterministic in (seed, epoch, group_size).
     """
     rng = np.random.default_rng([seed, epoch, 0])
     if sample_labels is not None:
         order = balanced_sampler(sample_labels, seed, epoch)
     else:
         order = rng.permutation(len(lengths))
+    if balance_multiple > 1:
+        return token_balanced(order, lengths, group_size, row_size or group_size, balance_multiple, rng)
     if group_by_length:
         return length_grouped(order, lengths, group_size, rng)
     return [order[i : i + group_size] for i in range(0, len(order), group_size)]
@@ -247,6 +255,7 @@ class BatchPlan:
     attention_tokens: float | None = None  # see pack_group
     group_by_length: bool = True  # similar lengths per step (less padding; packing picks its row width)
     seed: int = 0
+    pad_to_multiple_of: int = 1  # row widths rounded up to this; > 1 with packing: bucketed rows (below)
 
     @property
     def group_size(self) -> int:
@@ -259,7 +268,9 @@ def plan_step(group: Sequence[int], lengths: np.ndarray, plan: BatchPlan) -> lis
 
     Padded: the group sorted by length is cut into world_size x grad_accum near-equal micro-batches;
     micro-batch j goes to process j % world_size. Packed: `pack_group` rows, dealt to the processes
-    fullest first, then cut into micro-batches of max_tokens // width rows.
+    fullest first, then cut into micro-batches of max_tokens // width rows. Packed with
+    pad_to_multiple_of m > 1 (accelerators): `bucketed_rows` instead, one row per micro-batch (rows of
+    different widths never share a tensor, so the shapes stay few: [1, multiple of m]).
     With several processes every one gets the same number of micro-batches (FSDP needs equal forward
     counts); a process short of data gets empty placeholders `[]`, run as zero-weight dummies.
     With one process, empty micro-batches are dropped.
@@ -268,14 +279,18 @@ def plan_step(group: Sequence[int], lengths: np.ndarray, plan: BatchPlan) -> lis
     group = [int(i) for i in group]
     if plan.packing:
         max_tokens = plan.max_tokens or plan.batch_size * int(lengths.max())
-        rows = pack_group(group, lengths, max_tokens, plan.attention_tokens)
+        bucketed = plan.pad_to_multiple_of > 1
+        if bucketed:
+            rows = bucketed_rows(group, lengths, plan, max_tokens)
+        else:
+            rows = pack_group(group, lengths, max_tokens, plan.attention_tokens)
         rows.sort(key=lambda row: -sum(int(lengths[i]) for i in row))
-        width = max((sum(int(lengths[i]) for i in row) for row in rows), default=1)
-        per_batch = max(1, max_tokens // width)
+        per_batch = max(1, max_tokens // max((sum(int(lengths[i]) for i in row) for row in rows), default=1))
         ranks: list[list[MicroBatch]] = []
         for r in range(world):
             mine = rows[r::world]
-            ranks.append([mine[i : i + per_batch] for i in range(0, len(mine), per_batch)])
+            ranks.append([[row] for row in mine] if bucketed
+                         else [mine[i : i + per_batch] for i in range(0, len(mine), per_batch)])
     else:
         ordered = sorted(group, key=lambda k: (-int(lengths[k]), k))
         chunks = np.array_split(np.array(ordered, dtype=np.int64), world * plan.grad_accum)
@@ -284,6 +299,19 @@ def plan_step(group: Sequence[int], lengths: np.ndarray, plan: BatchPlan) -> lis
         return [[mb for mb in ranks[0] if mb]]
     most = max(len(mbs) for mbs in ranks)
     return [mbs + [[] for _ in range(most - len(mbs))] for mbs in ranks]
+
+
+def bucketed_rows(group: Sequence[int], lengths: np.ndarray, plan: BatchPlan, max_tokens: int) -> list[Row]:
+    """Packed rows of one step group on an accelerator: its consecutive runs of plan.batch_size examples,
+    which `plan_epoch` balanced so each row's sum sits on (or just under) a multiple of
+    plan.pad_to_multiple_of. One row per micro-batch by default: the step's 8 examples end to end,
+    padding-free but for the rounding. A row over `max_tokens` (a budget below batch_size examples)
+    sends the group to `first_fit_decreasing` at that capacity instead.
+    """
+    rows = [list(group[i : i + plan.batch_size]) for i in range(0, len(group), plan.batch_size)]
+    if max(sum(int(lengths[i]) for i in row) for row in rows) > max_tokens:
+        rows = first_fit_decreasing(group, lengths, max_tokens)
+    return rows
 
 
 def plan_epoch(
@@ -297,6 +325,8 @@ def plan_epoch(
         epoch,
         group_by_length=plan.group_by_length,
         sample_labels=sample_labels,
+        balance_multiple=plan.pad_to_multiple_of if plan.packing else 1,
+        row_size=plan.batch_size,
     )
     return [plan_step(group, lengths, plan) for group in groups]
 
@@ -309,7 +339,8 @@ def plan_eval(lengths: np.ndarray, plan: BatchPlan) -> list[list[MicroBatch]]:
     order = np.argsort(-lengths, kind="stable")
     size = plan.batch_size * plan.world_size
     per_rank: list[list[MicroBatch]] = [[] for _ in range(plan.world_size)]
-    one = BatchPlan(plan.batch_size, 1, plan.world_size, plan.packing, plan.max_tokens, plan.attention_tokens)
+    one = BatchPlan(plan.batch_size, 1, plan.world_size, plan.packing, plan.max_tokens, plan.attention_tokens,
+                    pad_to_multiple_of=plan.pad_to_multiple_of)
     for start in range(0, len(order), size):
         for r, mbs in enumerate(plan_step(order[start : start + size], lengths, one)):
             per_rank[r].extend(mbs)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from instructkit.config import DatasetConfig
+from instructkit.data.chat_rows import chat_column
 from instructkit.data.readers import SUFFIX_FORMATS, read_parallel, read_tables
 from instructkit.data.rows import RowChecker, column_candidates, instruction_kind, instruction_row
 from instructkit.data.table import Problems, Table
@@ -335,7 +336,9 @@ def _add_table(
     if kind == "schema":
         checker = RowChecker(table, schema, fields, required, columns, templates, problems, label)
     else:
-        base = ["messages"] if kind == "chat" else ["prompt", "completion"]
+        present = set(table.columns)
+        has = lambda name: any(c in present for c in column_candidates(columns, name))
+        base = [chat_column(has)] if kind == "chat" else ["prompt", "completion"]
         wanted = list(dict.fromkeys([*base, *sorted(required)]))
         checker = RowChecker(table, None, wanted, set(wanted), columns, templates, problems, None)
     prefix = f"{source.name}:{split}:" if split is not None else f"{source.name}:"

@@ -6,14 +6,20 @@ where the completion is tokenized on its own (`separator + completion`, default 
 Labels never come from masking pad ids (SmolLM2's pad equals its EOS) nor from searching the token stream
 for a response string.
 
-With `chat_template=True` (instruct models) the prompt is the user turn up to the assistant header (the
-template's generation prompt), the completion is the assistant text plus the template's end-of-turn token;
-no second EOS is added.
+With `chat_template=True` (instruct models) every example is a conversation rendered by the tokenizer's own
+chat template (data/chat_encode.py): a chat example's `messages` (+ `tools`) followed by its completion as
+the assistant turn, or [system_prompt], user = prompt, assistant = completion for a templated example. The
+prompt of every assistant turn is `apply_chat_template(turns before it, add_generation_prompt=True)`, the
+answer ends with the template's end-of-turn token (or EOS when the template writes none); training labels
+every assistant turn (`loss_on: all_assistant_turns`) or the last; scoring and generation use the last.
+A prompt given as `ChatPrompt` (data/chat.py) carries its conversation; plain text is one user turn.
 
 Seq2seq models: `input_ids` = the prompt (encoder), `labels` = completion + EOS (decoder).
 
 Truncation never cuts the completion: the prompt is cut (from the left, keeping BOS, or from the middle)
-and an example whose completion alone does not fit is dropped. Both are counted.
+and an example whose completion alone does not fit is dropped. Both are counted. A chat prompt is never cut
+as tokens: whole earliest exchanges go first, then text inside the longest user content
+(data/chat_truncate.py), so every example is a well-formed conversation.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from instructkit.config import ModelConfig
+from instructkit.data.chat import ChatPrompt, example_prompt, full_conversation
+from instructkit.data.chat_encode import IGNORE_INDEX, LossOn, encode_conversation, special_ids, with_system
+from instructkit.data.chat_encode import prompt_ids as chat_prompt_ids
 from instructkit.io import replace_folder, sha256_file, temp_folder_beside
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -42,12 +49,19 @@ class TokenizeSettings:
     system_prompt: str | None = None
     separator: str = " "
     seq2seq: bool = False
+    loss_on: LossOn = "all_assistant_turns"  # chat training examples: every assistant turn, or the last
 
     @classmethod
-    def from_model_config(cls, model: ModelConfig, is_seq2seq: bool) -> TokenizeSettings:
-        """The settings a run's `model:` section asks for."""
+    def from_model_config(cls, model: ModelConfig, is_seq2seq: bool,
+                          loss_on: LossOn = "all_assistant_turns") -> TokenizeSettings:
+        """The settings a run's `model:` section (and `train.loss_on`) asks for."""
         return cls(max_length=model.max_length, truncation=model.truncation, chat_template=model.chat_template,
-                   system_prompt=model.system_prompt, seq2seq=is_seq2seq)
+                   system_prompt=model.system_prompt, seq2seq=is_seq2seq, loss_on=loss_on)
+
+    @property
+    def chat(self) -> bool:
+        """Whether examples are rendered with the chat template (causal models only)."""
+        return self.chat_template and not self.seq2seq
 
 
 @dataclass
@@ -78,25 +92,30 @@ class TokenizeStats:
 # --------------------------------------------------------------------------------------------------
 
 
-def _chat_messages(prompt: str, settings: TokenizeSettings) -> list[dict[str, str]]:
-    messages = []
-    if settings.system_prompt is not None:
-        messages.append({"role": "system", "content": settings.system_prompt})
-    messages.append({"role": "user", "content": prompt})
-    return messages
+def chat_messages(prompt: str, settings: TokenizeSettings,
+                  completion: str | None = None) -> tuple[list[dict], list | None]:
+    """(messages, tools) of an example: a `ChatPrompt`'s turns or one user turn, the system prompt first
+    when set and the conversation has none, and the assistant turn `completion` last when given."""
+    if isinstance(prompt, ChatPrompt):
+        messages, tools = list(prompt.messages), list(prompt.tools) if prompt.tools else None
+    else:
+        messages, tools = [{"role": "user", "content": prompt}], None
+    messages = with_system(messages, settings.system_prompt)
+    if completion is not None:
+        messages = full_conversation(messages, completion, tools)
+    return messages, tools
 
 
-def chat_texts(tokenizer: Any, prompt: str, completion: str, settings: TokenizeSettings) -> tuple[str, str]:
-    """(prompt text up to the assistant header, assistant text + end-of-turn) from the chat template."""
-    messages = _chat_messages(prompt, settings)
-    head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": completion}], add_generation_prompt=False, tokenize=False
-    )
-    if not full.startswith(head):
-        raise ValueError("the chat template's generation prompt is not a prefix of the full conversation")
-    # The template ends the turn with its end-of-turn token, often followed by a newline: keep the token.
-    return head, full[len(head):].rstrip()
+def _chat_example(tokenizer: Any, prompt: str, completion: str, settings: TokenizeSettings,
+                  truncate: bool = True) -> Encoded | None:
+    """The last assistant turn of a chat example (scoring, generation), cut to `max_length` unless not."""
+    messages, tools = chat_messages(prompt, settings, completion)
+    encoded = encode_conversation(tokenizer, messages, tools, loss_on="last_assistant_turn",
+                                  max_length=settings.max_length if truncate else 1 << 62,
+                                  truncation=settings.truncation)[0]
+    if encoded is None:
+        return None
+    return Encoded(encoded.input_ids, encoded.labels, encoded.prompt_length, encoded.truncated)
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -108,11 +127,9 @@ def _eos_id(tokenizer: Any) -> int:
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], settings: TokenizeSettings) -> list[list[int]]:
     """Prompt token ids (with the tokenizer's own special tokens, e.g. BOS), untruncated."""
-    if settings.chat_template and not settings.seq2seq:
-        texts = [chat_texts(tokenizer, p, "", settings)[0] for p in prompts]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if settings.chat:
+        return [chat_prompt_ids(tokenizer, *chat_messages(p, settings))[0] for p in prompts]
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     if not settings.seq2seq:
         eos = tokenizer.eos_token_id
         # A causal prompt must not end with EOS (some tokenizers append it): the completion follows.
@@ -128,14 +145,15 @@ def encode_completions(
     add_eos: bool = True,
 ) -> list[list[int]]:
     """Completion token ids: `separator + completion` (+ EOS); with a chat template, the assistant turn."""
-    if settings.chat_template and not settings.seq2seq:
+    if settings.chat:
         if prompts is None:
             raise ValueError("chat completions need their prompts (the template may depend on them)")
-        texts = [chat_texts(tokenizer, p, c, settings)[1] for p, c in zip(prompts, completions)]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if not add_eos:  # scoring a choice: drop the end-of-turn token
-            ids = [x[:-1] for x in ids]
-        return [list(x) for x in ids]
+        ids = []
+        for p, c in zip(prompts, completions):
+            enc = _chat_example(tokenizer, p, c, settings, truncate=False)
+            answer = enc.input_ids[enc.prompt_length:]  # type: ignore[union-attr]
+            ids.append(answer if add_eos else answer[:-1])  # scoring a choice: without the end-of-turn token
+        return ids
     sep = "" if settings.seq2seq else settings.separator
     ids = tokenizer([sep + c for c in completions], add_special_tokens=False)["input_ids"]
     if add_eos:
@@ -158,8 +176,7 @@ def end_of_turn_id(tokenizer: Any, settings: TokenizeSettings) -> int | None:
         ids = encode_completions(tokenizer, ["x"], settings, ["x"], add_eos=True)[0]
     except Exception:  # noqa: BLE001 - any template error means: no end-of-turn token to stop at
         return None
-    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-    return int(ids[-1]) if ids and ids[-1] in special else None
+    return int(ids[-1]) if ids and ids[-1] in special_ids(tokenizer) else None
 
 
 def stop_token_ids(tokenizer: Any, settings: TokenizeSettings, existing: Any = None) -> list[int]:
@@ -215,6 +232,20 @@ def assemble(
     )
 
 
+def assemble_prompt(tokenizer: Any, prompt: str, prompt_ids: list[int], completion_ids: list[int],
+                    settings: TokenizeSettings) -> Encoded | None:
+    """`assemble(prompt_ids, completion_ids)`, except that a chat prompt is shortened by the conversation
+    rule (module docstring) instead of cut as tokens; None when the completion leaves it no room."""
+    if not settings.chat or len(prompt_ids) + len(completion_ids) <= settings.max_length:
+        return assemble(prompt_ids, completion_ids, settings, tokenizer.bos_token_id)
+    cut, _ = chat_prompt_ids(tokenizer, *chat_messages(prompt, settings),
+                             budget=settings.max_length - len(completion_ids), truncation=settings.truncation)
+    if len(cut) + len(completion_ids) > settings.max_length:
+        return None
+    return Encoded(cut + list(completion_ids), [IGNORE_INDEX] * len(cut) + list(completion_ids), len(cut),
+                   truncated=True)
+
+
 def encode_example(tokenizer: Any, prompt: str, completion: str, settings: TokenizeSettings) -> Encoded | None:
     """Tokenize one example for training (also used by rank scoring and generation, via its parts)."""
     return encode_batch(tokenizer, [prompt], [completion], settings)[0]
@@ -227,7 +258,17 @@ def encode_batch(
     settings: TokenizeSettings,
     add_eos: bool = True,
 ) -> list[Encoded | None]:
-    """Tokenize many examples at once (the fast tokenizer batches); None marks a dropped example."""
+    """Tokenize many examples at once (the fast tokenizer batches); None marks a dropped example.
+
+    A chat example is its conversation with the completion as the last assistant turn, that turn alone
+    labelled (scoring and perplexity), shortened by the conversation rule (module docstring).
+    """
+    if settings.chat:
+        encoded = [_chat_example(tokenizer, p, c, settings) for p, c in zip(prompts, completions)]
+        if not add_eos:
+            encoded = [e if e is None else Encoded(e.input_ids[:-1], e.labels[:-1], e.prompt_length, e.truncated)
+                       for e in encoded]
+        return encoded
     prompt_ids = encode_prompts(tokenizer, prompts, settings)
     completion_ids = encode_completions(tokenizer, completions, settings, prompts, add_eos=add_eos)
     bos = tokenizer.bos_token_id
@@ -237,7 +278,15 @@ def encode_batch(
 def encode_for_generation(
     tokenizer: Any, prompts: Sequence[str], settings: TokenizeSettings, max_new_tokens: int
 ) -> list[list[int]]:
-    """Prompt ids for generation, cut exactly as in training so that prompt + answer fits max_length."""
+    """Prompt ids for generation, cut exactly as in training so that prompt + answer fits max_length.
+
+    A chat prompt is shortened by the conversation rule (whole earliest exchanges, then inside the longest
+    user content), never cut as tokens.
+    """
+    if settings.chat:
+        budget = max(settings.max_length - max_new_tokens, 2)
+        return [chat_prompt_ids(tokenizer, *chat_messages(p, settings), budget=budget,
+                                truncation=settings.truncation)[0] for p in prompts]
     ids = encode_prompts(tokenizer, prompts, settings)
     if settings.seq2seq:  # the encoder input is cut exactly as `assemble` cuts it for training
         return [_cut_encoder_input(x, settings) for x in ids]
@@ -281,7 +330,7 @@ def cache_fingerprint(tokenizer: Any, template_versions: Sequence[str], settings
             "templates": sorted(set(template_versions)),
             "settings": asdict(settings),
             "data": data_digest,
-            "format": 1,
+            "format": 2,  # 2: chat examples rendered turn by turn
         },
         sort_keys=True,
     )
@@ -294,6 +343,8 @@ def examples_digest(examples: Sequence[dict]) -> str:
         digest.update(ex["prompt"].encode())
         digest.update(b"\x00")
         digest.update(ex["completion"].encode())
+        if ex.get("messages") or ex.get("tools"):
+            digest.update(json.dumps([ex.get("messages"), ex.get("tools")], sort_keys=True).encode())
         digest.update(b"\x01")
     return digest.hexdigest()
 
@@ -307,7 +358,9 @@ def tokenize_examples(
 ) -> tuple[Any, TokenizeStats]:
     """Tokenize examples into a `datasets.Dataset` with input_ids, labels, prompt_length, index.
 
-    With `cache_dir`, the result is saved under the fingerprint and reused by later calls with the same
+    With a chat template, a chat example (with `messages`) is its whole conversation with every assistant
+    turn labelled (`settings.loss_on`), and gives one row per assistant turn when the template is not
+    prefix-stable (data/chat_encode.py); `index` is the example's position either way. With `cache_dir`, the result is saved under the fingerprint and reused by later calls with the same
     tokenizer, templates, settings and data.
     """
     import datasets
@@ -324,20 +377,19 @@ def tokenize_examples(
     columns: dict[str, list] = {"input_ids": [], "labels": [], "prompt_length": [], "index": []}
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        encoded = encode_batch(tokenizer, [e["prompt"] for e in chunk], [e["completion"] for e in chunk], settings)
-        for offset, enc in enumerate(encoded):
+        if settings.chat:
+            encoded = [_training_rows(tokenizer, e, settings) for e in chunk]
+        else:
+            encoded = [[e] for e in encode_batch(tokenizer, [e["prompt"] for e in chunk],
+                                                 [e["completion"] for e in chunk], settings)]
+        for offset, pieces in enumerate(encoded):
             stats.examples += 1
-            if enc is None:
-                stats.dropped += 1
-                stats.dropped_ids.append(str(chunk[offset].get("source_id", start + offset)))
-                continue
-            stats.truncated += int(enc.truncated)
-            stats.prompt_tokens += enc.prompt_length
-            stats.completion_tokens += sum(1 for x in enc.labels if x != IGNORE_INDEX)
-            columns["input_ids"].append(enc.input_ids)
-            columns["labels"].append(enc.labels)
-            columns["prompt_length"].append(enc.prompt_length)
-            columns["index"].append(start + offset)
+            for enc in pieces:
+                if enc is None:
+                    stats.dropped += 1
+                    stats.dropped_ids.append(str(chunk[offset].get("source_id", start + offset)))
+                    continue
+                _add_row(columns, stats, enc, start + offset)
     dataset = datasets.Dataset.from_dict(columns)  # datasets 5 has no fingerprint argument here
     if cached is not None:
         tmp = temp_folder_beside(cached)
@@ -346,3 +398,22 @@ def tokenize_examples(
         replace_folder(tmp, cached)
         dataset = datasets.load_from_disk(str(cached / "data"))
     return dataset, stats
+
+
+def _training_rows(tokenizer: Any, example: dict, settings: TokenizeSettings) -> list[Encoded | None]:
+    """The training rows of one example with a chat template (None: a row that does not fit)."""
+    prompt = example_prompt(example)
+    messages, tools = chat_messages(prompt, settings, example["completion"])
+    encoded = encode_conversation(tokenizer, messages, tools, max_length=settings.max_length,
+                                  loss_on=settings.loss_on, truncation=settings.truncation)
+    return [None if e is None else Encoded(e.input_ids, e.labels, e.prompt_length, e.truncated) for e in encoded]
+
+
+def _add_row(columns: dict[str, list], stats: TokenizeStats, enc: Encoded, index: int) -> None:
+    stats.truncated += int(enc.truncated)
+    stats.prompt_tokens += enc.prompt_length
+    stats.completion_tokens += sum(1 for x in enc.labels if x != IGNORE_INDEX)
+    columns["input_ids"].append(enc.input_ids)
+    columns["labels"].append(enc.labels)
+    columns["prompt_length"].append(enc.prompt_length)
+    columns["index"].append(index)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from instructkit.errors import DataError
 from instructkit.evaluate.bootstrap import bootstrap_ci
 from instructkit.evaluate.main_input import first_sentence, main_inputs
-from instructkit.evaluate.metric_registry import METRICS, MetricSpec, macro_f1_metric
+from instructkit.evaluate.metric_registry import METRICS, MetricSpec, macro_f1_classes, macro_f1_metric
 
 __all__ = [
     "BaselineResult",
@@ -91,10 +91,11 @@ def gold_choice(example: dict) -> str:
 
 
 def _by_template(examples: Sequence[dict]) -> dict[str, list[dict]]:
-    """Group examples by template_id, keeping input order (dicts keep insertion order)."""
+    """Group examples by their report group (``group``: a (dataset, template) key, see
+    ``instructkit.evaluate.groups``), else by template_id, keeping input order."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for example in examples:
-        groups[str(example["template_id"])].append(example)
+        groups[str(example.get("group") or example["template_id"])].append(example)
     return dict(groups)
 
 
@@ -129,12 +130,15 @@ def _training_pool(
 ) -> tuple[list[dict], str]:
     """The training examples a template's baselines learn from, and where they come from.
 
-    Its own training examples when it has any; otherwise (held-out template) the training
-    examples of the same dataset and task whose gold label is one of its answer choices.
+    Its own training examples when it has any (those of its template, whatever the dataset of the
+    test group: a held-out dataset read through a trained template is served by that template's
+    training examples, as the model was); otherwise (held-out template) the training examples of the
+    same dataset and task whose gold label is one of its answer choices.
     """
-    if tid in train_by_tid:
-        return train_by_tid[tid], "template"
     first = test_group[0]
+    template_id = str(first.get("template_id", tid))
+    if template_id in train_by_tid:
+        return train_by_tid[template_id], "template"
     choices = set(str(c) for c in first.get("choices") or [])
     pooled = []
     for example in train:
@@ -156,7 +160,10 @@ def _classification_baselines(
     Training examples flagged ``held_out`` are ignored: the model never trained on them either.
     """
     train_examples = [e for e in train_examples if not e.get("held_out")]
-    train_by_tid = _by_template([e for e in train_examples if e.get("choices")])
+    train_by_tid: dict[str, list[dict]] = defaultdict(list)
+    for example in train_examples:
+        if example.get("choices"):
+            train_by_tid[str(example["template_id"])].append(example)
     predictions: dict[str, dict[str, list[str]]] = {}
     skipped: dict[str, str] = {}
     for tid, group in _by_template([e for e in test_examples if e.get("choices")]).items():
@@ -281,8 +288,9 @@ def score_baselines(
     seed: int = 0,
 ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """``{template_id: {baseline: {metric: {"value", "low", "high"}}}}``: each metric with its
-    percentile-bootstrap 95% CI. macro_f1 uses the template's answer choices as the label set
-    when ``labels_by_template`` has them (so it averages over the same classes as the models).
+    percentile-bootstrap 95% CI. macro_f1 averages over ``macro_f1_classes(references, choices)`` (the
+    one class-set definition, as for the models), with the template's answer choices (or class set) from
+    ``labels_by_template`` when it has them.
 
     Raises: ValueError when a template's predictions and references differ in length or are empty.
     """
@@ -292,7 +300,8 @@ def score_baselines(
         refs = result.references[tid]
         for name, preds in by_name.items():
             for metric in metrics_by_template.get(tid, []):
-                spec = metric_spec(metric, labels_by_template.get(tid))
+                classes = macro_f1_classes(refs, labels_by_template.get(tid)) if metric == "macro_f1" else None
+                spec = metric_spec(metric, classes)
                 if spec is None:
                     continue
                 value, low, high = bootstrap_ci(spec, preds, refs, n_resamples=n_resamples, seed=seed)

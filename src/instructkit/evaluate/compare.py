@@ -3,12 +3,16 @@
 Everything is recomputed from the per-example predictions, so that base and tuned are scored on
 exactly the same examples (see :mod:`instructkit.evaluate.pairing`):
 
-- **Compare** per template and per task (``dataset/task``): for each metric of the template, base and
-  tuned value with a percentile-bootstrap 95% CI, and ``delta = tuned - base`` with a PAIRED
-  bootstrap CI and p-value (each resample draws one set of examples and scores both models on it,
+- **Compare** per (dataset, template) group and per task (``dataset/task``): for each metric of the
+  template, base and tuned value with a percentile-bootstrap 95% CI, and ``delta = tuned - base`` with a
+  PAIRED bootstrap CI and p-value (each resample draws one set of examples and scores both models on it,
   so the per-example correlation between the models cancels; with 200 examples and 1000 resamples
-  that is 1000 index vectors of 200). macro-F1 averages over the template's fixed label set
-  (:func:`~instructkit.evaluate.pairing.macro_f1_labels`).
+  that is 1000 index vectors of 200). The bootstrap resamples source rows (a cluster bootstrap): a task
+  group pooling k templates rendered on the same rows draws rows with their k examples, and reports
+  ``n_rows`` beside ``n`` (examples). For accuracy and exact match the delta also carries the exact
+  McNemar p-value of the paired right/wrong outcomes (``mcnemar_p``, with the discordant counts), where
+  every example is its own source row (independent pairs); None where rows repeat. macro-F1 averages
+  over the classes among the references (``macro_f1_classes``, as in eval.json and the baselines).
 - **Baselines** (majority, TF-IDF + logistic regression, lead sentence, copy source) scored with the
   same metrics and CIs; the **few-shot** baseline (base model with k in-context examples) beside
   the tuned model's zero-shot figure, with the mean prompt length each needs.
@@ -25,11 +29,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from instructkit.evaluate.baselines import baseline_predictions, metric_spec, score_baselines
-from instructkit.evaluate.bootstrap import bootstrap_ci, paired_bootstrap_diff
+from instructkit.evaluate.bootstrap import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff
+from instructkit.evaluate.groups import cluster_ids, dataset_of
+from instructkit.evaluate.metric_registry import get_metric, macro_f1_classes
 from instructkit.evaluate.pairing import (
-    SEEN,
+    SECTIONS,
     UNSEEN,
-    UNTRAINED,
     PairedTemplate,
     TemplateInfo,
     as_choice,
@@ -56,6 +61,7 @@ MAIN_METRIC_BY_TASK = {
     "translation": "bleu",
     "extractive_qa": "token_f1",
 }
+MCNEMAR_METRICS = ("accuracy", "exact_match")  # right/wrong per example: the exact McNemar test applies
 
 
 def _ci(value: float, low: float, high: float) -> dict[str, float]:
@@ -71,24 +77,42 @@ def _compare_metrics(
     *,
     n_resamples: int,
     seed: int,
+    clusters: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{metric: {"base": ci, "tuned": ci, "delta": {delta, low, high, p_value, n}}}``.
+    """``{metric: {"base": ci, "tuned": ci, "delta": {delta, low, high, p_value, n, n_rows, ...}}}``.
 
-    All three bootstraps use the same seed, hence the same resampled index sets.
+    All three bootstraps use the same seed, hence the same resampled index sets; ``clusters`` (source-row
+    codes, one per example; default: every example its own row) makes them resample rows. Accuracy-like
+    metrics (``MCNEMAR_METRICS``) add ``mcnemar_p``, ``base_only`` and ``tuned_only`` (discordant
+    pairs) when every example is its own row, else ``mcnemar_p`` None.
     """
+    clusters = list(range(len(refs))) if clusters is None else list(clusters)
+    independent = len(set(clusters)) == len(clusters)
     out: dict[str, dict[str, Any]] = {}
     for name in metric_names:
-        spec = metric_spec(name, labels)
+        spec = metric_spec(name, macro_f1_classes(refs, labels) if name == "macro_f1" else labels)
         if spec is None:
             continue
-        kwargs = {"n_resamples": n_resamples, "confidence": CONFIDENCE, "seed": seed}
+        kwargs = {"n_resamples": n_resamples, "confidence": CONFIDENCE, "seed": seed, "clusters": clusters}
         out[name] = {
             "base": _ci(*bootstrap_ci(spec, base_preds, refs, **kwargs)),
             "tuned": _ci(*bootstrap_ci(spec, tuned_preds, refs, **kwargs)),
             "delta": paired_bootstrap_diff(spec, base_preds, tuned_preds, refs, **kwargs),
         }
-        out[name]["delta"]["significant"] = _significant(out[name]["delta"])
+        delta = out[name]["delta"]
+        delta["significant"] = _significant(delta)
+        if name in MCNEMAR_METRICS:
+            delta.update(_mcnemar(name, base_preds, tuned_preds, refs) if independent
+                         else {"mcnemar_p": None})
     return out
+
+
+def _mcnemar(name: str, base_preds: Sequence[str], tuned_preds: Sequence[str], refs: Sequence[str]
+             ) -> dict[str, float]:
+    """Exact McNemar test on the per-example right (1) / wrong (0) of an accuracy-like metric."""
+    per_example = get_metric(name).per_example
+    test = mcnemar_exact(per_example(base_preds, refs) > 0.5, per_example(tuned_preds, refs) > 0.5)
+    return {"mcnemar_p": test["p_value"], "base_only": test["a_only"], "tuned_only": test["b_only"]}
 
 
 def _significant(delta: dict[str, float]) -> bool:
@@ -99,24 +123,26 @@ def _significant(delta: dict[str, float]) -> bool:
 def template_entry(
     info: TemplateInfo, pair: PairedTemplate, base: dict, tuned: dict, *, n_resamples: int, seed: int
 ) -> dict[str, Any]:
-    """report.json entry of one template."""
+    """report.json entry of one (dataset, template) group (``n``: examples, ``n_rows``: source rows)."""
     refs = texts(pair.base, "reference", info.choices)
     base_preds = texts(pair.base, "prediction", info.choices)
     tuned_preds = texts(pair.tuned, "prediction", info.choices)
-    eval_b = base.get("templates", {}).get(info.template_id, {})
-    eval_t = tuned.get("templates", {}).get(info.template_id, {})
+    eval_b = base.get("templates", {}).get(info.key, {})
+    eval_t = tuned.get("templates", {}).get(info.key, {})
+    clusters = cluster_ids(pair.base)
     return {
+        "template_id": info.template_id,
         "dataset": info.dataset,
         "task": info.task,
         "held_out": info.held_out,
         "section": info.section,
         "n": len(refs),
+        "n_rows": len(set(clusters)),
         "n_unpaired": pair.n_unpaired,
         "labels": info.choices,
         "f1_labels": info.f1_labels,
-        "metrics": _compare_metrics(
-            info.metrics, info.f1_labels, refs, base_preds, tuned_preds, n_resamples=n_resamples, seed=seed
-        ),
+        "metrics": _compare_metrics(info.metrics, info.f1_labels, refs, base_preds, tuned_preds,
+                                    n_resamples=n_resamples, seed=seed, clusters=clusters),
         "perplexity": {"base": eval_b.get("perplexity"), "tuned": eval_t.get("perplexity")},
         "mean_prompt_tokens": {
             "base": eval_b.get("mean_prompt_tokens"), "tuned": eval_t.get("mean_prompt_tokens"),
@@ -140,33 +166,38 @@ def task_entry(
     *, n_resamples: int, seed: int,
 ) -> dict[str, Any]:
     """report.json entry of one task group: every metric over the pooled examples of the
-    templates that list it; macro-F1 over the union of their answer choices."""
+    templates that list it, resampled by source row (cluster bootstrap: the templates of a group are
+    rendered on the same rows); macro-F1 over ``macro_f1_classes`` of the pooled references and the
+    union of the answer choices. ``n``: examples, ``n_rows``: source rows (of the largest metric pool)."""
     first = infos[tids[0]]
     metric_names: list[str] = []
     for tid in tids:
         metric_names += [m for m in infos[tid].metrics if m not in metric_names]
     metrics: dict[str, Any] = {}
-    n = 0
+    n = n_rows = 0
     for name in metric_names:
         members = [t for t in tids if name in infos[t].metrics]
         labels: list[str] | None = []
         for t in members:
-            labels += [c for c in infos[t].f1_labels or [] if c not in labels]
+            labels += [c for c in infos[t].choices or [] if c not in labels]
         refs, base_preds, tuned_preds = [], [], []
         for t in members:
             choices = infos[t].choices
             refs += texts(pairs[t].base, "reference", choices)
             base_preds += texts(pairs[t].base, "prediction", choices)
             tuned_preds += texts(pairs[t].tuned, "prediction", choices)
-        n = max(n, len(refs))
+        clusters = cluster_ids([r for t in members for r in pairs[t].base])
+        if len(refs) > n:
+            n, n_rows = len(refs), len(set(clusters))
         metrics.update(_compare_metrics([name], labels or None, refs, base_preds, tuned_preds,
-                                        n_resamples=n_resamples, seed=seed))
+                                        n_resamples=n_resamples, seed=seed, clusters=clusters))
     return {
         "dataset": first.dataset,
         "task": first.task,
         "section": first.section,
         "templates": tids,
         "n": n,
+        "n_rows": n_rows,
         "metrics": metrics,
     }
 
@@ -183,7 +214,7 @@ def main_metric(metric_names: Sequence[str], task: str, is_choice: bool) -> str 
 def headline(tasks: dict[str, dict], infos: dict[str, TemplateInfo]) -> list[dict[str, Any]]:
     """One row per task group: main metric, base, tuned, delta and its CI, significant."""
     rows = []
-    order = {SEEN: 0, UNSEEN: 1, UNTRAINED: 2}
+    order = {section: i for i, section in enumerate(SECTIONS)}
     for key, entry in sorted(tasks.items(), key=lambda kv: (order[kv[1]["section"]], kv[0])):
         is_choice = any(infos[t].choices for t in entry["templates"])
         metric = main_metric(list(entry["metrics"]), entry["task"], is_choice)
@@ -200,7 +231,9 @@ def headline(tasks: dict[str, dict], infos: dict[str, TemplateInfo]) -> list[dic
             "low": m["delta"]["low"],
             "high": m["delta"]["high"],
             "p_value": m["delta"]["p_value"],
+            "mcnemar_p": m["delta"].get("mcnemar_p"),
             "n": m["delta"]["n"],
+            "n_rows": m["delta"].get("n_rows", m["delta"]["n"]),
             "significant": m["delta"]["significant"],
         })
     return rows
@@ -210,16 +243,18 @@ def headline(tasks: dict[str, dict], infos: dict[str, TemplateInfo]) -> list[dic
 
 
 def _baseline_examples(infos: dict[str, TemplateInfo], pairs: dict[str, PairedTemplate]) -> list[dict]:
-    """The aligned test examples as prepared-data records, so baselines score the same examples."""
+    """The aligned test examples as prepared-data records, so baselines score the same examples;
+    ``group`` is the report key they are scored under, ``template_id`` the template they learn from."""
     out = []
-    for tid, pair in pairs.items():
-        info = infos[tid]
+    for key, pair in pairs.items():
+        info = infos[key]
         for record in pair.base:
             out.append({
                 "prompt": as_text(record.get("prompt")),
                 "completion": as_choice(as_text(record.get("reference")), info.choices),
                 "choices": info.choices,
-                "template_id": tid,
+                "template_id": info.template_id,
+                "group": key,
                 "dataset": info.dataset,
                 "task": info.task,
                 "source_id": record.get("source_id"),
@@ -254,11 +289,13 @@ def few_shot_rows(
     A k-shot evaluation in which no example of the template got a demonstration (its template had no
     example in the pool: a held-out template is never in the train split) is left out rather than shown
     as k-shot; one where only some examples fell short says how many."""
-    tid = info.template_id
+    tid = info.key
     systems: list[tuple[str, int, dict, list[dict]]] = [("base zero-shot", 0, base, pair.base)]
     for k in sorted(few_shot, key=int):
         eval_k, preds_k = few_shot[k]
-        records = [r for r in preds_k if str(r.get("template_id")) == tid]
+        shared = info.key != info.template_id  # a template of several datasets: this dataset's records
+        records = [r for r in preds_k if str(r.get("template_id")) == info.template_id
+                   and (not shared or dataset_of(r) == info.dataset)]
         if not records:
             continue
         name = f"base {int(k)}-shot"
@@ -276,9 +313,10 @@ def few_shot_rows(
         preds = texts(records, "prediction", info.choices)
         metrics = {}
         for metric in info.metrics:
-            spec = metric_spec(metric, info.f1_labels)
+            spec = metric_spec(metric, macro_f1_classes(refs, info.choices) if metric == "macro_f1" else None)
             if spec is not None:
-                metrics[metric] = _ci(*bootstrap_ci(spec, preds, refs, n_resamples=n_resamples, seed=seed))
+                metrics[metric] = _ci(*bootstrap_ci(spec, preds, refs, n_resamples=n_resamples, seed=seed,
+                                                    clusters=cluster_ids(records)))
         rows.append({
             "system": name,
             "k": k,
@@ -293,11 +331,13 @@ def few_shot_rows(
 
 
 def model_card_rows(report_json: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the model card's metrics table: one per template and metric.
+    """Rows for the model card's metrics table: one per (dataset, template) group and metric.
 
-    Keys: ``name`` ("template · metric"), ``template``, ``metric``, ``section``, ``base``, ``tuned``,
-    ``value`` (= tuned), ``value_low``/``value_high`` (tuned 95% CI), ``delta``, ``ci_low``/``ci_high``
-    (paired 95% CI of the delta), ``significant``, ``n``.
+    Keys: ``name`` ("group · metric"), ``template`` (the group key: the template id, or
+    ``<dataset>/<template_id>`` for a template shared by datasets), ``template_id``, ``dataset``,
+    ``held_out``, ``metric``, ``section``, ``base``, ``tuned``, ``value`` (= tuned),
+    ``value_low``/``value_high`` (tuned 95% CI), ``delta``, ``ci_low``/``ci_high`` (paired 95% CI of the
+    delta), ``significant``, ``n`` (examples), ``n_rows`` (source rows).
     """
     rows = []
     for tid, entry in report_json.get("templates", {}).items():
@@ -305,6 +345,9 @@ def model_card_rows(report_json: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({
                 "name": f"{tid} · {metric}",
                 "template": tid,
+                "template_id": entry.get("template_id", tid),
+                "dataset": entry.get("dataset"),
+                "held_out": entry.get("held_out"),
                 "metric": metric,
                 "section": entry.get("section"),
                 "base": m["base"]["value"],
@@ -317,5 +360,6 @@ def model_card_rows(report_json: dict[str, Any]) -> list[dict[str, Any]]:
                 "ci_high": m["delta"]["high"],
                 "significant": m["delta"]["significant"],
                 "n": m["delta"]["n"],
+                "n_rows": m["delta"].get("n_rows", m["delta"]["n"]),
             })
     return rows

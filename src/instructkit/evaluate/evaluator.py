@@ -7,10 +7,12 @@
     evaluate_run("smollm2-135m-instruct", Path("runs/demo"), "test", Path("runs/demo/eval/base"),
                  EvalConfig(), ModelConfig())   # writes eval.json + predictions.jsonl
 
-Examples are grouped by `template_id` and scored template by template
-(`instructkit.evaluate.template_scoring`: rank classification for templates with choices, generation for
-the others). Each template's metrics, and those of the examples of each task pooled, get bootstrap
-intervals (`instructkit.evaluate.summary`).
+Examples are grouped by dataset and `template_id` (`instructkit.evaluate.groups`: a held-out dataset read
+through a trained dataset's template is its own group, with its own n and held-out flag) and scored group
+by group (`instructkit.evaluate.template_scoring`: rank classification for templates with choices, each
+choice followed by the trained end of the answer unless `eval.choice_end: none`; generation for the
+others). Each group's metrics, and those of the examples of each task pooled, get bootstrap intervals
+over source rows (`instructkit.evaluate.summary`).
 k-shot demonstrations are drawn and prepended by `instructkit.evaluate.fewshot`; a template with no
 example in the pool (a held-out one) is left out of a k-shot evaluation.
 """
@@ -29,7 +31,9 @@ import numpy as np
 from instructkit.config import EvalConfig, ModelConfig
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import ConfigError, DataError, TemplateError
-from instructkit.evaluate.fewshot import _demonstrations, _few_shot_prompt
+from instructkit.evaluate.chat import eval_prompt
+from instructkit.evaluate.fewshot import _demonstrations
+from instructkit.evaluate.groups import group_keys
 from instructkit.evaluate.summary import (
     _metric_names_by_template,
     _metric_values,
@@ -106,12 +110,13 @@ def _check_examples(examples: Sequence[dict], where: str) -> None:
 
 
 def _cap_per_template(examples: Sequence[dict], cap: int | None, seed: int) -> list[int]:
-    """Indices of at most `cap` examples per template, a fixed seeded subset, in the original order."""
+    """Indices of at most `cap` examples per (dataset, template) group, a fixed seeded subset, in the
+    original order."""
     if cap is None:
         return list(range(len(examples)))
     by_template: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_template.setdefault(ex["template_id"], []).append(i)
+    for i, key in enumerate(group_keys(examples)):
+        by_template.setdefault(key, []).append(i)
     rng = random.Random(seed)
     keep = []
     for indices in by_template.values():
@@ -183,7 +188,7 @@ def evaluate_examples(
     for i in chosen:
         ex = examples[i]
         demos[i] = _demonstrations(ex, pool, k_shot, seed) if k_shot else []
-        prompts[i] = _few_shot_prompt(ex, demos[i], settings.separator)
+        prompts[i] = eval_prompt(ex, demos[i], settings.separator)  # chat examples: their conversation
     short = sum(len(d) < k_shot for d in demos.values())
     if short:
         lacking = sorted({examples[i]["template_id"] for i, d in demos.items() if len(d) < k_shot})
@@ -215,7 +220,8 @@ def evaluate_examples(
         tasks=_task_summaries(scored, summaries, names, cfg.bootstrap_resamples, seed),
         predictions=records,
         settings={"max_length": settings.max_length, "chat_template": settings.chat_template,
-                  "length_normalized": cfg.length_normalized, "num_beams": cfg.num_beams,
+                  "length_normalized": cfg.length_normalized, "choice_end": cfg.choice_end,
+                  "num_beams": cfg.num_beams,
                   "do_sample": cfg.do_sample, "classify_by": classify_by, "seed": seed,
                   "bootstrap_resamples": cfg.bootstrap_resamples,
                   "short_of_demonstrations": short},
@@ -232,13 +238,18 @@ def make_validation_fn(
     seed: int = 0,
     batch_size: int = 16,
     max_new_tokens_by_task: dict[str, int] | None = None,
+    choice_end: Literal["eos", "none"] = "eos",
+    length_normalized: bool = False,
 ) -> Callable[[Any], dict[str, float]]:
     """A `validate(model) -> {metric: value}` for the training loop, on a FIXED seeded subset.
 
     The subset (at most `max_examples`, drawn once here) is the same at every validation, so successive
     values are comparable. Returned keys: each metric averaged over the templates that report it
-    ("macro_f1", "accuracy", "rougeL", ...) and per template ("<template_id>/macro_f1"). Choice templates
-    are ranked; the others generate (`max_new_tokens` per task family, as in evaluation), so
+    ("macro_f1", "accuracy", "rougeL", ...) and per (dataset, template) group ("<template_id>/macro_f1",
+    "<dataset>/<template_id>/macro_f1" for a template shared by datasets). Choice templates are ranked
+    exactly as evaluation ranks them (`choice_end`, `length_normalized`: pass the run's `eval.choice_end`
+    and `eval.length_normalized`), so validation, early stopping and the best checkpoint agree with the
+    evaluation; the others generate (`max_new_tokens` per task family, as in evaluation), so
     generation-based metrics are included. No bootstrap and no perplexity: the loop has its own loss.
 
     Raises: DataError when an example lacks a required field or has malformed choices (here), or when a
@@ -249,8 +260,9 @@ def make_validation_fn(
     rng = random.Random(seed)
     subset_idx = sorted(rng.sample(range(len(examples)), min(max_examples, len(examples))))
     subset = [examples[i] for i in subset_idx]
-    cfg = EvalConfig(batch_size=batch_size)
+    cfg = EvalConfig(batch_size=batch_size, choice_end=choice_end, length_normalized=length_normalized)
     names = _metric_names_by_template(subset, range(len(subset)), cfg)  # checked now, not mid-training
+    prompts = {i: eval_prompt(ex, [], settings.separator) for i, ex in enumerate(subset)}  # chat: conversations
 
     def validate(model: Any) -> dict[str, float]:
         import torch
@@ -259,8 +271,7 @@ def make_validation_fn(
         model.eval()
         try:
             with torch.no_grad():
-                scored = _score_templates(model, tokenizer, subset, list(range(len(subset))),
-                                          {i: ex["prompt"] for i, ex in enumerate(subset)}, settings,
+                scored = _score_templates(model, tokenizer, subset, list(range(len(subset))), prompts, settings,
                                           is_seq2seq, cfg, max_new_tokens_by_task, seed, "rank",
                                           with_perplexity=False)
         finally:

@@ -9,7 +9,7 @@ chat template's end-of-turn token (`stop_token_ids`) or at any EOS id of the mod
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -89,6 +89,7 @@ def generate(
     num_beams: int = 1,
     do_sample: bool = False,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Answers to `prompts`, `batch_size` at a time: greedy by default, stopping at EOS / end-of-turn
     (`stop_token_ids`) or any EOS id the model's generation_config lists.
@@ -121,6 +122,8 @@ def generate(
             new = out[:, ids.shape[1]:] if not is_seq2seq else out[:, 1:]
             for i, tokens in zip(batch, new.tolist()):
                 answers[i] = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True).strip()
+            if progress is not None:  # a progress display: n prompts done
+                progress(len(batch))
     return answers
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "MetricSpec",
     "compute",
     "get_metric",
+    "macro_f1_classes",
     "macro_f1_metric",
 ]
 
@@ -83,6 +84,26 @@ class MetricSpec:
             )
         if self.scale not in (1, 100):
             raise ValueError(f"metric {self.name!r}: scale must be 1 or 100, got {self.scale}")
+
+
+def macro_f1_classes(refs: Sequence[str], choices: Sequence[str] | None = None) -> list[str]:
+    """THE class set macro-F1 averages over, wherever a macro-F1 of predictions is reported: the
+    evaluator's eval.json, the report (base, tuned, few-shot; per template and per task group) and the
+    baselines.
+
+    The classes that occur among the references: the answer ``choices`` that are some reference, in
+    choice order, then any reference that is not a choice (sorted). It depends on the data only, never on
+    a system's predictions, so every system on the same examples is averaged over the same classes and
+    one model's macro-F1 is the same number in eval.json and report.json. A prediction of a class absent
+    from the references still costs the recall of the example's true class; a choice that no reference
+    has would add F1 = 0 (or an arbitrary convention) to every system alike, so it is left out.
+
+    Example: choices 1..5, references {1, 2, 3}, a model that never predicts "3" and sometimes "5":
+    classes = [1, 2, 3]; F1("3") = 0, "5" predictions count against the recall of their true class.
+    """
+    present = set(refs)
+    listed = list(dict.fromkeys(choices or []))
+    return [c for c in listed if c in present] + sorted(present - set(listed))
 
 
 def macro_f1_metric(labels: Sequence[str]) -> MetricSpec:

@@ -25,7 +25,10 @@ def settings_for_model(settings: TokenizeSettings, is_seq2seq: bool) -> Tokenize
 
 
 def tokenizer_pad_id(tokenizer: Any) -> int:
-    """The tokenizer's pad id, else its EOS id (SmolLM2's pad IS its EOS; padding is masked anyway)."""
+    """The tokenizer's pad id, else its EOS id (SmolLM2's pad IS its EOS; padding is masked anyway).
+
+    Raises ValueError when the tokenizer has neither.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")

@@ -2,13 +2,15 @@
 
 1. **Align** the two prediction lists on ``(template_id, source_id, index)``; examples present on one
    side only are dropped and counted (``n_unpaired``); a pair whose references differ means the two
-   evaluations saw different data and raises :class:`~instructkit.errors.DataError`.
+   evaluations saw different data and raises :class:`~instructkit.errors.DataError`. Pairs are grouped
+   per (dataset, template) (:mod:`instructkit.evaluate.groups`, the evaluator's keys): a held-out dataset
+   read through a trained template is its own group, never pooled into the trained dataset's.
 2. **Template facts** (:class:`TemplateInfo`): dataset, task, held-out flag, answer choices, metric
-   names, and the fixed macro-F1 class set: the template's answer choices that occur as a reference
-   or as either model's prediction, so base and tuned are averaged over the same classes even when
-   one of them never predicts a class.
+   names, and the fixed macro-F1 class set (``macro_f1_classes``: the answer choices that occur as a
+   reference), the same for base, tuned, few-shot and baselines, and the same as in eval.json.
 3. **Sections**: templates the model trained on ("seen"); held-out templates of trained tasks
-   ("generalisation to unseen instructions"); tasks with no training example at all ("forgetting
+   ("generalisation to unseen instructions"); held-out datasets of tasks trained on other data
+   ("generalisation to held-out datasets"); tasks with no training example at all ("forgetting
    checks": did fine-tuning hurt or help a task it never saw?).
 """
 
@@ -20,10 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from instructkit.errors import DataError
+from instructkit.evaluate.groups import dataset_of, group_key, shared_templates
+from instructkit.evaluate.metric_registry import macro_f1_classes
 
 __all__ = [
+    "SECTIONS",
     "SEEN",
     "UNSEEN",
+    "UNSEEN_DATASET",
     "UNTRAINED",
     "PairedTemplate",
     "TemplateInfo",
@@ -38,7 +44,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SEEN, UNSEEN, UNTRAINED = "seen", "unseen_instruction", "untrained_task"
+SEEN, UNSEEN, UNSEEN_DATASET, UNTRAINED = "seen", "unseen_instruction", "unseen_dataset", "untrained_task"
+SECTIONS = (SEEN, UNSEEN, UNSEEN_DATASET, UNTRAINED)  # reading order
 
 
 # ====================================================================== alignment
@@ -46,13 +53,22 @@ SEEN, UNSEEN, UNTRAINED = "seen", "unseen_instruction", "untrained_task"
 
 @dataclass
 class PairedTemplate:
-    """Base and tuned predictions of one template, aligned example by example."""
+    """Base and tuned predictions of one (dataset, template) group, aligned example by example.
+
+    ``key`` is the group's key in eval.json and the report (``template_id``, or ``<dataset>/<template_id>``
+    for a template shared by several datasets); it defaults to ``template_id``.
+    """
 
     template_id: str
     keys: list[tuple] = field(default_factory=list)
     base: list[dict] = field(default_factory=list)
     tuned: list[dict] = field(default_factory=list)
     n_unpaired: int = 0
+    key: str = ""
+    dataset: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.template_id
 
 
 def _record_key(record: dict, side: str, i: int) -> tuple:
@@ -87,12 +103,19 @@ def align_predictions(
 ) -> dict[str, PairedTemplate]:
     """Pair base and tuned predictions by ``(template_id, source_id, index)``, whatever their order.
 
-    Returns ``{template_id: PairedTemplate}`` with both lists in the same (sorted-by-index) order.
+    Returns ``{group key: PairedTemplate}`` (one per dataset and template, keyed as in eval.json, see
+    :mod:`instructkit.evaluate.groups`) with both lists in the same (sorted-by-index) order.
 
     Raises: DataError when a record has no ``template_id``, when one side repeats a key, when a pair's
     references differ (the evaluations saw different data), or when the two sides share no key.
     """
     base, tuned = _keyed(base_predictions, "base"), _keyed(tuned_predictions, "tuned")
+    shared = shared_templates([*base.values(), *tuned.values()])
+
+    def group_of(key: tuple) -> tuple[str, str]:
+        record = base.get(key) or tuned[key]
+        return group_key(key[0], dataset_of(record), shared), dataset_of(record)
+
     paired: dict[str, PairedTemplate] = {}
     for key in sorted(set(base) & set(tuned), key=_sort_key):
         b, t = base[key], tuned[key]
@@ -102,15 +125,16 @@ def align_predictions(
                 f"different references ({b.get('reference')!r} vs {t.get('reference')!r}); "
                 "were both models evaluated on the same data file?"
             )
-        group = paired.setdefault(key[0], PairedTemplate(key[0]))
+        name, dataset = group_of(key)
+        group = paired.setdefault(name, PairedTemplate(key[0], key=name, dataset=dataset))
         group.keys.append(key)
         group.base.append(b)
         group.tuned.append(t)
     for key in set(base) ^ set(tuned):
-        group = paired.get(key[0])
+        group = paired.get(group_of(key)[0])
         if group is not None:
             group.n_unpaired += 1
-    only = sorted({k[0] for k in set(base) ^ set(tuned)} - set(paired))
+    only = sorted({group_of(k)[0] for k in set(base) ^ set(tuned)} - set(paired))
     if only:
         log.warning("templates with predictions from one model only (left out): %s", ", ".join(only))
     if not paired:
@@ -150,7 +174,8 @@ def texts(records: Sequence[dict], key: str, choices: Sequence[str] | None) -> l
 
 @dataclass
 class TemplateInfo:
-    """What the report needs to know about one template."""
+    """What the report needs to know about one (dataset, template) group; ``key`` is its report key
+    (default ``template_id``)."""
 
     template_id: str
     dataset: str
@@ -160,6 +185,10 @@ class TemplateInfo:
     metrics: list[str]
     section: str = SEEN
     f1_labels: list[str] | None = None  # the macro-F1 class set, fixed for every system (see macro_f1_labels)
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.template_id
 
     @property
     def task_key(self) -> str:
@@ -188,7 +217,7 @@ def _first_field(entries: Sequence[dict], key: str) -> Any:
 def template_info(
     pair: PairedTemplate, evals: Sequence[dict], examples_by_tid: dict[str, dict]
 ) -> TemplateInfo:
-    """Dataset, task, held-out flag, answer choices and metric names of one template.
+    """Dataset, task, held-out flag, answer choices and metric names of one (dataset, template) group.
 
     Choices come from an example of the template (test or train data) when one is given, else from
     the predictions' ``choice_logprobs`` keys, else (a choice template with no list anywhere) from
@@ -199,7 +228,7 @@ def template_info(
     tid, records = pair.template_id, pair.base + pair.tuned
     first = records[0]
     example = examples_by_tid.get(tid, {})
-    entries = [e.get("templates", {}).get(tid, {}) for e in evals]
+    entries = [e.get("templates", {}).get(pair.key, {}) for e in evals]
     dataset = str(first.get("dataset") or example.get("dataset") or _first_field(entries, "dataset")
                   or "data")
     task = str(first.get("task") or example.get("task") or _first_field(entries, "task") or "task")
@@ -215,45 +244,50 @@ def template_info(
         metrics += [m for m in entry.get("metrics", {}) if m not in metrics]
     if not metrics:
         metrics = list(example.get("metrics") or (["accuracy", "macro_f1"] if choices else ["rougeL"]))
-    return TemplateInfo(tid, dataset, task, held_out, choices, metrics)
+    return TemplateInfo(tid, dataset, task, held_out, choices, metrics, key=pair.key)
 
 
 def macro_f1_labels(choices: list[str] | None, pair: PairedTemplate) -> list[str] | None:
-    """The classes macro-F1 averages over, the same for base, tuned, few-shot and baselines.
-
-    The answer choices that occur as a reference or as either model's prediction, in choice
-    order. A choice that occurs nowhere would add F1 = 0 for every system alike (with 4 choices
-    and one absent class, no model could score above 0.75), so it is left out; a choice that only
-    one model predicts stays in, so both models are averaged over the same classes.
+    """The classes macro-F1 averages over, the same for base, tuned, few-shot and baselines, and the
+    same as the evaluator's (eval.json): ``macro_f1_classes`` of the references, i.e. the answer choices
+    that occur as a reference, in choice order. It never depends on a model's predictions, so a class
+    one model predicts and no reference has does not change the other model's figure. None for a
+    template without answer choices.
     """
     if not choices:
         return None
-    seen = set()
-    for records, key in ((pair.base, "reference"), (pair.base, "prediction"), (pair.tuned, "prediction")):
-        seen.update(texts(records, key, choices))
-    return [c for c in choices if c in seen] or list(choices)
+    return macro_f1_classes(texts(pair.base, "reference", choices), choices)
 
 
 def assign_sections(infos: dict[str, TemplateInfo], train_examples: Sequence[dict] | None) -> None:
-    """Seen / unseen instruction / untrained task, per template (in place).
+    """Seen / unseen instruction / held-out dataset / untrained task, per group (in place).
 
     A task (dataset/task) counts as trained when a training example of it was used (train
     examples flagged ``held_out`` were not trained on); without training examples, when one of its
-    templates in the evaluation is not held out. A template is unseen when it is flagged held out
-    or (given training examples) has none of its own.
+    groups in the evaluation is not held out. A template is unseen when it is flagged held out
+    or (given training examples) has none of its own. A group of an untrained dataset/task whose
+    dataset had no training example at all, but whose task family (``rating``) or template the model
+    trained on with other data, is a held-out dataset (``unseen_dataset``); anything else untrained is
+    a forgetting check (``untrained_task``).
     """
-    trained_tasks: set[str] = set()
-    trained_templates: set[str] = set()
-    if train_examples:
-        for e in train_examples:
-            if not e.get("held_out"):
-                trained_tasks.add(f"{e.get('dataset')}/{e.get('task')}")
-                trained_templates.add(str(e.get("template_id")))
+    trained = [e for e in train_examples or [] if not e.get("held_out")]
+    if trained:
+        trained_tasks = {f"{e.get('dataset')}/{e.get('task')}" for e in trained}
+        trained_templates = {str(e.get("template_id")) for e in trained}
+        trained_datasets = {str(e.get("dataset")) for e in trained}
+        trained_families = {str(e.get("task")) for e in trained}
     else:
-        trained_tasks = {i.task_key for i in infos.values() if not i.held_out}
+        used = [i for i in infos.values() if not i.held_out]
+        trained_tasks = {i.task_key for i in used}
+        trained_templates = {i.template_id for i in used}
+        trained_datasets = {i.dataset for i in used}
+        trained_families = {i.task for i in used}
     for info in infos.values():
         unseen = info.held_out or (bool(train_examples) and info.template_id not in trained_templates)
-        if info.task_key not in trained_tasks:
-            info.section = UNTRAINED
-        else:
+        if info.task_key in trained_tasks:
             info.section = UNSEEN if unseen else SEEN
+        elif info.dataset not in trained_datasets and (
+                info.task in trained_families or info.template_id in trained_templates):
+            info.section = UNSEEN_DATASET
+        else:
+            info.section = UNTRAINED

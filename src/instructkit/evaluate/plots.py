@@ -16,7 +16,8 @@ from instructkit.evaluate.metric_registry import METRICS
 from instructkit.evaluate.pairing import SEEN
 from instructkit.evaluate.training_log import series, task_metric_keys
 
-__all__ = ["MAX_CONFUSION_LABELS", "plot_confusion", "plot_deltas", "plot_systems", "plot_training"]
+__all__ = ["MAX_CONFUSION_LABELS", "fraction_scale", "plot_confusion", "plot_deltas", "plot_systems",
+           "plot_training"]
 
 MAX_CONFUSION_LABELS = 12  # larger label sets are listed in the JSON but not plotted
 
@@ -87,14 +88,36 @@ def plot_deltas(report: dict[str, Any]) -> bytes | None:
     return _png(fig)
 
 
+def fraction_scale(records: Sequence[dict], key: str) -> bool:
+    """True when `key` is a score in [0, 1] (accuracy, macro-F1, ROUGE; an unknown key whose logged values
+    all lie in [0, 1]); False for 0-100 scores (BLEU, chrF) and anything else."""
+    spec = METRICS.get(key)
+    if spec is not None:
+        return spec.scale == 1
+    _, values = series(records, key)
+    return bool(values) and all(0.0 <= v <= 1.0 for v in values)
+
+
 def plot_training(records: Sequence[dict]) -> bytes | None:
-    """Training loss and validation loss per step; validation task metrics in a second panel."""
+    """Training loss and validation loss per step; validation task metrics beside it, one panel per scale:
+    scores in [0, 1] on a 0-1 axis, other scales (BLEU, chrF: 0-100) on their own. Counts
+    (`val_label_tokens`) are never drawn (training_log.is_counter)."""
+    fig = training_figure(records)
+    return None if fig is None else _png(fig)
+
+
+def training_figure(records: Sequence[dict]):
+    """The matplotlib Figure of `plot_training` (None: nothing to draw)."""
     steps, losses = series(records, "loss")
     vsteps, vlosses = series(records, "val_loss")
     metric_keys = task_metric_keys(records)
     if not losses and not vlosses and not metric_keys:
         return None
-    panels = 2 if metric_keys else 1
+    fractions = [k for k in metric_keys if fraction_scale(records, k)]
+    others = [k for k in metric_keys if k not in fractions]
+    groups = [(keys, title) for keys, title in ((fractions, "Validation task metrics (0-1)"),
+                                                 (others, "Validation task metrics (other scales)")) if keys]
+    panels = 1 + len(groups)
     fig = _figure(5.5 * panels, 3.6)
     ax = fig.add_subplot(1, panels, 1)
     if losses:
@@ -106,17 +129,19 @@ def plot_training(records: Sequence[dict]) -> bytes | None:
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if metric_keys:
-        ax2 = fig.add_subplot(1, panels, 2)
-        for key in metric_keys:
+    for i, (keys, title) in enumerate(groups):
+        axis = fig.add_subplot(1, panels, i + 2)
+        for key in keys:
             xs, ys = series(records, key)
-            ax2.plot(xs, ys, marker="o", linewidth=1.5, label=key)
-        ax2.set_xlabel("optimizer step")
-        ax2.set_title("Validation task metrics")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=8)
+            axis.plot(xs, ys, marker="o", linewidth=1.5, label=key)
+        if keys is fractions:
+            axis.set_ylim(-0.02, 1.02)
+        axis.set_xlabel("optimizer step")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def plot_confusion(tid: str, confusion: dict[str, Any]) -> bytes | None:

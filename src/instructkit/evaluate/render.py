@@ -2,8 +2,9 @@
 ``report_templates/``.
 
 This module formats the report's numbers into table rows of text (fractions to 3 decimals, 0-100 scores
-to 1, intervals as ``value [low, high]``, ``*`` when a paired CI excludes 0); the templates lay them
-out. ``report.html.j2`` is rendered with autoescaping on, so every title, table cell and example text is
+to 1, intervals as ``value [low, high]``, ``*`` when a paired CI excludes 0, n as ``rows (examples)``
+where a source row gives several examples, the exact McNemar p beside the bootstrap p for accuracy);
+the templates lay them out. ``report.html.j2`` is rendered with autoescaping on, so every title, table cell and example text is
 HTML-escaped by Jinja2; ``report.md.j2`` is not (Markdown cells only get ``|`` escaped and newlines
 flattened). The HTML page is one self-contained file: inline CSS (``report.css``), plots embedded as
 ``data:image/png;base64`` URIs, no script and no link to anything outside the file.
@@ -21,18 +22,22 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from instructkit.evaluate.compare import main_metric
 from instructkit.evaluate.examples import PROMPT_CHARS
 from instructkit.evaluate.metric_registry import METRICS
-from instructkit.evaluate.pairing import SEEN, UNSEEN, UNTRAINED
+from instructkit.evaluate.pairing import SECTIONS, SEEN, UNSEEN, UNSEEN_DATASET, UNTRAINED
 
 __all__ = ["SECTION_NOTES", "SECTION_TITLES", "render_html", "render_markdown"]
 
 SECTION_TITLES = {
     SEEN: "Trained instructions",
     UNSEEN: "Generalisation to unseen instructions",
+    UNSEEN_DATASET: "Generalisation to held-out datasets",
     UNTRAINED: "Forgetting checks (tasks not trained at all)",
 }
 SECTION_NOTES = {
     SEEN: "Templates whose examples the model was fine-tuned on (test rows are unseen source rows).",
     UNSEEN: "Templates held out of training, for tasks the model did train on with other wordings.",
+    UNSEEN_DATASET: "Datasets held out of training (held_out: true), for task families or templates the model "
+                    "did train on with other data; each dataset has its own rows and n, never pooled with a "
+                    "trained dataset.",
     UNTRAINED: "Tasks with no training example at all: a drop here is forgetting, a gain is transfer.",
 }
 
@@ -67,8 +72,21 @@ def _fmt_p(p: float, n_resamples: int) -> str:
     return f"<{2 / n_resamples:.3f}" if p == 0 else f"{p:.3f}"
 
 
+def _fmt_n(n: int, n_rows: int | None) -> str:
+    """"872" when every example is its own source row, else "872 rows (2616 examples)"."""
+    return str(n) if n_rows is None or n_rows == n else f"{n_rows} rows ({n} examples)"
+
+
+def _fmt_mcnemar(d: dict[str, Any]) -> str:
+    """The exact McNemar p of an accuracy delta to 3 decimals (as 1.2e-05 below 0.001); '-' when none."""
+    p = d.get("mcnemar_p")
+    if p is None:
+        return "-"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 def _comparison_rows(entries: dict[str, dict], n_resamples: int, second: str = "task") -> list[list[str]]:
-    """Table rows: name, task (or section), metric, n, base [CI], tuned [CI], delta [CI], p."""
+    """Table rows: name, task (or section), metric, n, base [CI], tuned [CI], delta [CI], p, McNemar p."""
     rows = []
     for name, entry in entries.items():
         for metric, m in entry["metrics"].items():
@@ -76,15 +94,16 @@ def _comparison_rows(entries: dict[str, dict], n_resamples: int, second: str = "
                 name,
                 f"{entry['dataset']}/{entry['task']}" if second == "task"
                 else SECTION_TITLES[entry["section"]],
-                metric, str(m["delta"]["n"]),
+                metric, _fmt_n(m["delta"]["n"], m["delta"].get("n_rows")),
                 _fmt_ci(m["base"], metric), _fmt_ci(m["tuned"], metric),
                 _fmt_delta(m["delta"], metric), _fmt_p(m["delta"]["p_value"], n_resamples),
+                _fmt_mcnemar(m["delta"]),
             ])
     return rows
 
 
 COMPARISON_HEADERS = ["{name}", "{second}", "metric", "n", "base [95% CI]", "tuned [95% CI]",
-                      "Δ tuned-base [95% CI]", "p"]
+                      "Δ tuned-base [95% CI]", "p", "p McNemar"]
 
 
 def _comparison_headers(name: str, second: str) -> list[str]:
@@ -96,19 +115,20 @@ def _headline_rows(report: dict[str, Any]) -> list[list[str]]:
              _fmt(h["tuned"], h["metric"]),
              _fmt_delta({"delta": h["delta"], "low": h["low"], "high": h["high"],
                          "significant": h["significant"]}, h["metric"]),
-             _fmt_p(h["p_value"], report["settings"]["n_resamples"]), str(h["n"]),
-             "yes" if h["significant"] else "no"]
+             _fmt_p(h["p_value"], report["settings"]["n_resamples"]), _fmt_mcnemar(h),
+             _fmt_n(h["n"], h.get("n_rows")), "yes" if h["significant"] else "no"]
             for h in report["headline"]]
 
 
-HEADLINE_HEADERS = ["task", "section", "metric", "base", "tuned", "Δ [95% CI]", "p", "n", "significant"]
+HEADLINE_HEADERS = ["task", "section", "metric", "base", "tuned", "Δ [95% CI]", "p", "p McNemar", "n",
+                    "significant"]
 
 
 def _detail_rows(report: dict[str, Any]) -> list[list[str]]:
     """Per template: n, unpaired, perplexity and mean prompt tokens for each model, unparseable."""
     rows = []
     for tid, e in report["templates"].items():
-        rows.append([tid, str(e["n"]), str(e["n_unpaired"]),
+        rows.append([tid, _fmt_n(e["n"], e.get("n_rows")), str(e["n_unpaired"]),
                      _fmt(e["perplexity"]["base"]), _fmt(e["perplexity"]["tuned"]),
                      _fmt(e["mean_prompt_tokens"]["base"], digits=1),
                      _fmt(e["unparseable"]["base"], digits=0),
@@ -167,7 +187,7 @@ FEW_SHOT_HEADERS = ["template", "system", "metric", "value [95% CI]", "mean prom
 def _sections_in(report: dict[str, Any], key: str) -> list[tuple[str, dict[str, dict]]]:
     """(section, {name: entry}) for the sections that have entries, in reading order."""
     out = []
-    for section in (SEEN, UNSEEN, UNTRAINED):
+    for section in SECTIONS:
         entries = {k: v for k, v in report[key].items() if v["section"] == section}
         if entries:
             out.append((section, entries))
@@ -263,7 +283,7 @@ def _styled_comparison(entries: dict[str, dict], n_resamples: int, second: str =
         d = entry["delta"]
         cls = _delta_class(d["significant"], d["delta"])
         rows.append(_cells([raw[0], raw[1], raw[2], (raw[3], "num"), (raw[4], "num"), (raw[5], "num"),
-                            (raw[6], cls), (raw[7], "num")]))
+                            (raw[6], cls), (raw[7], "num"), (raw[8], "num")]))
     return rows
 
 
@@ -296,7 +316,7 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes | None]) -> str:
     for raw, h in zip(_headline_rows(report), report["headline"]):
         cls = _delta_class(h["significant"], h["delta"])
         headline.append(_cells([raw[0], raw[1], raw[2], (raw[3], "num"), (raw[4], "num"), (raw[5], cls),
-                                (raw[6], "num"), (raw[7], "num"), raw[8]]))
+                                (raw[6], "num"), (raw[7], "num"), (raw[8], "num"), raw[9]]))
     common = _common(report)
     common["baseline_rows"] = [_cells([r[0], r[1], *((c, "num") for c in r[2:])])
                                for r in common["baseline_rows"]]

@@ -6,8 +6,8 @@ baselines) and the training run's ``metrics.jsonl``. Everything is recomputed fr
 predictions, so that base and tuned are scored on exactly the same examples. :func:`build_report`
 runs the steps, each in its own module:
 
-1. **Align** the two prediction lists and learn each template's facts and section
-   (:mod:`instructkit.evaluate.pairing`);
+1. **Align** the two prediction lists per (dataset, template) group and learn each group's facts and
+   section (:mod:`instructkit.evaluate.pairing`);
 2. **Compare** per template and per task with bootstrap CIs and the paired delta; the headline;
    baselines and the few-shot baseline (:mod:`instructkit.evaluate.compare`);
 3. **Examples** (wins and regressions) and confusion counts (:mod:`instructkit.evaluate.examples`);
@@ -36,9 +36,7 @@ from instructkit.evaluate.compare import (
 )
 from instructkit.evaluate.examples import choice_examples, confusion_counts, generation_examples
 from instructkit.evaluate.pairing import (
-    SEEN,
-    UNSEEN,
-    UNTRAINED,
+    SECTIONS,
     align_predictions,
     assign_sections,
     macro_f1_labels,
@@ -130,7 +128,7 @@ def build_report(
         "headline": headline(tasks, infos),
         "templates": templates,
         "tasks": tasks,
-        "sections": {s: [t for t, i in infos.items() if i.section == s] for s in (SEEN, UNSEEN, UNTRAINED)},
+        "sections": {s: [t for t, i in infos.items() if i.section == s] for s in SECTIONS},
         "baselines": compare_baselines(infos, pairs, train_examples, **boot),
         "few_shot": {tid: few_shot_rows(infos[tid], pairs[tid], base, tuned, few, **boot) for tid in pairs}
         if few else {},

@@ -26,9 +26,15 @@ One prompt, one context: every choice of an example is scored against the same p
 LONGEST choice (`assemble(prompt, longest_choice)`, as training would cut it). With equally long choices
 this is exactly the training cut for each choice.
 
-EOS: by default (`include_eos=False`) a choice is scored without EOS, as in the baselines (" 1" .. " 5" is
-two tokens). With `include_eos=True` the EOS (or the chat template's end-of-turn token) is scored too,
-which also asks "does the answer stop here?".
+The end of the answer: by default (`include_eos=True`, config `eval.choice_end: eos`) each choice is scored
+followed by the end of the answer the model was trained to produce: EOS after a plain completion, the chat
+template's end-of-turn token after an assistant turn (`encode_completions(add_eos=True)`, the training
+encoding). Without it a choice that is a prefix of another can never win: with choices "1" .. "10",
+score("10") = score("1") + log p("0" | ..., "1") <= score("1") for ANY model, so a model that answers "10"
+is still ranked "1". With the end scored, score("1") includes log p(EOS | ..., "1"), which a model that
+answers "10" makes small. `include_eos=False` (`eval.choice_end: none`) scores the choice text alone: the
+sum of log-probabilities of the continuation given the context, lm-evaluation-harness's `acc`. With EOS the
+" 1" .. " 5" choices have two tokens of their own (digit, EOS), so they take the second pass below.
 
 Reference completions (`completion_nll`): the summed NLL (nats) of each completion given its prompt,
 encoded exactly as for training, so that perplexity = exp(total / tokens) is the training loss's measure.
@@ -39,7 +45,7 @@ Batching and padding are in `instructkit.evaluate.model_inputs`; generation in `
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +54,7 @@ import torch
 from instructkit.data.tokenize import (
     IGNORE_INDEX,
     TokenizeSettings,
-    assemble,
+    assemble_prompt,
     encode_batch,
     encode_completions,
     encode_prompts,
@@ -139,7 +145,7 @@ def _rank_items(tokenizer: Any, prompts: Sequence[str], choices_per_prompt: Sequ
             if not c:
                 raise ValueError(f"example {i}: choice {choices[j]!r} has no tokens")
         longest = max(choice_ids, key=len)
-        encoded = assemble(ids, longest, settings, tokenizer.bos_token_id)
+        encoded = assemble_prompt(tokenizer, prompts[i], ids, longest, settings)  # a chat prompt: whole turns
         if encoded is None:
             raise ValueError(f"example {i}: choice of {len(longest)} tokens leaves no room for the prompt "
                              f"within max_length={settings.max_length}")
@@ -252,13 +258,17 @@ def rank_choices(
     is_seq2seq: bool,
     batch_size: int = 16,
     length_normalized: bool = False,
-    include_eos: bool = False,
+    include_eos: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> list[ChoiceScores]:
     """Score every choice of every prompt by its log-probability; the prompt is encoded once per example.
 
     `batch_size` prompts go through the model together (sorted by length to limit padding); choice rows
     that need a second pass go `batch_size` at a time (each row holds a copy of its prompt's KV cache).
     Returns one `ChoiceScores` per prompt, in the order given (log-probabilities in nats).
+    `include_eos` (default True): score each choice followed by the end of the answer as trained (EOS, or the
+    chat end-of-turn token; see the module docstring); False scores the choice text alone (lm-eval's `acc`).
+    `progress(n)` is called after each batch of n prompts (a progress display).
 
     Raises: ValueError when `prompts` and `choices_per_prompt` differ in length, an example has no choices
     or a choice with no tokens, a choice leaves no room for the prompt within `settings.max_length`, or the
@@ -275,6 +285,8 @@ def rank_choices(
             values = score_batch(model, [items[i] for i in batch], pad_id, batch_size)
             for i, choice_sums in zip(batch, values):
                 sums[i] = choice_sums
+            if progress is not None:
+                progress(len(batch))
     results = []
     for item, values in zip(items, sums):
         counts = [len(c) for c in item.choice_ids]

@@ -1,9 +1,12 @@
 """Scoring one template's examples with a model, into predictions and predictions.jsonl records.
 
-How each template is scored (examples are grouped by `template_id`):
+How each template is scored (examples are grouped by dataset and `template_id`, see
+`instructkit.evaluate.groups`):
 
 * a template whose examples carry `choices` -> rank classification: every choice scored by its summed
-  log-probability (mean per token with `cfg.length_normalized`); the prediction is the best choice's text.
+  log-probability (mean per token with `cfg.length_normalized`), followed by the end of the answer as
+  trained (EOS or the chat end-of-turn token) unless `cfg.choice_end` is "none"; the prediction is the best
+  choice's text.
 * any other template -> greedy generation (beam / sampling per `cfg`), `max_new_tokens` by task family
   (`DEFAULT_MAX_NEW_TOKENS`, overridden by `cfg.max_new_tokens`, then by the `max_new_tokens_by_task`
   argument).
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,9 @@ from instructkit.config import EvalConfig
 from instructkit.data.tokenize import TokenizeSettings, encode_for_generation, encode_prompts
 from instructkit.errors import DataError
 from instructkit.evaluate.generate import generate, map_to_choice
+from instructkit.evaluate.groups import dataset_of, group_keys
 from instructkit.evaluate.scoring import completion_nll, rank_choices
+from instructkit.progress import ProgressBar
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ def _record(index: int, ex: dict, prompt: str, prediction: str, **extra: Any) ->
         "index": index,
         "template_id": ex["template_id"],
         "source_id": ex.get("source_id"),
-        "dataset": _dataset(ex),
+        "dataset": dataset_of(ex),
         "task": ex["task"],
         "prompt": prompt,
         "reference": ex["completion"],
@@ -78,10 +83,6 @@ def _record(index: int, ex: dict, prompt: str, prediction: str, **extra: Any) ->
         "held_out": bool(ex.get("held_out", False)),
         **extra,
     }
-
-
-def _dataset(ex: dict) -> str:
-    return ex.get("dataset") or ex["template_id"].split(".")[0]
 
 
 def _class_labels(exs: Sequence[dict]) -> list[str]:
@@ -94,11 +95,13 @@ def _class_labels(exs: Sequence[dict]) -> list[str]:
 
 
 def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
-                   settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig) -> _Scored:
+                   settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig,
+                   progress: Callable[[int], None] | None = None) -> _Scored:
     try:
         scores = rank_choices(model, tokenizer, prompts, [ex["choices"] for ex in exs], settings,
                               is_seq2seq=is_seq2seq, batch_size=cfg.batch_size,
-                              length_normalized=cfg.length_normalized)
+                              length_normalized=cfg.length_normalized, include_eos=cfg.choice_end == "eos",
+                              progress=progress)
     except ValueError as exc:  # a choice too long for max_length, an empty choice list
         # "example 3" counts within this template's batch: name the example of the input instead.
         message = re.sub(r"example (\d+)", lambda m: f"example {indices[int(m.group(1))] + 1}", str(exc))
@@ -116,10 +119,10 @@ def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[in
 
 def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
                          settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig, max_new_tokens: int,
-                         seed: int, classify: bool) -> _Scored:
+                         seed: int, classify: bool, progress: Callable[[int], None] | None = None) -> _Scored:
     texts = generate(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
                      max_new_tokens=max_new_tokens, batch_size=cfg.batch_size, num_beams=cfg.num_beams,
-                     do_sample=cfg.do_sample, seed=seed)
+                     do_sample=cfg.do_sample, seed=seed, progress=progress)
     fed = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
     full = encode_prompts(tokenizer, prompts, settings)
     preds, records, unparseable = [], [], 0
@@ -147,26 +150,34 @@ def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chose
                      prompts: dict[int, str], settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig,
                      max_new_tokens_by_task: dict[str, int] | None, seed: int, classify_by: str,
                      with_perplexity: bool) -> dict[str, _Scored]:
-    """Score the chosen examples, template by template (in first-seen order)."""
+    """Score the chosen examples, (dataset, template) group by group (in first-seen order), keyed by
+    `instructkit.evaluate.groups.group_keys`."""
     by_template: dict[str, list[int]] = {}
-    for i in chosen:
-        by_template.setdefault(examples[i]["template_id"], []).append(i)
+    for i, key in zip(chosen, group_keys([examples[i] for i in chosen])):
+        by_template.setdefault(key, []).append(i)
     scored = {}
-    for tid, indices in by_template.items():
-        exs = [examples[i] for i in indices]
-        texts = [prompts[i] for i in indices]
-        has_choices = all(ex.get("choices") for ex in exs)
-        logger.info("evaluating %s: %d examples by %s", tid, len(exs),
-                    "rank" if has_choices and classify_by == "rank" else "generation")
-        if has_choices and classify_by == "rank":
-            result = _score_by_rank(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg)
-        else:
-            result = _score_by_generation(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg,
-                                          _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
-                                          classify=has_choices)
-        if with_perplexity:
-            total, tokens, _ = completion_nll(model, tokenizer, texts, [ex["completion"] for ex in exs],
-                                              settings, is_seq2seq, batch_size=cfg.batch_size)
-            result.nll = (total, tokens)
-        scored[tid] = result
+    bar = ProgressBar("evaluate", len(chosen))  # one bar over every template (plain lines off a terminal)
+    tick = lambda n: bar.update(advance=n)  # noqa: E731
+    try:
+        for tid, indices in by_template.items():
+            exs = [examples[i] for i in indices]
+            texts = [prompts[i] for i in indices]
+            has_choices = all(ex.get("choices") for ex in exs)
+            logger.info("evaluating %s: %d examples by %s", tid, len(exs),
+                        "rank" if has_choices and classify_by == "rank" else "generation")
+            bar.update(info=tid)
+            if has_choices and classify_by == "rank":
+                result = _score_by_rank(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg, tick)
+            else:
+                result = _score_by_generation(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg,
+                                              _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
+                                              classify=has_choices, progress=tick)
+            if with_perplexity:
+                total, tokens, _ = completion_nll(model, tokenizer, texts, [ex["completion"] for ex in exs],
+                                                  settings, is_seq2seq, batch_size=cfg.batch_size)
+                result.nll = (total, tokens)
+            scored[tid] = result
+    finally:
+        bar.update(info="")
+        bar.close()
     return scored

@@ -2,7 +2,8 @@
 
 A record counts when it has a numeric ``step``; a line that is not JSON (a crash mid-write) is skipped.
 Validation task metrics are the flat keys that name a metric ("macro_f1", "rougeL") or start with
-``val_``; per-template keys ("t/macro_f1") and the training counters are not plotted.
+``val_``; per-template keys ("t/macro_f1"), the training counters and counts (``val_label_tokens``) are
+not plotted.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ from typing import Any
 from instructkit.evaluate.metric_registry import METRICS
 from instructkit.io import iter_jsonl
 
-__all__ = ["read_metrics_log", "series", "task_metric_keys", "training_summary"]
+__all__ = ["is_counter", "read_metrics_log", "series", "task_metric_keys", "training_summary"]
 
 log = logging.getLogger(__name__)
 
 LOG_COUNTERS = {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "val_loss", "val_ppl", "time",
-                "elapsed", "elapsed_s", "grad_norm", "examples", "wall_s"}
+                "elapsed", "elapsed_s", "grad_norm", "examples", "wall_s", "label_tokens", "val_label_tokens"}
+COUNT_SUFFIXES = ("_tokens", "_examples", "_count", "_per_s", "_seconds")
+"""Keys that count things (tokens, examples, seconds), never task metrics: `val_label_tokens` is 120, not
+a score, and must not share an axis with accuracy."""
+
+
+def is_counter(key: str) -> bool:
+    """True for the log's counters and counts (`val_label_tokens`, `n_examples`), never a task metric."""
+    return key in LOG_COUNTERS or key.endswith(COUNT_SUFFIXES) or key.startswith("n_")
 
 
 def read_metrics_log(path: Path | None) -> list[dict]:
@@ -56,7 +65,7 @@ def task_metric_keys(records: Sequence[dict]) -> list[str]:
     for r in records:
         for k, v in r.items():
             numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-            if k in LOG_COUNTERS or "/" in k or k in keys or not numeric:
+            if is_counter(k) or "/" in k or k in keys or not numeric:
                 continue
             if k in METRICS or k.startswith("val_"):
                 keys.append(k)

@@ -5,7 +5,9 @@ A LoRA adapter saved alone loads its base model (by the name recorded at save ti
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from instructkit.models.resolve import (
     read_provenance,
     resolve_model,
 )
+
+logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -69,6 +73,42 @@ def load_model(cfg: ModelConfig, *, cache_dir: str | os.PathLike | None = None,
     if resolved.adapter:
         return load_adapter_folder(resolved.folder, cfg, cache_dir=cache_dir, dtype=dtype)
     return load_folder(resolved.folder, cfg, resolved.provenance, dtype=dtype)
+
+
+def choose_attention(requested: str, *, cuda: bool, flash_attn: bool, dtype: str) -> tuple[str | None, bool, str]:
+    """model.attn_implementation -> (the attn_implementation to load with, None for the model's own
+    default; whether to switch cuDNN attention off; why), for a CUDA machine or not.
+
+    'auto': on CPU the model's default (sdpa). On CUDA, flash_attention_2 when `flash_attn` is
+    importable and the weights load in bf16/fp16 (its varlen kernels take packed rows as they are, and
+    it refuses fp32 tensors, which evaluation without autocast would give it); else sdpa with cuDNN
+    attention off: since PyTorch 2.10 sdpa prefers cuDNN on H100/H200, which builds an execution plan
+    for every new (batch, heads, lengths, mask) shape, forward and backward (~0.5 s each), so every new
+    packed width stalled a step; flash and memory-efficient kernels have no such cost. Any other value
+    is used as it is.
+    """
+    if requested != "auto":
+        return requested, False, "model.attn_implementation"
+    if not cuda:
+        return None, False, "auto on CPU: the model's default (sdpa)"
+    if flash_attn and DTYPES.get(dtype) in ("bfloat16", "float16"):
+        return "flash_attention_2", False, "auto on CUDA: flash_attn installed, bf16/fp16 weights (varlen kernels)"
+    return None, True, ("auto on CUDA: sdpa with cuDNN attention off (it plans per new shape); install flash_attn "
+                        "and load bf16 weights for flash_attention_2")
+
+
+def use_attention(requested: str, dtype: str) -> str | None:
+    """Apply `choose_attention` on this machine (switching cuDNN attention off process-wide when it says
+    so), log the choice, and return the attn_implementation to load with (None: the model's default)."""
+    import torch
+
+    implementation, cudnn_off, why = choose_attention(
+        requested, cuda=torch.cuda.is_available(), flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        dtype=dtype)
+    if cudnn_off:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    logger.info("attention: %s (%s)", implementation or "the model's default", why)
+    return implementation
 
 
 def detect_seq2seq(config: Any, kind: str, folder: Path) -> bool:
@@ -131,8 +171,10 @@ def load_folder(folder: Path, cfg: ModelConfig, provenance: dict[str, Any] | Non
                 dtype: str = "fp32") -> LoadedModel:
     """Load a Hugging Face model folder (config.json + weights + tokenizer).
 
+    The attention kernel follows `cfg.attn_implementation` (`use_attention`).
     Raises: ModelError when config.json, the weights (pickle refused unless `cfg.allow_pickle`; missing,
-    truncated) or the tokenizer cannot be read, or `cfg.kind` contradicts the config.
+    truncated) or the tokenizer cannot be read, `cfg.kind` contradicts the config, or the model cannot
+    use the attention implementation asked for (e.g. flash_attention_2 without flash_attn).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -142,12 +184,14 @@ def load_folder(folder: Path, cfg: ModelConfig, provenance: dict[str, Any] | Non
     seq2seq = detect_seq2seq(config, cfg.kind, folder)
     use_safetensors = check_weights(folder, cfg.allow_pickle)
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    attention = use_attention(cfg.attn_implementation, dtype)
     try:
         model = auto.from_pretrained(
             folder, dtype=torch_dtype(dtype), use_safetensors=use_safetensors,
             trust_remote_code=cfg.trust_remote_code, local_files_only=True,
+            **({"attn_implementation": attention} if attention else {}),
         )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # e.g. a truncated download
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as exc:  # e.g. truncated
         raise ModelError(f"{folder}: cannot load the model: {exc}") from None
     clear_quantizer(model)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)

@@ -9,12 +9,17 @@ from instructkit.config import LoraSettings
 from instructkit.errors import ModelError
 
 
-def wrap_lora(model: Any, settings: LoraSettings) -> Any:
+def wrap_lora(model: Any, settings: LoraSettings, seed: int | None = None) -> Any:
     """Wrap `model` in a peft LoRA model: only the adapters train (r x (in + out) parameters per linear).
 
     `target_modules: all-linear` adapts every linear layer except the LM head.
+    `seed` (the run's `train.seed`): the adapters' random initialisation (LoRA A: Kaiming-uniform, B: zeros)
+    is drawn from torch's generators seeded with it, inside `torch.random.fork_rng`, so the same seed gives
+    bitwise-identical adapters whatever was drawn before; the CPU generator is restored afterwards.
+    None draws from the global generator as it stands (the caller seeds).
     Raises: ModelError when peft refuses `settings.target_modules` (no such layer).
     """
+    import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -25,10 +30,15 @@ def wrap_lora(model: Any, settings: LoraSettings) -> Any:
         target_modules=settings.target_modules,
         task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
     )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:
-        raise ModelError(f"train.lora.target_modules={settings.target_modules!r}: {exc}") from None
+    # fork_rng restores the CPU generator (and the CUDA ones when CUDA is up) on exit; manual_seed seeds all
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            raise ModelError(f"train.lora.target_modules={settings.target_modules!r}: {exc}") from None
 
 
 def is_peft_model(model: Any) -> bool:

@@ -155,7 +155,9 @@ class TemplateLibrary:
         `rows` maps a schema name to rows (already mapped to the schema's fields); without it the
         schema's built-in sample rows are used. A data row that lacks a value the template reads is the
         data's fault, not the template's: it is skipped and counted in `missing[template_id][field]`
-        (prepare skips or rejects such rows by the same rule). Sample rows must have every field.
+        (prepare skips or rejects such rows by the same rule). Sample rows must have every field. A template
+        with answer choices that reads the label is also rendered for every value of the label map
+        (`check_label_map`), so a label the choices leave out fails before any real row has it.
         """
         problems = list(self.duplicates)
         for template in templates if templates is not None else self.templates.values():
@@ -168,6 +170,7 @@ class TemplateLibrary:
                     problems.append(Problem(template.id, "no-sample-rows", "no sample rows to render it on"))
                     continue
             reads = sorted(template.fields_read & set(schema.fields)) if schema is not None else []
+            problems += check_label_map(template, schema, sample)
             found = 0
             for i, row in enumerate(sample):
                 if real_data:
@@ -227,6 +230,30 @@ def check_row(template: Template, schema: Schema | None, row: Mapping[str, Any],
     return problems
 
 
+def check_label_map(template: Template, schema: Schema | None, rows: Sequence[Mapping[str, Any]]) -> list[Problem]:
+    """Render `template` once for every value of the schema's label map (on the first row of `rows` with
+    the label replaced) and report each label whose completion is not among the answer choices (rule
+    label-not-in-choices). Nothing to check without answer choices, a label map, a row, or when the
+    template does not read the label field; rows that fail to render are left to `check_row`."""
+    if (schema is None or not schema.label_field or not schema.label_map or template.answer_choices is None
+            or schema.label_field not in template.fields_read or not rows):
+        return []
+    problems = []
+    base = dict(rows[0])
+    for key, name in schema.label_map.items():
+        try:
+            row = schema.coerce({**base, schema.label_field: key}) if schema.fields else {**base, schema.label_field: key}
+            rendered = template.render(row, seed=0)
+        except (ValueError, TemplateError):
+            continue
+        if rendered.choices is not None and rendered.completion and rendered.completion not in rendered.choices:
+            problems.append(Problem(
+                template.id, "label-not-in-choices",
+                f"label {schema.label_field}={key!r} ({name!r} in the label map) renders the completion "
+                f"{rendered.completion!r}, which is not one of the answer choices {list(rendered.choices)}"))
+    return problems
+
+
 @functools.lru_cache(maxsize=1)
 def _builtin() -> TemplateLibrary:
     files = sorted(
@@ -243,4 +270,4 @@ def _builtin() -> TemplateLibrary:
     return TemplateLibrary(schemas, templates)
 
 
-__all__ = ["Problem", "TemplateLibrary", "check_row"]
+__all__ = ["Problem", "TemplateLibrary", "check_label_map", "check_row"]

@@ -217,6 +217,39 @@ def fields_read(source: str) -> set[str]:
         return set()
 
 
+def _presence_tested(expr: nodes.Node) -> Iterator[str]:
+    """Names an `if` test checks for presence: `x`, `not x`, `x is defined` / `x is none`, `x and/or y`."""
+    if isinstance(expr, nodes.Name):
+        yield expr.name
+    elif isinstance(expr, nodes.Not):
+        yield from _presence_tested(expr.node)
+    elif isinstance(expr, (nodes.And, nodes.Or)):
+        yield from _presence_tested(expr.left)
+        yield from _presence_tested(expr.right)
+    elif isinstance(expr, nodes.Test) and isinstance(expr.node, nodes.Name):
+        yield expr.node.name
+
+
+def fields_guarded(source: str) -> set[str]:
+    """The variables a Jinja source tests for presence before use (best effort, static): the field is
+    optional there. `{% if input %}`, `x if x else y`, `x or 'n/a'` and `x | default('')` guard `x`; a
+    comparison (`{% if stars > 3 %}`) does not."""
+    try:
+        tree = ENV.parse(source)
+    except (jinja2.TemplateError, RecursionError):
+        return set()
+    guarded: set[str] = set()
+    for node in tree.find_all((nodes.If, nodes.CondExpr)):
+        guarded.update(_presence_tested(node.test))
+    for node in tree.find_all(nodes.Or):
+        if isinstance(node.left, nodes.Name):
+            guarded.add(node.left.name)
+    for node in tree.find_all(nodes.Filter):
+        if node.name in ("default", "d") and isinstance(node.node, nodes.Name):
+            guarded.add(node.node.name)
+    return guarded
+
+
 def render_bounded(template: jinja2.Template, context: dict[str, Any], where: str) -> str:
     """Render with the sandbox, mapping every failure to a TemplateError naming `where`.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from instructkit.errors import TemplateError
 from instructkit.templates.limits import render_state
-from instructkit.templates.sandbox import ENV, compile_source, fields_read, render_bounded
+from instructkit.templates.sandbox import ENV, compile_source, fields_guarded, fields_read, render_bounded
 from instructkit.templates.schema import label_key
 
 CHOICES_SEPARATOR = "|||"
@@ -122,6 +122,14 @@ class Template:
         for source in sources:
             names |= fields_read(source)
         return frozenset(names - {"answer_choices", "label_map"} - set(ENV.globals))
+
+    @functools.cached_property
+    def fields_optional(self) -> frozenset[str]:
+        """The fields it reads only after testing them for presence (`{% if input %}`): they may be missing."""
+        sources = [self.instruction, self.completion]
+        if isinstance(self.answer_choices, str):
+            sources.append(self.answer_choices)
+        return frozenset(self.fields_read & set().union(*(fields_guarded(s) for s in sources)))
 
     def render(self, row: Mapping[str, Any], seed: int | str = 0) -> Rendered:
         """Render the prompt, completion and answer choices for one row.

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from instructkit.errors import TrainingError
 from instructkit.io import fsync_dir, replace_folder, sha256_file
+from instructkit.train.optim_state import join_state, split_state
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy saved tensors into the model's trainable parameters; the name sets must match exactly."""
+    """Copy saved tensors into the model's trainable parameters; the name sets must match exactly.
+
+    Raises TrainingError naming `source` when a parameter is missing, unexpected, or of another shape.
+    """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
@@ -125,26 +129,14 @@ def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> li
 
 
 def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """optimizer.state_dict() -> (tensors for safetensors, JSON for everything else)."""
+    """optimizer.state_dict() -> (tensors for safetensors, JSON for everything else; train/optim_state.py)."""
     sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entries in sd["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
+    tensors, scalars = split_state(sd["state"])
     return tensors, {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
 
 
 def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, entries in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(entries)
+    state = join_state(tensors, meta["scalars"])
     groups = []
     for group in meta["param_groups"]:
         group = dict(group)
@@ -377,20 +369,34 @@ def best_dir(run_dir: str | os.PathLike) -> Path:
     return checkpoints_dir(run_dir) / BEST
 
 
-def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str, Any]) -> Path:
-    """Write `checkpoints/best/` (trainable weights in safetensors + best.json) atomically, replacing it."""
+def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str, Any],
+              weights_from: str | os.PathLike | None = None) -> Path:
+    """Write `checkpoints/best/` (trainable weights in safetensors + best.json) atomically, replacing it.
+
+    `weights_from`: a checkpoint of this very step; its model.safetensors (the same bytes) is hard-linked
+    instead of written again (checkpoint files are never rewritten in place, so the link stays valid when
+    the checkpoint is pruned). Falls back to writing where links are not possible.
+    """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _tidy(root)
     folder = root / f".tmp-best-{os.getpid()}"
     folder.mkdir()
-    _write_tensors(folder / "model.safetensors", trainable_state(model))
+    try:
+        if weights_from is None:
+            raise FileNotFoundError
+        os.link(Path(weights_from) / "model.safetensors", folder / "model.safetensors")
+    except OSError:
+        _write_tensors(folder / "model.safetensors", trainable_state(model))
     _write_json(folder / "best.json", _jsonable(info))
     return _seal(folder, best_dir(run_dir), {"best": _jsonable(info)})
 
 
 def load_best(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]:
-    """Load `checkpoints/best/` weights into the model; returns best.json (step, metric, value)."""
+    """Load `checkpoints/best/` weights into the model; returns best.json (step, metric, value).
+
+    Raises TrainingError when the folder fails verification (missing file, size or sha256 mismatch).
+    """
     path = Path(path)
     problem = verify_folder(path)
     if problem is not None:

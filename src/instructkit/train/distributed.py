@@ -18,7 +18,11 @@ from instructkit.train.checkpoint import capture_rng
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
-    """An Accelerator for cfg.precision; devices and processes come from the launcher (torchrun/accelerate)."""
+    """An Accelerator for cfg.precision; devices and processes come from the launcher (torchrun/accelerate).
+
+    Raises TrainingError when accelerate refuses the precision (e.g. a second, different mixed-precision
+    state in one process).
+    """
     from accelerate import Accelerator
 
     try:

@@ -17,8 +17,9 @@ batch 4, is in train/step.py; the loss at label positions only is in train/loss.
 
 Every `eval_every` steps (default: each epoch) and at the end: validation loss/perplexity and the
 caller's `validate(model)` task metrics (train/tracking.py keeps the best weights in checkpoints/best;
-early stopping is opt-in). Checkpoints every `save_every` steps (default: at each validation) make resume
-exact (train/checkpoint.py).
+early stopping is opt-in). Checkpoints every `save_every` steps (default: at each validation), every
+`save_every_minutes` of wall time and on Ctrl-C (train/interrupt.py) make resume exact
+(train/checkpoint.py). Progress: a bar on a terminal, else a plain line every 30 s (instructkit.progress).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ import torch
 
 from instructkit.config import TrainConfig
 from instructkit.data.batching import TokenTable
-from instructkit.data.sampler import BatchPlan, attention_tokens_of, example_weights, plan_epoch, plan_eval
+from instructkit.data.sampler import BatchPlan, attention_tokens_of, example_weights, plan_eval
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import TrainingError
 from instructkit.io import run_lock, write_json
 from instructkit.train.checkpoint import best_dir, check_disk_space, checkpoints_dir, load_best, save_checkpoint
+from instructkit.train.compile import compile_model, pad_multiple
 from instructkit.train.distributed import (
     broadcast,
     enable_activation_checkpointing,
@@ -56,7 +58,8 @@ from instructkit.train.optim import make_optimizer, make_scheduler
 from instructkit.train.resume import data_position, resume_point
 from instructkit.train.state import Run, TrainState, Validate
 from instructkit.train.step import train_step
-from instructkit.train.tracking import MetricsLog, Progress, track_best
+from instructkit.train.interrupt import StopControl
+from instructkit.train.tracking import MetricsLog, TrainMeter, keep_best, track_best
 
 logger = logging.getLogger(__name__)
 
@@ -127,44 +130,33 @@ def train(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
         run = setup(model, tokenizer, data, cfg, run_dir, dataclasses.replace(options, accelerator=accelerator))
         state, last_checkpoint = resume_point(run, options.resume)
         log = MetricsLog(run_dir, cfg.tensorboard, run.main, state.step if last_checkpoint else None)
-        progress = Progress(run.total_steps, state.step, options.show_progress and run.main)
+        meter = TrainMeter(run, log, state.step, options.show_progress, options.log_every)
         rank = accelerator.process_index
-        train_seconds, window_tokens, window_seconds = 0.0, 0, 0.0  # tok/s counts training steps only
 
         # ---- loop: epochs of planned steps until total_steps or early stopping ----------------------
         try:
-            while state.step < run.total_steps and not state.stopped_early:
-                epoch_plan = plan_epoch(run.table.lengths, run.plan, state.epoch, run.sample_labels)
-                for step_plan in epoch_plan[state.step_in_epoch:]:
-                    started = time.perf_counter()
-                    stats = train_step(run, run.batches(step_plan[rank]), state.step + 1)
-                    elapsed = time.perf_counter() - started
-                    train_seconds, window_seconds = train_seconds + elapsed, window_seconds + elapsed
-                    window_tokens += stats.tokens
-                    state.step, state.step_in_epoch, state.tokens = (state.step + 1, state.step_in_epoch + 1,
-                                                                     state.tokens + stats.tokens)
-                    if state.step_in_epoch == len(epoch_plan):
-                        state.epoch, state.step_in_epoch = state.epoch + 1, 0
-                    last = state.step >= run.total_steps
-                    if state.step % options.log_every == 0 or last:
-                        rate = window_tokens / max(window_seconds, 1e-9)
-                        log.write({"event": "train", "step": state.step,
-                                   "epoch": round(state.step / run.steps_per_epoch, 4), "loss": stats.loss,
-                                   "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": state.tokens,
-                                   "label_tokens": stats.label_tokens, "tokens_per_s": round(rate, 2)})
-                        progress.update(state.step, stats.loss, rate)
-                        window_tokens, window_seconds = 0, 0.0
-                    validated = (state.step % run.eval_every == 0 or last) and _validate(run, state, log)
-                    if _checkpoint_due(run, state, last, validated):
-                        last_checkpoint = _save(run, state, epoch_plan)
-                    if last or state.stopped_early:
-                        break
+            with StopControl(run, state, last_checkpoint) as stop:
+                if state.pending_eval:  # Ctrl-C cut this step's validation short: it comes first
+                    last_checkpoint = _after_step(run, state, log, stop, run.epoch_plan(state.epoch)) or last_checkpoint
+                while state.step < run.total_steps and not state.stopped_early:
+                    epoch_plan = run.epoch_plan(state.epoch)
+                    for step_plan in epoch_plan[state.step_in_epoch:]:
+                        started = time.perf_counter()
+                        stats = train_step(run, run.batches(step_plan[rank]), state.step + 1)
+                        state.step, state.step_in_epoch, state.tokens = (state.step + 1, state.step_in_epoch + 1,
+                                                                         state.tokens + stats.tokens)
+                        if state.step_in_epoch == len(epoch_plan):
+                            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                        meter.step(state, stats, time.perf_counter() - started)
+                        last_checkpoint = _after_step(run, state, log, stop, epoch_plan) or last_checkpoint
+                        if state.step >= run.total_steps or state.stopped_early:
+                            break
         finally:
-            progress.close()
+            meter.close()
             log.close()
 
         # ---- teardown: the best weights back in the model, the result on disk ------------------------
-        return _finish(run, state, log, last_checkpoint, train_seconds, options.restore_best)
+        return _finish(run, state, log, last_checkpoint, meter.train_seconds, options.restore_best)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +188,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
         packing=cfg.packing and not seq2seq,
         max_tokens=cfg.max_tokens_per_batch or cfg.batch_size * options.settings.max_length,
         attention_tokens=attention_tokens_of(getattr(model, "config", None)),
-        group_by_length=cfg.group_by_length, seed=cfg.seed)
+        group_by_length=cfg.group_by_length, seed=cfg.seed,
+        pad_to_multiple_of=pad_multiple(cfg.pad_to_multiple_of, accelerator.device.type))
     steps_per_epoch = math.ceil(len(table) / plan.group_size)
     if accelerator.is_main_process:
         check_disk_space(run_dir, model, cfg.keep_checkpoints, options.free_space_fn)
@@ -204,6 +197,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     model.train()
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.compile:
+        compile_model(model)
     unwrapped = model
     optimizer = make_optimizer(model, cfg)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -251,7 +246,7 @@ def _class_balance(cfg: TrainConfig, class_ids: Sequence[int] | None, train_data
 # --------------------------------------------------------------------------------------------------
 
 
-def _validate(run: Run, state: TrainState, log: MetricsLog) -> bool:
+def _validate(run: Run, state: TrainState, log: MetricsLog, stop: StopControl) -> bool:
     """Validation loss + task metrics, logged; best weights kept; early stopping decided.
 
     Returns False (nothing done) when there is neither a validation split nor a `validate` callable.
@@ -262,13 +257,14 @@ def _validate(run: Run, state: TrainState, log: MetricsLog) -> bool:
     record: dict[str, Any] = {"event": "eval", "step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4)}
     run.model.eval()
     try:
-        if run.val_table is not None:
-            eval_plan = plan_eval(run.val_table.lengths, run.plan)[run.accelerator.process_index]
-            loss, n = validation_loss(run, eval_plan)
-            record.update(val_loss=loss, val_ppl=math.exp(min(loss, 700.0)), val_label_tokens=n)
-        if run.validate is not None and not run.sharded:
-            task = run.validate(run.unwrapped) if run.main else None
-            record.update({k: float(v) for k, v in (broadcast(run.accelerator, task) or {}).items()})
+        with stop.abortable():  # a first Ctrl-C ends the validation (one process): it is redone on resume
+            if run.val_table is not None:
+                eval_plan = plan_eval(run.val_table.lengths, run.plan)[run.accelerator.process_index]
+                loss, n = validation_loss(run, eval_plan)
+                record.update(val_loss=loss, val_ppl=math.exp(min(loss, 700.0)), val_label_tokens=n)
+            if run.validate is not None and not run.sharded:
+                task = run.validate(run.unwrapped) if run.main else None
+                record.update({k: float(v) for k, v in (broadcast(run.accelerator, task) or {}).items()})
     finally:
         run.model.train()
     log.write(record)
@@ -276,10 +272,33 @@ def _validate(run: Run, state: TrainState, log: MetricsLog) -> bool:
     return True
 
 
+def _after_step(run: Run, state: TrainState, log: MetricsLog, stop: StopControl, epoch_plan: list) -> Path | None:
+    """The validation and checkpoint due after a step (the new checkpoint, or None); on Ctrl-C a checkpoint
+    of this step, then TrainingInterrupted (train/interrupt.py)."""
+    last = state.step >= run.total_steps
+    due = state.step % run.eval_every == 0 or last or state.pending_eval
+    state.pending_eval = False
+    interrupted, timed = stop.after_step()
+    try:
+        validated = not interrupted and due and _validate(run, state, log, stop)
+    except KeyboardInterrupt:  # the first Ctrl-C, during validation: redone on resume
+        validated, interrupted = False, True
+    if interrupted:
+        state.pending_eval = due and not validated
+        path = None if run.sharded else _save(run, state, epoch_plan)
+        stop.saved(path, state.step)
+        raise stop.interrupted(written_now=path is not None) from None
+    path = None
+    if not run.sharded and (timed or _checkpoint_due(run, state, last, validated)):
+        path = _save(run, state, epoch_plan)
+        stop.saved(path, state.step)
+    if validated and state.best_step == state.step and not run.sharded:
+        keep_best(run, state, path)  # after the checkpoint, whose weights it links
+    return path
+
+
 def _checkpoint_due(run: Run, state: TrainState, last: bool, validated: bool) -> bool:
     """Every `save_every` steps (default: at each validation), at the end and on early stopping."""
-    if run.sharded:
-        return False
     every = run.cfg.save_every or run.eval_every
     return (state.step % every == 0 or last or state.stopped_early
             or (validated and run.cfg.save_every is None))

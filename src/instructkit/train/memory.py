@@ -33,6 +33,17 @@ How these add up to the peak, as measured (tests/train/test_memory.py):
     gradient phase = gradients (+ one vocab x hidden matrix with tied embeddings: the embedding's own
                      gradient, made last and added to the LM head's)
 
+The memory-lean settings change three terms (train/optim.py, train/in_backward.py, train/loss.py):
+
+    optimizer      adamw 8 B a parameter; adamw_8bit 2 B + 8 B per 256 values (fp32 moments, 8 B, for
+                   tensors under 4,096 values); adafactor 4 B x (rows + columns) of each matrix
+    in backward    gradient phase = the largest gradient (+ a tied LM head's, alive through backward) +
+                   the update's temporaries, instead of all gradients
+    chunked loss   logits of one chunk of positions; loss phase = max(4 chunk copies + the LM head's
+                   gradient, 1 copy + 2 head gradients: the next chunk's added to the sum)
+    temporaries    of the update: 5 fp32 copies of a 4 M-value slice (adamw_8bit), 3 of the largest
+                   tensor (adafactor), none (fused adamw)
+
 `framework` is the RSS of a Python with torch, transformers, accelerate, datasets and peft loaded and a
 tiny step run (FRAMEWORK_OVERHEAD_BYTES, measured); ALLOCATOR_SLACK covers allocator fragmentation.
 Calibrated against real AdamW steps (random weights of the real shapes, 4 x 256 tokens, 3 labelled tokens a
@@ -70,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from instructkit.config import LoraSettings, ModelConfig
+from instructkit.train.memory_shape import MIN_8BIT_SIZE, ModelShape, hf_config_numbers, model_shape  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -88,104 +100,15 @@ ALLOCATOR_SLACK = 0.12
 # Softmax cross-entropy in fp32 holds up to 4 vocab-sized tensors per position at its peak: the logits,
 # the log-softmax (saved for backward), the gradient arriving at the log-softmax, the gradient of the logits.
 LOGIT_COPIES = 4
+# Optimizer temporaries during one update, in fp32 copies of the tensor being updated (or of one slice):
+# bitsandbytes' CPU AdamW8bit dequantizes both moments and copies gradient and weights (measured 5.4 copies of a
+# 168 M-value tensor, 3.6 GB); instructkit runs it on slices of SLICE_VALUES values (train/optim.py). Adafactor
+# builds the squared gradient, the factored estimate and the update at full size. Fused AdamW needs none.
+OPTIMIZER_TEMP_COPIES = {"adamw": 0, "sgd": 0, "adamw_8bit": 5, "adafactor": 3}
+SLICE_VALUES = 1 << 22  # = train/optim.SLICE_VALUES (not imported: this module loads without torch)
 
 Precision = Literal["fp32", "bf16", "fp16"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Model shape
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a transformer that its training memory depends on."""
-
-    params: int  # distinct parameters (tied embeddings counted once)
-    hidden: int
-    intermediate: int
-    layers: int  # decoder layers (+ encoder layers for encoder-decoders)
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    extra_norms: int = 0  # hidden-size norms per layer beyond Llama's two (Gemma 3: two more)
-    qk_norm: bool = False  # per-head norms of queries and keys (Gemma 3)
-    eager_attention: bool = False  # attention probabilities materialised (heads x seq x seq per token row)
-    lm_head_params: int = 0  # parameters of the output projection (its gradient comes first in backward)
-    tied_embeddings: bool = False  # the LM head is the input embedding matrix
-    linears: tuple[tuple[str, int, int], ...] = ()  # (name, in, out) of every Linear in the body, for LoRA
-
-    def lora_targets(self, lora: LoraSettings) -> list[tuple[str, int, int]]:
-        """The Linears LoRA adapts: all of them for 'all-linear' (the LM head is never among them)."""
-        targets = lora.target_modules
-        names = None if targets == "all-linear" else ({targets} if isinstance(targets, str) else set(targets))
-        return [lin for lin in self.linears if names is None or lin[0].rsplit(".", 1)[-1] in names]
-
-    def lora_params(self, lora: LoraSettings) -> int:
-        """r x (in + out) per adapted Linear (A is r x in, B is out x r)."""
-        return sum(lora.r * (d_in + d_out) for _, d_in, d_out in self.lora_targets(lora))
-
-
-def hf_config_numbers(config: Any) -> dict[str, int]:
-    """hidden / intermediate / layers / heads / kv heads / head dim / vocab from a transformers config."""
-    get = lambda *names, default=None: next(  # noqa: E731
-        (getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
-    hidden = int(get("hidden_size", "d_model", "n_embd"))
-    heads = int(get("num_attention_heads", "num_heads", "n_head"))
-    layers = int(get("num_hidden_layers", "num_layers", "n_layer"))
-    if getattr(config, "is_encoder_decoder", False):
-        layers += int(get("num_decoder_layers", default=layers))
-    return {
-        "hidden": hidden,
-        "intermediate": int(get("intermediate_size", "d_ff", "n_inner", default=4 * hidden)),
-        "layers": layers,
-        "heads": heads,
-        "kv_heads": int(get("num_key_value_heads", default=heads)),
-        "head_dim": int(get("head_dim", "d_kv", default=hidden // heads)),
-        "vocab": int(config.vocab_size),
-    }
-
-
-def model_shape(config: Any) -> ModelShape:
-    """Build the model on the meta device (no memory, ~1 s) to count parameters, norms and Linears exactly."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config)
-    numbers = hf_config_numbers(config)
-    params = sum(p.numel() for p in model.parameters())
-    head = model.get_output_embeddings()
-    embeddings = model.get_input_embeddings()
-    tied = head is not None and embeddings is not None and head.weight is embeddings.weight
-    linears, norms, qk_norm = [], 0, False
-    first_layer = None
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            linears.append((name, module.in_features, module.out_features))
-        if first_layer is None and name.endswith(".layers.0"):
-            first_layer = module
-    if first_layer is not None:
-        for name, module in first_layer.named_modules():
-            weight = getattr(module, "weight", None)
-            if "norm" in type(module).__name__.lower() and weight is not None:
-                if weight.shape[-1] == numbers["hidden"]:
-                    norms += 1
-                elif name.endswith(("q_norm", "k_norm")):
-                    qk_norm = True
-    attn = getattr(config, "_attn_implementation", None) or "sdpa"
-    return ModelShape(
-        params=params,
-        extra_norms=max(norms - 2, 0),
-        qk_norm=qk_norm,
-        eager_attention=attn == "eager",
-        lm_head_params=head.weight.numel() if head is not None else 0,
-        tied_embeddings=tied,
-        linears=tuple(linears),
-        **numbers,
-    )
+Optimizer = Literal["adamw", "adamw_8bit", "adafactor", "sgd"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,11 +123,13 @@ class EstimateInputs:
     seq_len: int
     labelled_tokens: int
     precision: Precision = "fp32"
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Optimizer = "adamw"
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
     logits_at_labels: bool = True
     overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES
+    optimizer_in_backward: bool = False
+    loss_chunk_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +156,7 @@ class MemoryEstimate:
             "labelled_tokens": inputs.labelled_tokens, "precision": inputs.precision,
             "optimizer": inputs.optimizer, "gradient_checkpointing": inputs.gradient_checkpointing,
             "lora_r": inputs.lora.r if inputs.lora else None, "logits_at_labels": inputs.logits_at_labels,
+            "optimizer_in_backward": inputs.optimizer_in_backward, "loss_chunk_tokens": inputs.loss_chunk_tokens,
         }
         return parts
 
@@ -326,27 +252,69 @@ def lora_activation_per_token_layer(shape: ModelShape, lora: LoraSettings) -> tu
 
 
 def logit_positions(inputs: EstimateInputs) -> int:
-    """Positions where the LM head runs: the labelled ones (logits_to_keep) or every token."""
-    if not inputs.logits_at_labels:
-        return inputs.batch_tokens
-    return min(inputs.labelled_tokens, inputs.batch_tokens)
+    """Positions whose logits exist at once: the labelled ones (logits_to_keep) or every token; with
+    loss_chunk_tokens, one chunk of them."""
+    positions = min(inputs.labelled_tokens, inputs.batch_tokens) if inputs.logits_at_labels else inputs.batch_tokens
+    return min(positions, inputs.loss_chunk_tokens) if inputs.loss_chunk_tokens else positions
 
 
 def loss_phase_bytes(inputs: EstimateInputs) -> int:
     """Memory on top of the activations while the loss is differentiated: all LOGIT_COPIES of the logits,
-    or, a moment later, two copies (logits, their gradient) plus the LM head's weight gradient."""
+    or, a moment later, two copies (logits, their gradient) plus the LM head's weight gradient. Chunked: one
+    chunk's copies beside the head gradient summed so far, or one copy while the next chunk's head gradient
+    is added to that sum (two head gradients)."""
     one_copy = logit_positions(inputs) * inputs.shape.vocab * FP32
     head_gradient = inputs.shape.lm_head_params * FP32 if inputs.lora is None else 0
+    if inputs.loss_chunk_tokens:
+        return max(LOGIT_COPIES * one_copy + head_gradient, one_copy + 2 * head_gradient)
     return max(LOGIT_COPIES * one_copy, 2 * one_copy + head_gradient)
 
 
+def trainable_count(inputs: EstimateInputs) -> int:
+    return inputs.shape.lora_params(inputs.lora) if inputs.lora is not None else inputs.shape.params
+
+
 def gradient_phase_bytes(inputs: EstimateInputs) -> int:
-    """The gradients at the end of backward. With tied embeddings, the embedding's dense vocab x hidden
-    gradient is made last and added to the LM head's: one more vocab x hidden matrix for a moment."""
+    """The gradients alive at the end of backward, or during the update, whichever is more.
+
+    Ordinary step: all gradients; with tied embeddings the embedding's dense vocab x hidden gradient is
+    made last and added to the LM head's (one more vocab x hidden matrix for a moment); the update then
+    adds the optimizer's temporaries. In-backward: each gradient is applied and freed as soon as it is
+    complete, so only the largest one is alive (a tied LM head's, from the start of backward to its end,
+    plus the embedding's own added to it) with the optimizer's temporaries.
+    """
     shape = inputs.shape
-    trainable = shape.lora_params(inputs.lora) if inputs.lora is not None else shape.params
-    tied_extra = shape.lm_head_params if shape.tied_embeddings and inputs.lora is None else 0
-    return (trainable + tied_extra) * FP32
+    full = inputs.lora is None
+    tied_extra = shape.lm_head_params if shape.tied_embeddings and full else 0
+    if inputs.optimizer_in_backward:
+        largest = shape.largest_param if full else max(
+            (inputs.lora.r * max(d_in, d_out) for _, d_in, d_out in shape.lora_targets(inputs.lora)), default=0)
+        return (largest + tied_extra) * FP32 + optimizer_temp_bytes(inputs)
+    trainable = trainable_count(inputs)
+    return max((trainable + tied_extra) * FP32, trainable * FP32 + optimizer_temp_bytes(inputs))
+
+
+def optimizer_state_bytes(inputs: EstimateInputs) -> int:
+    """adamw: 2 fp32 moments. adamw_8bit: 2 bytes a value + a float32 absmax per 256 values and moment;
+    tensors under 4,096 values keep fp32 moments. adafactor: rows + columns of each matrix (fp32), the
+    whole of each 1-D tensor. sgd: 1 momentum."""
+    trainable, shape = trainable_count(inputs), inputs.shape
+    small = shape.small_params if inputs.lora is None else 0
+    if inputs.optimizer == "adamw_8bit":
+        large = trainable - small
+        blocks = shape.quant_blocks if inputs.lora is None else -(-large // 256)
+        return 2 * large + 2 * FP32 * blocks + 2 * FP32 * small
+    if inputs.optimizer == "adafactor":
+        return (shape.factored_state if inputs.lora is None else trainable // 8) * FP32
+    return {"adamw": 2, "sgd": 1}[inputs.optimizer] * trainable * FP32
+
+
+def optimizer_temp_bytes(inputs: EstimateInputs) -> int:
+    """The update's temporaries (OPTIMIZER_TEMP_COPIES fp32 copies of the largest tensor or slice)."""
+    largest = inputs.shape.largest_param if inputs.lora is None else trainable_count(inputs)
+    if inputs.optimizer == "adamw_8bit":
+        largest = min(largest, SLICE_VALUES)
+    return OPTIMIZER_TEMP_COPIES[inputs.optimizer] * largest * FP32
 
 
 def logit_bytes(inputs: EstimateInputs) -> int:
@@ -361,12 +329,14 @@ def estimate_memory(
     seq_len: int,
     labelled_tokens: int | None = None,
     precision: Precision = "fp32",
-    optimizer: Literal["adamw", "sgd"] = "adamw",
+    optimizer: Optimizer = "adamw",
     gradient_checkpointing: bool = False,
     lora: LoraSettings | None = None,
     logits_at_labels: bool = True,
     overhead_bytes: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    optimizer_in_backward: bool = False,
+    loss_chunk_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of a training step. See the module docstring for the arithmetic.
 
@@ -377,9 +347,10 @@ def estimate_memory(
     labelled_tokens: positions carrying a label in the micro-batch (default: all of them).
     precision: fp32 (weights, activations fp32); bf16/fp16 = autocast: fp32 master weights + a half copy
         of each weight cached by autocast, half activations.
-    optimizer: adamw (2 fp32 states per trainable parameter; fused, so no per-step temporaries) or sgd
-        with momentum (1 state).
+    optimizer: adamw (2 fp32 states per trainable parameter; fused, so no per-step temporaries), adamw_8bit,
+        adafactor (train.optimizer; see optimizer_state_bytes) or sgd with momentum (1 state).
     lora: LoRA settings (enabled or not): only the adapters get gradients and optimizer state.
+    optimizer_in_backward, loss_chunk_tokens: as train.* (see gradient_phase_bytes, loss_phase_bytes).
     """
     shape = as_shape(model_config_or_hf_config, cache_dir)
     inputs = EstimateInputs(
@@ -393,6 +364,8 @@ def estimate_memory(
         lora=lora if lora is not None and lora.enabled else None,
         logits_at_labels=logits_at_labels,
         overhead_bytes=FRAMEWORK_OVERHEAD_BYTES if overhead_bytes is None else int(overhead_bytes),
+        optimizer_in_backward=optimizer_in_backward,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     return estimate_from_inputs(inputs)
 
@@ -406,8 +379,9 @@ def estimate_from_inputs(inputs: EstimateInputs) -> MemoryEstimate:
     if inputs.precision != "fp32":
         weights += shape.params * HALF  # autocast's cached half copies of the weights
     gradients = trainable * FP32
-    states = {"adamw": 2, "sgd": 1}[inputs.optimizer]
-    optimizer = states * trainable * FP32
+    if inputs.optimizer_in_backward:  # at most the largest at once (see gradient_phase_bytes)
+        gradients = min(gradients, gradient_phase_bytes(inputs) - optimizer_temp_bytes(inputs))
+    optimizer = optimizer_state_bytes(inputs)
     activations = activation_bytes(inputs)
     logits = logit_bytes(inputs)
     live = weights + optimizer + activations + max(loss_phase_bytes(inputs), gradient_phase_bytes(inputs))

@@ -45,6 +45,17 @@ def plan_for_budget(estimate: MemoryEstimate, budget_bytes: int) -> list[str]:
     if not inputs.logits_at_labels:
         consider(dataclasses.replace(inputs, logits_at_labels=True),
                  "compute logits only at labelled positions (train.logits_at_labels=true)")
+    if not inputs.loss_chunk_tokens:
+        consider(dataclasses.replace(inputs, loss_chunk_tokens=LADDER_CHUNK_TOKENS),
+                 f"run the LM head and loss {LADDER_CHUNK_TOKENS} labelled positions at a time "
+                 f"(train.loss_chunk_tokens={LADDER_CHUNK_TOKENS})")
+    if not inputs.optimizer_in_backward and inputs.precision != "fp16":
+        consider(dataclasses.replace(inputs, optimizer_in_backward=True),
+                 "apply each gradient as soon as it is complete (train.optimizer_in_backward=true, "
+                 "train.max_grad_norm=null; grad_accum 1)")
+    if inputs.optimizer == "adamw":
+        consider(dataclasses.replace(inputs, optimizer="adamw_8bit"),
+                 "keep AdamW's moments in 8 bits (train.optimizer=adamw_8bit; a slower update on CPU)")
     if inputs.lora is None:
         lora = LoraSettings(enabled=True, dropout=0.0)  # dropout copies every adapted input: costly
         consider(dataclasses.replace(inputs, lora=lora),
@@ -77,6 +88,41 @@ def plan_for_budget(estimate: MemoryEstimate, budget_bytes: int) -> list[str]:
     return advice
 
 
+LADDER_CHUNK_TOKENS = 128
+
+
+def cheapest_fit(estimate: MemoryEstimate, budget_bytes: int, grad_accum: int = 1
+                 ) -> tuple[list[str], MemoryEstimate] | None:
+    """The first setting that fits `budget_bytes`, each rung adding to the last, in this order of preference
+    (cost in speed or quality): as configured, chunked loss, optimizer in backward (grad_accum 1 only: with
+    more micro-batches the gradients are kept anyway), 8-bit AdamW states, gradient checkpointing, then a
+    smaller micro-batch (halved until it fits). Returns (config overrides, its estimate), or None when even
+    the last rung does not fit.
+    """
+    inputs, overrides = estimate.inputs, []
+    rungs: list[tuple[dict, list[str]]] = [({}, [])]
+    if not inputs.loss_chunk_tokens:
+        rungs.append(({"loss_chunk_tokens": LADDER_CHUNK_TOKENS}, [f"train.loss_chunk_tokens={LADDER_CHUNK_TOKENS}"]))
+    if not inputs.optimizer_in_backward and grad_accum == 1 and inputs.precision != "fp16":
+        rungs.append(({"optimizer_in_backward": True},
+                      ["train.optimizer_in_backward=true", "train.max_grad_norm=null"]))
+    if inputs.optimizer == "adamw":
+        rungs.append(({"optimizer": "adamw_8bit"}, ["train.optimizer=adamw_8bit"]))
+    if not inputs.gradient_checkpointing:
+        rungs.append(({"gradient_checkpointing": True}, ["train.gradient_checkpointing=true"]))
+    for changes, texts in rungs:
+        inputs, overrides = dataclasses.replace(inputs, **changes), overrides + texts
+        new = estimate_from_inputs(inputs)
+        if new.total <= budget_bytes:
+            return overrides, new
+    smaller = smaller_batch(inputs, budget_bytes)
+    if smaller is not None and estimate_from_inputs(smaller).total <= budget_bytes:
+        factor = inputs.batch_tokens // smaller.batch_tokens
+        return overrides + [f"train.batch_size / {factor} (or max_tokens_per_batch / {factor}) with "
+                            f"train.grad_accum x {factor}"], estimate_from_inputs(smaller)
+    return None
+
+
 def smaller_batch(inputs: EstimateInputs, budget_bytes: int) -> EstimateInputs | None:
     """Halve the micro-batch until it fits or is one sequence long; None when it cannot shrink."""
     factor, best = 1, None
@@ -93,9 +139,10 @@ def smaller_batch(inputs: EstimateInputs, budget_bytes: int) -> EstimateInputs |
 def merge_changes(base: EstimateInputs, changed: EstimateInputs) -> EstimateInputs:
     """Apply to `base` every setting in which `changed` differs from the estimate it was derived from."""
     updates = {}
-    for name in ("gradient_checkpointing", "logits_at_labels", "lora", "precision"):
+    for name in ("gradient_checkpointing", "logits_at_labels", "lora", "precision", "optimizer_in_backward",
+                 "loss_chunk_tokens", "optimizer"):
         value = getattr(changed, name)
-        if value != getattr(base, name) and value not in (False, None, "fp32"):
+        if value != getattr(base, name) and value not in (False, None, "fp32", "adamw"):
             updates[name] = value
     if changed.batch_tokens < base.batch_tokens:
         updates["batch_tokens"] = changed.batch_tokens
@@ -138,6 +185,10 @@ def estimate_for_run(config: RunConfig, *, cache_dir: str | os.PathLike | None =
         gradient_checkpointing=train.gradient_checkpointing,
         lora=train.lora if train.lora.enabled else None,
         logits_at_labels=train.logits_at_labels and not seq2seq,
+        optimizer=train.optimizer,
+        # with several micro-batches per step the gradients are all kept: in-backward saves nothing
+        optimizer_in_backward=train.optimizer_in_backward and train.grad_accum == 1,
+        loss_chunk_tokens=None if seq2seq else train.loss_chunk_tokens,
     )
 
 

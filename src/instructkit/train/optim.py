@@ -1,38 +1,139 @@
 """The optimizer and the learning-rate schedule.
 
-AdamW (fused on CPU and CUDA where torch allows) without weight decay on 1-D tensors (biases, norms), and
-the schedule as a multiplier of the peak lr per optimizer step: warm-up, then linear, cosine or constant.
+`train.optimizer` picks the update rule; all skip weight decay on 1-D tensors (biases, norms):
+
+    adamw       torch AdamW, fused (one kernel for all parameters, CPU and CUDA): two fp32 moments,
+                8 bytes per trainable parameter
+    adamw_8bit  bitsandbytes AdamW8bit (pip install 'instructkit[lowbit]'): both moments in 8 bits with a
+                float32 scale per 256 values, ~2.03 bytes per parameter; tensors under 4,096 values keep
+                fp32 moments (bitsandbytes' min_8bit_size)
+    adafactor   transformers.Adafactor at a fixed lr (relative_step, scale_parameter and warmup_init off, no
+                first moment): a row and a column second-moment vector per matrix, ~0 bytes per parameter
+
+Measured here (1 thread, 12 matrices of 2048 x 2048 = 50.3 M parameters, steady step; benchmarks/
+bench_memory.py notes): fused AdamW 0.11 s, bitsandbytes AdamW8bit 1.90 s, torchao 0.18 AdamW8bit 2.49 s
+(and 48 s of torch.compile on its first step), Adafactor 0.58 s. On one 262,144 x 640 matrix (Gemma 3's
+embedding): bitsandbytes 12-15 s, torchao 52 s. Hence bitsandbytes: faster, and no compiler needed.
+
+bitsandbytes' CPU update dequantizes a whole tensor's moments to fp32 before re-quantizing them (about 5
+fp32 copies of the tensor at once: 3.6 GB for that embedding). `LowBitAdamW` runs it over slices of
+SLICE_VALUES values (whole 256-value quantization blocks, so every value gets the very same update),
+which bounds that transient to ~5 x 16 MB.
+
+`train.optimizer_in_backward` wraps any of them in train/in_backward.InBackwardOptimizer.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from instructkit.config import TrainConfig
-from instructkit.errors import TrainingError
+from instructkit.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
+SLICE_VALUES = 1 << 22  # values per bitsandbytes CPU update call (a multiple of its 256-value blocks)
+QUANT_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer block
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors).
 
-    fused=True (one kernel for all parameters; supported on CPU since torch 2.4) when the device allows.
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two groups: weight matrices (decayed) and 1-D tensors (not decayed).
+
+    Raises TrainingError when nothing is trainable.
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if not groups:
         raise TrainingError("the model has no trainable parameters (all frozen?)")
+    return groups
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` names over the model's trainable parameters (see the module docstring).
+
+    With `cfg.optimizer_in_backward`: an InBackwardOptimizer holding one such optimizer per parameter,
+    applied by gradient hooks (train/in_backward.py). Raises ConfigError when adamw_8bit is asked for
+    without bitsandbytes installed, TrainingError when nothing is trainable.
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    build = optimizer_factory(cfg.optimizer, cfg.lr)
+    if cfg.optimizer_in_backward:
+        from instructkit.train.in_backward import InBackwardOptimizer
+
+        return InBackwardOptimizer(groups, build)
+    return build(groups)
+
+
+def optimizer_factory(name: str, lr: float) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
+    """`groups -> optimizer` for train.optimizer `name` ("adamw", "adamw_8bit", "adafactor") at peak `lr`."""
+    if name == "adamw":
+        return lambda groups: _fused_adamw(groups, lr)
+    if name == "adamw_8bit":
+        cls = low_bit_adamw_class()
+        return lambda groups: cls(groups, lr=lr)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return lambda groups: Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False,
+                                        warmup_init=False)
+    raise ConfigError(f"train.optimizer={name!r}: expected adamw, adamw_8bit or adafactor")
+
+
+def _fused_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
     try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, ValueError) as exc:
         logger.info("fused AdamW unavailable here (%s); using the default implementation", exc)
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=lr)
+
+
+@functools.cache
+def low_bit_adamw_class() -> type:
+    """bitsandbytes' AdamW8bit with its CPU update run slice by slice (`LowBitAdamW`).
+
+    Raises ConfigError when bitsandbytes is not installed.
+    """
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as exc:
+        raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes: pip install 'instructkit[lowbit]' "
+                          f"(or 'bitsandbytes>=0.50,<0.51'); import failed: {exc}") from None
+
+    class LowBitAdamW(bnb.optim.AdamW8bit):
+        """AdamW8bit; on CPU, tensors over SLICE_VALUES values are updated SLICE_VALUES at a time."""
+
+        @torch.no_grad()
+        def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
+            state = self.state[p]
+            if p.device.type != "cpu" or state["state1"].dtype != torch.uint8 or p.numel() <= SLICE_VALUES:
+                return super().update_step(group, p, gindex, pindex)
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            values, grads = p.data.contiguous().view(-1), p.grad.contiguous().view(-1)
+            first, second = state["state1"].view(-1), state["state2"].view(-1)
+            for start in range(0, values.numel(), SLICE_VALUES):
+                end = min(start + SLICE_VALUES, values.numel())
+                blocks = slice(start // QUANT_BLOCK, math.ceil(end / QUANT_BLOCK))
+                bnb_functional.optimizer_update_8bit_blockwise(
+                    self.optimizer_name, grads[start:end], values[start:end], first[start:end],
+                    second[start:end], config["betas"][0], config["betas"][1], 0.0, 0.0, config["eps"],
+                    state["step"], config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
+                    state["absmax2"][blocks], config["weight_decay"], gnorm_scale=1.0,
+                    skip_zeros=config["skip_zeros"])
+            if values.data_ptr() != p.data.data_ptr():  # p was not contiguous: write the update back
+                p.data.copy_(values.view_as(p))
+            return None
+
+    return LowBitAdamW
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

@@ -14,6 +14,7 @@ from instructkit.errors import TrainingError
 from instructkit.train.checkpoint import checkpoints_dir, latest_good_checkpoint, load_checkpoint
 from instructkit.train.distributed import broadcast
 from instructkit.train.state import Run, TrainState
+from instructkit.train.tracking import best_step_on_disk, keep_best
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ def resume_point(run: Run, resume: bool) -> tuple[TrainState, Path | None]:
                                     run.scheduler, rank=run.accelerator.process_index)
             state = TrainState(**saved["extra"]["state"])
             check_position(run, saved["sampler"], last_checkpoint)
+            if state.best_step == state.step and best_step_on_disk(run) != state.step:
+                keep_best(run, state, last_checkpoint)  # killed between this checkpoint and its best weights
             logger.info("resumed from %s (step %d of %d)", last_checkpoint, state.step, run.total_steps)
     if last_checkpoint is None and run.main and checkpoints_dir(run.run_dir).exists():
         logger.warning("starting fresh: removing the earlier run's checkpoints in %s", checkpoints_dir(run.run_dir))

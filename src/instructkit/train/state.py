@@ -14,7 +14,7 @@ import torch
 
 from instructkit.config import TrainConfig
 from instructkit.data.batching import TokenTable, collate
-from instructkit.data.sampler import BatchPlan
+from instructkit.data.sampler import BatchPlan, plan_epoch
 from instructkit.train.distributed import sharded, to_device
 
 Validate = Callable[[torch.nn.Module], dict[str, float]]
@@ -33,6 +33,7 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0
     stopped_early: bool = False
+    pending_eval: bool = False  # Ctrl-C cut this step's validation short: the resumed run does it first
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,12 @@ class Run:
     def eval_every(self) -> int:
         return self.cfg.eval_every or self.steps_per_epoch
 
+    def epoch_plan(self, epoch: int) -> list:
+        """The planned steps of `epoch` (data/sampler.plan_epoch): per step, per process, micro-batches."""
+        return plan_epoch(self.table.lengths, self.plan, epoch, self.sample_labels)
+
     def batches(self, micro_batches: Sequence[Sequence[Any]]) -> list:
         """Collate this process's micro-batches (rows of example indices) and move them to its device."""
         return [to_device(collate(self.table, mb, self.pad_id, seq2seq=self.seq2seq, packed=self.plan.packing,
-                                  weights=self.weights), self.accelerator.device) for mb in micro_batches]
+                                  weights=self.weights, pad_to_multiple_of=self.plan.pad_to_multiple_of),
+                          self.accelerator.device) for mb in micro_batches]

@@ -8,6 +8,11 @@
      packed == 2 processes x batch 4, even when processes hold different numbers of label tokens.
   3. Clip, one .tolist() to read loss and grad norm (the only host sync), stop on NaN/Inf BEFORE the
      optimizer step, step, schedule.
+
+With train.optimizer_in_backward (train/in_backward.py) the last micro-batch's backward applies the
+update parameter by parameter: the loss is read (one more host sync) and checked BEFORE that backward,
+so a NaN/Inf loss still stops with nothing applied; a non-finite gradient can only be seen afterwards,
+when the update is already applied (the error says so; the last checkpoint predates it). No clipping.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from instructkit.data.batching import Batch
+from instructkit.data.buckets import record_shape
 from instructkit.errors import TrainingError
 from instructkit.train.distributed import all_reduce_sum, distributed
 from instructkit.train.loss import batch_loss
@@ -33,6 +39,7 @@ class StepStats:
     tokens: int  # non-padding input tokens, all processes
     label_tokens: int
     lr: float
+    shape: list | None = None  # this process's input_ids [rows, width] (a list of them: several micro-batches)
 
 
 def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
@@ -52,18 +59,31 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     scale = accelerator.num_processes / weight
     window_loss = torch.zeros((), device=accelerator.device)
     deepspeed = "DEEPSPEED" in str(accelerator.distributed_type)
+    in_backward = getattr(optimizer, "optimizer", optimizer) if run.cfg.optimizer_in_backward else None
+    if in_backward is not None and accelerator.num_processes > 1:
+        raise TrainingError("train.optimizer_in_backward=true runs in one process only (each gradient would be "
+                            "applied before DDP averages it); set it to false for multi-process training")
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         if deepspeed:  # DeepSpeed steps its engine inside backward at the boundary (untested: not installed here)
             accelerator.gradient_state._set_sync_gradients(last)
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
-                part = batch_loss(model, batch, seq2seq=seq2seq, logits_at_labels=logits_at_labels)
-            accelerator.backward(part * scale)
+                part = batch_loss(model, batch, seq2seq=seq2seq, logits_at_labels=logits_at_labels,
+                                  chunk_tokens=run.cfg.loss_chunk_tokens)
+            if in_backward is not None and last:
+                _check_loss_before_update(window_loss + part.detach().float(), weight, step)
+                with in_backward.armed():
+                    accelerator.backward(part * scale)
+            else:
+                accelerator.backward(part * scale)
         window_loss += part.detach().float()
-    # The norm is needed even without clipping: a finite loss can still give Inf/NaN gradients.
-    # (max_norm=inf scales by exactly 1.0.)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    if in_backward is not None:
+        grad_norm = in_backward.grad_norm()
+    else:
+        # The norm is needed even without clipping: a finite loss can still give Inf/NaN gradients.
+        # (max_norm=inf scales by exactly 1.0.)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     readings = torch.stack([window_loss, torch.as_tensor(grad_norm).float().to(window_loss.device)])
     if distributed(accelerator):
         torch.distributed.all_reduce(readings)
@@ -73,11 +93,23 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     lr = scheduler.get_last_lr()[0]
     # fp16: the grad scaler skips Inf steps by design; everywhere else Inf/NaN means divergence.
     if not math.isfinite(loss) or (not math.isfinite(norm) and accelerator.mixed_precision != "fp16"):
-        raise TrainingError(
-            f"training diverged at step {step}: loss {loss}, gradient norm {norm} (lr {lr:.3g}). The step was "
-            "not applied and no checkpoint was written after it. Lower train.lr, keep train.max_grad_norm on, "
-            "or use precision fp32.")
+        applied = ("It was already applied (train.optimizer_in_backward), but no checkpoint was written after "
+                   "it: resume from the last one. Lower train.lr, or turn train.optimizer_in_backward off and keep "
+                   "train.max_grad_norm on." if in_backward is not None else "The step was not applied and no "
+                   "checkpoint was written after it. Lower train.lr, keep train.max_grad_norm on, or use precision "
+                   "fp32.")
+        raise TrainingError(f"training diverged at step {step}: loss {loss}, gradient norm {norm} (lr {lr:.3g}). "
+                            f"{applied}")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss, norm, int(tokens), int(labels), lr)
+    return StepStats(loss, norm, int(tokens), int(labels), lr,
+                     record_shape([list(b.inputs["input_ids"].shape) for b in batches]))
+
+
+def _check_loss_before_update(window_loss: torch.Tensor, weight: float, step: int) -> None:
+    """In-backward: stop on a NaN/Inf loss before the backward pass that applies the update."""
+    loss = window_loss.item() / weight
+    if not math.isfinite(loss):
+        raise TrainingError(f"training diverged at step {step}: loss {loss}. The step was not applied and no "
+                            "checkpoint was written after it. Lower train.lr or use precision fp32.")

@@ -1,0 +1,89 @@
+"""What the completions of instruction-form data are: a closed set of answers (classification) or free text.
+
+Data already in prompt/completion (or chat) form has no template to say so. A dataset entry can declare
+it (`choices: ["1", "2", "3", "4", "5"]`, `metrics: [accuracy, macro_f1]`); by default (`choices: auto`)
+the completions are looked at: when the most frequent completions that together cover `MIN_COVERAGE`
+(95%) of the rows, ties included, are at most `MAX_CLASSES` (20), with `MIN_ROWS_PER_CLASS` (4) rows per
+answer on average, the data is classification. Its examples then carry those choices and are rank-scored with accuracy and macro-F1
+like a template with answer choices, instead of free generation scored with ROUGE-L (P3's rating prompts,
+answers "1"-"5": 171 s of generation for 40 examples before). The decision, and why, is in stats.json
+(`datasets.<name>.answers`). `choices: none` keeps free text.
+
+Rows whose completion is outside the choices: with declared choices they are bad rows (an error naming
+file and line, or skipped and counted with `skip_bad_rows`); with detected ones (at most 5% of the rows)
+they are left out and counted (`rows_skipped_by_reason`), so every evaluated example has its answer among
+the choices.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from instructkit.templates.template import DEFAULT_METRICS
+
+MAX_CLASSES = 20
+MIN_COVERAGE = 0.95
+MIN_ROWS_PER_CLASS = 4
+CLASSIFICATION = "classification"
+FREE_TEXT_TASK = "instruction_following"
+OUTSIDE_DETECTED = "completion outside the detected answer choices"
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The decision for one dataset. `choices` None: free text. `origin`: declared | detected | default."""
+
+    task: str
+    choices: list[str] | None
+    metrics: list[str]
+    origin: str
+    distinct: int  # distinct completions over the rows looked at
+    coverage: float | None  # share of the rows whose completion is one of `choices`
+    rule: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _order(values: Sequence[str]) -> list[str]:
+    """Numbers in numeric order ("2" before "10"), else alphabetical."""
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def _frequent(counts: Counter, n: int) -> list[str]:
+    """The fewest most frequent values covering MIN_COVERAGE of `n` rows, plus any tied with the last."""
+    ranked = counts.most_common()
+    k, covered = 0, 0
+    while k < len(ranked) and covered < MIN_COVERAGE * n:
+        covered += ranked[k][1]
+        k += 1
+    while k < len(ranked) and ranked[k][1] == ranked[k - 1][1]:
+        k += 1
+    return [value for value, _ in ranked[:k]]
+
+
+def decide_answers(completions: Sequence[str], choices: list[str] | str, metrics: list[str] | None) -> Answers:
+    """The answers of instruction-form data from its `completions` and the dataset's `choices` setting
+    (a list, "auto" or "none") and `metrics` (None: accuracy and macro_f1 with choices, else rougeL)."""
+    counts = Counter(completions)
+    n = len(completions)
+    rule = (f"classification when the most frequent completions covering >= {MIN_COVERAGE:.0%} of the rows "
+            f"(ties included) are at most {MAX_CLASSES}, with >= {MIN_ROWS_PER_CLASS} rows per answer on average")
+    if isinstance(choices, list):
+        chosen, origin, rule = list(dict.fromkeys(choices)), "declared", "declared in the config (choices)"
+    elif choices == "auto" and n:
+        top = _frequent(counts, n)
+        classify = len(top) <= MAX_CLASSES and n >= MIN_ROWS_PER_CLASS * len(top)
+        chosen, origin = (_order(top), "detected") if classify else (None, "default")
+    else:
+        chosen, origin = None, "declared" if choices == "none" else "default"
+        rule = "declared in the config (choices: none)" if choices == "none" else rule
+    task = CLASSIFICATION if chosen else FREE_TEXT_TASK
+    coverage = round(sum(counts[v] for v in chosen) / n, 4) if chosen and n else None
+    return Answers(task=task, choices=chosen, metrics=list(metrics or DEFAULT_METRICS[task]), origin=origin,
+                   distinct=len(counts), coverage=coverage, rule=rule)

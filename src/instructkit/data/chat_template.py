@@ -1,0 +1,172 @@
+"""What a tokenizer's chat template can render, and a conversation adapted to it.
+
+`template_features` probes the template once (per template text) by rendering tiny conversations:
+
+    system       a system turn's content appears (Gemma-3 folds it into the first user turn: still yes)
+    tools        `apply_chat_template(..., tools=[...])` writes the function specs
+    tool_calls   an assistant turn's `tool_calls` are written
+    tool_role    a `tool` turn renders (no error, content written)
+
+`adapt_messages` gives the messages and `tools` argument to render. A template with tools, tool_calls and
+the tool role gets the conversation as it is (`tools=` passed through). Any other template gets the
+documented plain rendering instead, never silence:
+
+    * the function specs go into the system turn (one is added first when there is none) as
+      TOOLS_PREAMBLE + one JSON spec per line + TOOLS_CALL_FORMAT;
+    * a tool call is an assistant turn whose text is the call's JSON (data/chat.py `tool_call_text`),
+      trained like any assistant text;
+    * a tool answer is a `tool` turn, or, when the template refuses that role, a user turn
+      "Function result:\\n<answer>"; masked like every non-assistant turn;
+    * a template that drops or refuses a system turn gets the system text at the top of the first user
+      turn, separated by a blank line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from instructkit.data.chat import message_text
+from instructkit.errors import TemplateError
+
+log = logging.getLogger(__name__)
+
+TOOLS_PREAMBLE = "You can call these functions (JSON Schema):"
+TOOLS_CALL_FORMAT = ('To call one, answer with only the JSON object {"name": <function name>, "arguments": '
+                     "{<arguments>}}.")
+FUNCTION_RESULT = "Function result:\n"
+
+_PROBE_SYSTEM = "zq7 system probe"
+_PROBE_FUNCTION = "zq7_probe_function"
+_PROBE_TOOL = "zq7 tool probe"
+
+
+@dataclass(frozen=True)
+class TemplateFeatures:
+    """What a chat template renders (see the module docstring)."""
+
+    system: bool
+    tools: bool
+    tool_calls: bool
+    tool_role: bool
+
+    @property
+    def native_tools(self) -> bool:
+        """The template renders tools, tool calls and tool answers itself."""
+        return self.tools and self.tool_calls and self.tool_role
+
+
+_FEATURES: dict[tuple, TemplateFeatures] = {}
+
+
+def template_name(tokenizer: Any) -> str:
+    """How error messages name a tokenizer's chat template."""
+    return f"the chat template of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}"
+
+
+def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+           generation_prompt: bool, tokenize: bool = True) -> Any:
+    """`tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=...)`: ids or text.
+
+    Raises: TemplateError naming the template when the tokenizer has none or it fails on `messages`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(f"{template_name(tokenizer)}: the tokenizer has no chat template "
+                            "(set `model.chat_template: false` for a plain prompt/completion)")
+    try:
+        return tokenizer.apply_chat_template(list(messages), tools=list(tools) if tools else None,
+                                             add_generation_prompt=generation_prompt, tokenize=tokenize,
+                                             return_dict=False)
+    except Exception as exc:  # noqa: BLE001 - jinja raise_exception, KeyError, TypeError: all a render failure
+        roles = "/".join(str(m.get("role")) for m in messages)
+        raise TemplateError(f"{template_name(tokenizer)} cannot render a conversation of roles {roles}: "
+                            f"{exc}") from None
+
+
+def template_features(tokenizer: Any) -> TemplateFeatures:
+    """What `tokenizer`'s chat template renders (probed once per template text and special tokens)."""
+    key = (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
+    found = _FEATURES.get(key)
+    if found is not None:
+        return found
+    user = {"role": "user", "content": "hi"}
+    spec = {"type": "function", "function": {"name": _PROBE_FUNCTION, "description": "probe",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": {}}}]}
+
+    def shows(messages: list[dict], needle: str, tools: list[dict] | None = None) -> bool:
+        try:
+            return needle in render(tokenizer, messages, tools, False, tokenize=False)
+        except TemplateError:
+            return False
+
+    found = TemplateFeatures(
+        system=shows([{"role": "system", "content": _PROBE_SYSTEM}, user], _PROBE_SYSTEM),
+        tools=shows([user], _PROBE_FUNCTION, [spec]),
+        tool_calls=shows([user, call], _PROBE_FUNCTION),
+        tool_role=shows([user, call, {"role": "tool", "content": _PROBE_TOOL}], _PROBE_TOOL),
+    )
+    _FEATURES[key] = found
+    return found
+
+
+def tools_text(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The function specs as the system text of the plain rendering (one JSON spec per line)."""
+    specs = [json.dumps(t.get("function", t), ensure_ascii=False) for t in tools]
+    return "\n".join([TOOLS_PREAMBLE, *specs, TOOLS_CALL_FORMAT])
+
+
+def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
+                   tools: Sequence[Mapping[str, Any]] | None) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools argument) to render `messages` with `tokenizer`'s template (module docstring)."""
+    features = template_features(tokenizer)
+    uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+    if not uses_tools:
+        out = [dict(m) for m in messages]
+        return (out if features.system else _merge_system(out)), None
+    if features.native_tools:
+        return [dict(m) for m in messages], list(tools) if tools else None
+    if _warn_once(tokenizer):
+        log.warning("%s does not render tools itself: function specs go into the system turn and tool calls "
+                    "are written as JSON (instructkit.data.chat_template)", template_name(tokenizer))
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            out.append({"role": "assistant", "content": message_text(m)})
+        elif m["role"] == "tool" and not features.tool_role:
+            out.append({"role": "user", "content": FUNCTION_RESULT + m["content"]})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    if tools:
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tools_text(tools)}"}
+        else:
+            out.insert(0, {"role": "system", "content": tools_text(tools)})
+    return (out if features.system else _merge_system(out)), None
+
+
+_WARNED: set[tuple] = set()
+
+
+def _warn_once(tokenizer: Any) -> bool:
+    key = (tokenizer.chat_template,)
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    return True
+
+
+def _merge_system(messages: list[dict]) -> list[dict]:
+    """The system text at the top of the first user turn, for templates that drop or refuse system turns."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    for j, m in enumerate(rest):
+        if m["role"] == "user":
+            rest[j] = {**m, "content": f"{system}\n\n{m['content']}"}
+            break
+    return rest

@@ -1,0 +1,78 @@
+"""No validation or test prompt in training: the prompts written per split, and the training examples
+left out because their prompt is a validation or test prompt (see build.py).
+
+Prompts are kept as 16-byte BLAKE2b digests (a run of a million examples holds some 100 MB less than the
+texts); two different prompts share a digest with probability about n^2 / 2^129.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+NOTE_SHARE = 0.1
+"""A dataset note is added when the guard leaves out more than this share of a template's training examples."""
+
+
+class PromptLedger:
+    """Validation and test prompts (rendered first) and the training prompts written after them.
+
+    With `drop` a training example whose prompt is a validation or test prompt, of any template or
+    dataset, is left out and counted per (dataset, template); without it, it is kept and only counted in
+    `leaked`.
+    """
+
+    def __init__(self, drop: bool):
+        self.drop = drop
+        self.held: dict[str, Counter[bytes]] = {"validation": Counter(), "test": Counter()}
+        self.held_any: set[bytes] = set()
+        self.train: set[bytes] = set()
+        self.dropped: Counter[tuple[str, str]] = Counter()
+        """Training examples left out, by (dataset, template id)."""
+
+    def keep(self, split: str, prompt: str, dataset: str, template_id: str) -> bool:
+        """Record `prompt` of `split`; False for a training example to leave out.
+
+        Validation and test examples must all be recorded before the first training one.
+        """
+        digest = hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if split != "train":
+            self.held[split][digest] += 1
+            self.held_any.add(digest)
+        elif self.drop and digest in self.held_any:
+            self.dropped[dataset, template_id] += 1
+            return False
+        else:
+            self.train.add(digest)
+        return True
+
+    def leaked(self) -> dict[str, int]:
+        """{"validation": n, "test": n}: examples of that split whose prompt is a written training prompt."""
+        train = self.train
+        return {s: sum(n for d, n in c.items() if d in train) for s, c in self.held.items()}
+
+    def report(self, policy: str) -> dict:
+        """stats.json "prompt_leakage": the policy and the training examples it left out, per template."""
+        by_template: Counter[str] = Counter()
+        for (_, template_id), n in self.dropped.items():
+            by_template[template_id] += n
+        return {
+            "policy": policy,
+            "train_examples_dropped": self.dropped.total(),
+            "train_examples_dropped_by_template": dict(sorted(by_template.items())),
+        }
+
+    def notes(self, dataset: str, written: Counter[str]) -> list[str]:
+        """Notes for `dataset`: templates that lost over NOTE_SHARE of their training examples to the guard.
+
+        `written` counts the training examples written per template id."""
+        notes = []
+        for (name, template_id), n in sorted(self.dropped.items()):
+            total = n + written.get(template_id, 0)
+            if name == dataset and n > NOTE_SHARE * total:
+                notes.append(
+                    f"{n} of {total} training examples of {template_id} left out: their prompt is also a "
+                    "validation or test prompt (the same input in rows the dedup key tells apart, or a prompt "
+                    "that reads few fields); `split.prompt_leakage: report` keeps them"
+                )
+        return notes

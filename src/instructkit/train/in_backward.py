@@ -1,0 +1,131 @@
+"""The optimizer step inside the backward pass (`train.optimizer_in_backward`), after torchtune.
+
+Each trainable parameter gets its own optimizer (the class train.optimizer names, with its group's
+settings) and a `register_post_accumulate_grad_hook`. While armed, the hook runs as soon as autograd has
+accumulated the parameter's whole gradient: it steps that parameter's optimizer and sets `.grad = None`.
+So the full set of gradients never exists at once: at any moment only the gradients still being
+produced are alive (for a tied embedding, the one vocab x hidden gradient).
+
+Why it is the same update as the ordinary step:
+
+- A parameter's hook fires once per backward, after every use of it in the graph has added its part (a
+  tied weight's two uses included), and nothing later in backward reads the parameter again.
+- The hooks are armed only during the LAST micro-batch of a step. Earlier micro-batches (grad_accum > 1,
+  or a packed step that did not fit one micro-batch) accumulate into `.grad` as usual; the hook then
+  sees the summed gradient, which the loss normalisation in train/step.py makes the step's gradient.
+  Such steps save nothing on gradients (they all exist after the first micro-batch); the result is
+  identical.
+- The learning rate: the schedule drives this object's param_groups; each hook copies its group's lr
+  into the parameter's optimizer before stepping.
+
+What it cannot do: clip by the global gradient norm (known only after every update is applied; the
+config refuses max_grad_norm with it), the fp16 grad scaler, and DDP (a hook fires before DDP has
+averaged the gradient; train/step.py refuses several processes). The global norm is still reported:
+the hooks add up each gradient's squared norm before applying it.
+
+Checkpoints see one optimizer: `state_dict()` numbers the parameters' states 0, 1, ... in param_groups
+order, as the ordinary optimizer of the same class would, so a checkpoint loads either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """One optimizer per parameter, stepped by gradient hooks while `armed()`; `step()` does nothing.
+
+    `groups`: param groups as for any torch optimizer; `build(groups) -> optimizer` makes the inner ones.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]):
+        self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
+        defaults: dict[str, Any] | None = None
+        for group in groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                self._inner[p] = build([{**settings, "params": [p]}])
+                defaults = defaults or dict(self._inner[p].defaults)
+        super().__init__(groups, defaults or {})
+        self._group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
+        self._armed = False
+        self._squares: list[torch.Tensor] = []
+        ref = weakref.ref(self)
+        handles = [p.register_post_accumulate_grad_hook(lambda param, ref=ref: _apply(ref, param))
+                   for group in self.param_groups for p in group["params"]]
+        weakref.finalize(self, _remove, handles)  # inert hooks go with the optimizer
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Apply updates in the backward passes run inside this block (and restart `grad_norm`)."""
+        self._squares = []
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def grad_norm(self) -> torch.Tensor:
+        """The L2 norm of all gradients applied in the last `armed()` block (0-d fp32 tensor, no sync)."""
+        if not self._squares:
+            return torch.zeros(())
+        return torch.stack(self._squares).sum().sqrt()
+
+    def inner(self, p: torch.Tensor) -> torch.optim.Optimizer:
+        """The optimizer of parameter `p`."""
+        return self._inner[p]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """Nothing to do: the hooks applied every update during backward."""
+        return
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"state": {index: that parameter's state}, "param_groups": [...]} as one optimizer would have it."""
+        packed = super().state_dict()
+        state: dict[int, Any] = {}
+        for index, p in enumerate(self._params()):
+            inner_state = self._inner[p].state_dict()["state"]
+            if 0 in inner_state:
+                state[index] = inner_state[0]
+        packed["state"] = state
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the groups (lr, ...) here and each parameter's state into its own optimizer."""
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        state = state_dict["state"]
+        index = 0
+        for group in self.param_groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                mine = state.get(index, state.get(str(index)))
+                self._inner[p].load_state_dict({"state": {0: mine} if mine is not None else {},
+                                                "param_groups": [{**settings, "params": [0]}]})
+                index += 1
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+
+def _apply(ref: weakref.ref, param: torch.Tensor) -> None:
+    """The hook: step `param`'s optimizer on its complete gradient and free the gradient."""
+    owner = ref()
+    if owner is None or not owner._armed or param.grad is None:
+        return
+    with torch.no_grad():
+        owner._squares.append(param.grad.detach().float().square().sum())
+    inner = owner._inner[param]
+    inner.param_groups[0]["lr"] = owner.param_groups[owner._group_index[param]]["lr"]
+    inner.step()
+    param.grad = None
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()

@@ -1,0 +1,157 @@
+"""Chat templates and tokenizers for the chat tests: offline tiny ones, and the real SmolLM2 / Gemma-3 ones
+when their packages (or instructkit's converted cache) are present."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+from conftest import build_tiny_tokenizer
+
+# Gemma-3's chat template as shipped with google/gemma-3-*-it (system folded into the first user turn,
+# strict user/model alternation, `model` for the assistant, <end_of_turn> closing every turn).
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# A plain `role: content` template: no special token closes the assistant turn.
+ROLE_CONTENT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+# ChatML with tools in the Qwen2.5 manner: specs in the system turn, calls as <tool_call>, answers as
+# <tool_response> in a user turn.
+TOOLS_CHATML_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{% endif %}{{ '# Tools\\n<tools>\\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ '</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}"
+    "{%- elif m['role'] == 'assistant' and m.get('tool_calls') -%}"
+    "{{ '<|im_start|>assistant\\n' }}{% for c in m['tool_calls'] %}{{ '<tool_call>' }}{{ c['function'] | tojson }}"
+    "{{ '</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{{ '<|im_start|>user\\n<tool_response>' + m['content'] + '</tool_response><|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+# ChatML that drops the reasoning (<think>...</think>) of every assistant turn but the last one, like the
+# reasoning models' templates: NOT prefix-stable.
+THINK_DROPPING_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' and not loop.last -%}"
+    "{{ '<|im_start|>assistant\\n' + m['content'].split('</think>')[-1].lstrip() + '<|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def tiny_with_template(template: str, *extra_special: str):
+    """The tiny ChatML tokenizer of conftest with another chat template (and extra special tokens)."""
+    tokenizer = build_tiny_tokenizer()
+    if extra_special:
+        tokenizer.add_tokens(list(extra_special), special_tokens=True)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def tiny_gemma3():
+    return tiny_with_template(GEMMA3_TEMPLATE, "<start_of_turn>", "<end_of_turn>")
+
+
+def real_tokenizer(name: str, template: str | None = None):
+    """The tokenizer of registry model `name`: from instructkit's converted cache, else read from the GGUF
+    of its installed package; skipped (with the install command) when neither is there. A tokenizer
+    without a chat template gets `template` (skipped when None)."""
+    from transformers import AutoTokenizer
+
+    from instructkit.models.gguf_cache import default_cache_dir
+    from instructkit.models.registry import MODEL_REGISTRY, missing_modules, registry_folder
+
+    spec = MODEL_REGISTRY[name]
+    folder = registry_folder(spec, default_cache_dir(), convert=False)
+    if folder is not None:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif missing_modules(spec) or spec.locate != "package_file":
+        pytest.skip(f"the {name} tokenizer is not available (not converted in {default_cache_dir()} and its "
+                    f"package is not installed): {spec.install}")
+    else:
+        package = importlib.util.find_spec(spec.module).submodule_search_locations[0]
+        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=spec.gguf_file)
+    if not tokenizer.chat_template:
+        if template is None:
+            pytest.skip(f"the {name} tokenizer has no chat template")
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+_BLOCK = re.compile(r"<\|im_start\|>(system|user|assistant|tool)\n(.*?)<\|im_end\|>\n?", re.DOTALL)
+
+
+def parse_chatml(text: str) -> list[dict]:
+    """The turns of a ChatML text, which must consist of whole `<|im_start|>role\\n...<|im_end|>` blocks.
+
+    Raises AssertionError naming the first stray text (a cut header, a special token glued to a text).
+    """
+    turns, at = [], 0
+    for match in _BLOCK.finditer(text):
+        assert match.start() == at, f"stray text before a turn: {text[at:match.start()]!r}"
+        assert "<|im_start|>" not in match.group(2), f"a turn holds a turn header: {match.group(0)!r}"
+        turns.append({"role": match.group(1), "content": match.group(2)})
+        at = match.end()
+    assert at == len(text), f"stray text after the last turn: {text[at:]!r}"
+    return turns
+
+
+def label_spans(labels: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of every run of labelled (not -100) positions."""
+    spans, start = [], None
+    for k, value in enumerate([*labels, -100]):
+        if value != -100 and start is None:
+            start = k
+        elif value == -100 and start is not None:
+            spans.append((start, k))
+            start = None
+    return spans

@@ -1,0 +1,113 @@
+"""Prompt/completion data with a closed set of answers is classification (data/answers.py): declared with
+`choices`/`metrics`, or detected when few distinct completions cover the rows; stated in stats.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instructkit.config import DatasetConfig, RunConfig
+from instructkit.data.answers import decide_answers
+from instructkit.data.build import load_examples, prepare
+from instructkit.errors import ConfigError, DataError
+from instructkit.templates.library import TemplateLibrary
+
+
+def _write(path: Path, completions: list[str]) -> Path:
+    rows = [{"prompt": f"Review {i}: the kettle leaks. Rate it from 1 to 5.", "completion": c}
+            for i, c in enumerate(completions)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _prepare(tmp_path: Path, **dataset) -> tuple[dict, list[dict]]:
+    config = RunConfig(name="p3", output_dir=str(tmp_path / "runs"), datasets=[DatasetConfig(**dataset)])
+    result = prepare(config, library=TemplateLibrary([], []))
+    examples = [ex for split in ("train", "validation", "test") for ex in load_examples(config.run_dir, split)]
+    return result.stats["datasets"][config.datasets[0].name or Path(dataset["path"]).stem], examples
+
+
+RATINGS = [str(1 + i % 5) for i in range(100)]  # the issue's P3 rating prompts: answers "1".."5"
+
+
+def test_a_completion_column_with_five_values_is_detected_as_classification(tmp_path):
+    stats, examples = _prepare(tmp_path, path=str(_write(tmp_path / "ratings.jsonl", RATINGS)))
+    assert stats["answers"] == {
+        "task": "classification", "choices": ["1", "2", "3", "4", "5"], "metrics": ["accuracy", "macro_f1"],
+        "origin": "detected", "distinct": 5, "coverage": 1.0,
+        "rule": "classification when the most frequent completions covering >= 95% of the rows (ties included) "
+                "are at most 20, with >= 4 rows per answer on average"}
+    assert len(examples) == 100
+    for ex in examples:
+        assert ex["choices"] == ["1", "2", "3", "4", "5"] and ex["label"] == ex["completion"]
+        assert (ex["task"], ex["metrics"], ex["template_id"]) == ("classification", ["accuracy", "macro_f1"],
+                                                                   "ratings.as_is")
+
+
+def test_rows_outside_the_detected_answers_are_left_out_and_counted(tmp_path):
+    completions = RATINGS[:97] + ["5 stars", "five", "3/5"]  # 97% of the rows in "1".."5"
+    stats, examples = _prepare(tmp_path, path=str(_write(tmp_path / "ratings.jsonl", completions)))
+    assert stats["answers"]["choices"] == ["1", "2", "3", "4", "5"] and stats["answers"]["coverage"] == 0.97
+    assert stats["rows_skipped_by_reason"] == {"completion outside the detected answer choices": 3}
+    assert len(examples) == 97 and all(ex["completion"] in "12345" for ex in examples)
+
+
+def test_free_text_stays_free_text(tmp_path):
+    titles = [f"title number {i}" for i in range(100)]
+    stats, examples = _prepare(tmp_path, path=str(_write(tmp_path / "titles.jsonl", titles)))
+    assert (stats["answers"]["task"], stats["answers"]["choices"], stats["answers"]["distinct"]) == \
+        ("instruction_following", None, 100)
+    assert all(ex["choices"] is None and ex["metrics"] == ["rougeL"] for ex in examples)
+
+
+def test_declared_choices_and_metrics_win(tmp_path):
+    path = _write(tmp_path / "ratings.jsonl", RATINGS)
+    stats, examples = _prepare(tmp_path, path=str(path), choices=["5", "4", "3", "2", "1"], metrics=["accuracy"])
+    assert (stats["answers"]["origin"], stats["answers"]["choices"]) == ("declared", ["5", "4", "3", "2", "1"])
+    assert all(ex["choices"] == ["5", "4", "3", "2", "1"] and ex["metrics"] == ["accuracy"] for ex in examples)
+    stats, examples = _prepare(tmp_path, path=str(path), choices="none")  # free text although 5 values
+    assert stats["answers"]["task"] == "instruction_following"
+    assert all(ex["choices"] is None for ex in examples)
+
+
+def test_a_completion_outside_declared_choices_names_file_and_line(tmp_path):
+    path = _write(tmp_path / "ratings.jsonl", RATINGS[:10] + ["6"] + RATINGS[10:])
+    with pytest.raises(DataError) as err:
+        _prepare(tmp_path, path=str(path), choices=["1", "2", "3", "4", "5"])
+    assert str(err.value).startswith(f"{path}: line 11: completion '6' is not one of the dataset's choices")
+    stats, examples = _prepare(tmp_path, path=str(path), choices=["1", "2", "3", "4", "5"], skip_bad_rows=True)
+    assert stats["rows_skipped_by_reason"] == {"completion outside the declared choices": 1}
+    assert len(examples) == 100
+
+
+def test_choices_on_templated_data_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="`choices` and `metrics` are for prompt/completion data"):
+        prepare(RunConfig(output_dir=str(tmp_path), datasets=[DatasetConfig(
+            path="demo", schema="amazon_us_reviews", templates=["amazon_us_reviews.predict_rating"],
+            choices=["1", "2"])]))
+
+
+TWENTY = [str(i) for i in range(20)] * 10
+
+
+@pytest.mark.parametrize("completions, choices", [
+    (["a", "b"] * 10, ["a", "b"]),
+    (["a", "b", "c"] * 3, None),  # 9 rows for 3 answers: fewer than 4 rows per answer
+    ([str(i) for i in range(21)] * 10, None),  # 21 answers, equally frequent: none is a straggler
+    (TWENTY + [f"x{i}" for i in range(10)], [str(i) for i in range(20)]),  # 20 answers cover 95.2%
+    (TWENTY + [f"x{i}" for i in range(11)], None),  # 20 answers cover 94.8%: 21+ needed
+    (["yes"] * 60 + ["no"] * 38 + ["maybe"] * 2, ["no", "yes"]),  # 98%; "maybe" left out
+])
+def test_detection_thresholds(completions, choices):
+    assert decide_answers(completions, "auto", None).choices == choices
+
+
+def test_real_p3_yes_no_prompts_are_classification_and_titles_are_not(tmp_path, shared_data):
+    polarity = shared_data / "p3_samples" / "amazon_polarity_Is_this_review.jsonl"
+    stats, examples = _prepare(tmp_path / "a", path=str(polarity))
+    assert (stats["answers"]["choices"], stats["answers"]["origin"]) == (["Negative", "Positive"], "detected")
+    assert {ex["task"] for ex in examples} == {"classification"}
+    stats, _ = _prepare(tmp_path / "b", path=str(shared_data / "p3_samples" / "gigaword_TLDR.jsonl"))
+    assert stats["answers"]["choices"] is None

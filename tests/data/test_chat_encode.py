@@ -1,0 +1,237 @@
+"""Chat examples turn by turn with the model's own chat template (data/chat_encode.py through tokenize.py).
+
+The reference is `tokenizer.apply_chat_template`: the prompt of every assistant turn must be exactly what
+it renders for the turns before it with add_generation_prompt=True, the labels the answer through the
+template's end-of-turn token (EOS when there is none), everything else -100. Checked on the offline tiny
+ChatML tokenizer (a template with a system role), the Gemma-3 template on the tiny tokenizer, and the real
+SmolLM2 and Gemma-3 tokenizers when present.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _chat_helpers import (
+    GEMMA3_TEMPLATE,
+    ROLE_CONTENT_TEMPLATE,
+    THINK_DROPPING_TEMPLATE,
+    label_spans,
+    real_tokenizer,
+    tiny_gemma3,
+    tiny_with_template,
+)
+from conftest import CHATML, build_tiny_tokenizer
+
+from instructkit.config import DatasetConfig, ModelConfig, RunConfig, SplitConfig
+from instructkit.data import load_examples, prepare
+from instructkit.data.chat_encode import IGNORE_INDEX, encode_conversation
+from instructkit.data.tokenize import (
+    TokenizeSettings,
+    encode_completions,
+    end_of_turn_id,
+    stop_token_ids,
+    tokenize_examples,
+)
+from instructkit.errors import TemplateError
+from instructkit.templates.library import TemplateLibrary
+
+KETTLE = [
+    {"role": "system", "content": "You are a terse support bot for Acme kettles."},
+    {"role": "user", "content": "My kettle number 5 leaks. What should I do?"},
+    {"role": "assistant", "content": "Tighten the lid seal on kettle 5."},
+]
+TWO_EXCHANGES = [
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": "I am Vicuna, a language model trained by researchers from LMSYS."},
+    {"role": "user", "content": "Have a nice day!"},
+    {"role": "assistant", "content": "You too!"},
+]
+THREE_EXCHANGES = KETTLE + [
+    {"role": "user", "content": "It still leaks."},
+    {"role": "assistant", "content": "Replace the seal: part 5-S."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You're welcome."},
+]
+SMOLLM2_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+TOKENIZERS = {
+    "tiny-chatml": (build_tiny_tokenizer, "<|im_end|>"),
+    "tiny-gemma3-template": (tiny_gemma3, "<end_of_turn>"),
+    "smollm2": (lambda: real_tokenizer("smollm2-135m-instruct"), "<|im_end|>"),
+    # gemma-3-270m is the base model: its tokenizer ships no chat template; the instruct models' one is used.
+    "gemma3": (lambda: real_tokenizer("gemma-3-270m", GEMMA3_TEMPLATE), "<end_of_turn>"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TOKENIZERS))
+def tokenizer_and_end(request):
+    build, end = TOKENIZERS[request.param]
+    return build(), end
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return real_tokenizer("smollm2-135m-instruct")
+
+
+def chat_settings(**kw) -> TokenizeSettings:
+    return TokenizeSettings(chat_template=True, **{"max_length": 4096, **kw})
+
+
+def render_ids(tokenizer, messages, **kw) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
+
+
+def prepared(tmp_path, rows: list[dict], name: str = "chat") -> list[dict]:
+    """Rows of a chat JSONL file through `prepare` (everything in train)."""
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = RunConfig(name="r", output_dir=str(tmp_path / "runs"), datasets=[DatasetConfig(path=str(path))],
+                       split=SplitConfig(validation=0, test=0))
+    prepare(config, library=TemplateLibrary([], []))
+    return load_examples(config.run_dir, "train")
+
+
+def test_every_assistant_turn_is_trained_on_its_own_generation_prompt(tokenizer_and_end):
+    tokenizer, end = tokenizer_and_end
+    [encoded] = encode_conversation(tokenizer, THREE_EXCHANGES, max_length=4096)
+    turns = [i for i, m in enumerate(THREE_EXCHANGES) if m["role"] == "assistant"]
+    spans = label_spans(encoded.labels)
+    assert len(spans) == len(turns) == 3
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    for (start, stop), i in zip(spans, turns):
+        assert encoded.input_ids[:start] == render_ids(tokenizer, THREE_EXCHANGES[:i], add_generation_prompt=True)
+        answer = encoded.input_ids[start:stop]
+        assert encoded.labels[start:stop] == answer
+        assert answer[-1] == end_id and tokenizer.decode(answer[:-1]) == THREE_EXCHANGES[i]["content"]
+    assert sum(x != IGNORE_INDEX for x in encoded.labels) == sum(b - a for a, b in spans)
+    # Concatenated, the turns are the whole conversation as the template renders it (prefix-stable), up to the
+    # whitespace written after the final end-of-turn token.
+    full = render_ids(tokenizer, THREE_EXCHANGES)
+    assert full[:len(encoded.input_ids)] == encoded.input_ids
+    assert tokenizer.decode(full[len(encoded.input_ids):]).strip() == ""
+    last = encode_conversation(tokenizer, THREE_EXCHANGES, max_length=4096, loss_on="last_assistant_turn")[0]
+    assert last.input_ids == encoded.input_ids and label_spans(last.labels) == spans[-1:]
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_kettle_conversation_keeps_its_system_turn(tmp_path, which, smollm2):
+    tokenizer = smollm2 if which == "smollm2" else build_tiny_tokenizer()
+    [example] = prepared(tmp_path, [{"messages": KETTLE}])
+    assert example["messages"] == KETTLE[:2] and example["completion"] == KETTLE[2]["content"]
+    dataset, stats = tokenize_examples([example], tokenizer, chat_settings())
+    ids, labels = dataset[0]["input_ids"], dataset[0]["labels"]
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nYou are a terse support bot for Acme kettles.<|im_end|>\n"
+        "<|im_start|>user\nMy kettle number 5 leaks. What should I do?<|im_end|>\n"
+        "<|im_start|>assistant\nTighten the lid seal on kettle 5.<|im_end|>")
+    assert [tokenizer.decode(ids[a:b]) for a, b in label_spans(labels)] == ["Tighten the lid seal on kettle 5.<|im_end|>"]
+    assert stats.examples == 1 and stats.truncated == 0 and stats.dropped == 0
+
+
+def test_two_exchange_chat_learns_both_answers_on_smollm2(tmp_path, smollm2):
+    [example] = prepared(tmp_path, [{"messages": TWO_EXCHANGES}])
+    answers = ["I am Vicuna, a language model trained by researchers from LMSYS.<|im_end|>", "You too!<|im_end|>"]
+    expected = (SMOLLM2_SYSTEM + "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n" + answers[0]
+                + "\n<|im_start|>user\nHave a nice day!<|im_end|>\n<|im_start|>assistant\n" + answers[1])
+    for loss_on, learned in (("all_assistant_turns", answers), ("last_assistant_turn", answers[1:])):
+        dataset, _ = tokenize_examples([example], smollm2, chat_settings(loss_on=loss_on))
+        ids, labels = dataset[0]["input_ids"], dataset[0]["labels"]
+        assert smollm2.decode(ids) == expected
+        assert [smollm2.decode(ids[a:b]) for a, b in label_spans(labels)] == learned
+
+
+def test_system_prompt_setting_is_a_first_system_turn_unless_the_data_has_one():
+    tokenizer = build_tiny_tokenizer()
+    settings = chat_settings(system_prompt="Be brief.")
+    example = {"prompt": "Hi", "completion": "Hello.", "messages": [{"role": "user", "content": "Hi"}]}
+    dataset, _ = tokenize_examples([example], tokenizer, settings)
+    assert tokenizer.decode(dataset[0]["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    kettle = {"prompt": "", "completion": KETTLE[2]["content"], "messages": KETTLE[:2]}
+    dataset, _ = tokenize_examples([kettle], tokenizer, settings)
+    assert "Be brief." not in tokenizer.decode(dataset[0]["input_ids"])
+
+
+def test_templated_single_turn_example_is_the_same_conversation():
+    """A prompt/completion example with chat_template is [user: prompt, assistant: completion]."""
+    tokenizer = build_tiny_tokenizer()
+    settings = chat_settings()
+    dataset, _ = tokenize_examples([{"prompt": "Rate: great", "completion": "5"}], tokenizer, settings)
+    conversation = [{"role": "user", "content": "Rate: great"}, {"role": "assistant", "content": "5"}]
+    head = render_ids(tokenizer, conversation[:1], add_generation_prompt=True)
+    row = dataset[0]
+    assert row["input_ids"][:row["prompt_length"]] == head
+    assert row["labels"][row["prompt_length"]:] == encode_completions(tokenizer, ["5"], settings, ["Rate: great"])[0]
+    assert tokenizer.decode(row["input_ids"][row["prompt_length"]:]) == "5<|im_end|>"
+
+
+def test_role_content_template_ends_answers_with_eos_and_stops_only_at_special_tokens():
+    """A `role: content` template closes the assistant turn with "\\n" only: completions get EOS, the stop set
+    holds no ordinary token (the old probe took the last token of "x", cutting "box" to "bo")."""
+    tokenizer = tiny_with_template(ROLE_CONTENT_TEMPLATE)
+    settings = chat_settings()
+    eos = tokenizer.eos_token_id
+    [five] = encode_completions(tokenizer, ["5"], settings, ["My kettle number 5 leaks."])
+    assert five[-1] == eos and tokenizer.decode(five[:-1]) == " 5"
+    [box] = encode_completions(tokenizer, ["box"], settings, ["What holds the kettle?"])
+    assert box[-1] == eos and tokenizer.decode(box[:-1]) == " box"
+    assert end_of_turn_id(tokenizer, settings) == eos
+    stops = stop_token_ids(tokenizer, settings)
+    assert stops == [eos]
+    assert not set(tokenizer(" box", add_special_tokens=False)["input_ids"]) & set(stops)
+    assert not set(tokenizer("x", add_special_tokens=False)["input_ids"]) & set(stops)
+    # Multi-turn: the EOS inserted after an answer is not in the next turn's prompt as the template renders
+    # it, so each assistant turn is its own row, on its exact prompt.
+    rows = encode_conversation(tokenizer, TWO_EXCHANGES, max_length=4096)
+    assert len(rows) == 2
+    for row, i in zip(rows, (1, 3)):
+        assert row.input_ids[:row.prompt_length] == render_ids(tokenizer, TWO_EXCHANGES[:i],
+                                                               add_generation_prompt=True)
+        assert tokenizer.decode(row.input_ids[row.prompt_length:]) == f" {TWO_EXCHANGES[i]['content']}</s>"
+        assert label_spans(row.labels) == [(row.prompt_length, len(row.input_ids))]
+
+
+def test_template_that_is_not_prefix_stable_gives_one_row_per_assistant_turn():
+    """A template that drops the reasoning of earlier turns: each turn trained on its exact prompt."""
+    tokenizer = tiny_with_template(THINK_DROPPING_TEMPLATE)
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>two and two</think>4"},
+                {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "<think>three and three</think>6"}]
+    rows = encode_conversation(tokenizer, messages, max_length=4096)
+    assert len(rows) == 2
+    for row, i in zip(rows, (1, 3)):
+        assert row.input_ids[:row.prompt_length] == render_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        [(a, b)] = label_spans(row.labels)
+        assert a == row.prompt_length and tokenizer.decode(row.input_ids[a:b]) == messages[i]["content"] + "<|im_end|>"
+    assert "<think>two" not in tokenizer.decode(rows[1].input_ids)  # the earlier reasoning, as inference sends it
+    example = {"prompt": "", "completion": messages[3]["content"], "messages": messages[:3]}
+    dataset, stats = tokenize_examples([example], tokenizer, chat_settings())
+    assert dataset["index"] == [0, 0] and stats.examples == 1
+
+
+def test_template_whose_assistant_turn_does_not_follow_its_generation_prompt_is_an_error():
+    template = CHATML.replace("{% if add_generation_prompt %}<|im_start|>assistant\n",
+                              "{% if add_generation_prompt %}<|im_start|>model\n")
+    tokenizer = tiny_with_template(template)
+    with pytest.raises(TemplateError, match="not as a continuation of its generation prompt"):
+        encode_conversation(tokenizer, KETTLE, max_length=4096)
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(TemplateError, match="no chat template.*chat_template: false"):
+        tokenize_examples([{"prompt": "Hi", "completion": "Hello"}], tokenizer, chat_settings())
+
+
+def test_loss_on_reaches_the_tokenize_settings():
+    config = RunConfig(train={"loss_on": "last_assistant_turn"})
+    assert config.train.loss_on == "last_assistant_turn"
+    assert RunConfig().train.loss_on == "all_assistant_turns"
+    settings = TokenizeSettings.from_model_config(ModelConfig(chat_template=True), False,
+                                                  loss_on=config.train.loss_on)
+    assert settings.loss_on == "last_assistant_turn" and settings.chat
+    with pytest.raises(ValueError, match="loss_on"):
+        RunConfig(train={"loss_on": "every_turn"})

@@ -1,0 +1,116 @@
+"""Tool calls (data/chat_template.py): `tools` reach a template that renders them; a template that does not
+gets the documented plain rendering (specs in the system turn, calls as JSON, answers as tool or user
+turns). Function calls are trained as assistant output, tool answers are masked."""
+
+from __future__ import annotations
+
+import json
+
+from _chat_helpers import TOOLS_CHATML_TEMPLATE, label_spans, real_tokenizer, tiny_gemma3, tiny_with_template
+from conftest import CHATML, build_tiny_tokenizer
+
+from instructkit.data.chat_encode import encode_conversation
+from instructkit.data.chat_template import TemplateFeatures, template_features, tools_text
+
+SPEC = {"name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TOOLS = [{"type": "function", "function": SPEC}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+CONVERSATION = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "content": '{"temperature": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."},
+]
+CALL_JSON = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+def render_ids(tokenizer, messages, **kw) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kw)
+
+
+def learned(tokenizer, encoded) -> list[str]:
+    return [tokenizer.decode(encoded.input_ids[a:b]) for a, b in label_spans(encoded.labels)]
+
+
+def test_template_features_are_probed_from_the_template():
+    assert template_features(build_tiny_tokenizer()) == TemplateFeatures(system=True, tools=False,
+                                                                         tool_calls=False, tool_role=True)
+    assert template_features(tiny_with_template(TOOLS_CHATML_TEMPLATE)).native_tools
+    assert template_features(tiny_gemma3()) == TemplateFeatures(system=True, tools=False, tool_calls=False,
+                                                                tool_role=False)
+
+
+def test_tools_reach_a_template_that_renders_them():
+    tokenizer = tiny_with_template(TOOLS_CHATML_TEMPLATE)
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    spans = label_spans(encoded.labels)
+    assert len(spans) == 2
+    for (start, _), i in zip(spans, (1, 3)):
+        assert encoded.input_ids[:start] == render_ids(tokenizer, CONVERSATION[:i], tools=TOOLS,
+                                                       add_generation_prompt=True)
+    text = tokenizer.decode(encoded.input_ids)
+    assert text.startswith("<|im_start|>system\n# Tools\n<tools>\n") and '"get_weather"' in text.split("</tools>")[0]
+    call, answer = learned(tokenizer, encoded)
+    assert call.startswith("<tool_call>") and call.endswith("</tool_call><|im_end|>")
+    assert json.loads(call[len("<tool_call>"):-len("</tool_call><|im_end|>")]) == CALL["function"]
+    assert answer == "It is 21 degrees in Paris.<|im_end|>"
+    assert "<tool_response>" in text and not any("tool_response" in s for s in learned(tokenizer, encoded))
+
+
+def test_template_without_tools_gets_the_documented_plain_rendering():
+    tokenizer = build_tiny_tokenizer()
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    assert tools_text(TOOLS) == ("You can call these functions (JSON Schema):\n" + json.dumps(SPEC) + "\n"
+                                 'To call one, answer with only the JSON object {"name": <function name>, '
+                                 '"arguments": {<arguments>}}.')
+    assert tokenizer.decode(encoded.input_ids) == (
+        f"<|im_start|>system\n{tools_text(TOOLS)}<|im_end|>\n"
+        "<|im_start|>user\nWhat is the weather in Paris?<|im_end|>\n"
+        f"<|im_start|>assistant\n{CALL_JSON}<|im_end|>\n"
+        '<|im_start|>tool\n{"temperature": 21}<|im_end|>\n'
+        "<|im_start|>assistant\nIt is 21 degrees in Paris.<|im_end|>")
+    assert learned(tokenizer, encoded) == [f"{CALL_JSON}<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
+    # An existing system turn keeps its text, the specs follow it.
+    [with_system] = encode_conversation(tokenizer, [{"role": "system", "content": "Be brief."}, *CONVERSATION],
+                                        TOOLS, max_length=4096)
+    assert tokenizer.decode(with_system.input_ids).startswith(
+        f"<|im_start|>system\nBe brief.\n\n{tools_text(TOOLS)}<|im_end|>\n")
+
+
+def test_template_refusing_the_tool_role_gets_tool_answers_as_user_turns():
+    tokenizer = tiny_gemma3()  # Gemma-3: strict user/model alternation, no tool role, system folded into user
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    text = tokenizer.decode(encoded.input_ids)
+    assert text == (
+        f"<s><start_of_turn>user\n{tools_text(TOOLS)}\n\nWhat is the weather in Paris?<end_of_turn>\n"
+        f"<start_of_turn>model\n{CALL_JSON}<end_of_turn>\n"
+        '<start_of_turn>user\nFunction result:\n{"temperature": 21}<end_of_turn>\n'
+        "<start_of_turn>model\nIt is 21 degrees in Paris.<end_of_turn>")
+    assert learned(tokenizer, encoded) == [f"{CALL_JSON}<end_of_turn>", "It is 21 degrees in Paris.<end_of_turn>"]
+
+
+def test_template_that_drops_system_turns_gets_the_system_text_in_the_first_user_turn():
+    template = CHATML.replace("{% for message in messages %}",
+                              "{% for message in messages if message['role'] != 'system' %}")
+    tokenizer = tiny_with_template(template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}]
+    [encoded] = encode_conversation(tokenizer, messages, max_length=4096)
+    assert tokenizer.decode(encoded.input_ids) == (
+        "<|im_start|>user\nBe brief.\n\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>")
+
+
+def test_smollm2_renders_tool_conversations_in_the_plain_form():
+    tokenizer = real_tokenizer("smollm2-135m-instruct")
+    features = template_features(tokenizer)
+    assert features.system and not features.tools and not features.native_tools
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    assert learned(tokenizer, encoded) == [f"{CALL_JSON}<|im_end|>", "It is 21 degrees in Paris.<|im_end|>"]
+    assert tokenizer.decode(encoded.input_ids).startswith(f"<|im_start|>system\n{tools_text(TOOLS)}<|im_end|>")
+
+
+def test_function_call_turn_without_a_final_answer_is_trained():
+    tokenizer = build_tiny_tokenizer()
+    [encoded] = encode_conversation(tokenizer, CONVERSATION[:2], TOOLS, max_length=4096)
+    assert learned(tokenizer, encoded) == [f"{CALL_JSON}<|im_end|>"]
