@@ -169,12 +169,13 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code from the model folder (off: it is code).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt weights (pickle can run code).")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3",
                                  "flex_attention"] = Field(
-        "auto", description="Attention kernel (transformers' attn_implementation). 'auto': the model's default "
-        "(sdpa) on CPU; on CUDA, flash_attention_2 when flash_attn is installed and the weights load in "
-        "bf16/fp16, else sdpa with cuDNN attention switched off for the process (it builds a plan per new "
-        "batch shape, ~0.5 s each). The choice is logged. Other values are passed as they are.")
+        "auto", description="Attention kernel (transformers' attn_implementation). 'auto': on CPU sdpa_varlen "
+        "(instructkit's: each packed example attends on its own, no block mask; Llama and Gemma 3, else sdpa); "
+        "on CUDA flash_attention_2 when flash_attn is installed and the weights load in bf16/fp16, else sdpa "
+        "with cuDNN attention switched off for the process (it builds a plan per new batch shape, ~0.5 s "
+        "each). The choice is logged. Other values are passed as they are.")
 
 
 class LoraSettings(Section):

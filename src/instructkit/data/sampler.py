@@ -216,6 +216,9 @@ def pack_group(
 # measured on the SmolLM2-135M shape at 1 thread, it cost about 5x what its FLOPs predict (one 1,473-token
 # row: 29.5 s per forward+backward; the same 8 examples in 3 rows of 508: 16.6 s).
 ATTENTION_OVERHEAD = 5.0
+# Attention implementations that attend within each packed example (varlen: work sum_i T_i^2, no mask), so a
+# wide row costs no more attention than narrow ones: models/attention.py (CPU) and FlashAttention.
+VARLEN_ATTENTION = frozenset({"sdpa_varlen", "flash_attention_2", "flash_attention_3"})
 
 
 def attention_tokens_of(config: Any, overhead: float = ATTENTION_OVERHEAD) -> float | None:
@@ -224,8 +227,11 @@ def attention_tokens_of(config: Any, overhead: float = ATTENTION_OVERHEAD) -> fl
     Per token and layer, the linear layers cost ~6 x P_layer FLOPs (forward + backward) and attention
     ~12 x d x W (QK^T and AV, forward + backward) for a row of W tokens: equal at W = P_layer / (2 x d).
     Divided by the measured `overhead` of masked attention. SmolLM2-135M: P_layer = 3.54M, d = 576 ->
-    3,072 by FLOPs, ~614 in practice. None when the config lacks the fields.
+    3,072 by FLOPs, ~614 in practice. None when the config lacks the fields, or when the model attends
+    within each example (VARLEN_ATTENTION): then one padding-free row is never dearer than several.
     """
+    if getattr(config, "_attn_implementation", None) in VARLEN_ATTENTION:
+        return None
     d = getattr(config, "hidden_size", None)
     layers = getattr(config, "num_hidden_layers", None)  # only checked: it cancels out
     ffn = getattr(config, "intermediate_size", None)

@@ -64,6 +64,9 @@ ARCHITECTURES = {
 
 @dataclass
 class ExportResult:
+    """What `export_model` wrote: the GGUF file, its quant type, wall seconds (loading included), size in
+    bytes, and the Modelfile (None without `ollama`)."""
+
     gguf: Path
     quant: str
     seconds: float

@@ -75,38 +75,49 @@ def load_model(cfg: ModelConfig, *, cache_dir: str | os.PathLike | None = None,
     return load_folder(resolved.folder, cfg, resolved.provenance, dtype=dtype)
 
 
-def choose_attention(requested: str, *, cuda: bool, flash_attn: bool, dtype: str) -> tuple[str | None, bool, str]:
+def choose_attention(requested: str, *, cuda: bool, flash_attn: bool, dtype: str,
+                     model_type: str | None = None) -> tuple[str | None, bool, str]:
     """model.attn_implementation -> (the attn_implementation to load with, None for the model's own
     default; whether to switch cuDNN attention off; why), for a CUDA machine or not.
 
-    'auto': on CPU the model's default (sdpa). On CUDA, flash_attention_2 when `flash_attn` is
-    importable and the weights load in bf16/fp16 (its varlen kernels take packed rows as they are, and
-    it refuses fp32 tensors, which evaluation without autocast would give it); else sdpa with cuDNN
-    attention off: since PyTorch 2.10 sdpa prefers cuDNN on H100/H200, which builds an execution plan
-    for every new (batch, heads, lengths, mask) shape, forward and backward (~0.5 s each), so every new
-    packed width stalled a step; flash and memory-efficient kernels have no such cost. Any other value
-    is used as it is.
+    'auto' on CPU: sdpa_varlen (models/attention.py: each packed example attends on its own, no mask)
+    for the architectures it is tested on, else the model's default (sdpa). On CUDA: flash_attention_2
+    when `flash_attn` is importable and the weights load in bf16/fp16 (its varlen kernels take packed
+    rows as they are; it refuses the fp32 tensors evaluation without autocast would give it); else sdpa
+    with cuDNN attention off: since PyTorch 2.10 sdpa prefers cuDNN on H100/H200, which builds an
+    execution plan for every new (batch, heads, lengths, mask) shape, forward and backward (~0.5 s each),
+    so every new packed width stalled a step; flash and memory-efficient kernels have no such cost.
+    Any other value is used as it is.
     """
+    from instructkit.models.attention import NAME, VARLEN_MODEL_TYPES
+
     if requested != "auto":
         return requested, False, "model.attn_implementation"
     if not cuda:
-        return None, False, "auto on CPU: the model's default (sdpa)"
+        if model_type in VARLEN_MODEL_TYPES:
+            return NAME, False, f"auto on CPU: {NAME}, sdpa per packed example (no block mask)"
+        return None, False, f"auto on CPU: the model's default (sdpa; {NAME} is tested on {sorted(VARLEN_MODEL_TYPES)})"
     if flash_attn and DTYPES.get(dtype) in ("bfloat16", "float16"):
         return "flash_attention_2", False, "auto on CUDA: flash_attn installed, bf16/fp16 weights (varlen kernels)"
     return None, True, ("auto on CUDA: sdpa with cuDNN attention off (it plans per new shape); install flash_attn "
                         "and load bf16 weights for flash_attention_2")
 
 
-def use_attention(requested: str, dtype: str) -> str | None:
+def use_attention(requested: str, dtype: str, model_type: str | None = None) -> str | None:
     """Apply `choose_attention` on this machine (switching cuDNN attention off process-wide when it says
-    so), log the choice, and return the attn_implementation to load with (None: the model's default)."""
+    so, registering sdpa_varlen when chosen), log the choice, and return the attn_implementation to load
+    with (None: the model's default)."""
     import torch
+
+    from instructkit.models.attention import NAME, register
 
     implementation, cudnn_off, why = choose_attention(
         requested, cuda=torch.cuda.is_available(), flash_attn=importlib.util.find_spec("flash_attn") is not None,
-        dtype=dtype)
+        dtype=dtype, model_type=model_type)
     if cudnn_off:
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if implementation == NAME:
+        register()
     logger.info("attention: %s (%s)", implementation or "the model's default", why)
     return implementation
 
@@ -184,7 +195,7 @@ def load_folder(folder: Path, cfg: ModelConfig, provenance: dict[str, Any] | Non
     seq2seq = detect_seq2seq(config, cfg.kind, folder)
     use_safetensors = check_weights(folder, cfg.allow_pickle)
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    attention = use_attention(cfg.attn_implementation, dtype)
+    attention = use_attention(cfg.attn_implementation, dtype, getattr(config, "model_type", None))
     try:
         model = auto.from_pretrained(
             folder, dtype=torch_dtype(dtype), use_safetensors=use_safetensors,
