@@ -15,12 +15,14 @@ What is compared (everything identical except the training loop):
   -100 on the prompt). Every system receives these exact token ids (TRL as pre-tokenized input_ids +
   completion_mask: its own text path only truncates keep_start, which would cut completions).
 - model: the SmolLM2-135M shape (or Gemma-3-270M's, or Llama-3.2-1B's) with random weights from the same
-  seed, fp32 weights, sdpa. (The 1B shape reads the SmolLM2 token ids: its vocabulary holds them.)
+  seed, fp32 weights; the baselines use sdpa (--attn), instructkit its own choice (below), unless
+  --baselines-same-attention. (The 1B shape reads the SmolLM2 token ids: its vocabulary holds them.)
 - optimisation: batch 8 examples per optimizer step, no accumulation, AdamW lr 1e-4, linear schedule
   without warmup, grad clip 1.0, seed 0, 1 torch thread.
 - systems:
-  instructkit           `train.loop.train` with its defaults (packing, logits at label positions; on CUDA
-                        rows bucketed to multiples of 64 and attention chosen by model.attn_implementation auto).
+  instructkit           `train.loop.train` with its defaults (packing, logits at label positions, attention
+                        chosen as model.attn_implementation auto does: sdpa_varlen on CPU, sdpa without cuDNN
+                        attention on CUDA; on CUDA rows bucketed to multiples of 64).
   instructkit_compile   the same with train.compile: true (opt-in system: --systems ...,instructkit_compile).
   hf_trainer            transformers Trainer, DataCollatorForSeq2Seq padding, length-grouped batches
                         (train_sampling_strategy "group_by_length", transformers 5's group_by_length).
@@ -81,6 +83,7 @@ RESULT = ROOT / "benchmarks" / "results" / "train.json"
 SYSTEMS = ("instructkit", "hf_trainer", "trl_sft", "trl_tuned")
 ALL_SYSTEMS = (*SYSTEMS, "instructkit_compile")
 WARMUP_STEPS_EPOCH = 10  # --epoch: step times after these count for p99 / median
+MODEL_TYPES = {"llama": "llama", "gemma3": "gemma3_text"}  # config.model_type of each SHAPES kind
 
 # (name, file under DATA, schema, template)
 SOURCES = [
@@ -504,11 +507,12 @@ def child(args: argparse.Namespace) -> int:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     attention = args.attn
-    if args.child.startswith("instructkit") or args.cudnn_sdpa_off_all:
-        # what instructkit's loader does for model.attn_implementation: auto (cuDNN attention off on CUDA)
+    if args.child.startswith("instructkit") or args.baselines_same_attention:
+        # what instructkit's loader does for model.attn_implementation: auto (CPU: sdpa_varlen; CUDA: sdpa with
+        # cuDNN attention off, or flash_attention_2 for bf16 weights when flash_attn is installed)
         from instructkit.models.load import use_attention
 
-        attention = use_attention("auto", "fp32") or args.attn
+        attention = use_attention("auto", "fp32", MODEL_TYPES[SHAPES[args.shape]["kind"]]) or args.attn
     model = build_model(args.shape, args.seed, args.layers, attention)
     shape = flop_shape(model)
     if args.device == "cuda":
@@ -649,9 +653,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 = autocast with fp32 master weights in every system (GPU)")
     p.add_argument("--attn", default="sdpa", help="attention implementation of the baselines (instructkit uses "
-                   "its auto choice: sdpa, with cuDNN attention off on CUDA)")
-    p.add_argument("--cudnn-sdpa-off-all", action="store_true",
-                   help="give the baselines instructkit's attention choice too (cuDNN attention off on CUDA)")
+                   "its model.attn_implementation auto choice: sdpa_varlen on CPU, sdpa without cuDNN on CUDA)")
+    p.add_argument("--baselines-same-attention", action="store_true",
+                   help="give the baselines instructkit's auto attention choice too")
     p.add_argument("--save-inputs", help="write the tokenized examples and the tokenizer to this folder and stop "
                    "(for a machine without ../shared)")
     p.add_argument("--inputs", help="read the examples and tokenizer written by --save-inputs")
@@ -686,7 +690,7 @@ def child_command(args: argparse.Namespace, system: str, data: Path, folder: Pat
            "--device", args.device, "--precision", args.precision, "--attn", args.attn]
     cmd += ["--layers", str(args.layers)] if args.layers else []
     cmd += ["--epoch"] if args.epoch else []
-    cmd += ["--cudnn-sdpa-off-all"] if args.cudnn_sdpa_off_all else []
+    cmd += ["--baselines-same-attention"] if args.baselines_same_attention else []
     return cmd
 
 
@@ -755,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                      "max_length": args.max_length, "lr": 1e-4,
                      "optimizer": "AdamW (HF/TRL: Trainer default optim; instructkit: fused AdamW)",
                      "precision": args.precision, "device": args.device, "attn_implementation_baselines": args.attn,
-                     "cudnn_sdpa_off_all": args.cudnn_sdpa_off_all, "torch_threads": 1, "seed": args.seed,
+                     "baselines_same_attention": args.baselines_same_attention, "torch_threads": 1, "seed": args.seed,
                      "sources": [s[3] for s in SOURCES], "examples": len(rows), "tokenize_stats": tok_stats,
                      "trl_tuned_packs_per_step": trl_tuned_batch(rows, args.batch_size, args.max_length),
                      "yardstick_examples": len(rows)},

@@ -44,6 +44,7 @@ timeout ${T2:-240} $B --systems $S --shape llama1b --out "$OUT/train_gpu_llama1b
 echo "elapsed $(( $(date +%s) - started )) s"
 # 3. (optional, EXTRA=1) the baselines with instructkit's attention choice too (cuDNN attention off).
 if [ -n "${EXTRA:-}" ]; then
-  timeout ${T3:-150} $B --systems $S --cudnn-sdpa-off-all --out "$OUT/train_gpu_smollm2_nocudnn.json" 2>&1 | tail -30
+  timeout ${T3:-150} $B --systems $S --baselines-same-attention --out "$OUT/train_gpu_smollm2_nocudnn.json" 2>&1 \
+    | tail -30
 fi
 echo "done in $(( $(date +%s) - started )) s"

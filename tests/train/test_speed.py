@@ -43,36 +43,41 @@ def test_pad_multiple_defaults_to_64_on_cuda_and_exact_widths_elsewhere():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cuda,flash,dtype,expected", [
-    (False, False, "fp32", (None, False)),  # CPU: the model's default (sdpa)
-    (False, True, "bf16", (None, False)),  # flash_attn is a CUDA library
-    (True, False, "fp32", (None, True)),  # CUDA without flash_attn: sdpa, cuDNN attention off
-    (True, False, "bf16", (None, True)),
-    (True, True, "fp32", (None, True)),  # flash_attn refuses fp32 tensors (evaluation runs without autocast)
-    (True, True, "bf16", ("flash_attention_2", False)),  # varlen kernels: no per-shape plans
-    (True, True, "fp16", ("flash_attention_2", False)),
+@pytest.mark.parametrize("cuda,flash,dtype,model_type,expected", [
+    (False, False, "fp32", "llama", ("sdpa_varlen", False)),  # CPU: each packed example on its own
+    (False, False, "fp32", "gemma3_text", ("sdpa_varlen", False)),
+    (False, False, "fp32", "t5", (None, False)),  # untested architectures: the model's default (sdpa)
+    (False, True, "bf16", "llama", ("sdpa_varlen", False)),  # flash_attn is a CUDA library
+    (True, False, "fp32", "llama", (None, True)),  # CUDA without flash_attn: sdpa, cuDNN attention off
+    (True, False, "bf16", "llama", (None, True)),
+    (True, True, "fp32", "llama", (None, True)),  # flash_attn refuses fp32 (evaluation runs without autocast)
+    (True, True, "bf16", "llama", ("flash_attention_2", False)),  # varlen kernels: no per-shape plans
+    (True, True, "fp16", "t5", ("flash_attention_2", False)),
 ])
-def test_auto_attention_choice(cuda, flash, dtype, expected):
-    implementation, cudnn_off, why = choose_attention("auto", cuda=cuda, flash_attn=flash, dtype=dtype)
+def test_auto_attention_choice(cuda, flash, dtype, model_type, expected):
+    implementation, cudnn_off, why = choose_attention("auto", cuda=cuda, flash_attn=flash, dtype=dtype,
+                                                      model_type=model_type)
     assert (implementation, cudnn_off) == expected
     assert why.startswith("auto on CUDA" if cuda else "auto on CPU")
 
 
-@pytest.mark.parametrize("requested", ["sdpa", "eager", "flash_attention_2", "flex_attention"])
+@pytest.mark.parametrize("requested", ["sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention"])
 def test_an_explicit_attention_is_used_as_it_is(requested):
     for cuda in (False, True):
         assert choose_attention(requested, cuda=cuda, flash_attn=False, dtype="fp32")[:2] == (requested, False)
 
 
-def test_auto_on_this_cpu_keeps_cudnn_attention_and_the_default_sdpa(tiny_model_dir, caplog):
+def test_auto_on_this_cpu_loads_sdpa_varlen_and_keeps_cudnn_attention(tiny_model_dir, tiny_t5_dir, caplog):
     assert not torch.cuda.is_available()
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with caplog.at_level("INFO", logger="instructkit.models.load"):
-        assert use_attention("auto", "fp32") is None
+        assert use_attention("auto", "fp32") is None  # no model type: the model's default
         loaded = load_model(ModelConfig(name=str(tiny_model_dir)))
+        t5 = load_model(ModelConfig(name=str(tiny_t5_dir)))
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
-    assert loaded.model.config._attn_implementation == "sdpa"
-    assert "attention: the model's default (auto on CPU" in caplog.text
+    assert loaded.model.config._attn_implementation == "sdpa_varlen"
+    assert t5.model.config._attn_implementation != "sdpa_varlen"
+    assert "attention: sdpa_varlen (auto on CPU" in caplog.text
 
 
 def test_the_attention_asked_for_reaches_the_model(tiny_model_dir):

@@ -10,7 +10,9 @@ every padding token is paid in full).
 so checkpoints and the optimizer are unaffected) with dynamic shapes: the row width and the number of
 label positions are symbolic, and Dynamo's guards on them (sizes >= 2 and the relations between
 tensors) hold for every bucketed width, so one graph per code path serves the whole run instead of one
-compilation per width. The first step of each path pays the compilation.
+compilation per width. The first step of each path pays the compilation. A model on sdpa_varlen
+(models/attention.py) is switched to transformers' sdpa first: sdpa_varlen reads each row's example
+starts on the host, which would break the graph in every layer.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def compile_model(model: Any, backend: Any = None) -> None:
     import torch
 
     backend = backend or BACKEND
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa_varlen":
+        model.set_attn_implementation("sdpa")
+        logger.info("train.compile: attention sdpa_varlen -> sdpa (traceable: no host reads per layer)")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     model.compile(backend=backend, dynamic=True)
     logger.info("train.compile: the model is compiled (backend %s, dynamic shapes); the first steps compile",

@@ -183,6 +183,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     logits_at_labels = cfg.logits_at_labels and not seq2seq and supports_logits_to_keep(model)
     if cfg.logits_at_labels and not seq2seq and not logits_at_labels:
         logger.warning("this model's forward has no logits_to_keep: computing full logits")
+    if cfg.compile:  # before the plan: compiling may change the attention, which sets the row widths
+        compile_model(model)
     plan = BatchPlan(
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, world_size=accelerator.num_processes,
         packing=cfg.packing and not seq2seq,
@@ -197,8 +199,6 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     model.train()
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    if cfg.compile:
-        compile_model(model)
     unwrapped = model
     optimizer = make_optimizer(model, cfg)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
