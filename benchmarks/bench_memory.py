@@ -186,8 +186,35 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "worst_estimate_error": max((abs(g["estimate_over_measured"] - 1) for g in grid), default=None)}
 
 
+def speed_ab(args: argparse.Namespace) -> None:
+    """default and lean children alternately on the same batches: their step times side by side."""
+    out = Path(args.out)
+    payload = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {"runs": []}
+    work = Path(tempfile.mkdtemp(prefix="bench_memory_ab_"))
+    section = payload.get("speed_ab", {})
+    for model in args.ab.split(","):
+        tokens = prepare_tokens(model, work, 4 * args.steps)
+        times: dict[str, list] = {"default": [], "lean": []}
+        for _ in range(args.repeats):
+            for setting in times:
+                result = run_child({"system": "instructkit", "setting": setting, "model": model, "batch": 4}, tokens,
+                                   args.steps, args.timeout)
+                print(f"[bench_memory] ab {model} {setting}: {result.get('step_s')} s, {result.get('step_cpu_s')} "
+                      "cpu s", flush=True)
+                times[setting].append({"step_s": result.get("step_s"), "step_cpu_s": result.get("step_cpu_s")})
+        medians = {k: statistics.median(r["step_s"] for r in v) for k, v in times.items()}
+        cpu = {k: statistics.median(r["step_cpu_s"] for r in v) for k, v in times.items()}
+        section[model] = {"runs": times, "lean_over_default_step_s": round(medians["lean"] / medians["default"], 3),
+                          "lean_over_default_step_cpu_s": round(cpu["lean"] / cpu["default"], 3)}
+        payload["speed_ab"] = section
+        write(out, payload, args)
+
+
 def parent(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if args.ab:
+        speed_ab(args)
+        return
     if args.estimate_only:
         payload = json.loads(out.read_text(encoding="utf-8"))
         for run in payload["runs"]:
@@ -199,6 +226,8 @@ def parent(args: argparse.Namespace) -> None:
         work = Path(tempfile.mkdtemp(prefix="bench_memory_"))
         previous = json.loads(out.read_text(encoding="utf-8"))["runs"] if out.is_file() and args.resume else []
         results = [r for r in previous if "peak_rss_bytes" in r]
+        kept = {k: v for k, v in json.loads(out.read_text(encoding="utf-8")).items()
+                if k == "speed_ab"} if out.is_file() else {}
         todo = [run for run in todo if not any(same_run(run, r) for r in results)]
         tokens = {m: prepare_tokens(m, work, 4 * args.steps) for m in {r["model"] for r in todo}}
         for run in todo:
@@ -212,9 +241,8 @@ def parent(args: argparse.Namespace) -> None:
             print(f"[bench_memory]   -> {({k: v for k, v in result.items() if k not in ('estimate', 'losses')})}",
                   flush=True)
             results.append(result)
-            payload = {"runs": results}
-            write(out, payload, args)
-        payload = {"runs": results}
+            write(out, {**kept, "runs": results}, args)
+        payload = {**kept, "runs": results}
     payload["qwen1.5b_trainer_and_default_estimates"] = {  # too big to measure here
         name: round(estimate_for({"model": "qwen1.5b", "system": system, "setting": "default", "batch": 4,
                                   "labelled_tokens_max": 4 * 64})["estimate_bytes"] / 1e9, 2)
@@ -350,6 +378,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per child")
     parser.add_argument("--estimate-only", action="store_true", help="recompute estimates of --out's runs")
     parser.add_argument("--resume", action="store_true", help="keep --out's measured runs, do the others")
+    parser.add_argument("--ab", help="comma-separated models: time default vs lean (batch 4) interleaved, "
+                        "A B A B, --repeats times, into --out's speed_ab (the step-time ratio, side by side)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
     args = parser.parse_args()

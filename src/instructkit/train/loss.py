@@ -6,12 +6,12 @@ Logits are computed only at positions whose next token is a label (`logits_to_ke
 
 Chunked (`train.loss_chunk_tokens`, causal models): the model's forward runs with its LM head fed no
 position (a forward pre-hook on the head keeps the head's input, the final hidden states at the kept
-positions, and hands the head an empty slice), then the head and the cross-entropy run over the labelled
-positions `chunk_tokens` at a time, each chunk under activation checkpointing: only its hidden states are
-saved and its logits are recomputed in backward, so at most one chunk's logits exist at any moment. The
-forward still goes through the model (and any DDP/PEFT wrapper), so its hooks and gradients are the
-usual ones. Gemma 3, 4 x 256 tokens with 256-token completions: the logits of all 1,024 labelled positions
-take 4 x 1.07 GB; chunks of 128 take 4 x 0.13 GB.
+positions, and hands the head an empty slice), then `ChunkedHeadCrossEntropy` runs the head and the
+cross-entropy over the labelled positions `chunk_tokens` at a time, forward and again in backward: at most
+one chunk's logits exist at any moment, and the head's weight gradient is one buffer added into. The
+forward still goes through the model (and any DDP/PEFT wrapper), so its hooks and gradients are the usual
+ones. Gemma 3, 4 x 256 tokens with 256-token completions: the logits of all 1,024 labelled positions take
+4 x 1.07 GB; chunks of 64 take ~3 x 0.07 GB.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from instructkit.data.batching import Batch, collate
 from instructkit.errors import TrainingError
@@ -102,23 +101,73 @@ def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits
         handle.remove()
     hidden = captured[0]
     hidden = hidden if hidden.ndim == 2 else hidden[batch.target_mask]  # [N, H], in `targets` order
-    total = hidden[:0].float().sum()  # 0, in the graph even when there is no labelled position (a dummy)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        end = start + chunk_tokens
-        weights = None if batch.target_weights is None else batch.target_weights[start:end]
-        total = total + checkpoint(_chunk_ce, hidden[start:end], head.weight, head.bias, batch.targets[start:end],
-                                   weights, softcap, use_reentrant=False)
+    total = ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, batch.targets, batch.target_weights,
+                                          chunk_tokens, softcap)
     return total * 0.0 if batch.dummy else total
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-              weights: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    if weights is None:
-        return F.cross_entropy(logits, targets, reduction="sum")
-    return (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+class ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """sum_i w_i x CE(softcap(hidden_i @ W^T + b), target_i), computed `chunk` rows at a time.
+
+    Forward keeps nothing vocabulary-wide: only `hidden` [N, H] (and the targets) are saved. Backward
+    recomputes each chunk's logits, turns them into their gradient in place (softmax - one-hot), and adds
+    the chunk's weight gradient into ONE [V, H] buffer with addmm_: one LM-head-sized gradient in all, where
+    autograd, summing per-chunk gradients of a tied head (non-contiguous transposes), would hold three.
+    Matmuls run in the autocast dtype when autocast is on (as the model's own head would), the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, weights, chunk, softcap):  # noqa: ANN001, ANN205
+        ctx.dtype = _autocast_dtype(hidden) or hidden.dtype
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = _chunk_logits(hidden[rows], weight, bias, softcap, ctx.dtype)[0]
+            ce = F.cross_entropy(logits, targets[rows], reduction="none")
+            total += (ce if weights is None else ce * weights[rows]).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, weights)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
+        hidden, weight, bias, targets, weights = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            grad, capped = _chunk_logits(hidden[rows], weight, bias, ctx.softcap, ctx.dtype)
+            grad = grad.softmax(dim=-1)
+            grad[torch.arange(grad.shape[0], device=grad.device), targets[rows]] -= 1.0
+            scale = grad_total if weights is None else grad_total * weights[rows, None]
+            grad.mul_(scale)
+            if capped is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2
+                grad.mul_(1.0 - capped.square())
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad.to(ctx.dtype) @ weight.to(ctx.dtype)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t().to(weight.dtype), hidden[rows].to(weight.dtype))
+            if grad_bias is not None:
+                grad_bias += grad.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of one chunk (softcapped), and tanh(raw / softcap) when capped (for the backward)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
+    if not softcap:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
 
 
 def head_owner(model: torch.nn.Module) -> torch.nn.Module:

@@ -39,8 +39,8 @@ The memory-lean settings change three terms (train/optim.py, train/in_backward.p
                    tensors under 4,096 values); adafactor 4 B x (rows + columns) of each matrix
     in backward    gradient phase = the largest gradient (+ a tied LM head's, alive through backward) +
                    the update's temporaries, instead of all gradients
-    chunked loss   logits of one chunk of positions; loss phase = max(4 chunk copies + the LM head's
-                   gradient, 1 copy + 2 head gradients: the next chunk's added to the sum)
+    chunked loss   logits of one chunk of positions; loss phase = 4 chunk copies + the LM head's gradient
+                   (one buffer the chunks add into)
     temporaries    of the update: 5 fp32 copies of a 4 M-value slice (adamw_8bit), 3 of the largest
                    tensor (adafactor), none (fused adamw)
 
@@ -261,12 +261,11 @@ def logit_positions(inputs: EstimateInputs) -> int:
 def loss_phase_bytes(inputs: EstimateInputs) -> int:
     """Memory on top of the activations while the loss is differentiated: all LOGIT_COPIES of the logits,
     or, a moment later, two copies (logits, their gradient) plus the LM head's weight gradient. Chunked: one
-    chunk's copies beside the head gradient summed so far, or one copy while the next chunk's head gradient
-    is added to that sum (two head gradients)."""
+    chunk's copies beside the one head-gradient buffer the chunks add into (train/loss.py)."""
     one_copy = logit_positions(inputs) * inputs.shape.vocab * FP32
     head_gradient = inputs.shape.lm_head_params * FP32 if inputs.lora is None else 0
     if inputs.loss_chunk_tokens:
-        return max(LOGIT_COPIES * one_copy + head_gradient, one_copy + 2 * head_gradient)
+        return LOGIT_COPIES * one_copy + head_gradient
     return max(LOGIT_COPIES * one_copy, 2 * one_copy + head_gradient)
 
 
