@@ -22,7 +22,7 @@ FORBIDDEN = {
     "evaluate": ["instructkit.train", "instructkit.pipeline", "instructkit.cli"],
 }
 # pure-number modules of evaluate/: no model code
-PURE = ["evaluate/metrics.py", "evaluate/bootstrap.py", "evaluate/metric_registry.py",
+PURE = ["evaluate/metrics.py", "evaluate/bootstrap.py", "evaluate/metric_registry.py", "evaluate/groups.py",
         "evaluate/generation_metrics.py"]
 MODEL_CODE = ("torch", "transformers", "instructkit.models", "instructkit.data.tokenize")
 

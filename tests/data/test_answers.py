@@ -111,3 +111,33 @@ def test_real_p3_yes_no_prompts_are_classification_and_titles_are_not(tmp_path, 
     assert {ex["task"] for ex in examples} == {"classification"}
     stats, _ = _prepare(tmp_path / "b", path=str(shared_data / "p3_samples" / "gigaword_TLDR.jsonl"))
     assert stats["answers"]["choices"] is None
+
+
+def _write_chats(path: Path, replies: list[str]) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: who are you?"},
+                          {"role": "assistant", "content": reply}]} for i, reply in enumerate(replies)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_conversations_are_free_text_unless_choices_are_declared(tmp_path):
+    """Chat rows whose last replies repeat (a bot's identity answer) are not a closed set of classes under
+    `choices: auto`; declared choices still make them classification."""
+    path = _write_chats(tmp_path / "chats.jsonl", RATINGS)  # 5 distinct replies over 100 rows
+    stats, examples = _prepare(tmp_path, path=str(path))
+    assert (stats["answers"]["task"], stats["answers"]["choices"], stats["answers"]["origin"]) == \
+        ("instruction_following", None, "default")
+    assert stats["answers"]["rule"] == "conversations are free text unless the config declares choices"
+    assert all(ex["choices"] is None and ex["metrics"] == ["rougeL", "token_f1"] for ex in examples)
+    stats, examples = _prepare(tmp_path, path=str(path), choices=["1", "2", "3", "4", "5"])
+    assert (stats["answers"]["task"], stats["answers"]["origin"]) == ("classification", "declared")
+    assert all(ex["choices"] == ["1", "2", "3", "4", "5"] for ex in examples)
+
+
+def test_real_fastchat_conversations_are_free_text(tmp_path, shared_data):
+    """FastChat's identity conversations repeat the same few answers; they stay generation tasks."""
+    path = shared_data / "conversations" / "fastchat_dummy_conversation.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (the shared data is not on this machine)")
+    stats, _ = _prepare(tmp_path, path=str(path), name="fastchat")
+    assert stats["answers"]["task"] == "instruction_following" and stats["answers"]["choices"] is None

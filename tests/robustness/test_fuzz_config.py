@@ -16,26 +16,21 @@ from hypothesis import strategies as st
 
 import _robust
 from _robust import expect_clean, fuzz_test, time_limit
-from instructkit.config import RunConfig, dump_config
+from pydantic import BaseModel
+
+from instructkit.config import DatasetConfig, RunConfig, dump_config
 from instructkit.config_load import load_config, validate_config
 from instructkit.errors import ConfigError, DataError, InstructkitError, TemplateError
 
-SECTIONS = {
-    "name": None, "output_dir": None,
-    "split": ["seed", "validation", "test", "stratify", "group_by"],
-    "templates": ["files", "builtin"],
-    "model": ["name", "kind", "chat_template", "system_prompt", "max_length", "truncation", "trust_remote_code",
-              "allow_pickle"],
-    "train": ["lr", "weight_decay", "epochs", "max_steps", "schedule", "warmup_ratio", "max_grad_norm", "seed",
-              "batch_size", "grad_accum", "packing", "max_tokens_per_batch", "group_by_length", "class_balance",
-              "precision", "gradient_checkpointing", "logits_at_labels", "threads", "eval_every",
-              "eval_max_examples", "save_every", "keep_checkpoints", "tensorboard", "lora", "early_stopping"],
-    "eval": ["split", "max_examples", "batch_size", "metrics", "length_normalized", "max_new_tokens", "num_beams",
-             "do_sample", "few_shot", "bootstrap_resamples", "baselines"],
-}
-DATASET_KEYS = ["path", "files", "name", "format", "schema", "columns", "parallel", "templates", "templates_per_row",
-                "held_out_templates", "held_out", "weight", "max_rows", "dedup_key", "group_by", "encoding",
-                "skip_bad_rows"]
+def _keys(model) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+# Every key of every section, read from the config models themselves, so a new key is fuzzed too.
+SECTIONS = {name: (_keys(field.annotation) if isinstance(field.annotation, type)
+                   and issubclass(field.annotation, BaseModel) else None)
+            for name, field in RunConfig.model_fields.items() if name != "datasets"}
+DATASET_KEYS = _keys(DatasetConfig)
 TYPOS = ["lr_", "Lr", "epoch", "batchsize", "bach_size", "modle", "trian", "datset", "valdation", "seed ", "", "x"]
 
 scalar = st.one_of(

@@ -7,7 +7,8 @@ the completions are looked at: when the most frequent completions that together 
 answer on average, the data is classification. Its examples then carry those choices and are rank-scored with accuracy and macro-F1
 like a template with answer choices, instead of free generation scored with ROUGE-L (P3's rating prompts,
 answers "1"-"5": 171 s of generation for 40 examples before). The decision, and why, is in stats.json
-(`datasets.<name>.answers`). `choices: none` keeps free text.
+(`datasets.<name>.answers`). `choices: none` keeps free text; so does `auto` on chat rows
+(conversations), which only declared choices make classification.
 
 Rows whose completion is outside the choices: with declared choices they are bad rows (an error naming
 file and line, or skipped and counted with `skip_bad_rows`); with detected ones (at most 5% of the rows)
@@ -67,15 +68,21 @@ def _frequent(counts: Counter, n: int) -> list[str]:
     return [value for value, _ in ranked[:k]]
 
 
-def decide_answers(completions: Sequence[str], choices: list[str] | str, metrics: list[str] | None) -> Answers:
+def decide_answers(completions: Sequence[str], choices: list[str] | str, metrics: list[str] | None,
+                   conversations: bool = False) -> Answers:
     """The answers of instruction-form data from its `completions` and the dataset's `choices` setting
-    (a list, "auto" or "none") and `metrics` (None: accuracy and macro_f1 with choices, else rougeL)."""
+    (a list, "auto" or "none") and `metrics` (None: accuracy and macro_f1 with choices, else rougeL).
+
+    `conversations` (chat rows): "auto" means free text. Replies that repeat (a bot's identity answer,
+    "Sure!") would otherwise look like a closed set of classes; declared choices still apply."""
     counts = Counter(completions)
     n = len(completions)
     rule = (f"classification when the most frequent completions covering >= {MIN_COVERAGE:.0%} of the rows "
             f"(ties included) are at most {MAX_CLASSES}, with >= {MIN_ROWS_PER_CLASS} rows per answer on average")
     if isinstance(choices, list):
         chosen, origin, rule = list(dict.fromkeys(choices)), "declared", "declared in the config (choices)"
+    elif choices == "auto" and conversations:
+        chosen, origin, rule = None, "default", "conversations are free text unless the config declares choices"
     elif choices == "auto" and n:
         top = _frequent(counts, n)
         classify = len(top) <= MAX_CLASSES and n >= MIN_ROWS_PER_CLASS * len(top)

@@ -217,7 +217,8 @@ def instruction_answers(dataset: DatasetConfig, source: Source, dedup: DedupResu
             raise ConfigError(f"dataset {name!r}: `choices` and `metrics` are for prompt/completion data; a "
                               "template sets its own (eval.metrics overrides them per template)")
         return None
-    answers = decide_answers([source.rows[r]["completion"] for r in dedup.keep], dataset.choices, dataset.metrics)
+    answers = decide_answers([source.rows[r]["completion"] for r in dedup.keep], dataset.choices, dataset.metrics,
+                             conversations=source.kind == "chat")
     if answers.choices is None:
         return answers
     allowed, problems, kept = set(answers.choices), Problems(dataset.skip_bad_rows), []
