@@ -71,7 +71,7 @@ class StopControl:
         self.checkpoint_step = state.step if checkpoint is not None else None
         self.clock = clock
         minutes = run.cfg.save_every_minutes
-        self.interval_s = minutes * 60.0 if minutes and not run.sharded else None
+        self.interval_s = minutes * 60.0 if minutes else None
         self.last_save = clock()
         self.requested = False  # a first Ctrl-C arrived
         self.hard = False  # a second one: stop at once

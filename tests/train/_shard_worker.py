@@ -1,0 +1,89 @@
+"""One process of the sharding tests; run under torchrun (CPU, gloo, 1 thread per process) or alone.
+
+    torchrun --standalone --nproc_per_node 2 tests/train/_shard_worker.py OUT_DIR --sharding fsdp
+        [--batch 2] [--resume] [--kill-after STEP] [--no-pickle]
+
+Trains the tiny Llama STEPS steps on `_ddp_worker.examples()` (global batch 4: --batch 2 on 2 processes,
+--batch 4 on one), checkpointing every step. Writes OUT_DIR/metrics.jsonl and, on the main process,
+OUT_DIR/final.safetensors (every weight, gathered). --kill-after N: every process SIGKILLs itself right
+after the step-N checkpoint is complete. --no-pickle: pickle.load(s) and torch.load raise while resuming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import signal
+import sys
+
+import _train_helpers
+
+STEPS = 6
+
+
+def config(batch: int, sharding: str | None, **overrides):
+    return _train_helpers.train_config(batch_size=batch, max_steps=STEPS, lr=3e-3, schedule="linear",
+                                       warmup_ratio=0.2, group_by_length=True, save_every=1, sharding=sharding,
+                                       save_every_minutes=None, **overrides)
+
+
+def _kill_after(step: int) -> None:
+    from instructkit.train import loop
+
+    original = loop.save
+
+    def save_then_die(run, state, epoch_plan):
+        path = original(run, state, epoch_plan)
+        if state.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    loop.save = save_then_die
+
+
+def _forbid_pickle() -> None:
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load used pickle")
+
+    pickle.load = pickle.loads = torch.load = refuse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir")
+    parser.add_argument("--sharding", default=None)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kill-after", type=int, default=None)
+    parser.add_argument("--no-pickle", action="store_true")
+    args = parser.parse_args()
+
+    import _ddp_worker
+    import torch
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+    from safetensors.torch import save_file
+
+    from instructkit.train.loop import TrainData, TrainOptions, train
+
+    torch.set_num_threads(1)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(tokenizer).train()
+    dataset, settings = _train_helpers.tokenized(_ddp_worker.examples(), tokenizer)
+    if args.kill_after is not None:
+        _kill_after(args.kill_after)
+    if args.no_pickle:
+        _forbid_pickle()
+    result = train(model, tokenizer, TrainData(dataset), config(args.batch, args.sharding), args.out_dir,
+                   TrainOptions(settings=settings, is_seq2seq=False, show_progress=False, resume=args.resume))
+    final = result.model if result.model is not None else model
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_file({k: v.detach().contiguous() for k, v in final.state_dict().items() if "lm_head" not in k},
+                  os.path.join(args.out_dir, "final.safetensors"))
+        print(f"done {result.steps} steps on {os.environ.get('WORLD_SIZE', '1')} processes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
