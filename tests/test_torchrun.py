@@ -57,7 +57,7 @@ def _config(folder: Path, model_dir: Path, sharding: str) -> Path:
     return path
 
 
-def _launch(tmp_path: Path, config: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def _launch(tmp_path: Path, config: Path, command: str = "train") -> tuple[subprocess.CompletedProcess, list]:
     hook, logs = tmp_path / "hook", tmp_path / "audit"
     hook.mkdir()
     logs.mkdir()
@@ -66,8 +66,9 @@ def _launch(tmp_path: Path, config: Path) -> tuple[subprocess.CompletedProcess, 
            "AUDIT_ROOT": str(tmp_path / "runs"), "AUDIT_LOG": str(logs),
            "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "instructkit", "train", str(config)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+           "-m", "instructkit", command, str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          check=False)
     return done, [json.loads(p.read_text()) for p in sorted(logs.glob("*.json"))]
 
 
@@ -78,7 +79,8 @@ def _loads_without_instructkit(model_dir: Path) -> float:
             f"AutoTokenizer.from_pretrained({str(model_dir)!r})\n"
             "print(model.model.embed_tokens.weight.double().sum().item())\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return float(done.stdout.split()[-1])
 
@@ -100,6 +102,10 @@ def test_torchrun_instructkit_train_is_rank_aware(tmp_path, tiny_model_dir, shar
     both = sorted(path for i, a in enumerate(written) for b in written[i + 1:] for path in a & b)
     assert not both, both
     assert {str(run_dir / "train.jsonl"), str(run_dir / "metrics.jsonl")} <= set().union(*written)
+    if sharding == "fsdp":  # the hook sees both workers: each wrote its own DCP shard
+        shard = [sorted({Path(p).name for p in w if "/sharded/shard-" in p}) for w in written]
+        assert sorted(shard) == [[], ["shard-00001-model-00001-of-00001.safetensors"],
+                                 ["shard-00002-model-00001-of-00001.safetensors"]]
     assert len(list((run_dir / "cache" / "tokenized").iterdir())) == 2  # train + validation, tokenized once
     # One plain Hugging Face folder, consolidated, loadable without instructkit
     model_dir = run_dir / "model"
@@ -114,3 +120,17 @@ def test_torchrun_instructkit_train_is_rank_aware(tmp_path, tiny_model_dir, shar
         assert len(keys) == len(saved) > 10
         for key in keys:
             assert torch.equal(torch.cat([halves[0][key], halves[1][key]]), saved[key[len("model."):]]), key
+
+
+@pytest.mark.slow  # prepare, two evaluations and the report besides training (~1-2 min on 2 shared cores)
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch has no gloo backend")
+def test_torchrun_instructkit_run_evaluates_on_rank_0_only(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir, "fsdp")
+    done, writes = _launch(tmp_path, config, command="run")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    run_dir = tmp_path / "runs" / "fsdp"
+    assert (run_dir / "report.json").is_file() and (run_dir / "eval" / "tuned" / "eval.json").is_file()
+    assert json.loads((run_dir / "train_result.json").read_text())["steps"] == 4
+    written = [set(w) for w in writes]
+    assert not sorted(path for i, a in enumerate(written) for b in written[i + 1:] for path in a & b)
+    assert done.stdout.count("base vs fine-tuned") == 1  # the summary is printed once

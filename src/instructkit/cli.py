@@ -235,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from instructkit import pipeline
 
     path, overrides = _split_config_args(args.config)
+    ranks.start()  # under torchrun: rank 0 runs every step; the others train with it (pipeline.run)
     summary = pipeline.run(path, overrides, force=args.force)
     if ranks.is_main():  # under torchrun the others only trained
         pipeline.print_summary(summary, _console())

@@ -1,12 +1,13 @@
 """One process of the sharding tests; run under torchrun (CPU, gloo, 1 thread per process) or alone.
 
     torchrun --standalone --nproc_per_node 2 tests/train/_shard_worker.py OUT_DIR --sharding fsdp
-        [--batch 2] [--resume] [--kill-after STEP] [--no-pickle]
+        [--batch 2] [--resume] [--kill-after STEP] [--no-pickle] [--val]
 
 Trains the tiny Llama STEPS steps on `_ddp_worker.examples()` (global batch 4: --batch 2 on 2 processes,
 --batch 4 on one), checkpointing every step. Writes OUT_DIR/metrics.jsonl and, on the main process,
 OUT_DIR/final.safetensors (every weight, gathered). --kill-after N: every process SIGKILLs itself right
 after the step-N checkpoint is complete. --no-pickle: pickle.load(s) and torch.load raise while resuming.
+--val: validation loss every step; the run ends with the best weights (checkpoints/best).
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ STEPS = 6
 
 
 def config(batch: int, sharding: str | None, **overrides):
-    return _train_helpers.train_config(batch_size=batch, max_steps=STEPS, lr=3e-3, schedule="linear",
-                                       warmup_ratio=0.2, group_by_length=True, save_every=1, sharding=sharding,
-                                       save_every_minutes=None, **overrides)
+    settings = {"batch_size": batch, "max_steps": STEPS, "lr": 3e-3, "schedule": "linear", "warmup_ratio": 0.2,
+                "group_by_length": True, "save_every": 1, "sharding": sharding, "save_every_minutes": None}
+    return _train_helpers.train_config(**{**settings, **overrides})
+
+
+def validation_examples():
+    return _train_helpers.make_examples(6, seed=7, completions=["zebra quantum", "xylophone"])
+
+
+VAL = {"eval_every": 1, "lr": 3e-2}  # --val: validation loss is lowest at step 2 of 6 (measured: 6.04, then up)
 
 
 def _kill_after(step: int) -> None:
@@ -59,6 +67,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-after", type=int, default=None)
     parser.add_argument("--no-pickle", action="store_true")
+    parser.add_argument("--val", action="store_true")
     args = parser.parse_args()
 
     import _ddp_worker
@@ -72,11 +81,13 @@ def main() -> None:
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_llama(tokenizer).train()
     dataset, settings = _train_helpers.tokenized(_ddp_worker.examples(), tokenizer)
+    val = _train_helpers.tokenized(validation_examples(), tokenizer)[0] if args.val else None
     if args.kill_after is not None:
         _kill_after(args.kill_after)
     if args.no_pickle:
         _forbid_pickle()
-    result = train(model, tokenizer, TrainData(dataset), config(args.batch, args.sharding), args.out_dir,
+    cfg = config(args.batch, args.sharding, **(VAL if args.val else {}))
+    result = train(model, tokenizer, TrainData(dataset, val), cfg, args.out_dir,
                    TrainOptions(settings=settings, is_seq2seq=False, show_progress=False, resume=args.resume))
     final = result.model if result.model is not None else model
     if int(os.environ.get("RANK", "0")) == 0:

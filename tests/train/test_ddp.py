@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from _train_helpers import HERE, tokenized, trainable_tensors
 from conftest import build_tiny_llama
 

@@ -34,7 +34,7 @@ def _env() -> dict:
 def _torchrun(out_dir: Path, *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(WORKER), str(out_dir), *flags]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, check=False)
 
 
 def _ok(done: subprocess.CompletedProcess) -> None:
@@ -165,3 +165,24 @@ def test_fsdp_without_a_launcher_says_how_to_launch(tiny_tokenizer, tmp_path):
     with pytest.raises(TrainingError, match="torchrun"):
         train(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, TrainData(dataset), _shard_worker.config(4, "fsdp"),
               tmp_path, TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
+
+
+@pytest.mark.slow  # one more 2-process launch (~30 s on 2 shared cores)
+def test_fsdp_keeps_and_restores_the_best_weights_as_one_process_does(tmp_path, tiny_tokenizer):
+    import _ddp_worker
+    import _shard_worker
+
+    from instructkit.train.loop import TrainData, TrainOptions, train
+
+    _ok(_torchrun(tmp_path / "fsdp", "--sharding", "fsdp", "--val"))
+    model = build_tiny_llama(tiny_tokenizer).train()
+    dataset, settings = tokenized(_ddp_worker.examples(), tiny_tokenizer)
+    val, _ = tokenized(_shard_worker.validation_examples(), tiny_tokenizer)
+    single = train(model, tiny_tokenizer, TrainData(dataset, val), _shard_worker.config(4, None, **_shard_worker.VAL),
+                   tmp_path / "one", TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
+    fsdp = json.loads((tmp_path / "fsdp" / "train_result.json").read_text())
+    assert fsdp["best_metric"] == single.best_metric == "val_loss"
+    assert fsdp["best_step"] == single.best_step and single.best_step < 6  # the best is not the last step
+    np.testing.assert_allclose(fsdp["best_value"], single.best_value, rtol=1e-4)
+    weights = _weights(tmp_path / "fsdp")  # the restored best weights, gathered
+    assert max((weights[k] - model.state_dict()[k]).abs().max().item() for k in weights) < 1e-4

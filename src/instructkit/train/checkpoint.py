@@ -385,12 +385,13 @@ def best_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str, Any],
-              weights_from: str | os.PathLike | None = None) -> Path:
+              weights_from: str | os.PathLike | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `checkpoints/best/` (trainable weights in safetensors + best.json) atomically, replacing it.
 
     `weights_from`: a checkpoint of this very step; its model.safetensors (the same bytes) is hard-linked
     instead of written again (checkpoint files are never rewritten in place, so the link stays valid when
-    the checkpoint is pruned). Falls back to writing where links are not possible.
+    the checkpoint is pruned). Falls back to writing where links are not possible. `tensors`: the weights
+    to write instead of the model's (FSDP2: gathered from the shards).
     """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -402,9 +403,18 @@ def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str
             raise FileNotFoundError
         os.link(Path(weights_from) / "model.safetensors", folder / "model.safetensors")
     except OSError:
-        _write_tensors(folder / "model.safetensors", trainable_state(model))
+        _write_tensors(folder / "model.safetensors", trainable_state(model) if tensors is None else tensors)
     _write_json(folder / "best.json", _jsonable(info))
     return _seal(folder, best_dir(run_dir), {"best": _jsonable(info)})
+
+
+def read_best(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of `checkpoints/best/`, verified first (TrainingError when damaged)."""
+    path = Path(path)
+    problem = verify_folder(path)
+    if problem is not None:
+        raise TrainingError(f"best checkpoint {path} is damaged: {problem}")
+    return load_file(str(path / "model.safetensors"))
 
 
 def load_best(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]:
@@ -412,11 +422,7 @@ def load_best(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]
 
     Raises TrainingError when the folder fails verification (missing file, size or sha256 mismatch).
     """
-    path = Path(path)
-    problem = verify_folder(path)
-    if problem is not None:
-        raise TrainingError(f"best checkpoint {path} is damaged: {problem}")
-    load_trainable_state(model, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))
+    load_trainable_state(model, read_best(path), str(Path(path) / "model.safetensors"))
     with contextlib.suppress(FileNotFoundError):
         return json.loads((path / "best.json").read_text(encoding="utf-8"))
     return {}

@@ -44,7 +44,7 @@ from instructkit.data.sampler import BatchPlan, attention_tokens_of, example_wei
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import TrainingError
 from instructkit.io import run_lock, write_json
-from instructkit.train.checkpoint import best_dir, load_best
+from instructkit.train.checkpoint import best_dir
 from instructkit.train.compile import compile_model, pad_multiple
 from instructkit.train.disk import check_disk_space
 from instructkit.train.distributed import broadcast, enable_activation_checkpointing, make_accelerator
@@ -56,7 +56,7 @@ from instructkit.train.saving import checkpoint_due, save
 from instructkit.train.sharding import consolidated_model, resolve_sharding, shard_model
 from instructkit.train.state import Run, TrainState, Validate
 from instructkit.train.step import train_step
-from instructkit.train.tracking import MetricsLog, TrainMeter, keep_best, track_best
+from instructkit.train.tracking import MetricsLog, TrainMeter, keep_best, reload_best, track_best
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def _after_step(run: Run, state: TrainState, log: MetricsLog, stop: StopControl,
     if timed or checkpoint_due(run, state, last, validated):
         path = save(run, state, epoch_plan)
         stop.saved(path, state.step)
-    if validated and state.best_step == state.step and not run.sharded:
+    if validated and state.best_step == state.step:
         keep_best(run, state, path)  # after the checkpoint, whose weights it links
     return path
 
@@ -303,10 +303,10 @@ def _after_step(run: Run, state: TrainState, log: MetricsLog, stop: StopControl,
 def _finish(run: Run, state: TrainState, log: MetricsLog, last_checkpoint: Path | None, train_seconds: float,
             restore_best: bool) -> TrainResult:
     """Restore the best weights when asked, write train_result.json on the main process, return the result."""
-    best = best_dir(run.run_dir) if state.best_step is not None and not run.sharded else None
+    best = best_dir(run.run_dir) if state.best_step is not None else None
     run.accelerator.wait_for_everyone()
     if best is not None and restore_best and best.is_dir() and state.best_step != state.step:
-        load_best(best, run.unwrapped)
+        reload_best(run, best)
         logger.info("restored the best weights (step %d, %s = %.4g)", state.best_step, state.best_metric,
                     state.best_value)
     result = TrainResult(

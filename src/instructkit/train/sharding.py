@@ -94,6 +94,10 @@ def shard_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, 
                             "keep the base model whole with ddp")
     if cfg.optimizer_in_backward:
         raise TrainingError("train.sharding=fsdp with train.optimizer_in_backward=true is not supported")
+    metric = cfg.early_stopping.metric if cfg.early_stopping else None
+    if metric and metric not in ("val_loss", "val_ppl"):
+        raise TrainingError(f"train.early_stopping.metric={metric}: under train.sharding=fsdp validation measures "
+                            "loss only (task metrics would generate on every process): use val_loss")
     if not torch.distributed.is_initialized():
         raise TrainingError("train.sharding=fsdp needs a process group: launch with torchrun "
                             "(torchrun --nproc_per_node N -m instructkit train CONFIG; N may be 1)")
@@ -124,6 +128,24 @@ def plain_norm(norm: Any) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return norm.full_tensor() if isinstance(norm, DTensor) else torch.as_tensor(norm)
+
+
+def full_weights(model: torch.nn.Module, main: bool) -> dict[str, torch.Tensor] | None:
+    """The trainable weights gathered whole on the main process, on CPU (None elsewhere); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {name for name, p in model.named_parameters() if p.requires_grad}  # tied weights once
+    return {k: v for k, v in full.items() if k in names} if main else None
+
+
+def load_full_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+    """The inverse of `full_weights`: the main process's whole tensors scattered into every process's
+    shards (the others pass None); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, tensors or {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=False))
 
 
 def _unsharded_class(model: torch.nn.Module) -> type:
