@@ -46,11 +46,13 @@ def _config(folder: Path, model_dir: Path, sharding: str) -> Path:
     config = {
         "name": sharding, "output_dir": str(folder / "runs"),
         "datasets": [{"path": "demo", "schema": "amazon_us_reviews", "max_rows": 40,
-                      "templates": ["amazon_us_reviews.predict_rating"], "templates_per_row": 1}],
+                      "templates": ["amazon_us_reviews.predict_rating", "amazon_us_reviews.describe_review"],
+                      "templates_per_row": 1}],
         "split": {"seed": 0, "validation": 0.2, "test": 0.2},
         "model": {"name": str(model_dir), "max_length": 96},
         "train": {"lr": 3e-3, "max_steps": 4, "batch_size": 2, "threads": 1, "eval_every": 4, "save_every": 2,
-                  "eval_max_examples": 4, "sharding": sharding, "gradient_checkpointing": sharding == "fsdp"},
+                  "eval_max_examples": 6, "sharding": sharding, "gradient_checkpointing": sharding == "fsdp"},
+        "eval": {"max_new_tokens": {"summarization": 4}, "few_shot": []},
     }
     path = folder / f"{sharding}.yaml"
     path.write_text(json.dumps(config))
@@ -94,8 +96,10 @@ def test_torchrun_instructkit_train_is_rank_aware(tmp_path, tiny_model_dir, shar
     # Two training processes, each with its half of every step
     state = json.loads((run_dir / "checkpoints" / "step-000004" / "state.json").read_text())
     assert state["sampler"]["world_size"] == 2 and state["step"] == 4
-    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["event"] == "train"] == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4]
+    evals = [r for r in records if r["event"] == "eval"]  # loss and task metrics, generation too (fsdp as well)
+    assert [r["step"] for r in evals] == [4] and {"val_loss", "macro_f1", "rougeL"} <= set(evals[0]), evals
     # No file written by both: the launcher + 2 workers recorded, only rank 0 wrote the shared files
     assert len(writes) == 3, writes
     written = [set(w) for w in writes]

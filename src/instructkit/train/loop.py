@@ -260,8 +260,8 @@ def _validate(run: Run, state: TrainState, log: MetricsLog, stop: StopControl) -
                 eval_plan = plan_eval(run.val_table.lengths, run.plan)[run.accelerator.process_index]
                 loss, n = validation_loss(run, eval_plan)
                 record.update(val_loss=loss, val_ppl=math.exp(min(loss, 700.0)), val_label_tokens=n)
-            if run.validate is not None and not run.sharded:
-                task = run.validate(run.unwrapped) if run.main else None
+            if run.validate is not None:  # fsdp: every process runs it (each forward needs them all)
+                task = run.validate(run.unwrapped) if run.main or run.sharded else None
                 record.update({k: float(v) for k, v in (broadcast(run.accelerator, task) or {}).items()})
     finally:
         run.model.train()

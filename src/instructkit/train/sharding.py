@@ -11,8 +11,10 @@ Launch: `torchrun --nproc_per_node N -m instructkit train CONFIG` (CPU: gloo; CU
 accelerate's choice). Under fsdp, `train.precision` bf16 becomes FSDP's MixedPrecisionPolicy (bf16
 compute, fp32 gradient reduction, fp32 master weights); fp16 is refused (it needs a sharded gradient
 scaler); `train.gradient_checkpointing` recomputes each decoder layer in backward. Checkpoints are DCP
-shards (train/dcp_checkpoint.py); the final model is gathered once into a plain module on rank 0
-(`consolidated_model`). Everything here runs on CPU with gloo (tests/train/test_fsdp.py).
+shards (train/dcp_checkpoint.py); the best weights (checkpoints/best) and the final model are gathered
+whole onto rank 0 (`full_weights`, `consolidated_model`). Task metrics during validation run on every
+process (each forward needs them all; transformers' generate keeps them stepping together), rank 0's
+numbers count. Everything here runs on CPU with gloo (tests/train/test_fsdp.py, tests/test_torchrun.py).
 """
 
 from __future__ import annotations
@@ -94,10 +96,6 @@ def shard_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, 
                             "keep the base model whole with ddp")
     if cfg.optimizer_in_backward:
         raise TrainingError("train.sharding=fsdp with train.optimizer_in_backward=true is not supported")
-    metric = cfg.early_stopping.metric if cfg.early_stopping else None
-    if metric and metric not in ("val_loss", "val_ppl"):
-        raise TrainingError(f"train.early_stopping.metric={metric}: under train.sharding=fsdp validation measures "
-                            "loss only (task metrics would generate on every process): use val_loss")
     if not torch.distributed.is_initialized():
         raise TrainingError("train.sharding=fsdp needs a process group: launch with torchrun "
                             "(torchrun --nproc_per_node N -m instructkit train CONFIG; N may be 1)")
@@ -108,6 +106,7 @@ def shard_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, 
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    model._is_fsdp_managed_module = True  # transformers' generate then keeps every process stepping together
     logger.info("FSDP2: %d decoder layers + root sharded over %d processes (%s)", len(layers),
                 processes, cfg.precision)
     return model
