@@ -163,8 +163,9 @@ def test_fsdp_without_a_launcher_says_how_to_launch(tiny_tokenizer, tmp_path):
 
     dataset, settings = tokenized(_shard_worker._train_helpers.make_examples(4), tiny_tokenizer)
     with pytest.raises(TrainingError, match="torchrun"):
-        train(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, TrainData(dataset), _shard_worker.config(4, "fsdp"),
-              tmp_path, TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
+        train(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, TrainData(dataset),
+              _shard_worker.config(4, "fsdp"), tmp_path,
+              TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
 
 
 @pytest.mark.slow  # one more 2-process launch (~30 s on 2 shared cores)
@@ -178,8 +179,9 @@ def test_fsdp_keeps_and_restores_the_best_weights_as_one_process_does(tmp_path, 
     model = build_tiny_llama(tiny_tokenizer).train()
     dataset, settings = tokenized(_ddp_worker.examples(), tiny_tokenizer)
     val, _ = tokenized(_shard_worker.validation_examples(), tiny_tokenizer)
-    single = train(model, tiny_tokenizer, TrainData(dataset, val), _shard_worker.config(4, None, **_shard_worker.VAL),
-                   tmp_path / "one", TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
+    cfg = _shard_worker.config(4, None, **_shard_worker.VAL)
+    single = train(model, tiny_tokenizer, TrainData(dataset, val), cfg, tmp_path / "one",
+                   TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
     fsdp = json.loads((tmp_path / "fsdp" / "train_result.json").read_text())
     assert fsdp["best_metric"] == single.best_metric == "val_loss"
     assert fsdp["best_step"] == single.best_step and single.best_step < 6  # the best is not the last step
