@@ -51,7 +51,10 @@ def _config(folder: Path, model_dir: Path, sharding: str) -> Path:
         "split": {"seed": 0, "validation": 0.2, "test": 0.2},
         "model": {"name": str(model_dir), "max_length": 96},
         "train": {"lr": 3e-3, "max_steps": 4, "batch_size": 2, "threads": 1, "eval_every": 4, "save_every": 2,
-                  "eval_max_examples": 6, "sharding": sharding, "gradient_checkpointing": sharding == "fsdp"},
+                  "eval_max_examples": 6, "sharding": sharding,
+                  # fsdp: FSDP2's bf16 MixedPrecisionPolicy and per-layer activation checkpointing, on CPU
+                  "precision": "bf16" if sharding == "fsdp" else "fp32",
+                  "gradient_checkpointing": sharding == "fsdp"},
         "eval": {"max_new_tokens": {"summarization": 4}, "few_shot": []},
     }
     path = folder / f"{sharding}.yaml"
@@ -98,7 +101,7 @@ def test_torchrun_instructkit_train_is_rank_aware(tmp_path, tiny_model_dir, shar
     assert state["sampler"]["world_size"] == 2 and state["step"] == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2, 3, 4]
-    evals = [r for r in records if r["event"] == "eval"]  # loss and task metrics, generation too (fsdp as well)
+    evals = [r for r in records if r["event"] == "eval"]  # loss and task metrics, generation too (fsdp too)
     assert [r["step"] for r in evals] == [4] and {"val_loss", "macro_f1", "rougeL"} <= set(evals[0]), evals
     # No file written by both: the launcher + 2 workers recorded, only rank 0 wrote the shared files
     assert len(writes) == 3, writes
@@ -122,6 +125,7 @@ def test_torchrun_instructkit_train_is_rank_aware(tmp_path, tiny_model_dir, shar
         halves = [load_file(str(p)) for p in shards]
         keys = [k for k in halves[0] if k.startswith("model.")]
         assert len(keys) == len(saved) > 10
+        assert all(v.dtype == torch.float32 for v in saved.values())  # bf16 compute, fp32 master weights
         for key in keys:
             assert torch.equal(torch.cat([halves[0][key], halves[1][key]]), saved[key[len("model."):]]), key
 

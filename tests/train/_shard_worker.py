@@ -1,7 +1,7 @@
 """One process of the sharding tests; run under torchrun (CPU, gloo, 1 thread per process) or alone.
 
     torchrun --standalone --nproc_per_node 2 tests/train/_shard_worker.py OUT_DIR --sharding fsdp
-        [--batch 2] [--resume] [--kill-after STEP] [--no-pickle] [--val]
+        [--batch 2] [--resume] [--kill-after STEP] [--no-pickle] [--val] [--precision bf16]
 
 Trains the tiny Llama STEPS steps on `_ddp_worker.examples()` (global batch 4: --batch 2 on 2 processes,
 --batch 4 on one), checkpointing every step. Writes OUT_DIR/metrics.jsonl and, on the main process,
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--kill-after", type=int, default=None)
     parser.add_argument("--no-pickle", action="store_true")
     parser.add_argument("--val", action="store_true")
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
 
     import _ddp_worker
@@ -86,7 +87,7 @@ def main() -> None:
         _kill_after(args.kill_after)
     if args.no_pickle:
         _forbid_pickle()
-    cfg = config(args.batch, args.sharding, **(VAL if args.val else {}))
+    cfg = config(args.batch, args.sharding, precision=args.precision, **(VAL if args.val else {}))
     result = train(model, tokenizer, TrainData(dataset, val), cfg, args.out_dir,
                    TrainOptions(settings=settings, is_seq2seq=False, show_progress=False, resume=args.resume))
     final = result.model if result.model is not None else model
