@@ -91,7 +91,8 @@ def _loads_without_instructkit(model_dir: Path) -> float:
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch has no gloo backend")
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+# ddp: slow (~60-80 s here), the launch path is the same as fsdp's; test_ddp.py covers DDP training by default
+@pytest.mark.parametrize("sharding", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_torchrun_instructkit_train_is_rank_aware(tmp_path, tiny_model_dir, sharding):
     done, writes = _launch(tmp_path, _config(tmp_path, tiny_model_dir, sharding))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
