@@ -60,9 +60,10 @@ def fsdp_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory) -> Path:
-    """The same run, every process SIGKILLed right after its step-4 checkpoint."""
+    """The same run, SIGKILLed after its step-4 checkpoint, in the middle of writing step 5's: rank 0 dies
+    with both shards of step 5 on disk but not the state, RNG or manifest (torchrun then ends rank 1)."""
     out = tmp_path_factory.mktemp("killed") / "run"
-    done = _torchrun(out, "--sharding", "fsdp", "--kill-after", "4")
+    done = _torchrun(out, "--sharding", "fsdp", "--kill-in-save", "5")
     assert done.returncode != 0 and "Signal 9 (SIGKILL)" in done.stderr + done.stdout, done.stderr[-3000:]
     return out
 
@@ -128,10 +129,16 @@ def test_fsdp_checkpoint_is_sealed_and_pickle_free(fsdp_run):
 
 
 def test_fsdp_killed_after_step_4_resumes_bitwise(fsdp_run, killed_run, tmp_path):
-    assert sorted(p.name for p in (killed_run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    from instructkit.train.checkpoint import latest_good_checkpoint, list_checkpoints
+
+    (partial,) = (killed_run / "checkpoints").glob(".tmp-step-000005-*")  # the half-written step 5
+    assert len(list((partial / "sharded").iterdir())) == 2 and not (partial / "manifest.json").exists()
+    assert [p.name for p in list_checkpoints(killed_run)] == ["step-000003", "step-000004"]
+    assert latest_good_checkpoint(killed_run).name == "step-000004"
     resumed = tmp_path / "resumed"
     shutil.copytree(killed_run, resumed)
     _ok(_torchrun(resumed, "--sharding", "fsdp", "--resume"))
+    assert not list((resumed / "checkpoints").glob(".tmp-*"))  # the partial write was cleared
     expected, got = _weights(fsdp_run), _weights(resumed)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bitwise

@@ -121,7 +121,7 @@ class StopControl:
         return stop > 0, due > 0
 
     def saved(self, path: Path | None, step: int) -> None:
-        """A checkpoint of `step` was written at `path` (None: none could be, e.g. under FSDP)."""
+        """A checkpoint of `step` was written at `path` (None: none was written)."""
         self.last_save = self.clock()
         if path is not None:
             self.checkpoint, self.checkpoint_step = path, step

@@ -79,7 +79,7 @@ class TrainOptions:
 
     settings: TokenizeSettings  # max_length sets the default token budget of a micro-batch
     is_seq2seq: bool
-    validate: Validate | None = None  # task metrics of the unwrapped model, run on the main process
+    validate: Validate | None = None  # task metrics of the unwrapped model, on the main process (fsdp: on all)
     resume: bool = False  # continue from the newest verified checkpoint (fresh start, with a warning, if none)
     accelerator: Any = None  # default: make_accelerator(cfg)
     show_progress: bool = True
