@@ -28,7 +28,10 @@ def is_main() -> bool:
 
 
 def cpu_only() -> bool:
-    """No CUDA device: accelerate must be told (cpu=True), or each process runs alone (DistributedType.NO)."""
+    """Several processes and no CUDA device: accelerate must be told (cpu=True: gloo), or each process trains
+    alone (DistributedType.NO). One process keeps accelerate's own device choice (CUDA, MPS, CPU)."""
+    if world_size() == 1:
+        return False
     import torch
 
     return not torch.cuda.is_available()
