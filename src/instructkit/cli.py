@@ -18,12 +18,14 @@ Every user error (bad config, data, template, model path) prints one message and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from instructkit import ranks
 from instructkit.errors import InstructkitError
 
 log = logging.getLogger("instructkit")
@@ -193,9 +195,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from instructkit.run_folder import new_run_folder
 
     config = _load(args.config)
-    with new_run_folder(config.run_dir):  # a failed first attempt leaves no folder behind
+    ranks.start()  # under torchrun: rank 0 prepares, tokenizes and saves; the others wait for it, then read
+    # a failed first attempt leaves no folder behind
+    with new_run_folder(config.run_dir) if ranks.is_main() else contextlib.nullcontext():
         out = pipeline.train_step(config, resume=args.resume)
-    _console().print(f"model saved to {out}")
+    if ranks.is_main():
+        _console().print(f"model saved to {out}")
     return 0
 
 
@@ -230,8 +235,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from instructkit import pipeline
 
     path, overrides = _split_config_args(args.config)
+    ranks.start()  # under torchrun: rank 0 runs every step; the others train with it (pipeline.run)
     summary = pipeline.run(path, overrides, force=args.force)
-    pipeline.print_summary(summary, _console())
+    if ranks.is_main():  # under torchrun the others only trained
+        pipeline.print_summary(summary, _console())
     return 0
 
 

@@ -284,6 +284,10 @@ class TrainConfig(Section):
         "(bf16 measured 1.6x slower).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations: less memory, ~30% slower.")
+    sharding: Literal["none", "ddp", "fsdp"] | None = Field(
+        None, description="Several processes (torchrun): 'ddp' (whole model per process), 'fsdp' (FSDP2: "
+        "parameters, gradients and AdamW state split over the processes; sharded DCP checkpoints) or 'none' "
+        "(one process). Default: ddp under a launcher with several processes, else none.")
     compile: bool = Field(
         False, description="torch.compile the model for training, with dynamic shapes: one graph serves every "
         "row width (the first steps pay the compilation). See README for the measured CPU effect.")
@@ -324,6 +328,10 @@ class TrainConfig(Section):
                 "train.optimizer_in_backward=true cannot clip gradients "
                 f"(train.max_grad_norm={self.max_grad_norm}): each parameter is updated before the global "
                 "gradient norm is known. Set train.max_grad_norm: null, or train.optimizer_in_backward: false")
+        if self.sharding == "fsdp" and (self.precision == "fp16" or self.lora.enabled):
+            raise ValueError("train.sharding=fsdp supports fp32 and bf16 full fine-tuning: not "
+                             + ("train.precision=fp16 (use bf16)" if self.precision == "fp16" else
+                                "LoRA (train.lora.enabled; use ddp: the adapter is small)"))
         if self.optimizer_in_backward and self.precision == "fp16":
             raise ValueError("train.optimizer_in_backward=true does not work with train.precision=fp16 (the "
                              "gradient scaler must unscale all gradients before any update); use bf16 or fp32")

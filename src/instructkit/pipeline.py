@@ -33,6 +33,7 @@ from typing import Any
 from instructkit.config import RunConfig, dump_config
 from instructkit.config_load import load_config
 from instructkit.errors import InstructkitError
+from instructkit import ranks
 from instructkit.io import read_jsonl, write_json
 from instructkit.run_folder import (
     Steps,
@@ -165,6 +166,12 @@ def run(config_path: str | Path | None = None, overrides: list[str] | tuple[str,
     run_dir = config.run_dir
     from instructkit.io import run_lock
 
+    if not ranks.is_main():  # under a launcher: rank 0 runs the steps, the others only train with it
+        go, resume = ranks.share(None)
+        if go:
+            train_step(config, resume=resume)
+        ranks.barrier()
+        return RunSummary(run_dir=run_dir)
     # A first attempt that fails before any step finished (a bad data path) leaves no folder behind.
     with new_run_folder(run_dir), run_lock(run_dir):  # a second run on the same folder refuses at once
         return _run_locked(config, run_dir, force)
@@ -221,11 +228,12 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
     def train() -> None:
         # Resume only what this very configuration started; other settings or data start fresh.
-        resume = steps.begin("train", train_fp)
+        resume = ranks.share((True, steps.begin("train", train_fp)))[1]  # the other processes train too
         train_step(config, resume=resume, preloaded=base_loaded[0] if base_loaded else None)
         base_loaded.clear()
 
-    _timed(summary, steps, "train", train_fp, train)  # evaluate-tuned's fingerprint has the weights' digest
+    if not _timed(summary, steps, "train", train_fp, train):  # evaluate-tuned's fingerprint has its digest
+        ranks.share((False, False))  # up to date: the other processes have nothing to train
     summary.model_dir = model_dir
 
     # 4. the tuned model.
@@ -249,6 +257,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
         summary.headline = json.loads(report_json.read_text()).get("headline", [])
     write_json(run_dir / "summary.json", {"timings": summary.timings, "skipped": summary.skipped,
                                           "headline": summary.headline})
+    ranks.barrier()  # the other processes waited here
     return summary
 
 
@@ -295,31 +304,18 @@ def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model
 def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -> Path:
     """Prepare if needed, tokenize, train, save the instruct model to <run_dir>/model."""
     from instructkit.data.sampler import class_ids_from_examples
-    from instructkit.data.build import prepare
-    from instructkit.data.tokenize import tokenize_examples
     from instructkit.evaluate.evaluator import make_validation_fn
+    from instructkit.models.card import data_sources
     from instructkit.models.lora import wrap_lora
     from instructkit.models.save import save_instruct_model
     from instructkit.train.loop import TrainData, TrainOptions, train
 
     run_dir = config.run_dir
-    later = ["train", "evaluate-tuned", "compare"]
-    if not resume and outputs(run_dir, later, records=False):  # an earlier model or report: kept beside
-        config_file = run_dir / "config.json"
-        keep_previous_run(run_dir, later, config_file.read_bytes() if config_file.is_file() else None,
-                          keep_started=True)
-    if not (run_dir / "train.jsonl").is_file():
-        prepare(config, run_dir)
-    loaded = preloaded or _load_model(config)
+    # Rank 0 (alone without a launcher) keeps an earlier model aside, prepares, fills the download / GGUF
+    # and tokenize caches; the other processes then read what it wrote (instructkit/ranks.py).
+    with ranks.main_first():
+        loaded, train_examples, val_examples, train_ds, val_ds = _train_inputs(config, resume, preloaded)
     settings = tokenize_settings(config, loaded.is_seq2seq)
-    train_examples = [ex for ex in _examples(run_dir, "train") if not ex.get("held_out")]
-    val_examples = [ex for ex in _examples(run_dir, "validation") if not ex.get("held_out")]
-    if not train_examples:
-        raise InstructkitError(f"{run_dir / 'train.jsonl'}: no training examples")
-    cache = run_dir / "cache" / "tokenized"
-    train_ds, train_stats = tokenize_examples(train_examples, loaded.tokenizer, settings, cache_dir=cache)
-    val_ds, _ = tokenize_examples(val_examples, loaded.tokenizer, settings, cache_dir=cache)
-    write_json(run_dir / "tokenize_stats.json", train_stats.to_dict())
     validate = make_validation_fn(loaded.tokenizer, val_examples, settings, is_seq2seq=loaded.is_seq2seq,
                                   max_examples=config.train.eval_max_examples, seed=config.split.seed,
                                   batch_size=config.eval.batch_size,
@@ -334,35 +330,38 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     result = train(model, loaded.tokenizer, TrainData(train_ds, val_ds, class_ids), config.train, run_dir,
                    TrainOptions(settings=settings, is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume,
                                 show_progress=True))
-    final_model = getattr(result, "model", None) or model
-    card = {
-        **getattr(loaded, "provenance", {}),
-        "data_sources": _data_sources(config),
-        "seed": config.train.seed,
-        "run": config.name,
-    }
-    save_instruct_model(final_model, loaded.tokenizer, run_dir / "model", card=card,
-                        train_config=dump_config(config), merge_lora=config.train.lora.merge)
+    card = {**getattr(loaded, "provenance", {}), "data_sources": data_sources(config.datasets),
+            "seed": config.train.seed, "run": config.name}
+    final = getattr(result, "model", None)
+    ranks.main_only(save_instruct_model, model if final is None else final, loaded.tokenizer, run_dir / "model", card=card,
+                    train_config=dump_config(config), merge_lora=config.train.lora.merge)  # fsdp: gathered
     return run_dir / "model"
 
 
-def _data_sources(config: RunConfig) -> list[dict]:
-    sources = []
-    for entry in config.datasets:
-        path = entry.path or next(iter((entry.files or entry.parallel or {}).values()), None)
-        licence = ""
-        if path == "demo":
-            licence = "Apache-2.0 (written for instructkit)"
-        elif path:
-            source_txt = Path(path).parent / "SOURCE.txt" if Path(path).is_file() else Path(path) / "SOURCE.txt"
-            if source_txt.is_file():
-                for line in source_txt.read_text(errors="replace").splitlines():
-                    if line.lower().startswith("license"):
-                        licence = line.split(":", 1)[-1].strip()
-                        break
-        sources.append({"name": entry.name or entry.schema_name or str(path), "path": str(path),
-                        "schema": entry.schema_name, "licence": licence or "see the data's own terms"})
-    return sources
+def _train_inputs(config: RunConfig, resume: bool, preloaded: Any) -> tuple:
+    """(loaded model, train and validation examples, their tokenized datasets) for `train_step`."""
+    from instructkit.data.build import prepare
+    from instructkit.data.tokenize import tokenize_examples
+
+    run_dir, later = config.run_dir, ["train", "evaluate-tuned", "compare"]
+    if ranks.is_main() and not resume and outputs(run_dir, later, records=False):  # an earlier model: kept
+        config_file = run_dir / "config.json"
+        keep_previous_run(run_dir, later, config_file.read_bytes() if config_file.is_file() else None,
+                          keep_started=True)
+    if not (run_dir / "train.jsonl").is_file():
+        prepare(config, run_dir)
+    loaded = preloaded or _load_model(config)
+    settings = tokenize_settings(config, loaded.is_seq2seq)
+    train_examples = [ex for ex in _examples(run_dir, "train") if not ex.get("held_out")]
+    val_examples = [ex for ex in _examples(run_dir, "validation") if not ex.get("held_out")]
+    if not train_examples:
+        raise InstructkitError(f"{run_dir / 'train.jsonl'}: no training examples")
+    cache = run_dir / "cache" / "tokenized"
+    train_ds, train_stats = tokenize_examples(train_examples, loaded.tokenizer, settings, cache_dir=cache)
+    val_ds, _ = tokenize_examples(val_examples, loaded.tokenizer, settings, cache_dir=cache)
+    if ranks.is_main():
+        write_json(run_dir / "tokenize_stats.json", train_stats.to_dict())
+    return loaded, train_examples, val_examples, train_ds, val_ds
 
 
 def evaluate_step(model: str, data: Path, split: str = "test", out_dir: Path | None = None,

@@ -211,7 +211,7 @@ def test_disk_space_check_fires_before_any_forward_pass(tiny_tokenizer, tmp_path
 
 def test_enough_disk_space_by_the_substituted_reading_trains(tiny_tokenizer, tmp_path):
     """The estimate is a real number of bytes: a reading just above it trains, just below it refuses."""
-    from instructkit.train.checkpoint import required_disk_bytes
+    from instructkit.train.disk import required_disk_bytes
 
     needed = required_disk_bytes(build_tiny_llama(tiny_tokenizer), keep=2)
     assert needed > 0

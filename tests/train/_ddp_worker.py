@@ -1,6 +1,6 @@
 """One process of the multi-process tests; run under torchrun (CPU, gloo, 1 thread per process).
 
-    torchrun --standalone --nproc_per_node 2 tests/train/_ddp_worker.py OUT_DIR [--fsdp]
+    torchrun --standalone --nproc_per_node 2 tests/train/_ddp_worker.py OUT_DIR [--packing]
 
 Trains the tiny Llama on `examples()` with batch_size 2 per process (global batch 4) and writes
 OUT_DIR/metrics.jsonl (main process) and OUT_DIR/final.safetensors.
@@ -31,7 +31,6 @@ def config(per_process_batch: int, packing: bool):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
-    parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--packing", action="store_true")
     args = parser.parse_args()
 
@@ -42,25 +41,13 @@ def main() -> None:
     from instructkit.train.loop import TrainData, TrainOptions, train
 
     torch.set_num_threads(1)
-    plugin = None
-    if args.fsdp:
-        from accelerate import FullyShardedDataParallelPlugin
-
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True)
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    accelerator = Accelerator(cpu=True)
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_llama(tokenizer).train()
     dataset, settings = _train_helpers.tokenized(examples(), tokenizer)
     result = train(model, tokenizer, TrainData(dataset), config(2, args.packing), args.out_dir,
                    TrainOptions(settings=settings, is_seq2seq=False, accelerator=accelerator, show_progress=False))
-    if args.fsdp:
-        state = accelerator.get_state_dict(accelerator._models[0])
-        if accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state.items() if "lm_head" not in k},
-                      os.path.join(args.out_dir, "final.safetensors"))
-    elif accelerator.is_main_process:
+    if accelerator.is_main_process:
         from safetensors.torch import save_file
 
         from instructkit.train.checkpoint import trainable_state

@@ -244,3 +244,24 @@ def model_card_usage(adapter_only: bool, seq2seq: bool) -> list[str]:
                 f'model = {auto}.from_pretrained("PATH")',
                 'tokenizer = AutoTokenizer.from_pretrained("PATH")']
     return ["## Loading", "", "```python", *code, "```", ""]
+
+
+def data_sources(datasets: list[Any]) -> list[dict]:
+    """The model card's data sources: name, path, schema and licence (from a SOURCE.txt beside the data) of
+    each configured dataset (`RunConfig.datasets`)."""
+    sources = []
+    for entry in datasets:
+        path = entry.path or next(iter((entry.files or entry.parallel or {}).values()), None)
+        licence = ""
+        if path == "demo":
+            licence = "Apache-2.0 (written for instructkit)"
+        elif path:
+            source_txt = Path(path).parent / "SOURCE.txt" if Path(path).is_file() else Path(path) / "SOURCE.txt"
+            if source_txt.is_file():
+                for line in source_txt.read_text(errors="replace").splitlines():
+                    if line.lower().startswith("license"):
+                        licence = line.split(":", 1)[-1].strip()
+                        break
+        sources.append({"name": entry.name or entry.schema_name or str(path), "path": str(path),
+                        "schema": entry.schema_name, "licence": licence or "see the data's own terms"})
+    return sources

@@ -1,6 +1,7 @@
 """Atomic checkpoints for exact resume. No pickle: tensors in safetensors, everything else in JSON.
 
-A checkpoint is a folder `run_dir/checkpoints/step-000123/`:
+A checkpoint is a folder `run_dir/checkpoints/step-000123/` (train.sharding=fsdp: model and optimizer as
+DCP shards instead, train/dcp_checkpoint.py):
 
     model.safetensors       the trainable parameters by name (LoRA: the adapter only; tied weights once)
     optimizer.safetensors   optimizer state tensors, key "<param index>.<name>" (AdamW: step, exp_avg, exp_avg_sq)
@@ -28,7 +29,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +200,11 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def _seal(folder: Path, target: Path, info: dict[str, Any]) -> Path:
     """Write the manifest (hash of every file), fsync, and rename `folder` onto `target`."""
     files = {}
-    for path in sorted(folder.iterdir()):
-        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):  # sharded/ (DCP) included
+        files[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     _write_json(folder / "manifest.json", {"format": FORMAT, **info, "files": files})
-    fsync_dir(folder)
+    for sub in [p for p in folder.rglob("*") if p.is_dir()] + [folder]:
+        fsync_dir(sub)
     # a target that exists (e.g. a corrupt step-N left by a killed run, rewritten after resuming from
     # N-1) is moved aside under a name `_tidy` recognises, so a kill mid-swap loses nothing
     return replace_folder(folder, target, aside=target.with_name(f".old-{target.name}-{os.getpid()}"))
@@ -275,6 +277,16 @@ def save_checkpoint(
     _write_tensors(folder / "optimizer.safetensors", opt_tensors)
     _write_json(folder / "optimizer.json", opt_meta)
 
+    write_state(folder, step, scheduler, sampler_state, rng_state, extra)
+    target = _seal(folder, root / step_dir_name(step), {"step": step})
+    _prune(root, keep)
+    return target
+
+
+def write_state(folder: Path, step: int, scheduler: Any, sampler_state: dict[str, Any],
+                rng_state: dict[str, Any] | Sequence[dict[str, Any]] | None, extra: dict[str, Any] | None) -> None:
+    """rng.safetensors (torch RNG of every process) + state.json (step, scheduler, data position, python and
+    numpy RNG per process, extras): the part of a checkpoint that does not depend on how weights are kept."""
     states = [capture_rng()] if rng_state is None else (
         [rng_state] if isinstance(rng_state, dict) else list(rng_state))
     rng_tensors: dict[str, torch.Tensor] = {}
@@ -290,9 +302,24 @@ def save_checkpoint(
         "rng": [{"python": s["python"], "numpy": s["numpy"]} for s in states],
         "extra": _jsonable(extra or {}),
     })
-    target = _seal(folder, root / step_dir_name(step), {"step": step})
-    _prune(root, keep)
-    return target
+
+
+def read_state(path: Path, scheduler: Any, rank: int, restore_rng_state: bool) -> dict[str, Any]:
+    """Restore the scheduler and this process's RNG (rank `rank`; rank 0's when the checkpoint has fewer
+    processes) from `write_state`'s files; returns state.json."""
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if scheduler is not None and state.get("scheduler") is not None:
+        load_scheduler_state(scheduler, state["scheduler"])
+    if restore_rng_state:
+        rng = load_file(str(path / "rng.safetensors"))
+        ranks = state["rng"]
+        mine = rank if rank < len(ranks) else 0
+        restore_rng({
+            **ranks[mine],
+            "torch": rng[f"torch.{mine}"],
+            "cuda": [rng[k] for k in sorted(k for k in rng if k.startswith(f"cuda.{mine}."))],
+        })
+    return state
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -337,7 +364,6 @@ def load_checkpoint(
     problem = verify_folder(path)
     if problem is not None:
         raise TrainingError(f"checkpoint {path} is damaged: {problem}")
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     load_trainable_state(model, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))
     if optimizer is not None:
         meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
@@ -346,18 +372,7 @@ def load_checkpoint(
             raise TrainingError(f"{path / 'optimizer.json'}: the optimizer's parameters differ from this run's "
                                 f"({len(meta['param_names'])} saved, {len(names)} now)")
         optimizer.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), meta))
-    if scheduler is not None and state.get("scheduler") is not None:
-        load_scheduler_state(scheduler, state["scheduler"])
-    if restore_rng_state:
-        rng = load_file(str(path / "rng.safetensors"))
-        ranks = state["rng"]
-        mine = rank if rank < len(ranks) else 0
-        restore_rng({
-            **ranks[mine],
-            "torch": rng[f"torch.{mine}"],
-            "cuda": [rng[k] for k in sorted(k for k in rng if k.startswith(f"cuda.{mine}."))],
-        })
-    return state
+    return read_state(path, scheduler, rank, restore_rng_state)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,12 +385,13 @@ def best_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str, Any],
-              weights_from: str | os.PathLike | None = None) -> Path:
+              weights_from: str | os.PathLike | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `checkpoints/best/` (trainable weights in safetensors + best.json) atomically, replacing it.
 
     `weights_from`: a checkpoint of this very step; its model.safetensors (the same bytes) is hard-linked
     instead of written again (checkpoint files are never rewritten in place, so the link stays valid when
-    the checkpoint is pruned). Falls back to writing where links are not possible.
+    the checkpoint is pruned). Falls back to writing where links are not possible. `tensors`: the weights
+    to write instead of the model's (FSDP2: gathered from the shards).
     """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -387,9 +403,18 @@ def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str
             raise FileNotFoundError
         os.link(Path(weights_from) / "model.safetensors", folder / "model.safetensors")
     except OSError:
-        _write_tensors(folder / "model.safetensors", trainable_state(model))
+        _write_tensors(folder / "model.safetensors", trainable_state(model) if tensors is None else tensors)
     _write_json(folder / "best.json", _jsonable(info))
     return _seal(folder, best_dir(run_dir), {"best": _jsonable(info)})
+
+
+def read_best(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of `checkpoints/best/`, verified first (TrainingError when damaged)."""
+    path = Path(path)
+    problem = verify_folder(path)
+    if problem is not None:
+        raise TrainingError(f"best checkpoint {path} is damaged: {problem}")
+    return load_file(str(path / "model.safetensors"))
 
 
 def load_best(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]:
@@ -397,42 +422,7 @@ def load_best(path: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]
 
     Raises TrainingError when the folder fails verification (missing file, size or sha256 mismatch).
     """
-    path = Path(path)
-    problem = verify_folder(path)
-    if problem is not None:
-        raise TrainingError(f"best checkpoint {path} is damaged: {problem}")
-    load_trainable_state(model, load_file(str(path / "model.safetensors")), str(path / "model.safetensors"))
+    load_trainable_state(model, read_best(path), str(Path(path) / "model.safetensors"))
     with contextlib.suppress(FileNotFoundError):
         return json.loads((path / "best.json").read_text(encoding="utf-8"))
     return {}
-
-
-# --------------------------------------------------------------------------------------------------
-# Disk space, checked before the first step
-# --------------------------------------------------------------------------------------------------
-
-
-def required_disk_bytes(model: torch.nn.Module, keep: int) -> int:
-    """Bytes the run will write, fp32.
-
-    A checkpoint holds the trainable weights (4 bytes each) and AdamW's two moments (8 bytes): 12 bytes
-    per trainable parameter. `keep` are kept and one more exists while the newest is written: (keep + 1)
-    checkpoints. Plus checkpoints/best (4 bytes per trainable parameter) and the final model (4 bytes per
-    parameter). SmolLM2-135M, full fine-tuning, keep 2: 3 x 1.62 GB + 0.54 + 0.54 = 5.9 GB.
-    """
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return (keep + 1) * 12 * trainable + 4 * trainable + 4 * total
-
-
-def check_disk_space(run_dir: Path, model: torch.nn.Module, keep: int,
-                     free_space_fn: Callable[[Path], int] | None = None) -> None:
-    """Raise TrainingError before training when `run_dir`'s file system has less free space than
-    `required_disk_bytes`; `free_space_fn(path) -> bytes` replaces the reading (tests)."""
-    free = (free_space_fn or (lambda p: shutil.disk_usage(p).free))(run_dir)
-    needed = required_disk_bytes(model, keep)
-    if free < needed:
-        raise TrainingError(
-            f"not enough disk space in {run_dir}: training needs about {needed / 1e9:.2f} GB "
-            f"({keep} checkpoints + best + final model) but {free / 1e9:.2f} GB are free. Free some space, "
-            "lower train.keep_checkpoints (>= 2) or use LoRA (train.lora.enabled=true).")

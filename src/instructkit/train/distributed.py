@@ -1,7 +1,8 @@
 """The execution engine: `accelerate` for devices, processes and mixed precision, and the few collectives
 the loop needs (sums, a broadcast, RNG states). Each is a no-op in one process.
 
-Launch: `torchrun --nproc_per_node 2 -m instructkit train CONFIG` (CPU: gloo, DDP) or `accelerate launch`.
+Launch: `torchrun --nproc_per_node 2 -m instructkit train CONFIG` (CPU: gloo; CUDA: NCCL) or `accelerate
+launch`; `train.sharding` picks DDP or FSDP2 (train/sharding.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from instructkit.train.checkpoint import capture_rng
 
 def make_accelerator(cfg: TrainConfig) -> Any:
     """An Accelerator for cfg.precision; devices and processes come from the launcher (torchrun/accelerate).
+    Under train.sharding=fsdp FSDP2's MixedPrecisionPolicy does the casting, so accelerate's is off.
 
     Raises TrainingError when accelerate refuses the precision (e.g. a second, different mixed-precision
     state in one process).
     """
     from accelerate import Accelerator
 
+    from instructkit.ranks import cpu_only, start
+
+    start()  # the process group (several processes), with the long wait for rank 0's evaluations
+    precision = "fp32" if cfg.sharding == "fsdp" else cfg.precision
     try:
-        return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision])
+        return Accelerator(cpu=cpu_only(), mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
     except ValueError as exc:  # accelerate keeps one state per process
         raise TrainingError(f"train.precision={cfg.precision}: {exc} (or pass your own accelerator=)") from None
 
@@ -68,12 +74,6 @@ def gather_rng(accelerator: Any) -> list[dict[str, Any]]:
     out: list[Any] = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(out, mine)
     return out
-
-
-def sharded(accelerator: Any) -> bool:
-    """FSDP / DeepSpeed: parameters are split over processes (no exact checkpoints here)."""
-    kind = str(getattr(accelerator, "distributed_type", ""))
-    return "FSDP" in kind or "DEEPSPEED" in kind
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -71,7 +71,7 @@ class StopControl:
         self.checkpoint_step = state.step if checkpoint is not None else None
         self.clock = clock
         minutes = run.cfg.save_every_minutes
-        self.interval_s = minutes * 60.0 if minutes and not run.sharded else None
+        self.interval_s = minutes * 60.0 if minutes else None
         self.last_save = clock()
         self.requested = False  # a first Ctrl-C arrived
         self.hard = False  # a second one: stop at once
@@ -121,7 +121,7 @@ class StopControl:
         return stop > 0, due > 0
 
     def saved(self, path: Path | None, step: int) -> None:
-        """A checkpoint of `step` was written at `path` (None: none could be, e.g. under FSDP)."""
+        """A checkpoint of `step` was written at `path` (None: none was written)."""
         self.last_save = self.clock()
         if path is not None:
             self.checkpoint, self.checkpoint_step = path, step

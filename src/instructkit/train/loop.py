@@ -4,8 +4,8 @@
                    TrainOptions(settings=settings, is_seq2seq=False, validate=my_metrics))
 
 One process:         instructkit train CONFIG            (CPU: set train.threads; 1 is steadiest on 2 cores)
-Two processes, CPU:  torchrun --nproc_per_node 2 -m instructkit train CONFIG      (gloo, DDP)
-GPUs, FSDP / ZeRO-3: accelerate launch --config_file examples/accelerate/fsdp.yaml -m instructkit train ...
+Two processes:       torchrun --nproc_per_node 2 -m instructkit train CONFIG      (gloo on CPU, NCCL on GPU)
+Sharded (FSDP2):     the same with train.sharding=fsdp   (train/sharding.py; DCP checkpoints)
 
 The arithmetic of one run (default config: batch_size 8, grad_accum 1, one process, SmolLM2):
   examples per optimizer step  G = batch_size x grad_accum x processes = 8  (data/sampler.py)
@@ -44,22 +44,19 @@ from instructkit.data.sampler import BatchPlan, attention_tokens_of, example_wei
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import TrainingError
 from instructkit.io import run_lock, write_json
-from instructkit.train.checkpoint import best_dir, check_disk_space, checkpoints_dir, load_best, save_checkpoint
+from instructkit.train.checkpoint import best_dir
 from instructkit.train.compile import compile_model, pad_multiple
-from instructkit.train.distributed import (
-    broadcast,
-    enable_activation_checkpointing,
-    gather_rng,
-    make_accelerator,
-    sharded,
-)
+from instructkit.train.disk import check_disk_space
+from instructkit.train.distributed import broadcast, enable_activation_checkpointing, make_accelerator
+from instructkit.train.interrupt import StopControl
 from instructkit.train.loss import supports_logits_to_keep, validation_loss
 from instructkit.train.optim import make_optimizer, make_scheduler
-from instructkit.train.resume import data_position, resume_point
+from instructkit.train.resume import resume_point
+from instructkit.train.saving import checkpoint_due, save
+from instructkit.train.sharding import consolidated_model, resolve_sharding, shard_model
 from instructkit.train.state import Run, TrainState, Validate
 from instructkit.train.step import train_step
-from instructkit.train.interrupt import StopControl
-from instructkit.train.tracking import MetricsLog, TrainMeter, keep_best, track_best
+from instructkit.train.tracking import MetricsLog, TrainMeter, keep_best, reload_best, track_best
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +79,7 @@ class TrainOptions:
 
     settings: TokenizeSettings  # max_length sets the default token budget of a micro-batch
     is_seq2seq: bool
-    validate: Validate | None = None  # task metrics of the unwrapped model, run on the main process
+    validate: Validate | None = None  # task metrics of the unwrapped model, on the main process (fsdp: on all)
     resume: bool = False  # continue from the newest verified checkpoint (fresh start, with a warning, if none)
     accelerator: Any = None  # default: make_accelerator(cfg)
     show_progress: bool = True
@@ -108,6 +105,7 @@ class TrainResult:
     last_checkpoint: Path | None
     history: list[dict[str, Any]]  # the records of metrics.jsonl
     train_seconds: float  # wall time of this call's optimizer steps (validation excluded)
+    model: Any = None  # fsdp: the trained weights gathered into a plain module (main process; else None)
 
     @property
     def model_path(self) -> Path | None:
@@ -196,18 +194,18 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     if accelerator.is_main_process:
         check_disk_space(run_dir, model, cfg.keep_checkpoints, options.free_space_fn)
 
+    sharding = resolve_sharding(cfg, accelerator.num_processes, str(accelerator.distributed_type))
     model.train()
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # per decoder layer, before FSDP2 wraps the layers
         enable_activation_checkpointing(model)
+    if sharding == "fsdp":  # FSDP2 before the optimizer: it must hold the sharded parameters
+        model = shard_model(model, cfg, accelerator.device, accelerator.num_processes)
     unwrapped = model
     optimizer = make_optimizer(model, cfg)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if sharded(accelerator):
-        unwrapped = model  # parameters live in the wrapper; no exact checkpoints (see _save)
-        logger.warning("FSDP/DeepSpeed: periodic checkpoints, best-model selection and task validation are "
-                       "off (exact resume needs unsharded state); the final weights come from the wrapper")
+    if sharding != "fsdp":
+        model, optimizer = accelerator.prepare(model, optimizer)
     has_val = data.validation is not None and len(data.validation) > 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, unwrapped=unwrapped,
@@ -215,7 +213,7 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
                val_table=TokenTable.from_dataset(data.validation) if has_val else None, plan=plan,
                weights=weights, sample_labels=sample_labels, pad_id=pad_id, seq2seq=seq2seq,
                logits_at_labels=logits_at_labels, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               validate=options.validate)
+               validate=options.validate, sharding=sharding)
 
 
 def _class_balance(cfg: TrainConfig, class_ids: Sequence[int] | None, train_data: Any
@@ -262,8 +260,8 @@ def _validate(run: Run, state: TrainState, log: MetricsLog, stop: StopControl) -
                 eval_plan = plan_eval(run.val_table.lengths, run.plan)[run.accelerator.process_index]
                 loss, n = validation_loss(run, eval_plan)
                 record.update(val_loss=loss, val_ppl=math.exp(min(loss, 700.0)), val_label_tokens=n)
-            if run.validate is not None and not run.sharded:
-                task = run.validate(run.unwrapped) if run.main else None
+            if run.validate is not None:  # fsdp: every process runs it (each forward needs them all)
+                task = run.validate(run.unwrapped) if run.main or run.sharded else None
                 record.update({k: float(v) for k, v in (broadcast(run.accelerator, task) or {}).items()})
     finally:
         run.model.train()
@@ -285,36 +283,16 @@ def _after_step(run: Run, state: TrainState, log: MetricsLog, stop: StopControl,
         validated, interrupted = False, True
     if interrupted:
         state.pending_eval = due and not validated
-        path = None if run.sharded else _save(run, state, epoch_plan)
+        path = save(run, state, epoch_plan)
         stop.saved(path, state.step)
         raise stop.interrupted(written_now=path is not None) from None
     path = None
-    if not run.sharded and (timed or _checkpoint_due(run, state, last, validated)):
-        path = _save(run, state, epoch_plan)
+    if timed or checkpoint_due(run, state, last, validated):
+        path = save(run, state, epoch_plan)
         stop.saved(path, state.step)
-    if validated and state.best_step == state.step and not run.sharded:
+    if validated and state.best_step == state.step:
         keep_best(run, state, path)  # after the checkpoint, whose weights it links
     return path
-
-
-def _checkpoint_due(run: Run, state: TrainState, last: bool, validated: bool) -> bool:
-    """Every `save_every` steps (default: at each validation), at the end and on early stopping."""
-    every = run.cfg.save_every or run.eval_every
-    return (state.step % every == 0 or last or state.stopped_early
-            or (validated and run.cfg.save_every is None))
-
-
-def _save(run: Run, state: TrainState, epoch_plan: list) -> Path:
-    """Checkpoint on the main process (every process's RNG state included); the others wait."""
-    rng = gather_rng(run.accelerator)
-    path = None
-    if run.main:
-        path = save_checkpoint(run.run_dir, state.step, run.unwrapped,
-                               getattr(run.optimizer, "optimizer", run.optimizer), run.scheduler,
-                               data_position(run, state, epoch_plan), rng, {"state": asdict(state)},
-                               keep=run.cfg.keep_checkpoints)
-    run.accelerator.wait_for_everyone()
-    return path or (checkpoints_dir(run.run_dir) / f"step-{state.step:06d}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,17 +303,19 @@ def _save(run: Run, state: TrainState, epoch_plan: list) -> Path:
 def _finish(run: Run, state: TrainState, log: MetricsLog, last_checkpoint: Path | None, train_seconds: float,
             restore_best: bool) -> TrainResult:
     """Restore the best weights when asked, write train_result.json on the main process, return the result."""
-    best = best_dir(run.run_dir) if state.best_step is not None and not run.sharded else None
+    best = best_dir(run.run_dir) if state.best_step is not None else None
     run.accelerator.wait_for_everyone()
     if best is not None and restore_best and best.is_dir() and state.best_step != state.step:
-        load_best(best, run.unwrapped)
+        reload_best(run, best)
         logger.info("restored the best weights (step %d, %s = %.4g)", state.best_step, state.best_metric,
                     state.best_value)
     result = TrainResult(
         run_dir=run.run_dir, steps=state.step, total_steps=run.total_steps,
         epochs=state.step / run.steps_per_epoch, tokens=state.tokens, stopped_early=state.stopped_early,
         best_path=best, best_metric=state.best_metric, best_value=state.best_value, best_step=state.best_step,
-        last_checkpoint=last_checkpoint, history=log.history, train_seconds=train_seconds)
+        last_checkpoint=last_checkpoint, history=log.history, train_seconds=train_seconds,
+        model=consolidated_model(run.model, run.main) if run.sharded else None)
     if run.main:
-        write_json(run.run_dir / "train_result.json", {k: v for k, v in asdict(result).items() if k != "history"})
+        write_json(run.run_dir / "train_result.json",
+                   {k: v for k, v in asdict(dataclasses.replace(result, model=None)).items() if k != "history"})
     return result

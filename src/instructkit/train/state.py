@@ -15,7 +15,7 @@ import torch
 from instructkit.config import TrainConfig
 from instructkit.data.batching import TokenTable, collate
 from instructkit.data.sampler import BatchPlan, plan_epoch
-from instructkit.train.distributed import sharded, to_device
+from instructkit.train.distributed import to_device
 
 Validate = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -43,7 +43,7 @@ class Run:
     cfg: TrainConfig
     run_dir: Path
     accelerator: Any
-    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes), or FSDP2-sharded
     unwrapped: torch.nn.Module  # the module whose weights are checkpointed and validated
     optimizer: Any  # as prepared by accelerate; `.optimizer` is the torch optimizer when wrapped
     scheduler: Any
@@ -58,6 +58,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     validate: Validate | None
+    sharding: str = "none"  # train.sharding as resolved: none, ddp or fsdp (train/sharding.py)
 
     @property
     def main(self) -> bool:
@@ -65,7 +66,8 @@ class Run:
 
     @property
     def sharded(self) -> bool:
-        return sharded(self.accelerator)
+        """FSDP2: parameters are DTensor shards; checkpoints are DCP shards (train/dcp_checkpoint.py)."""
+        return self.sharding == "fsdp"
 
     @property
     def eval_every(self) -> int:

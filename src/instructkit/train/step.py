@@ -29,6 +29,7 @@ from instructkit.data.buckets import record_shape
 from instructkit.errors import TrainingError
 from instructkit.train.distributed import all_reduce_sum, distributed
 from instructkit.train.loss import batch_loss
+from instructkit.train.sharding import gradient_sync, plain_norm
 from instructkit.train.state import Run
 
 
@@ -54,20 +55,17 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
         sum(b.weight_sum for b in batches), sum(b.n_tokens for b in batches), sum(b.n_targets for b in batches)])
     if weight <= 0:
         raise TrainingError(f"step {step}: no label tokens in the whole step (completions empty?)")
-    # DDP averages gradients over processes, so each process scales by world_size / W: the average of
-    # world_size x (its share of the sum) / W is the sum over all processes / W.
+    # DDP and FSDP2 average gradients over processes, so each process scales by world_size / W: the
+    # average of world_size x (its share of the sum) / W is the sum over all processes / W.
     scale = accelerator.num_processes / weight
     window_loss = torch.zeros((), device=accelerator.device)
-    deepspeed = "DEEPSPEED" in str(accelerator.distributed_type)
     in_backward = getattr(optimizer, "optimizer", optimizer) if run.cfg.optimizer_in_backward else None
     if in_backward is not None and accelerator.num_processes > 1:
         raise TrainingError("train.optimizer_in_backward=true runs in one process only (each gradient would be "
                             "applied before DDP averages it); set it to false for multi-process training")
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        if deepspeed:  # DeepSpeed steps its engine inside backward at the boundary (untested: not installed here)
-            accelerator.gradient_state._set_sync_gradients(last)
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with _sync(run, last):
             with accelerator.autocast():
                 part = batch_loss(model, batch, seq2seq=seq2seq, logits_at_labels=logits_at_labels,
                                   chunk_tokens=run.cfg.loss_chunk_tokens)
@@ -84,12 +82,12 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
         # The norm is needed even without clipping: a finite loss can still give Inf/NaN gradients.
         # (max_norm=inf scales by exactly 1.0.)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    readings = torch.stack([window_loss, torch.as_tensor(grad_norm).float().to(window_loss.device)])
+    readings = torch.stack([window_loss, plain_norm(grad_norm).float().to(window_loss.device)])
     if distributed(accelerator):
         torch.distributed.all_reduce(readings)
     loss_sum, norm_sum = readings.tolist()  # the step's one host sync
     loss = loss_sum / weight
-    norm = norm_sum / accelerator.num_processes  # the same on every process after DDP's all-reduce
+    norm = norm_sum / accelerator.num_processes  # the same on every process after DDP's / FSDP2's reduction
     lr = scheduler.get_last_lr()[0]
     # fp16: the grad scaler skips Inf steps by design; everywhere else Inf/NaN means divergence.
     if not math.isfinite(loss) or (not math.isfinite(norm) and accelerator.mixed_precision != "fp16"):
@@ -105,6 +103,13 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss, norm, int(tokens), int(labels), lr,
                      record_shape([list(b.inputs["input_ids"].shape) for b in batches]))
+
+
+def _sync(run: Run, last: bool) -> contextlib.AbstractContextManager:
+    """Gradients are reduced over processes on the window's last micro-batch only (DDP: no_sync before)."""
+    if run.sharded:
+        return gradient_sync(run.model, last)
+    return contextlib.nullcontext() if last else run.accelerator.no_sync(run.model)
 
 
 def _check_loss_before_update(window_loss: torch.Tensor, weight: float, step: int) -> None:

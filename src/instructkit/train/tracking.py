@@ -13,7 +13,8 @@ from typing import Any
 from instructkit.config import EarlyStopping
 from instructkit.errors import TrainingError
 from instructkit.progress import ProgressBar
-from instructkit.train.checkpoint import best_dir, save_best
+from instructkit.train.checkpoint import best_dir, load_best, read_best, save_best
+from instructkit.train.sharding import full_weights, load_full_weights
 from instructkit.train.state import Run, TrainState
 from instructkit.io import read_jsonl, write_jsonl
 
@@ -126,10 +127,22 @@ def keep_best(run: Run, state: TrainState, checkpoint: Path | None) -> None:
     """Write checkpoints/best for the current step (`track_best` found it the best so far), linking the
     weights of `checkpoint` (this step's) when one was just written: 0.54 GB less to write per
     improvement for SmolLM2-135M."""
-    if run.main:
-        save_best(run.run_dir, run.unwrapped, {"step": state.step, "metric": state.best_metric,
-                                               "value": state.best_value}, weights_from=checkpoint)
+    info = {"step": state.step, "metric": state.best_metric, "value": state.best_value}
+    if run.sharded:  # FSDP2: the shards gathered whole onto the main process (every process takes part)
+        tensors = full_weights(run.model, run.main)
+        if run.main:
+            save_best(run.run_dir, run.unwrapped, info, tensors=tensors)
+    elif run.main:
+        save_best(run.run_dir, run.unwrapped, info, weights_from=checkpoint)
     run.accelerator.wait_for_everyone()
+
+
+def reload_best(run: Run, path: Path) -> None:
+    """Put checkpoints/best's weights back into the model (FSDP2: read on the main process, scattered)."""
+    if run.sharded:
+        load_full_weights(run.model, read_best(path) if run.main else None)
+    else:
+        load_best(path, run.unwrapped)
 
 
 def best_step_on_disk(run: Run) -> int | None:
@@ -144,7 +157,7 @@ def track_best(run: Run, state: TrainState, record: dict[str, Any]) -> None:
     """Note the step when the chosen metric improved (`keep_best` writes its weights); count validations
     without improvement and decide early stopping."""
     metric = state.best_metric or choose_metric(run.cfg.early_stopping, record)
-    if metric is None or run.sharded:
+    if metric is None:
         return
     if metric not in record:
         raise TrainingError(f"early-stopping metric {metric!r} is not among the validation metrics "
