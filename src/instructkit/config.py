@@ -122,6 +122,10 @@ class SplitConfig(Section):
         "drop", description="A training example whose prompt is also a validation or test prompt (of any "
         "template or dataset, e.g. a review re-posted under another headline): 'drop' leaves it out of "
         "train; 'report' keeps it. stats.json counts both (leaked_prompts, prompt_leakage).")
+    streaming: Literal["auto", "on", "off"] = Field(
+        "auto", description="Prepare in bounded memory: read each file twice in chunks (rows hashed for "
+        "dedup, then rendered) and shuffle train on disk; the same split and files as in memory. 'auto': "
+        "when the data files pass 64 MB.")
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
