@@ -296,6 +296,9 @@ class TrainConfig(Section):
         "x vocabulary logits.")
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA adapters (off: full fine-tuning).")
+    tokenize_processes: int | None = Field(
+        None, ge=1, description="Processes that tokenize a split into the run's memory-mapped cache "
+        "(default: every core this process may use; 1: in this process).")
     threads: int | None = Field(
         None, ge=1, description="torch threads for training and evaluation (default: torch's choice; 1 is "
         "steadiest on 2 cores).")

@@ -294,9 +294,8 @@ def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model
 
 def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -> Path:
     """Prepare if needed, tokenize, train, save the instruct model to <run_dir>/model."""
-    from instructkit.data.sampler import class_ids_from_examples
     from instructkit.data.build import prepare
-    from instructkit.data.tokenize import tokenize_examples
+    from instructkit.data.store import default_processes, tokenize_split
     from instructkit.evaluate.evaluator import make_validation_fn
     from instructkit.models.lora import wrap_lora
     from instructkit.models.save import save_instruct_model
@@ -312,14 +311,13 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
         prepare(config, run_dir)
     loaded = preloaded or _load_model(config)
     settings = tokenize_settings(config, loaded.is_seq2seq)
-    train_examples = [ex for ex in _examples(run_dir, "train") if not ex.get("held_out")]
     val_examples = [ex for ex in _examples(run_dir, "validation") if not ex.get("held_out")]
-    if not train_examples:
+    cache, procs = run_dir / "cache" / "tokenized", default_processes(config.train.tokenize_processes)
+    train_ds = tokenize_split(run_dir / "train.jsonl", loaded.tokenizer, settings, cache, procs, show_progress=True)
+    if not train_ds.examples:
         raise InstructkitError(f"{run_dir / 'train.jsonl'}: no training examples")
-    cache = run_dir / "cache" / "tokenized"
-    train_ds, train_stats = tokenize_examples(train_examples, loaded.tokenizer, settings, cache_dir=cache)
-    val_ds, _ = tokenize_examples(val_examples, loaded.tokenizer, settings, cache_dir=cache)
-    write_json(run_dir / "tokenize_stats.json", train_stats.to_dict())
+    val_ds = tokenize_split(run_dir / "validation.jsonl", loaded.tokenizer, settings, cache, procs)
+    write_json(run_dir / "tokenize_stats.json", train_ds.stats.to_dict())
     validate = make_validation_fn(loaded.tokenizer, val_examples, settings, is_seq2seq=loaded.is_seq2seq,
                                   max_examples=config.train.eval_max_examples, seed=config.split.seed,
                                   batch_size=config.eval.batch_size,
@@ -330,7 +328,7 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     model = loaded.model
     if config.train.lora.enabled:
         model = wrap_lora(model, config.train.lora, seed=config.train.seed)  # adapters drawn from train.seed
-    class_ids = class_ids_from_examples(train_examples) if config.train.class_balance != "none" else None
+    class_ids = train_ds.class_ids if config.train.class_balance != "none" else None
     result = train(model, loaded.tokenizer, TrainData(train_ds, val_ds, class_ids), config.train, run_dir,
                    TrainOptions(settings=settings, is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume,
                                 show_progress=True))

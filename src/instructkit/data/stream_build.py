@@ -86,6 +86,18 @@ def train_places(plans: list[DatasetPlan], seed: int) -> tuple[list[tuple[np.nda
     return jobs, mixture, total
 
 
+class _Bucket(list):
+    """The lines waiting to be appended to one bucket file."""
+
+    def __init__(self, handle) -> None:  # noqa: ANN001 - a text file
+        super().__init__()
+        self.handle = handle
+
+    def flush(self) -> None:
+        self.handle.write("".join(self))
+        self.clear()
+
+
 def _render_dataset(k: int, plan: DatasetPlan, jobs: tuple[np.ndarray, ...], handles: dict, buckets: list,
                     encoder: LineEncoder, counts: dict, ledger: PromptLedger) -> dict[str, int]:
     """Pass 2 over one dataset: validation/test lines written, training lines put in their buckets."""
@@ -128,7 +140,10 @@ def _render_dataset(k: int, plan: DatasetPlan, jobs: tuple[np.ndarray, ...], han
             while j < n_jobs and job_rows[j] == p and job_templates[j] == t:
                 if made is not None:
                     place = int(job_places[j])
-                    buckets[place // BUCKET_LINES].write(f"{place}\t{head}{made[0]}")
+                    buffer = buckets[place // BUCKET_LINES]
+                    buffer.append(f"{place}\t{head}{made[0]}")
+                    if len(buffer) >= 512:
+                        buffer.flush()
                 j += 1
     return written
 
@@ -176,12 +191,14 @@ def prepare_streamed(config: RunConfig, run_dir: Path, library: TemplateLibrary,
             stats_handle = stack.enter_context(atomic_open(files["stats"]))  # entered first: renamed last
             handles = {s: stack.enter_context(atomic_open(files[s])) for s in SPLITS}
             with contextlib.ExitStack() as bucket_stack:
-                buckets = [bucket_stack.enter_context(open(folder / f"{b}.tsv", "w", encoding="utf-8"))
+                buckets = [_Bucket(bucket_stack.enter_context(open(folder / f"{b}.tsv", "w", encoding="utf-8")))
                            for b in range(n_buckets)]
                 for k, plan in enumerate(plans):
                     done = _render_dataset(k, plan, jobs[k], handles, buckets, encoder, counts, ledger)
                     for s, n in done.items():
                         written[s] += n
+                for bucket in buckets:
+                    bucket.flush()
             written["train"] = _merge_buckets(folder, n_buckets, handles["train"], plans, counts, ledger)
             if written["train"] == 0 and not all(p.held_out for p in plans):
                 also = f"; {ledger.dropped.total()} left out as validation/test prompts" if ledger.dropped else ""

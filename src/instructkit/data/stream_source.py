@@ -127,8 +127,8 @@ class StreamSource(Source):
                 while p < n and parts[p] == k and self.index[p] < end:
                     if wanted[p]:
                         j = int(self.index[p]) - base
-                        row = checker.check(j, chunk.rows[j])
-                        if row is not None and self.kind != "schema":
+                        row = checker.convert(chunk.rows[j])  # it passed `check` in pass 1
+                        if self.kind != "schema":
                             row = instruction_row(self.kind, row, "", problems, eos)
                         if row is None:
                             raise DataError(f"{self.where(p)}: the row changed while it was being prepared")
