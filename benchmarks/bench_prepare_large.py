@@ -54,6 +54,15 @@ def make_csv(path: Path, rows: int) -> int:
     return path.stat().st_size
 
 
+def _tiny_model(folder: Path) -> None:
+    """The tests' tiny Llama (2 layers, width 64) and byte-level BPE tokenizer, saved to `folder`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(folder)
+    build_tiny_llama(tokenizer).save_pretrained(folder)
+
+
 def measure(command: list[str], env: dict) -> dict:
     """Run `command`; its wall seconds, peak RSS (GB, from wait4) and exit status."""
     start = time.perf_counter()
@@ -79,13 +88,15 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         out["csv_bytes"] = make_csv(csv_path, rows)
         out["csv_seconds"] = round(time.perf_counter() - start, 1)
+        model_dir = tmp / "tiny-llama"
+        _tiny_model(model_dir)
         config = tmp / "large.yaml"
         config.write_text(json.dumps({
             "name": "large", "output_dir": str(tmp / "runs"),
             "datasets": [{"path": str(csv_path), "schema": "amazon_fine_food", "templates": [TEMPLATE]}],
             "split": {"seed": 0, "validation": 0.01, "test": 0.01},
-            "model": {"name": "tiny-llama", "max_length": 256},
-            "train": {"max_steps": 1, "batch_size": 8, "threads": 1, "eval_every": None},
+            "model": {"name": str(model_dir), "max_length": 256},
+            "train": {"max_steps": 1, "batch_size": 8, "threads": 1, "eval_max_examples": 16},
         }))
         cli = [sys.executable, "-m", "instructkit"]
         out["prepare"] = measure([*cli, "prepare", str(config)], env)
