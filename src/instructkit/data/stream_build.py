@@ -173,7 +173,25 @@ def prepare_streamed(config: RunConfig, run_dir: Path, library: TemplateLibrary,
 
     Raises: what build.prepare raises.
     """
-    plans = [plan_streamed(d, library, config, CHUNK_ROWS) for d in config.datasets]
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".prepare-", dir=run_dir))
+    try:
+        return _prepare_in(config, run_dir, library, started, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # nothing changes on an error
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _prepare_in(config: RunConfig, run_dir: Path, library: TemplateLibrary, started: float, folder: Path
+                ) -> PrepareResult:
+    """prepare_streamed with its temporary files (row spills, train buckets) in `folder`."""
+    plans = [plan_streamed(d, library, config, CHUNK_ROWS, folder / f"rows-{k}.marshal")
+             for k, d in enumerate(config.datasets)]
     planned = time.perf_counter()
     seed = config.split.seed
     jobs, mixture, total = train_places(plans, seed)
@@ -183,40 +201,35 @@ def prepare_streamed(config: RunConfig, run_dir: Path, library: TemplateLibrary,
     written: dict[str, int] = {"validation": 0, "test": 0}
     files = {s: run_dir / f"{s}.jsonl" for s in SPLITS}
     files["stats"] = run_dir / "stats.json"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".prepare-", dir=run_dir))
     n_buckets = max(1, -(-total // BUCKET_LINES))
-    try:
-        with contextlib.ExitStack() as stack:
-            stats_handle = stack.enter_context(atomic_open(files["stats"]))  # entered first: renamed last
-            handles = {s: stack.enter_context(atomic_open(files[s])) for s in SPLITS}
-            with contextlib.ExitStack() as bucket_stack:
-                buckets = [_Bucket(bucket_stack.enter_context(open(folder / f"{b}.tsv", "w", encoding="utf-8")))
-                           for b in range(n_buckets)]
-                for k, plan in enumerate(plans):
-                    done = _render_dataset(k, plan, jobs[k], handles, buckets, encoder, counts, ledger)
-                    for s, n in done.items():
-                        written[s] += n
-                for bucket in buckets:
-                    bucket.flush()
-            written["train"] = _merge_buckets(folder, n_buckets, handles["train"], plans, counts, ledger)
-            if written["train"] == 0 and not all(p.held_out for p in plans):
-                also = f"; {ledger.dropped.total()} left out as validation/test prompts" if ledger.dropped else ""
-                raise DataError(
-                    f"{run_dir}: no training examples: the split of {', '.join(p.name for p in plans)} leaves the "
-                    f"train split empty (too few rows for the validation/test fractions, or every template held "
-                    f"out){also}")
-            for plan in plans:
-                plan.notes += ledger.notes(plan.name, counts["train"][plan.name])
-            stats = _stats(config, run_dir, plans, counts, written, mixture)
-            stats["leaked_prompts"] = ledger.leaked()
-            stats["prompt_leakage"] = ledger.report(config.split.prompt_leakage)
-            stats["seconds"] = {"read_dedup_split": round(planned - started, 3),
-                                "render_write": round(time.perf_counter() - planned, 3)}
-            stats["streaming"] = {"buckets": n_buckets, "bucket_lines": BUCKET_LINES}
-            json.dump(stats, stats_handle, indent=2, ensure_ascii=False, default=str)
-            stats_handle.write("\n")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        stats_handle = stack.enter_context(atomic_open(files["stats"]))  # entered first: renamed last
+        handles = {s: stack.enter_context(atomic_open(files[s])) for s in SPLITS}
+        with contextlib.ExitStack() as bucket_stack:
+            buckets = [_Bucket(bucket_stack.enter_context(open(folder / f"{b}.tsv", "w", encoding="utf-8")))
+                       for b in range(n_buckets)]
+            for k, plan in enumerate(plans):
+                done = _render_dataset(k, plan, jobs[k], handles, buckets, encoder, counts, ledger)
+                for s, n in done.items():
+                    written[s] += n
+            for bucket in buckets:
+                bucket.flush()
+        written["train"] = _merge_buckets(folder, n_buckets, handles["train"], plans, counts, ledger)
+        if written["train"] == 0 and not all(p.held_out for p in plans):
+            also = f"; {ledger.dropped.total()} left out as validation/test prompts" if ledger.dropped else ""
+            raise DataError(
+                f"{run_dir}: no training examples: the split of {', '.join(p.name for p in plans)} leaves the "
+                f"train split empty (too few rows for the validation/test fractions, or every template held "
+                f"out){also}")
+        for plan in plans:
+            plan.notes += ledger.notes(plan.name, counts["train"][plan.name])
+        stats = _stats(config, run_dir, plans, counts, written, mixture)
+        stats["leaked_prompts"] = ledger.leaked()
+        stats["prompt_leakage"] = ledger.report(config.split.prompt_leakage)
+        stats["seconds"] = {"read_dedup_split": round(planned - started, 3),
+                            "render_write": round(time.perf_counter() - planned, 3)}
+        stats["streaming"] = {"buckets": n_buckets, "bucket_lines": BUCKET_LINES}
+        json.dump(stats, stats_handle, indent=2, ensure_ascii=False, default=str)
+        stats_handle.write("\n")
     seconds = time.perf_counter() - started
     return PrepareResult(run_dir=run_dir, files=files, counts=dict(written), stats=stats, seconds=seconds)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -109,8 +110,9 @@ def streamed_answers(dataset: DatasetConfig, source: StreamSource, dedup: DedupR
 
 
 def plan_streamed(dataset: DatasetConfig, library: TemplateLibrary, config: RunConfig,
-                  chunk_rows: int = CHUNK_ROWS) -> DatasetPlan:
+                  chunk_rows: int = CHUNK_ROWS, spill: Path | None = None) -> DatasetPlan:
     """plan.plan_dataset in bounded memory: pass 1 over the files, then dedup, cap and split on arrays.
+    With `spill`, the checked rows are kept in that file for rendering (stream_source.StreamSource.spill).
 
     Raises: what plan_dataset raises.
     """
@@ -138,7 +140,7 @@ def plan_streamed(dataset: DatasetConfig, library: TemplateLibrary, config: RunC
 
     source = scan_source(dataset, schema, templates=eval_templates, required=required, name=name,
                          schemas=library.schemas.values(), key_for=key_for, group_by=group_by,
-                         chunk_rows=chunk_rows)
+                         chunk_rows=chunk_rows, spill=spill)
     key = key_for(source.kind, source.label_field)
     dedup, firsts = dedup_hashed(source, key)
     answers = streamed_answers(dataset, source, dedup, name) if schema is None else None

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +91,9 @@ class StreamSource(Source):
     completions: Any = None  # uint64 [n]: hash of the completion (instruction-form data)
     completion_text: dict = field(default_factory=dict)
     chunk_rows: int = 20_000
+    spill: Path | None = None
+    """A file holding the kept rows as checked in pass 1 (marshal, one record per chunk): pass 2 reads it
+    instead of parsing and converting the data files again. None: pass 2 reads the files."""
     _walk: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -111,6 +116,22 @@ class StreamSource(Source):
 
     def walk(self, wanted: np.ndarray) -> Iterator[tuple[int, dict]]:
         """(p, checked row) for every kept row p with `wanted[p]`, in file order (pass 2)."""
+        if self.spill is not None:
+            yield from self._walk_spill(wanted)
+            return
+        yield from self._walk_files(wanted)
+
+    def _walk_spill(self, wanted: np.ndarray) -> Iterator[tuple[int, dict]]:
+        p = 0
+        with open(self.spill, "rb") as handle:  # type: ignore[arg-type]
+            while p < len(self) and wanted[p:].any():
+                rows = marshal.load(handle)
+                for row in rows:
+                    if wanted[p]:
+                        yield p, row
+                    p += 1
+
+    def _walk_files(self, wanted: np.ndarray) -> Iterator[tuple[int, dict]]:
         part_of_origin = np.array([k for k, _, _ in self.origins], dtype=np.int32)
         parts = part_of_origin[self.origin]
         n, p = len(self), 0
@@ -148,9 +169,11 @@ def scan_source(
     key_for: Callable[[str, str | None], list[str]],
     group_by: str | None = None,
     chunk_rows: int = 20_000,
+    spill: Path | None = None,
 ) -> StreamSource:
     """Pass 1 over every file of `dataset` (see the module docstring); the checks and errors of
-    sources.load_source. `key_for(kind, label_field)` gives the dedup key fields without the label.
+    sources.load_source. `key_for(kind, label_field)` gives the dedup key fields without the label. With
+`spill`, the kept rows are also written to that file for pass 2 (`StreamSource.spill`).
 
     Raises: what load_source raises.
     """
@@ -158,7 +181,8 @@ def scan_source(
     columns: Mapping[str, Any] = dataset.columns or {}
     fields, required_set, label = source_fields(dataset, schema, templates, required, name)
     source = StreamSource(name=name, kind="schema" if schema is not None else "", schema=schema, rows=[], ids=[],
-                          given=None, label_field=None, chunk_rows=chunk_rows)
+                          given=None, label_field=None, chunk_rows=chunk_rows, spill=spill)
+    spill_handle = open(spill, "wb") if spill is not None else None  # noqa: SIM115 - closed below
     source._walk = {"args": (schema, fields, required_set, columns, templates), "label": label}
     origin, index, line = [], [], []
     keys, labels, groups, completions = bytearray(), [], bytearray(), bytearray()
@@ -168,55 +192,67 @@ def scan_source(
     key_fields: list[str] | None = None
     text_cap, distinct_cap = TEXT_KEEP
     texts = source.completion_text
-    for split, read in file_parts(dataset, schema, required_set, problems, source.notes, chunk_rows):
-        k = len(source.parts)
-        part = Part(split, read, f"{name}:{split}:" if split is not None else f"{name}:")
-        source.parts.append(part)
-        checker, base, kept_before, origin_code = None, 0, len(origin), -1
-        for chunk in read():
-            if checker is None:
-                set_kind(source, chunk, columns, schemas)
-                checker = table_checker(source.kind, chunk, schema, fields, required_set, columns, templates,
-                                        problems, label)
-                part.path, part.format = chunk.path, chunk.format
-                if label is not None and label not in checker.mapping:
-                    label_everywhere = False
-                if key_fields is None:
-                    key_fields = [f for f in key_for(source.kind, label) if f != label]
-            if origin_code < 0 or source.origins[origin_code][1] != chunk.path:
-                origin_code = len(source.origins)
-                source.origins.append((k, chunk.path, "line" if chunk.lines is not None else chunk.unit))
-            checker.table = chunk
-            check, kind, lines = checker.check, source.kind, chunk.lines
-            for j, row in enumerate(chunk.rows):
-                row = check(j, row)
-                if row is None:
-                    continue
-                if kind != "schema":
-                    row = instruction_row(kind, row, f"{chunk.path}: {chunk.where(j)}", problems, eos)
+    try:
+        for split, read in file_parts(dataset, schema, required_set, problems, source.notes, chunk_rows):
+            k = len(source.parts)
+            part = Part(split, read, f"{name}:{split}:" if split is not None else f"{name}:")
+            source.parts.append(part)
+            checker, base, kept_before, origin_code = None, 0, len(origin), -1
+            for chunk in read():
+                if checker is None:
+                    set_kind(source, chunk, columns, schemas)
+                    checker = table_checker(source.kind, chunk, schema, fields, required_set, columns, templates,
+                                            problems, label)
+                    part.path, part.format = chunk.path, chunk.format
+                    if label is not None and label not in checker.mapping:
+                        label_everywhere = False
+                    if key_fields is None:
+                        key_fields = [f for f in key_for(source.kind, label) if f != label]
+                if origin_code < 0 or source.origins[origin_code][1] != chunk.path:
+                    origin_code = len(source.origins)
+                    source.origins.append((k, chunk.path, "line" if chunk.lines is not None else chunk.unit))
+                checker.table = chunk
+                check, kind, lines = checker.check, source.kind, chunk.lines
+                kept: list[dict] = []
+                for j, row in enumerate(chunk.rows):
+                    row = check(j, row)
                     if row is None:
                         continue
-                    text = row["completion"]
-                    digest = hash_values([text])
-                    completions += digest
-                    if len(text) <= text_cap and len(texts) < distinct_cap:
-                        texts.setdefault(int.from_bytes(digest, "little"), text)
-                origin.append(origin_code)
-                index.append(base + j)
-                line.append(lines[j] if lines is not None else chunk.offset + j + 1)
-                keys += hash_values([row.get(f) for f in key_fields]) if key_fields else b"\0" * 8
-                if label is not None:
-                    value = _hashable(row.get(label))
-                    code = label_codes.get(value)
-                    if code is None:
-                        code = label_codes[value] = len(label_codes)
-                    labels.append(code)
-                if group_by:
-                    groups += hash_values([row.get(group_by)])
-            base += len(chunk.rows)
-        source.files.append({"split": split, "path": part.path, "format": part.format, "rows_read": base,
-                             "rows_kept": len(origin) - kept_before,
-                             "columns": dict(checker.mapping) if checker is not None else {}})
+                    if kind != "schema":
+                        row = instruction_row(kind, row, f"{chunk.path}: {chunk.where(j)}", problems, eos)
+                        if row is None:
+                            continue
+                        text = row["completion"]
+                        digest = hash_values([text])
+                        completions += digest
+                        if len(text) <= text_cap and len(texts) < distinct_cap:
+                            texts.setdefault(int.from_bytes(digest, "little"), text)
+                    kept.append(row)
+                    origin.append(origin_code)
+                    index.append(base + j)
+                    line.append(lines[j] if lines is not None else chunk.offset + j + 1)
+                    keys += hash_values([row.get(f) for f in key_fields]) if key_fields else b"\0" * 8
+                    if label is not None:
+                        value = _hashable(row.get(label))
+                        code = label_codes.get(value)
+                        if code is None:
+                            code = label_codes[value] = len(label_codes)
+                        labels.append(code)
+                    if group_by:
+                        groups += hash_values([row.get(group_by)])
+                base += len(chunk.rows)
+                if spill_handle is not None and kept:
+                    try:
+                        marshal.dump(kept, spill_handle)
+                    except ValueError:  # a value marshal cannot write (a datetime from Parquet): read the files again
+                        spill_handle.close()
+                        spill_handle = source.spill = None
+            source.files.append({"split": split, "path": part.path, "format": part.format, "rows_read": base,
+                                 "rows_kept": len(origin) - kept_before,
+                                 "columns": dict(checker.mapping) if checker is not None else {}})
+    finally:
+        if spill_handle is not None:
+            spill_handle.close()
     source.origin = np.array(origin, dtype=np.int32)
     source.index = np.array(index, dtype=np.int64)
     source.line = np.array(line, dtype=np.int64)
