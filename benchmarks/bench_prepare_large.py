@@ -64,13 +64,16 @@ def _tiny_model(folder: Path) -> None:
 
 
 def measure(command: list[str], env: dict) -> dict:
-    """Run `command`; its wall seconds, peak RSS (GB, from wait4) and exit status."""
+    """Run `command`; its wall seconds, CPU seconds (its worker processes included), peak RSS (GB, from
+    wait4: the largest of the process and its workers) and exit status. On a shared machine the CPU
+    seconds say more than the wall seconds."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read().decode(errors="replace")  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "peak_rss_gb": round(usage.ru_maxrss / 1024 / 1024, 3),
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 1024 / 1024, 3),
             "exit": os.waitstatus_to_exitcode(status), "output_tail": output[-1500:]}
 
 
