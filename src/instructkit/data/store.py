@@ -150,14 +150,15 @@ def encode_chunk(tokenizer: Any, settings: TokenizeSettings, examples: list[dict
                 continue
             stats.truncated += int(enc.truncated)
             stats.prompt_tokens += enc.prompt_length
-            stats.completion_tokens += sum(1 for x in enc.labels if x != IGNORE_INDEX)
             ids += enc.input_ids
             labels += enc.labels
             lengths.append(len(enc.input_ids))
             label_lengths.append(len(enc.labels))
             prompt_length.append(enc.prompt_length)
             index.append(offset)
-    return {"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32),
+    label_array = np.asarray(labels, np.int32)
+    stats.completion_tokens = int((label_array != IGNORE_INDEX).sum())
+    return {"input_ids": np.asarray(ids, np.int32), "labels": label_array,
             "lengths": np.asarray(lengths, np.int64), "label_lengths": np.asarray(label_lengths, np.int64),
             "prompt_length": np.asarray(prompt_length, np.int32), "index": np.asarray(index, np.int64),
             "stats": stats}
