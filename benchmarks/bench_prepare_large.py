@@ -76,20 +76,20 @@ def measure(command: list[str], env: dict, metrics: Path | None = None) -> dict:
     wait4: the largest of the process and its workers) and exit status. On a shared machine the CPU
     seconds say more than the wall seconds."""
     start, since = time.perf_counter(), time.time()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    first_step = None
-    while True:  # until it ends; meanwhile, the moment metrics.jsonl shows the first optimizer step
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if metrics is not None and first_step is None and _first_step(metrics, since):
-            first_step = round(time.perf_counter() - start, 2)
-        time.sleep(0.2)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    log.seek(0)
-    output = log.read().decode(errors="replace")
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        first_step = None
+        while True:  # until it ends; meanwhile, the moment metrics.jsonl shows the first optimizer step
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if metrics is not None and first_step is None and _first_step(metrics, since):
+                first_step = round(time.perf_counter() - start, 2)
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     extra = {"first_step_seconds": first_step} if metrics is not None else {}
     return {"seconds": round(seconds, 2), **extra, "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_gb": round(usage.ru_maxrss / 1024 / 1024, 3),

@@ -107,7 +107,7 @@ def open_binary(path: Path) -> IO[bytes]:
     Raises: DataError as `read_bytes` does for a missing, unreadable or folder path.
     """
     try:
-        return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # noqa: SIM115
+        return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
     except FileNotFoundError:
         raise not_found(path) from None
     except IsADirectoryError:

@@ -331,7 +331,7 @@ class EpochPlan(Sequence):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, step):  # noqa: ANN001, ANN204 - an int or a slice, like a list
+    def __getitem__(self, step):
         if isinstance(step, slice):
             return EpochPlan(self.groups[step], self.lengths, self.plan)
         return plan_step(self.groups[step], self.lengths, self.plan)

@@ -28,13 +28,19 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from instructkit.data.batching import TokenTable
 from instructkit.data.tokenize import (
-    IGNORE_INDEX, TokenizeSettings, TokenizeStats, _training_rows, encode_batch, tokenizer_hash)
+    IGNORE_INDEX,
+    TokenizeSettings,
+    TokenizeStats,
+    _training_rows,
+    encode_batch,
+    tokenizer_hash,
+)
 from instructkit.errors import DataError
 from instructkit.io import json_problem, replace_folder, sha256_file, temp_folder_beside
 from instructkit.progress import ProgressBar
@@ -57,7 +63,7 @@ class TokenStore:
     rows: int
     examples: int
 
-    column_names = ["input_ids", "labels", "prompt_length", "index"]
+    column_names: ClassVar[tuple[str, ...]] = ("input_ids", "labels", "prompt_length", "index")
 
     def array(self, name: str) -> np.ndarray:
         """The named array, memory-mapped read-only (an empty array for an empty store)."""
@@ -202,7 +208,8 @@ def _label_of(example: dict) -> str | None:
 def _write(path: Path, target: Path, tokenizer: Any, settings: TokenizeSettings, num_proc: int,
            show_progress: bool) -> None:
     """Tokenize `path` into the folder `target` (written in full before meta.json)."""
-    handles = {name: open(target / f"{name}.{_SUFFIX[dtype]}", "wb") for name, dtype in ARRAYS.items()}
+    handles = {name: open(target / f"{name}.{_SUFFIX[dtype]}", "wb")  # noqa: SIM115 - closed in `finally`
+               for name, dtype in ARRAYS.items()}
     stats = TokenizeStats()
     labels: dict[str, int] = {}
     token_end = label_end = rows = examples = 0

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from instructkit.config import RunConfig
-from instructkit.data.chunks import CHUNK_ROWS
 from instructkit.data.build import PrepareResult, _stats, example_text, template_parts
+from instructkit.data.chunks import CHUNK_ROWS
 from instructkit.data.examples import LineEncoder
 from instructkit.data.leakage import PromptLedger, prompt_digest
 from instructkit.data.plan import DatasetPlan, mix
@@ -89,7 +89,7 @@ def train_places(plans: list[DatasetPlan], seed: int) -> tuple[list[tuple[np.nda
 class _Bucket(list):
     """The lines waiting to be appended to one bucket file."""
 
-    def __init__(self, handle) -> None:  # noqa: ANN001 - a text file
+    def __init__(self, handle) -> None:
         super().__init__()
         self.handle = handle
 
