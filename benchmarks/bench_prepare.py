@@ -1,6 +1,8 @@
-"""Data preparation throughput: SST-2 train (67,349 rows) x 3 templates, end to end, 1 thread.
+"""Data preparation throughput: SST-2 train (67,349 rows) x 3 templates, end to end, 1 thread; and
+preparation at scale: a 1,000,000-row review CSV (~500 MB, generated from the shared Fine Food rows).
 
-    PYTHONPATH=src python benchmarks/bench_prepare.py
+    PYTHONPATH=src python benchmarks/bench_prepare.py            # SST-2 -> results/prepare.json
+    PYTHONPATH=src python benchmarks/bench_prepare.py --large    # 1M rows -> results/prepare_large.json
 
 End to end = read the TSV, check and coerce rows, deduplicate, split (stratified), render every row with
 3 templates, write train/validation/test.jsonl + stats.json atomically. Best of 3 runs, each into a fresh
@@ -44,6 +46,10 @@ def render_only(library: TemplateLibrary, dataset: DatasetConfig) -> float:
 
 
 def main() -> int:
+    if "--large" in sys.argv[1:]:
+        from bench_prepare_large import main as large
+
+        return large(sys.argv[1:])
     train = DATA / "sst2" / "train.tsv"
     if not train.exists():
         print(f"skipped: {train} not found (../shared/data beside the project)")

@@ -122,6 +122,10 @@ class SplitConfig(Section):
         "drop", description="A training example whose prompt is also a validation or test prompt (of any "
         "template or dataset, e.g. a review re-posted under another headline): 'drop' leaves it out of "
         "train; 'report' keeps it. stats.json counts both (leaked_prompts, prompt_leakage).")
+    streaming: Literal["auto", "on", "off"] = Field(
+        "auto", description="Prepare in bounded memory: read each file twice in chunks (rows hashed for "
+        "dedup, then rendered) and shuffle train on disk; the same split and files as in memory. 'auto': "
+        "when the data files pass 64 MB.")
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
@@ -296,6 +300,9 @@ class TrainConfig(Section):
         "x vocabulary logits.")
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA adapters (off: full fine-tuning).")
+    tokenize_processes: int | None = Field(
+        None, ge=1, description="Processes that tokenize a split into the run's memory-mapped cache "
+        "(default: every core this process may use; 1: in this process).")
     threads: int | None = Field(
         None, ge=1, description="torch threads for training and evaluation (default: torch's choice; 1 is "
         "steadiest on 2 cores).")

@@ -303,7 +303,6 @@ def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model
 
 def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -> Path:
     """Prepare if needed, tokenize, train, save the instruct model to <run_dir>/model."""
-    from instructkit.data.sampler import class_ids_from_examples
     from instructkit.evaluate.evaluator import make_validation_fn
     from instructkit.models.card import data_sources
     from instructkit.models.lora import wrap_lora
@@ -314,7 +313,7 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     # Rank 0 (alone without a launcher) keeps an earlier model aside, prepares, fills the download / GGUF
     # and tokenize caches; the other processes then read what it wrote (instructkit/ranks.py).
     with ranks.main_first():
-        loaded, train_examples, val_examples, train_ds, val_ds = _train_inputs(config, resume, preloaded)
+        loaded, val_examples, train_ds, val_ds = _train_inputs(config, resume, preloaded)
     settings = tokenize_settings(config, loaded.is_seq2seq)
     validate = make_validation_fn(loaded.tokenizer, val_examples, settings, is_seq2seq=loaded.is_seq2seq,
                                   max_examples=config.train.eval_max_examples, seed=config.split.seed,
@@ -326,7 +325,7 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     model = loaded.model
     if config.train.lora.enabled:
         model = wrap_lora(model, config.train.lora, seed=config.train.seed)  # adapters drawn from train.seed
-    class_ids = class_ids_from_examples(train_examples) if config.train.class_balance != "none" else None
+    class_ids = train_ds.class_ids if config.train.class_balance != "none" else None  # from the token store
     result = train(model, loaded.tokenizer, TrainData(train_ds, val_ds, class_ids), config.train, run_dir,
                    TrainOptions(settings=settings, is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume,
                                 show_progress=True))
@@ -339,9 +338,12 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
 
 
 def _train_inputs(config: RunConfig, resume: bool, preloaded: Any) -> tuple:
-    """(loaded model, train and validation examples, their tokenized datasets) for `train_step`."""
+    """(loaded model, validation examples, the train and validation token stores) for `train_step`.
+
+    The splits are tokenized once per run into memory-mapped arrays (data/store.py) and read from there:
+    the training examples are never loaded whole. Held-out examples are left out of both stores."""
     from instructkit.data.build import prepare
-    from instructkit.data.tokenize import tokenize_examples
+    from instructkit.data.store import default_processes, tokenize_split
 
     run_dir, later = config.run_dir, ["train", "evaluate-tuned", "compare"]
     if ranks.is_main() and not resume and outputs(run_dir, later, records=False):  # an earlier model: kept
@@ -352,16 +354,16 @@ def _train_inputs(config: RunConfig, resume: bool, preloaded: Any) -> tuple:
         prepare(config, run_dir)
     loaded = preloaded or _load_model(config)
     settings = tokenize_settings(config, loaded.is_seq2seq)
-    train_examples = [ex for ex in _examples(run_dir, "train") if not ex.get("held_out")]
     val_examples = [ex for ex in _examples(run_dir, "validation") if not ex.get("held_out")]
-    if not train_examples:
+    cache, procs = run_dir / "cache" / "tokenized", default_processes(config.train.tokenize_processes)
+    train_ds = tokenize_split(run_dir / "train.jsonl", loaded.tokenizer, settings, cache, procs,
+                              show_progress=ranks.is_main())
+    if not train_ds.examples:
         raise InstructkitError(f"{run_dir / 'train.jsonl'}: no training examples")
-    cache = run_dir / "cache" / "tokenized"
-    train_ds, train_stats = tokenize_examples(train_examples, loaded.tokenizer, settings, cache_dir=cache)
-    val_ds, _ = tokenize_examples(val_examples, loaded.tokenizer, settings, cache_dir=cache)
+    val_ds = tokenize_split(run_dir / "validation.jsonl", loaded.tokenizer, settings, cache, procs)
     if ranks.is_main():
-        write_json(run_dir / "tokenize_stats.json", train_stats.to_dict())
-    return loaded, train_examples, val_examples, train_ds, val_ds
+        write_json(run_dir / "tokenize_stats.json", train_ds.stats.to_dict())
+    return loaded, val_examples, train_ds, val_ds
 
 
 def evaluate_step(model: str, data: Path, split: str = "test", out_dir: Path | None = None,

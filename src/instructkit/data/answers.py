@@ -75,8 +75,13 @@ def decide_answers(completions: Sequence[str], choices: list[str] | str, metrics
 
     `conversations` (chat rows): "auto" means free text. Replies that repeat (a bot's identity answer,
     "Sure!") would otherwise look like a closed set of classes; declared choices still apply."""
-    counts = Counter(completions)
-    n = len(completions)
+    return decide_counts(Counter(completions), len(completions), choices, metrics, conversations)
+
+
+def decide_counts(counts: Counter, n: int, choices: list[str] | str, metrics: list[str] | None,
+                  conversations: bool = False) -> Answers:
+    """`decide_answers` from the count of each distinct completion over `n` rows; a key that is not a
+    string (a completion known only by its hash, data/stream_source.py) cannot be a choice."""
     rule = (f"classification when the most frequent completions covering >= {MIN_COVERAGE:.0%} of the rows "
             f"(ties included) are at most {MAX_CLASSES}, with >= {MIN_ROWS_PER_CLASS} rows per answer on average")
     if isinstance(choices, list):
@@ -85,7 +90,8 @@ def decide_answers(completions: Sequence[str], choices: list[str] | str, metrics
         chosen, origin, rule = None, "default", "conversations are free text unless the config declares choices"
     elif choices == "auto" and n:
         top = _frequent(counts, n)
-        classify = len(top) <= MAX_CLASSES and n >= MIN_ROWS_PER_CLASS * len(top)
+        classify = (len(top) <= MAX_CLASSES and n >= MIN_ROWS_PER_CLASS * len(top)
+                    and all(isinstance(v, str) for v in top))
         chosen, origin = (_order(top), "detected") if classify else (None, "default")
     else:
         chosen, origin = None, "declared" if choices == "none" else "default"

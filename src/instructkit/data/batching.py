@@ -88,8 +88,12 @@ class TokenTable:
     def from_dataset(cls, dataset: Any) -> TokenTable:
         """From a `datasets.Dataset` with list columns `input_ids` and `labels` (row order kept).
 
+        A tokenized store (data/store.py) gives its memory-mapped table as it is.
+
         Raises: ValueError when an example has no tokens.
         """
+        if hasattr(dataset, "token_table"):
+            return dataset.token_table()
         import pyarrow.compute as pc
 
         table = dataset.with_format("arrow")[:]  # honours a .select()/.shuffle() indices mapping

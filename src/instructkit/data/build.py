@@ -55,6 +55,8 @@ AS_IS_TASK = "instruction_following"
 """Task family of data that comes already in prompt/completion or chat form."""
 AS_IS_VERSION = "as-is"
 _WRITE_BATCH = 4096
+STREAM_ABOVE_BYTES = 64 << 20
+"""`split.streaming: auto` prepares in bounded memory (stream_build.py) when the data files pass this."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +118,37 @@ def _as_is_example(plan: DatasetPlan, row: dict, source_id: str) -> Example:
     )
 
 
+def example_text(plan: DatasetPlan, row: dict, source_id: str, t: int, templates: Sequence[Template],
+                 parts: Sequence[tuple], encoder: LineEncoder, index: int) -> tuple[str, str, str] | None:
+    """(JSON line, prompt, template id) of row `index` rendered by template `t` (-1: data already in
+    instruction form); None when the row is bad and skipped (counted in `plan.problems`)."""
+    if t < 0:
+        example = _as_is_example(plan, row, source_id)
+        return example_line(example), example.prompt, example.template_id
+    template = templates[t]
+    rendered = _render_checked(template, row, source_id, plan, index)
+    if rendered is None:
+        return None
+    enc = _encode_text
+    a, b, c, choices = parts[t]
+    completion = enc(rendered.completion)
+    if rendered.choices is None:
+        label = choices = "null"
+    else:
+        label = completion
+        if choices is None:
+            choices = encoder.choices(rendered.choices)
+    line = (f'{{"prompt": {enc(rendered.prompt)}, "completion": {completion}, "choices": {choices}'
+            f"{a}{enc(source_id)}{b}{label}{c}")
+    return line, rendered.prompt, template.id
+
+
+def template_parts(plan: DatasetPlan, split: str, encoder: LineEncoder) -> tuple[list[Template], list[tuple]]:
+    """The templates a split of `plan` renders and their pre-encoded JSON parts."""
+    templates = plan.train_templates if split == "train" else plan.eval_templates
+    return templates, [encoder.parts(t, plan.name, plan.held_out or t.id in plan.held_out_ids) for t in templates]
+
+
 def _write_jobs(
     handle: Any,
     plans: Sequence[DatasetPlan],
@@ -128,41 +161,19 @@ def _write_jobs(
     """Render and write (dataset, row, template index) jobs; return the number of lines (the hot loop).
 
     A training example whose prompt the ledger holds from validation/test is left out (`ledger.keep`)."""
-    enc = _encode_text
     contexts = []
     for plan in plans:
-        templates = plan.train_templates if split == "train" else plan.eval_templates
-        parts = [encoder.parts(t, plan.name, plan.held_out or t.id in plan.held_out_ids) for t in templates]
+        templates, parts = template_parts(plan, split, encoder)
         contexts.append((plan, plan.source.rows, plan.source.ids, templates, parts, counts[plan.name]))
     buffer: list[str] = []
     written = 0
     for k, r, t in jobs:
         plan, rows, ids, templates, parts, count = contexts[k]
-        source_id = ids[r]
-        if t < 0:  # data already in instruction form
-            example = _as_is_example(plan, rows[r], source_id)
-            if not ledger.keep(split, example.prompt, plan.name, example.template_id):
-                continue
-            buffer.append(example_line(example))
-            count[example.template_id] += 1
-        else:
-            template = templates[t]
-            rendered = _render_checked(template, rows[r], source_id, plan, r)
-            if rendered is None or not ledger.keep(split, rendered.prompt, plan.name, template.id):
-                continue
-            a, b, c, choices = parts[t]
-            completion = enc(rendered.completion)
-            if rendered.choices is None:
-                label = choices = "null"
-            else:
-                label = completion
-                if choices is None:
-                    choices = encoder.choices(rendered.choices)
-            buffer.append(
-                f'{{"prompt": {enc(rendered.prompt)}, "completion": {completion}, "choices": {choices}'
-                f"{a}{enc(source_id)}{b}{label}{c}"
-            )
-            count[template.id] += 1
+        made = example_text(plan, rows[r], ids[r], t, templates, parts, encoder, r)
+        if made is None or not ledger.keep(split, made[1], plan.name, made[2]):
+            continue
+        buffer.append(made[0])
+        count[made[2]] += 1
         if len(buffer) >= _WRITE_BATCH:
             handle.write("".join(buffer))
             written += len(buffer)
@@ -221,6 +232,12 @@ def prepare(
     if dups:
         raise ConfigError(f"several datasets are named {', '.join(dups)}: give each a distinct `name:`")
 
+    if streaming_wanted(config):
+        from instructkit.data.stream_build import prepare_streamed  # bounded memory, the same files
+
+        result = prepare_streamed(config, run_dir, library, started)
+        log.info("prepared %s (streaming): %s in %.1fs", run_dir, result.counts, result.seconds)
+        return result
     plans = [plan_dataset(d, library, config) for d in config.datasets]
     planned = time.perf_counter()
     seed = config.split.seed
@@ -266,6 +283,21 @@ def prepare(
     seconds = time.perf_counter() - started
     log.info("prepared %s: %s in %.1fs", run_dir, ", ".join(f"{s} {written[s]}" for s in SPLITS), seconds)
     return PrepareResult(run_dir=run_dir, files=files, counts=dict(written), stats=stats, seconds=seconds)
+
+
+def streaming_wanted(config: RunConfig) -> bool:
+    """`split.streaming`: on, off, or (auto) when the datasets' files pass STREAM_ABOVE_BYTES."""
+    if config.split.streaming != "auto":
+        return config.split.streaming == "on"
+    total = 0
+    for dataset in config.datasets:
+        for value in [dataset.path, *(dataset.files or {}).values(), *(dataset.parallel or {}).values()]:
+            path = Path(value) if value and value != "demo" else None
+            if path is not None and path.is_file():
+                total += path.stat().st_size
+            elif path is not None and path.is_dir() and not dataset.files:
+                total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total > STREAM_ABOVE_BYTES
 
 
 def _stats(

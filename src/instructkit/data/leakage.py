@@ -14,6 +14,11 @@ NOTE_SHARE = 0.1
 """A dataset note is added when the guard leaves out more than this share of a template's training examples."""
 
 
+def prompt_digest(prompt: str) -> bytes:
+    """The 16-byte BLAKE2b digest a prompt is kept as."""
+    return hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 class PromptLedger:
     """Validation and test prompts (rendered first) and the training prompts written after them.
 
@@ -35,7 +40,10 @@ class PromptLedger:
 
         Validation and test examples must all be recorded before the first training one.
         """
-        digest = hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        return self.keep_digest(split, prompt_digest(prompt), dataset, template_id)
+
+    def keep_digest(self, split: str, digest: bytes, dataset: str, template_id: str) -> bool:
+        """`keep` for a prompt known by its `prompt_digest`."""
         if split != "train":
             self.held[split][digest] += 1
             self.held_any.add(digest)

@@ -4,13 +4,15 @@ Formats (`format: auto` picks by suffix; a `.gz` of any text format is decompres
 
     .csv .tsv .json .jsonl (.ndjson)   text, parsed in readers_text.py
     .parquet    through pyarrow
-    a folder    a Hugging Face dataset saved with `save_to_disk`; a DatasetDict gives its splits
+    a folder    a Hugging Face dataset saved with `save_to_disk` (a DatasetDict gives its splits), or a
+                folder of Parquet shards (`train/0000.parquet`, `data/test-00000-of-00001.parquet`)
     parallel    line-aligned text files, one per field: `parallel: {en: train.en.gz, de: train.de.gz}`,
                 or `format: parallel` with `path` (or each `files:` entry) a stem such as
                 `multi30k/train`, read as `<stem>.<field>[.gz]` for each schema field
                 (`columns: {en: english}` reads `<stem>.english`)
 
-Parquet files and saved datasets are Arrow already and are read with pyarrow / `datasets.load_from_disk`.
+Parquet files and saved datasets are Arrow already and are read batch by batch with pyarrow (chunks.py,
+which also reads every format in bounded chunks for preparation at scale).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import os
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO
 
 from instructkit.config_load import PATH_RULE
-from instructkit.data.readers_text import decode_text, parse_delimited, parse_json, parse_jsonl
+from instructkit.data.chunks import CHUNK_ROWS, parquet_chunks, read_chunks
+from instructkit.data.readers_text import decode_text, merge_tables, parse_delimited, parse_json, parse_jsonl
 from instructkit.data.table import Problems, Table
 from instructkit.errors import ConfigError, DataError
 
@@ -62,7 +65,7 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     return fmt
 
 
-def _not_found(path: Path) -> DataError:
+def not_found(path: Path) -> DataError:
     hint = ""
     parent = path.parent
     if parent.is_dir():
@@ -83,7 +86,7 @@ def read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise _not_found(path) from None
+        raise not_found(path) from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, not a file") from None
     except OSError as exc:
@@ -98,59 +101,39 @@ def read_bytes(path: Path) -> bytes:
     return data
 
 
+def open_binary(path: Path) -> IO[bytes]:
+    """The file opened for reading bytes, decompressed on the fly when the name ends in .gz.
+
+    Raises: DataError as `read_bytes` does for a missing, unreadable or folder path.
+    """
+    try:
+        return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+    except FileNotFoundError:
+        raise not_found(path) from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. a NUL character in the path
+        raise DataError(f"{path!r}: not a usable file path ({exc})") from None
+
+
 def read_parquet(path: Path) -> Table:
     """One Parquet file, read through pyarrow.
 
     Raises: DataError when the file is missing, not readable as Parquet, or has no rows.
     """
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        raise _not_found(path)
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path}: the file has no rows (columns: {', '.join(table.column_names)})")
-    return Table(str(path), list(table.column_names), table.to_pylist(), None, format="parquet")
+    return merge_tables(list(parquet_chunks(path, CHUNK_ROWS)))
 
 
 def read_hf_disk(path: Path) -> dict[str | None, Table]:
-    """A dataset saved with `save_to_disk`: {None: table} for a Dataset, {split: table} for a DatasetDict.
+    """A dataset saved with `save_to_disk` ({None: table} for a Dataset, {split: table} for a
+    DatasetDict) or a folder of Parquet shards (split by their folder or name, data/chunks.py).
 
-    Raises: DataError when `path` is not such a folder, cannot be loaded, or a split has no rows.
+    Raises: DataError when `path` is neither, cannot be loaded, or a split has no rows.
     """
-    if not path.is_dir():
-        raise (
-            _not_found(path)
-            if not path.exists()
-            else DataError(f"{path}: expected a folder saved with save_to_disk")
-        )
-    if not any(
-        (path / marker).exists() for marker in ("dataset_dict.json", "state.json", "dataset_info.json")
-    ):
-        raise DataError(
-            f"{path}: this folder is not a dataset saved with `save_to_disk` "
-            "(no dataset_dict.json or state.json); "
-            "for line-aligned text files use `format: parallel`"
-        )
-    import datasets  # imported here: slow to import and only needed for this format
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a damaged folder
-        raise DataError(f"{path}: cannot load the saved dataset: {exc}") from None
-
-    def table(ds: Any, where: str) -> Table:
-        rows = ds.with_format(None).to_list()
-        if not rows:
-            raise DataError(f"{where}: the dataset has no rows")
-        return Table(where, list(ds.column_names), rows, None, format="hf_disk")
-
-    if isinstance(loaded, datasets.DatasetDict):
-        return {split: table(ds, f"{path} [{split}]") for split, ds in loaded.items()}
-    return {None: table(loaded, str(path))}
+    chunks = read_chunks(path, "hf_disk", "utf-8", Problems(False))
+    return {split: merge_tables(list(read())) for split, read in chunks.items()}
 
 
 def read_parallel(files: Mapping[str, Path], encoding: str, problems: Problems) -> Table:

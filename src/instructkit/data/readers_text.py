@@ -19,7 +19,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from instructkit.data.table import Problems, Table
@@ -56,7 +56,15 @@ def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
 
 
 def parse_delimited(text: str, path: str, delimiter: str, problems: Problems) -> Table:
-    """CSV (quoted) or TSV (unquoted) with a header row; a ragged row is named by its line.
+    """CSV (quoted) or TSV (unquoted) with a header row, all rows in one Table (see `iter_delimited`)."""
+    return merge_tables(list(iter_delimited(io.StringIO(text, newline=""), path, delimiter, problems)))
+
+
+def iter_delimited(lines: Iterable[str], path: str, delimiter: str, problems: Problems,
+                   chunk_rows: int = 1 << 62) -> Iterator[Table]:
+    """CSV (quoted) or TSV (unquoted) with a header row, in Tables of at most `chunk_rows` rows; a ragged
+    row is named by its line. `lines` are the text's lines with their line ends (a quoted field may span
+    several).
 
     Raises: DataError when the header repeats a name, the text cannot be parsed, or there is no header or
     no data row; a ragged row goes to `problems` (a DataError unless skipping).
@@ -64,12 +72,14 @@ def parse_delimited(text: str, path: str, delimiter: str, problems: Problems) ->
     if csv.field_size_limit() < 1 << 30:
         csv.field_size_limit(1 << 30)  # long reviews and articles are longer than the 128 KiB default
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    fmt = "tsv" if delimiter == "\t" else "csv"
+    reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
     header: list[str] | None = None
     header_line = 0
     rows: list[dict] = []
-    lines: list[int] = []
+    where: list[int] = []
     previous = 0
+    seen = 0
     try:
         for record in reader:
             start = previous + 1
@@ -95,14 +105,31 @@ def parse_delimited(text: str, path: str, delimiter: str, problems: Problems) ->
                 )
                 continue
             rows.append(dict(zip(header, record)))
-            lines.append(start)
+            where.append(start)
+            if len(rows) >= chunk_rows:
+                yield Table(path, list(header), rows, where, format=fmt, offset=seen)
+                seen += len(rows)
+                rows, where = [], []
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: cannot parse as CSV: {exc}") from None
     if header is None:
         raise DataError(f"{path}: the file is empty")
-    if not rows and not problems.total:
+    if not rows and not seen and not problems.total:
         raise DataError(f"{path}: only a header (line {header_line}), no data rows")
-    return Table(path, list(header), rows, lines, format="tsv" if delimiter == "\t" else "csv")
+    if rows or not seen:
+        yield Table(path, list(header), rows, where, format=fmt, offset=seen)
+
+
+def merge_tables(chunks: Sequence[Table]) -> Table:
+    """The chunks of one file as one Table (rows, lines and positions joined; columns in order of first
+    appearance)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    first = chunks[0]
+    rows = [row for chunk in chunks for row in chunk.rows]
+    lines = None if first.lines is None else [n for chunk in chunks for n in chunk.lines or []]
+    columns = list(dict.fromkeys(c for chunk in chunks for c in chunk.columns))
+    return Table(first.path, columns, rows, lines, unit=first.unit, format=first.format)
 
 
 def _columns_of(rows: Iterable[dict]) -> list[str]:
@@ -119,16 +146,24 @@ def _columns_of(rows: Iterable[dict]) -> list[str]:
 
 
 def parse_jsonl(text: str, path: str, problems: Problems) -> Table:
-    """One JSON object per line; a malformed line is named by its 1-based number.
+    """One JSON object per line, all rows in one Table (see `iter_jsonl_rows`)."""
+    # split("\n"), not splitlines(): U+2028 and friends may sit raw inside JSON strings
+    return merge_tables(list(iter_jsonl_rows(text.split("\n"), path, problems)))
+
+
+def iter_jsonl_rows(lines: Iterable[str], path: str, problems: Problems,
+                    chunk_rows: int = 1 << 62) -> Iterator[Table]:
+    """One JSON object per line, in Tables of at most `chunk_rows` rows; a malformed line is named by its
+    1-based number.
 
     Raises: DataError when the text holds no object; a malformed line or a non-object goes to `problems`
     (a DataError unless skipping).
     """
     loads = json.loads
     rows: list[dict] = []
-    lines: list[int] = []
-    # split("\n"), not splitlines(): U+2028 and friends may sit raw inside JSON strings
-    for lineno, line in enumerate(text.split("\n"), 1):
+    where: list[int] = []
+    seen = 0
+    for lineno, line in enumerate(lines, 1):
         if not line or line.isspace():
             continue
         try:
@@ -149,10 +184,15 @@ def parse_jsonl(text: str, path: str, problems: Problems) -> Table:
             )
             continue
         rows.append(record)
-        lines.append(lineno)
-    if not rows and not problems.total:
+        where.append(lineno)
+        if len(rows) >= chunk_rows:
+            yield Table(path, _columns_of(rows), rows, where, format="jsonl", offset=seen)
+            seen += len(rows)
+            rows, where = [], []
+    if not rows and not seen and not problems.total:
         raise DataError(f"{path}: the file is empty")
-    return Table(path, _columns_of(rows), rows, lines, format="jsonl")
+    if rows or not seen:
+        yield Table(path, _columns_of(rows), rows, where, format="jsonl", offset=seen)
 
 
 def parse_json(text: str, path: str, problems: Problems) -> Table:

@@ -186,6 +186,16 @@ class RowChecker:
                     return None
         return row
 
+    def convert(self, row: dict) -> dict:
+        """`check` of a row known to pass it (prepared in bounded memory, its second read): renamed,
+        blanks filled, converted; nothing checked again."""
+        for name, col in self.renames:
+            row[name] = row.get(col)
+        for name, empty in self.blank:
+            if missing_kind(row.get(name)) is not None:
+                row[name] = empty
+        return self.coerce(row) if self.coerce is not None else row
+
     def _failing_field(self, row: dict) -> str:
         for name in self.schema.fields:  # type: ignore[union-attr]
             if name in row and row[name] is not None:

@@ -320,10 +320,31 @@ def bucketed_rows(group: Sequence[int], lengths: np.ndarray, plan: BatchPlan, ma
     return rows
 
 
+class EpochPlan(Sequence):
+    """The steps of an epoch, each planned (`plan_step`) when it is read: a million-example epoch starts
+    without planning 125,000 steps first. Reads like the list of steps: len, [step], [start:] (a plan
+    of the rest), iteration; `plan_digest` gives the digest of the list."""
+
+    def __init__(self, groups: list[np.ndarray], lengths: np.ndarray, plan: BatchPlan):
+        self.groups, self.lengths, self.plan = groups, lengths, plan
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, step):
+        if isinstance(step, slice):
+            return EpochPlan(self.groups[step], self.lengths, self.plan)
+        return plan_step(self.groups[step], self.lengths, self.plan)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
 def plan_epoch(
     lengths: np.ndarray, plan: BatchPlan, epoch: int, sample_labels: Sequence[int] | None = None
-) -> list[list[list[MicroBatch]]]:
-    """All steps of an epoch: plan[step][rank] = that process's micro-batches. Same on every process."""
+) -> EpochPlan:
+    """All steps of an epoch: plan[step][rank] = that process's micro-batches. Same on every process.
+    Steps are planned as they are read (`EpochPlan`)."""
     groups = step_groups(
         lengths,
         plan.group_size,
@@ -334,7 +355,7 @@ def plan_epoch(
         balance_multiple=plan.pad_to_multiple_of if plan.packing else 1,
         row_size=plan.batch_size,
     )
-    return [plan_step(group, lengths, plan) for group in groups]
+    return EpochPlan(groups, lengths, plan)
 
 
 def plan_eval(lengths: np.ndarray, plan: BatchPlan) -> list[list[MicroBatch]]:
@@ -358,4 +379,10 @@ def plan_eval(lengths: np.ndarray, plan: BatchPlan) -> list[list[MicroBatch]]:
 
 def plan_digest(steps: list) -> str:
     """sha256 of an epoch plan: a resumed run checks it replays the very same batches."""
-    return hashlib.sha256(json.dumps(steps, separators=(",", ":")).encode()).hexdigest()
+    digest = hashlib.sha256()
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    digest.update(b"[")  # the digest of json.dumps(list(steps)), step by step
+    for k, step in enumerate(steps):
+        digest.update((b"," if k else b"") + encode(step).encode())
+    digest.update(b"]")
+    return digest.hexdigest()

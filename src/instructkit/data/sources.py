@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +20,8 @@ from typing import Any
 
 from instructkit.config import DatasetConfig
 from instructkit.data.chat_rows import chat_column
-from instructkit.data.readers import SUFFIX_FORMATS, read_parallel, read_tables
+from instructkit.data.chunks import read_chunks
+from instructkit.data.readers import SUFFIX_FORMATS, detect_format, read_parallel, read_tables
 from instructkit.data.rows import RowChecker, column_candidates, instruction_kind, instruction_row
 from instructkit.data.table import Problems, Table
 from instructkit.errors import ConfigError, DataError
@@ -166,6 +167,82 @@ def _schema_hint(columns: Sequence[str], schemas: Iterable[Schema]) -> str:
     return f"; its columns fit schema {' or '.join(fits)} (set `schema:`)" if fits else " (set `schema:`)"
 
 
+def source_fields(dataset: DatasetConfig, schema: Schema | None, templates: Sequence[Template],
+                  required: Iterable[str], name: str) -> tuple[list[str], set[str], str | None]:
+    """(fields to map, fields every row must have, label field) of a dataset.
+
+    Raises: ConfigError for a `columns:` key outside the schema.
+    """
+    columns: Mapping[str, Any] = dataset.columns or {}
+    required_set = set(required)
+    for template in templates:
+        reads = template.fields_read
+        required_set |= (reads & set(schema.fields)) if schema is not None and schema.fields else reads
+    if schema is not None and schema.fields:
+        unknown = [k for k in columns if k not in schema.fields and k not in required_set]
+        if unknown:
+            raise ConfigError(
+                f"dataset {name!r}: columns: {', '.join(map(repr, unknown))} not a field of schema "
+                f"{schema.name!r} (fields: {', '.join(schema.fields)})"
+            )
+        fields = list(dict.fromkeys([*schema.fields, *sorted(required_set)]))
+    else:
+        fields = sorted(required_set)
+    return fields, required_set, schema.label_field if schema is not None else None
+
+
+def file_parts(dataset: DatasetConfig, schema: Schema | None, required: set[str], problems: Problems,
+               notes: list[str], chunk_rows: int | None = None) -> Iterator[tuple[str | None, Callable]]:
+    """(given split, reader) for each file or saved split of `dataset`; a split outside train/validation/test
+    is noted and left out. The reader returns the whole Table, or with `chunk_rows` an iterator of Tables of
+    that many rows (data/chunks.py), read anew at each call.
+
+    Raises: ConfigError for `format: parallel` without schema fields; DataError from the readers.
+    """
+    name = dataset_name(dataset)
+    columns: Mapping[str, Any] = dataset.columns or {}
+    for split, spec in _file_specs(dataset):
+        if isinstance(spec, Mapping) or dataset.format == "parallel":
+            if not isinstance(spec, Mapping):
+                if schema is None or not schema.fields:
+                    raise ConfigError(
+                        f"dataset {name!r}: `format: parallel` with a path stem needs a `schema:` with fields"
+                    )
+                spec = _stem_files(spec, list(schema.fields), required, columns)
+            table = read_parallel(spec, dataset.encoding, problems)
+            tables: dict[str | None, Callable] = {None: (lambda t=table: t if chunk_rows is None else iter([t]))}
+        elif chunk_rows is not None:
+            fmt = detect_format(spec, dataset.format)
+            tables = dict(read_chunks(spec, fmt, dataset.encoding, problems, chunk_rows))
+        else:
+            tables = {k: (lambda t=t: t) for k, t in read_tables(spec, dataset.format, dataset.encoding,
+                                                                 problems).items()}
+        for sub, reader in tables.items():
+            table_split = split
+            if sub is not None:  # a DatasetDict split
+                table_split = SPLIT_NAMES.get(sub.lower())
+                if table_split is None:
+                    notes.append(f"{spec} [{sub}]: split {sub!r} ignored (not train/validation/test)")
+                    continue
+            yield table_split, reader
+
+
+def set_kind(source: Source, table: Table, columns: Mapping[str, Any], schemas: Iterable[Schema]) -> None:
+    """Set `source.kind` from the first table of a dataset without a schema.
+
+    Raises: DataError when the table is neither prompt/completion nor chat data."""
+    if source.kind:
+        return
+    kind = instruction_kind(table.columns, columns)
+    if kind is None:
+        raise DataError(
+            f"{table.path}: dataset {source.name!r} has no `schema:` and the file has neither "
+            f"prompt/completion columns nor chat `messages` (columns: {', '.join(table.columns)})"
+            + _schema_hint(table.columns, schemas)
+        )
+    source.kind = kind
+
+
 def load_source(
     dataset: DatasetConfig,
     schema: Schema | None,
@@ -188,22 +265,7 @@ def load_source(
     name = name or dataset_name(dataset)
     problems = Problems(dataset.skip_bad_rows)
     columns: Mapping[str, Any] = dataset.columns or {}
-    required_set = set(required)
-    for template in templates:
-        reads = template.fields_read
-        required_set |= (reads & set(schema.fields)) if schema is not None and schema.fields else reads
-    if schema is not None and schema.fields:
-        unknown = [k for k in columns if k not in schema.fields and k not in required_set]
-        if unknown:
-            raise ConfigError(
-                f"dataset {name!r}: columns: {', '.join(map(repr, unknown))} not a field of schema "
-                f"{schema.name!r} (fields: {', '.join(schema.fields)})"
-            )
-        fields = list(dict.fromkeys([*schema.fields, *sorted(required_set)]))
-    else:
-        fields = sorted(required_set)
-    label = schema.label_field if schema is not None else None
-
+    fields, required_set, label = source_fields(dataset, schema, templates, required, name)
     source = Source(
         name=name,
         kind="schema" if schema is not None else "",
@@ -213,55 +275,28 @@ def load_source(
         given=None,
         label_field=None,
     )
-    specs = _file_specs(dataset)
-    fmt_declared = dataset.format
     eos: Counter[str] = Counter()
     given: list[str | None] = []
     label_everywhere = label is not None
-    for split, spec in specs:
-        if isinstance(spec, Mapping):
-            tables = {None: read_parallel(spec, dataset.encoding, problems)}
-        elif fmt_declared == "parallel":
-            if schema is None or not schema.fields:
-                raise ConfigError(
-                    f"dataset {name!r}: `format: parallel` with a path stem needs a `schema:` with fields"
-                )
-            files = _stem_files(spec, list(schema.fields), required_set, columns)
-            tables = {None: read_parallel(files, dataset.encoding, problems)}
-        else:
-            tables = read_tables(spec, fmt_declared, dataset.encoding, problems)
-        for sub, table in tables.items():
-            table_split = split
-            if sub is not None:  # a DatasetDict split
-                table_split = SPLIT_NAMES.get(sub.lower())
-                if table_split is None:
-                    source.notes.append(f"{table.path}: split {sub!r} ignored (not train/validation/test)")
-                    continue
-            if not source.kind:
-                kind = instruction_kind(table.columns, columns)
-                if kind is None:
-                    raise DataError(
-                        f"{table.path}: dataset {name!r} has no `schema:` and the file has neither "
-                        f"prompt/completion columns nor chat `messages` (columns: {', '.join(table.columns)})"
-                        + _schema_hint(table.columns, schemas)
-                    )
-                source.kind = kind
-            mapping = _add_table(
-                source,
-                table,
-                table_split,
-                schema,
-                fields,
-                required_set,
-                columns,
-                templates,
-                problems,
-                label,
-                eos,
-                given,
-            )
-            if label is not None and label not in mapping:
-                label_everywhere = False
+    for table_split, chunks in file_parts(dataset, schema, required_set, problems, source.notes):
+        table = chunks()
+        set_kind(source, table, columns, schemas)
+        mapping = _add_table(
+            source,
+            table,
+            table_split,
+            schema,
+            fields,
+            required_set,
+            columns,
+            templates,
+            problems,
+            label,
+            eos,
+            given,
+        )
+        if label is not None and label not in mapping:
+            label_everywhere = False
     source.given = given if any(g is not None for g in given) else None
     source.label_field = label if label_everywhere else None
     source.rows_read = len(source.rows) + problems.total
@@ -333,14 +368,7 @@ def _add_table(
 ) -> dict[str, str]:
     """Check `table`'s rows into `source`; return the field -> column mapping used."""
     kind = source.kind
-    if kind == "schema":
-        checker = RowChecker(table, schema, fields, required, columns, templates, problems, label)
-    else:
-        present = set(table.columns)
-        has = lambda name: any(c in present for c in column_candidates(columns, name))
-        base = [chat_column(has)] if kind == "chat" else ["prompt", "completion"]
-        wanted = list(dict.fromkeys([*base, *sorted(required)]))
-        checker = RowChecker(table, None, wanted, set(wanted), columns, templates, problems, None)
+    checker = table_checker(kind, table, schema, fields, required, columns, templates, problems, label)
     prefix = f"{source.name}:{split}:" if split is not None else f"{source.name}:"
     source._tables.append(table)
     source._starts.append(len(source.rows))
@@ -372,3 +400,18 @@ def _add_table(
     )
     table.rows = []  # the checked rows live on in source.rows; only line numbers are kept
     return checker.mapping
+
+
+def table_checker(kind: str, table: Table, schema: Schema | None, fields: Sequence[str], required: set[str],
+                  columns: Mapping[str, Any], templates: Sequence[Template], problems: Problems,
+                  label: str | None) -> RowChecker:
+    """The row checker of one table of a dataset of `kind` (schema, prompt_completion, chat).
+
+    Raises: DataError naming the file's columns when a required field has no column."""
+    if kind == "schema":
+        return RowChecker(table, schema, fields, required, columns, templates, problems, label)
+    present = set(table.columns)
+    has = lambda name: any(c in present for c in column_candidates(columns, name))
+    base = [chat_column(has)] if kind == "chat" else ["prompt", "completion"]
+    wanted = list(dict.fromkeys([*base, *sorted(required)]))
+    return RowChecker(table, None, wanted, set(wanted), columns, templates, problems, None)

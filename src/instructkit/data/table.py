@@ -62,6 +62,8 @@ class Table:
     format: str = ""
     positions: list[int] | None = None
     """1-based `unit` numbers when rows were skipped while parsing (else the row's index + 1)."""
+    offset: int = 0
+    """Rows of the same file before this Table (a chunk of a file read in parts): row i is row offset + i."""
 
     def where(self, index: int) -> str:
         """`line 12` / `record 3` / `row 7`: how row `index` (0-based) is named in messages."""
@@ -69,4 +71,4 @@ class Table:
             return f"line {self.lines[index]}"
         if self.positions is not None:
             return f"{self.unit} {self.positions[index]}"
-        return f"{self.unit} {index + 1}"
+        return f"{self.unit} {self.offset + index + 1}"
