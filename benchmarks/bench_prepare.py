@@ -2,7 +2,7 @@
 preparation at scale: a 1,000,000-row review CSV (~500 MB, generated from the shared Fine Food rows).
 
     PYTHONPATH=src python benchmarks/bench_prepare.py            # SST-2 -> results/prepare.json
-    PYTHONPATH=src python benchmarks/bench_prepare.py --large    # 1M rows -> results/prepare_large.json
+    PYTHONPATH=src python benchmarks/bench_prepare.py --large --train   # 1M rows -> results/prepare_large.json
 
 End to end = read the TSV, check and coerce rows, deduplicate, split (stratified), render every row with
 3 templates, write train/validation/test.jsonl + stats.json atomically. Best of 3 runs, each into a fresh
@@ -12,6 +12,7 @@ temporary run folder. For scale, it also times `Template.render` alone on the sa
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -46,7 +47,15 @@ def render_only(library: TemplateLibrary, dataset: DatasetConfig) -> float:
 
 
 def main() -> int:
-    if "--large" in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--large", action="store_true", help="the 1,000,000-row CSV case instead of SST-2 "
+                        "(-> results/prepare_large.json)")
+    parser.add_argument("--train", action="store_true", help="with --large: also time `instructkit train` to "
+                        "its first optimizer step, twice (the second start reuses the token store)")
+    parser.add_argument("--rows", type=int, help="with --large: rows of the generated CSV (default 1,000,000)")
+    parser.add_argument("--keep", action="store_true", help="with --large: keep the temporary folder")
+    args = parser.parse_args()
+    if args.large:
         from bench_prepare_large import main as large
 
         return large(sys.argv[1:])

@@ -164,7 +164,7 @@ def test_quoted_template_commands_run(where, argv, monkeypatch, capsys):
 
 
 def test_quoted_prepare_runs_on_the_real_data(tmp_path, monkeypatch, capsys):
-    quoted = [argv for _, argv, _ in CLI if argv[:1] == ["prepare"] and (ROOT / argv[1]).is_file()]
+    quoted = [argv for _, argv, _ in CLI if argv[:1] == ["prepare"] and len(argv) > 1 and (ROOT / argv[1]).is_file()]
     assert quoted
     monkeypatch.chdir(ROOT)
     for argv in quoted:

@@ -68,6 +68,8 @@ OTHER_TOOL_NAMES: dict[str, tuple[str, str | None, str]] = {
     "generation_max_length": (TRAINER, "eval.max_new_tokens",
                               "new tokens per task family, e.g. {summarization: 64}"),
     "generation_num_beams": (TRAINER, "eval.num_beams", ""),
+    "fsdp": (TRAINER, "train.sharding=fsdp", "PyTorch FSDP2 (fully_shard) under torchrun"),
+    "deepspeed": (TRAINER, "train.sharding=fsdp", "FSDP2 is the supported sharding (ZeRO-3's role)"),
     "model_name_or_path": ("TRL", "model.name", ""),
     "max_seq_length": ("TRL", "model.max_length", "the prompt is cut, never the completion"),
     "max_length": ("TRL", "model.max_length", "the prompt is cut, never the completion"),
@@ -90,6 +92,7 @@ OTHER_TOOL_NAMES: dict[str, tuple[str, str | None, str]] = {
     "train_on_inputs": ("axolotl", None, "the loss is always on the completion only"),
     "eval_batch_size": ("axolotl", "eval.batch_size", ""),
     "chat_template": ("axolotl", "model.chat_template", "true: the tokenizer's own template"),
+    "streaming": ("datasets", "split.streaming", "auto streams data files over 64 MB"),
 }
 
 
