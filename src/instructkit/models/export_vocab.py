@@ -65,14 +65,16 @@ def vocab_kind(spec: dict[str, Any]) -> str:
 def pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp's name (`tokenizer.ggml.pre`) of a byte-level tokenizer's split.
 
-    ByteLevel with its own regex is GPT-2's split ("gpt2"); Digits + ByteLevel is "smollm"; a Split regex
+    ByteLevel with its own regex is GPT-2's split ("gpt-2": llama.cpp's spelling in llama-vocab.cpp, while
+    `tokenizer.ggml.model` says "gpt2"; "gpt2" there makes llama.cpp refuse the file with "unknown
+    pre-tokenizer type"); Digits + ByteLevel is "smollm"; a Split regex
     before ByteLevel is named as transformers' GGUF loader names it (llama-bpe, qwen2, ...).
     Raises: ModelError for a split llama.cpp would not reproduce.
     """
     steps = _steps(spec.get("pre_tokenizer"), "pretokenizers")
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     digits = kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
     if digits and steps[1].get("use_regex", True):
         return "smollm"
