@@ -22,7 +22,13 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from instructkit.data.readers_text import decode_text, iter_delimited, iter_jsonl_rows, parse_json
+from instructkit.data.readers_text import (
+    decode_text,
+    iter_delimited,
+    iter_jsonl_rows,
+    parse_json,
+    undecodable,
+)
 from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
 
@@ -60,12 +66,8 @@ def text_lines(path: Path, encoding: str) -> Iterator[str]:
             try:
                 text = decode(raw)[0]
             except UnicodeDecodeError as exc:
-                inside = " of the decompressed text" if str(path).lower().endswith(".gz") else ""
-                raise DataError(
-                    f"{path}: line {lineno}: not valid {encoding} text: byte 0x{raw[exc.start]:02x} at byte "
-                    f"offset {offset + exc.start}{inside} (byte {exc.start + 1} of the line); set `encoding:` "
-                    "for this dataset (e.g. latin-1 or cp1252)"
-                ) from None
+                raise undecodable(path, encoding, lineno, raw[exc.start], offset + exc.start,
+                                  exc.start + 1) from None
             except (OSError, EOFError) as exc:  # a damaged gzip stream
                 raise DataError(f"{path}: not a valid gzip file ({exc})") from None
             if lineno == 1:

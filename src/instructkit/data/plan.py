@@ -123,6 +123,27 @@ def select_templates(
     return schema, chosen, held
 
 
+def dataset_templates(dataset: DatasetConfig, library: TemplateLibrary
+                      ) -> tuple[Schema | None, list[Template], list[Template], set[str]]:
+    """(schema, training templates, evaluation templates, held-out template ids) of one dataset: held-out
+    templates are rendered on validation and test rows only. Raises: what `select_templates` raises."""
+    schema, chosen, held = select_templates(dataset, library)
+    held_ids = {t.id for t in held}
+    return (schema, [t for t in chosen if t.id not in held_ids], chosen + [t for t in held if t not in chosen],
+            held_ids)
+
+
+def template_notes(dataset: DatasetConfig, train_templates: list[Template]) -> list[str]:
+    """Notes for stats.json when the template settings leave nothing to choose."""
+    notes = []
+    if dataset.held_out_templates and not train_templates and not dataset.held_out:
+        notes.append("every template is held out: this dataset adds no training examples")
+    if dataset.templates_per_row and dataset.templates_per_row >= len(train_templates) and train_templates:
+        notes.append(f"templates_per_row={dataset.templates_per_row} >= {len(train_templates)} training "
+                     "templates: every template is used")
+    return notes
+
+
 def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunConfig) -> DatasetPlan:
     """Read, deduplicate, cap and split one dataset.
 
@@ -130,10 +151,7 @@ def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunCo
     """
     split_cfg = config.split
     name = dataset_name(dataset)
-    schema, chosen, held = select_templates(dataset, library)
-    held_ids = {t.id for t in held}
-    train_templates = [t for t in chosen if t.id not in held_ids]
-    eval_templates = chosen + [t for t in held if t not in chosen]
+    schema, train_templates, eval_templates, held_ids = dataset_templates(dataset, library)
     group_by = dataset.group_by or split_cfg.group_by
     required = list(dataset.dedup_key or []) + ([group_by] if group_by else [])
     source = load_source(
@@ -179,13 +197,7 @@ def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunCo
         stratify=split_cfg.stratify,
         held_out=dataset.held_out,
     )
-    if dataset.held_out_templates and not train_templates and not dataset.held_out:
-        notes.append("every template is held out: this dataset adds no training examples")
-    if dataset.templates_per_row and dataset.templates_per_row >= len(train_templates) and train_templates:
-        notes.append(
-            f"templates_per_row={dataset.templates_per_row} >= {len(train_templates)} training "
-            "templates: every template is used"
-        )
+    notes += template_notes(dataset, train_templates)
     return DatasetPlan(
         config=dataset,
         name=name,

@@ -17,11 +17,12 @@ which also reads every format in bounded chunks for preparation at scale).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import gzip
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -78,13 +79,11 @@ def not_found(path: Path) -> DataError:
     return DataError(f"{os.path.abspath(path)}: file not found{hint}; {PATH_RULE}")
 
 
-def read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed when the name ends in .gz.
-
-    Raises: DataError when the file is missing (naming close names), a folder, unreadable, or a bad gzip.
-    """
+@contextlib.contextmanager
+def _opening(path: Path) -> Iterator[None]:
+    """OSError/ValueError while opening or reading `path` -> DataError naming it (close names when missing)."""
     try:
-        data = path.read_bytes()
+        yield
     except FileNotFoundError:
         raise not_found(path) from None
     except IsADirectoryError:
@@ -93,6 +92,15 @@ def read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:  # e.g. a NUL character in the path
         raise DataError(f"{path!r}: not a usable file path ({exc})") from None
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when the name ends in .gz.
+
+    Raises: DataError when the file is missing (naming close names), a folder, unreadable, or a bad gzip.
+    """
+    with _opening(path):
+        data = path.read_bytes()
     if path.suffix.lower() == ".gz":
         try:
             data = gzip.decompress(data)
@@ -106,16 +114,8 @@ def open_binary(path: Path) -> IO[bytes]:
 
     Raises: DataError as `read_bytes` does for a missing, unreadable or folder path.
     """
-    try:
+    with _opening(path):
         return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
-    except FileNotFoundError:
-        raise not_found(path) from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a file") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except ValueError as exc:  # e.g. a NUL character in the path
-        raise DataError(f"{path!r}: not a usable file path ({exc})") from None
 
 
 def read_parquet(path: Path) -> Table:

@@ -27,6 +27,14 @@ from instructkit.errors import DataError
 from instructkit.io import json_problem
 
 
+def undecodable(path: Path | str, encoding: str, line: int, byte: int, offset: int, column: int) -> DataError:
+    """The error for a byte that is not `encoding` text: 1-based `line` and `column`, `offset` in the file."""
+    inside = " of the decompressed text" if str(path).lower().endswith(".gz") else ""
+    return DataError(f"{path}: line {line}: not valid {encoding} text: byte 0x{byte:02x} at byte offset "
+                     f"{offset}{inside} (byte {column} of the line); set `encoding:` for this dataset "
+                     "(e.g. latin-1 or cp1252)")
+
+
 def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
     """Decode `data`, dropping a byte-order mark; an undecodable byte is named by offset and line.
 
@@ -43,12 +51,7 @@ def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        inside = " of the decompressed text" if str(path).lower().endswith(".gz") else ""
-        raise DataError(
-            f"{path}: line {line}: not valid {encoding} text: byte 0x{data[exc.start]:02x} at byte offset "
-            f"{exc.start}{inside} (byte {column} of the line); set `encoding:` for this dataset "
-            "(e.g. latin-1 or cp1252)"
-        ) from None
+        raise undecodable(path, encoding, line, data[exc.start], exc.start, column) from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise DataError(f"{path}: the file is empty")

@@ -21,7 +21,7 @@ import numpy as np
 from instructkit.config import DatasetConfig, RunConfig
 from instructkit.data.answers import OUTSIDE_DETECTED, Answers, decide_counts
 from instructkit.data.chunks import CHUNK_ROWS
-from instructkit.data.plan import DatasetPlan, cap_rows, select_templates
+from instructkit.data.plan import DatasetPlan, cap_rows, dataset_templates, template_notes
 from instructkit.data.sources import dataset_name
 from instructkit.data.split import DedupResult, split_rows
 from instructkit.data.stream_source import GIVEN_NAMES, StreamSource, hash_values, scan_source
@@ -118,10 +118,7 @@ def plan_streamed(dataset: DatasetConfig, library: TemplateLibrary, config: RunC
     """
     split_cfg = config.split
     name = dataset_name(dataset)
-    schema, chosen, held = select_templates(dataset, library)
-    held_ids = {t.id for t in held}
-    train_templates = [t for t in chosen if t.id not in held_ids]
-    eval_templates = chosen + [t for t in held if t not in chosen]
+    schema, train_templates, eval_templates, held_ids = dataset_templates(dataset, library)
     group_by = dataset.group_by or split_cfg.group_by
     required = list(dataset.dedup_key or []) + ([group_by] if group_by else [])
     if schema is not None and (dataset.choices != "auto" or dataset.metrics is not None):
@@ -160,12 +157,7 @@ def plan_streamed(dataset: DatasetConfig, library: TemplateLibrary, config: RunC
     result = split_rows(len(rows), validation=split_cfg.validation, test=split_cfg.test, seed=split_cfg.seed,
                         labels=labels, groups=groups, given=given, stratify=split_cfg.stratify,
                         held_out=dataset.held_out)
-    notes = list(source.notes)
-    if dataset.held_out_templates and not train_templates and not dataset.held_out:
-        notes.append("every template is held out: this dataset adds no training examples")
-    if dataset.templates_per_row and dataset.templates_per_row >= len(train_templates) and train_templates:
-        notes.append(f"templates_per_row={dataset.templates_per_row} >= {len(train_templates)} training "
-                     "templates: every template is used")
+    notes = list(source.notes) + template_notes(dataset, train_templates)
     plan = DatasetPlan(config=dataset, name=name, schema=schema, source=source, train_templates=train_templates,
                        eval_templates=eval_templates, held_out_ids=held_ids, dedup=dedup, split=result, rows=rows,
                        rows_capped=capped, problems=Problems(dataset.skip_bad_rows), answers=answers, notes=notes)
