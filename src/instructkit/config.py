@@ -71,8 +71,8 @@ class DatasetConfig(Section):
         default_factory=list, description="Template ids rendered only on validation and test rows, reported "
         "apart (unseen instructions).")
     held_out: bool = Field(
-        False, description="Keep this whole dataset out of training: its rows go to validation and test only "
-        "(evaluation on an unseen dataset).")
+        False, description="Keep this whole dataset out of training: all its rows go to test (evaluation on an "
+        "unseen dataset); validation loss and early stopping never see it.")
     weight: float = Field(
         1.0, gt=0, description="Relative share of the training examples in a mixture (1 and 1: half and "
         "half; a dataset short of its share is repeated, one over it subsampled). No effect with one "

@@ -247,7 +247,7 @@ def test_mixture_weights_and_held_out_dataset(tmp_path, tiny):
     assert_no_row_in_two_splits(run)
     held = [ex for s in ("validation", "test") for ex in run[s] if ex["dataset"] == "c"]
     assert len(held) == 50 and all(ex["held_out"] for ex in held)
-    assert result.stats["datasets"]["c"]["split"]["sizes"] == {"train": 0, "validation": 17, "test": 33}
+    assert result.stats["datasets"]["c"]["split"]["sizes"] == {"train": 0, "validation": 0, "test": 50}
     assert {ex["dataset"] for ex in run["train"][:40]} == {"a", "b"}  # shuffled: the datasets are interleaved
 
 

@@ -180,7 +180,7 @@ def test_held_out_dataset_has_no_train_rows():
     result = split_rows(
         300, validation=0.1, test=0.2, seed=0, labels=[i % 3 for i in range(300)], held_out=True
     )
-    assert result.report["sizes"] == {"train": 0, "validation": 100, "test": 200}
+    assert result.report["sizes"] == {"train": 0, "validation": 0, "test": 300}  # every row is scored
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Templates per row: every chosen template, or `templates_per_row: k` of them samp
 per-template scores are measured on the same rows.
 
 Held out: templates in `held_out_templates` are rendered only on validation and test rows; a dataset
-with `held_out: true` has no training rows at all (its rows go to validation and test). Their examples
+with `held_out: true` has no training rows at all (its rows go to test, except rows of a file given as
+validation: model selection never sees them). Their examples
 carry `"held_out": true` so evaluation can report them separately (generalisation to unseen prompts or
 unseen datasets).
 

@@ -215,15 +215,8 @@ def _carve_fractions(
         "validation": 0.0 if "validation" in given_splits else validation,
         "test": 0.0 if "test" in given_splits else test,
     }
-    if held_out:
-        total = carve["validation"] + carve["test"]
-        if total == 0:
-            return (
-                {"train": 0.0, "validation": 0.0, "test": 1.0}
-                if "test" not in given_splits
-                else {"train": 0.0, "validation": 1.0, "test": 0.0}
-            )
-        return {"train": 0.0, "validation": carve["validation"] / total, "test": carve["test"] / total}
+    if held_out:  # every row is scored on test; validation would only feed model selection, never with it
+        return {"train": 0.0, "validation": 0.0, "test": 1.0}
     return {"train": 1.0 - carve["validation"] - carve["test"], **carve}
 
 

@@ -1,0 +1,275 @@
+"""Rating recipes that transfer: Fine Food in-domain and Amazon Fashion transfer, several seeds.
+
+Trains SmolLM2-135M-Instruct on the Amazon Fine Food rating data (the setup of
+examples/amazon_rating_baseline.yaml and ../shared/docs/BASELINES.md) with several recipes and seeds, and
+evaluates every model on the Fine Food test split AND on every deduplicated Amazon Fashion row (a held-out
+dataset through the same template, `held_out: true`: all its rows go to test). Rank classification over
+"1".."5"; figures per dataset: accuracy, macro-F1 and the paired bootstrap interval of the gain over the base
+model (the same examples, 1,000 resamples).
+
+Recipes (`--list`):
+  trainer             plain transformers Trainer as in BASELINES.md: fused AdamW lr 1e-4, batch 8, 3 epochs,
+                      completion-only labels, DataCollatorForSeq2Seq padding, fp32, last weights
+  baseline            examples/amazon_rating_baseline.yaml as shipped
+  no_class_weighting  baseline with train.class_balance=none
+  lr_1e-4             baseline with train.lr=1e-4
+  epochs_3            baseline with train.epochs=3 and no early stopping (best validation weights kept)
+  lean                baseline with the memory-lean settings: 8-bit AdamW, optimizer step in backward,
+                      chunked loss (64 tokens), no clipping
+
+Every (recipe, seed) cell is saved to the JSON as soon as it ends and skipped on the next start (`--force`
+redoes it), so the grid (CPU hours) can run in pieces:
+  python benchmarks/bench_quality.py                                   # every recipe, seeds 0 1 2
+  python benchmarks/bench_quality.py --recipes baseline,lean --seeds 0
+The work folder keeps the prepared data, the base evaluation and each cell's run (delete it when done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+EXAMPLE = ROOT / "examples" / "amazon_rating_baseline.yaml"
+MODEL = "smollm2-135m-instruct"
+LEAN = ["train.optimizer=adamw_8bit", "train.optimizer_in_backward=true", "train.loss_chunk_tokens=64",
+        "train.max_grad_norm=null"]
+RECIPES: dict[str, tuple[str, list[str]]] = {
+    "trainer": ("hf", []),
+    "baseline": ("instructkit", []),
+    "no_class_weighting": ("instructkit", ["train.class_balance=none"]),
+    "lr_1e-4": ("instructkit", ["train.lr=1e-4"]),
+    "epochs_3": ("instructkit", ["train.epochs=3", "train.early_stopping=null"]),
+    "lean": ("instructkit", LEAN),
+}
+DATASETS = ("amazon_fine_food", "amazon_fashion")
+METRICS = ("accuracy", "macro_f1")
+STARS = ["1", "2", "3", "4", "5"]
+
+
+def bench_config(work: Path) -> Path:
+    """The example config with absolute paths plus Amazon Fashion as a held-out dataset (same template)."""
+    import yaml
+
+    config = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    config["datasets"][0]["path"] = str(DATA / "amazon_fine_food" / "reviews.csv")
+    config["datasets"].append({
+        "path": str(DATA / "amazon_fashion" / "reviews.jsonl"), "name": "amazon_fashion",
+        "schema": "amazon_fine_food", "templates": ["amazon_fine_food.predict_rating"],
+        "columns": {"Text": "reviewText", "Score": "overall", "Summary": "summary", "ProductId": "asin"},
+        "held_out": True, "skip_bad_rows": True})  # 16 rows have no reviewText
+    config["eval"] = {"split": "test", "few_shot": []}
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def instructkit(*args: str, cwd: Path, log: Path) -> float:
+    """Run the CLI, its output appended to `log`; seconds of wall time. Raises CalledProcessError."""
+    start = time.perf_counter()
+    with log.open("a", encoding="utf-8") as out:
+        subprocess.run([sys.executable, "-m", "instructkit", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                       check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
+# The Trainer recipe (child process)
+# --------------------------------------------------------------------------------------------------
+
+
+def train_hf(data: Path, out: Path, seed: int, threads: int) -> dict:
+    """BASELINES.md's Trainer run on instructkit's tokenization of the same train split; saves `out`."""
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from instructkit.config import ModelConfig
+    from instructkit.data.build import load_examples
+    from instructkit.data.tokenize import TokenizeSettings, tokenize_examples
+    from instructkit.models.load import load_model
+
+    torch.set_num_threads(threads)
+    model_cfg = ModelConfig(name=MODEL, max_length=256)
+    loaded = load_model(model_cfg)
+    tokenized, _ = tokenize_examples(load_examples(data, "train"), loaded.tokenizer,
+                                     TokenizeSettings.from_model_config(model_cfg, False))
+    rows = Dataset.from_dict({"input_ids": tokenized["input_ids"], "labels": tokenized["labels"],
+                              "attention_mask": [[1] * len(x) for x in tokenized["input_ids"]]})
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=8, num_train_epochs=3, learning_rate=1e-4,
+        optim="adamw_torch_fused", seed=seed, data_seed=seed, save_strategy="no", eval_strategy="no",
+        report_to="none", use_cpu=True, logging_steps=20, disable_tqdm=True, remove_unused_columns=False)
+    collator = DataCollatorForSeq2Seq(loaded.tokenizer, model=None, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=loaded.model, args=args, train_dataset=rows, data_collator=collator)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    loaded.model.save_pretrained(out / "model", safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out / "model")
+    return {"train_seconds": round(seconds, 1), "steps": trainer.state.global_step}
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------
+
+
+def by_dataset(predictions: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for p in predictions:
+        groups.setdefault(p["dataset"], []).append(p)
+    return groups
+
+
+def predictions(folder: Path) -> list[dict]:
+    from instructkit.io import read_jsonl
+
+    return sorted(read_jsonl(folder / "predictions.jsonl"), key=lambda p: (p["dataset"], p["source_id"]))
+
+
+def figures(base: list[dict], tuned: list[dict]) -> dict[str, dict]:
+    """Per dataset: n, each metric of the tuned model and its paired bootstrap gain over the base model."""
+    from instructkit.evaluate.bootstrap import paired_bootstrap_diff
+    from instructkit.evaluate.metric_registry import get_metric, macro_f1_classes, macro_f1_metric
+
+    out = {}
+    base_groups, tuned_groups = by_dataset(base), by_dataset(tuned)
+    for dataset in DATASETS:
+        b, t = base_groups[dataset], tuned_groups[dataset]
+        if [p["source_id"] for p in b] != [p["source_id"] for p in t]:
+            raise SystemExit(f"{dataset}: base and tuned predictions are not on the same examples")
+        refs = [p["reference"] for p in t]
+        specs = {"accuracy": get_metric("accuracy"), "macro_f1": macro_f1_metric(macro_f1_classes(refs, STARS))}
+        row: dict[str, Any] = {"n": len(t)}
+        for metric, spec in specs.items():
+            row[metric] = round(float(spec.fn([p["prediction"] for p in t], refs)), 4)
+            gain = paired_bootstrap_diff(spec, [p["prediction"] for p in b], [p["prediction"] for p in t], refs)
+            row[f"{metric}_gain_over_base"] = {k: round(float(gain[k]), 4) for k in ("delta", "low", "high")}
+        out[dataset] = row
+    return out
+
+
+def summarize(cells: dict[str, dict]) -> dict[str, dict]:
+    """Per recipe: seeds, mean and sd of each metric per dataset, mean training seconds."""
+    summary: dict[str, dict] = {}
+    for recipe in RECIPES:
+        runs = [c for key, c in sorted(cells.items()) if key.split("/")[0] == recipe]
+        if not runs:
+            continue
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        for dataset in DATASETS:
+            for metric in METRICS:
+                values = [r["figures"][dataset][metric] for r in runs]
+                row[f"{dataset}.{metric}"] = {"mean": round(statistics.fmean(values), 4),
+                                              "sd": round(statistics.stdev(values), 4) if len(values) > 1 else None}
+        row["train_wall_seconds_mean"] = round(statistics.fmean(r["train_wall_seconds"] for r in runs), 1)
+        summary[recipe] = row
+    if "trainer" in summary:
+        for recipe, row in summary.items():
+            row["train_time_over_trainer"] = round(
+                row["train_wall_seconds_mean"] / summary["trainer"]["train_wall_seconds_mean"], 3)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------------
+
+
+def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int) -> dict:
+    kind, overrides = RECIPES[recipe]
+    name = f"{recipe}-s{seed}"
+    run_dir = work / "runs" / name
+    log = work / f"{name}.log"
+    if kind == "hf":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--child-trainer", str(run_dir), "--seeds", str(seed),
+                        "--threads", str(threads), "--work", str(work)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        wall = time.perf_counter() - start
+        trained = json.loads((run_dir / "trainer_result.json").read_text(encoding="utf-8"))
+    else:
+        wall = instructkit("train", str(config), f"name={name}", f"train.seed={seed}", f"train.threads={threads}",
+                           *overrides, "--force", cwd=work, log=log)
+        result = json.loads((run_dir / "train_result.json").read_text(encoding="utf-8"))
+        trained = {k: result.get(k) for k in ("train_seconds", "steps", "epochs", "stopped_early", "best_step",
+                                              "best_metric", "best_value")}
+    instructkit("evaluate", "--model", str(run_dir / "model"), "--data", str(work / "runs" / "data"),
+                "--split", "test", "--out", str(run_dir / "eval-test"), "--set", f"train.threads={threads}",
+                cwd=work, log=log)
+    return {"recipe": recipe, "seed": seed, "overrides": overrides, "train_wall_seconds": round(wall, 1),
+            **trained, "figures": figures(predictions(work / "base"), predictions(run_dir / "eval-test"))}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names (see --list)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (the split keeps seed 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "instructkit-bench" / "quality",
+                   help="folder for the prepared data, the base evaluation and the runs")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    p.add_argument("--force", action="store_true", help="redo cells already in --out")
+    p.add_argument("--list", action="store_true", help="print the recipes and exit")
+    p.add_argument("--child-trainer", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.list:
+        for name, (kind, overrides) in RECIPES.items():
+            print(f"{name:20} {kind:12} {' '.join(overrides)}")
+        return 0
+    if args.child_trainer:
+        result = train_hf(args.work / "runs" / "data", args.child_trainer, int(args.seeds), args.threads)
+        (args.child_trainer / "trainer_result.json").write_text(json.dumps(result), encoding="utf-8")
+        return 0
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    if not (DATA / "amazon_fine_food" / "reviews.csv").is_file() or not (DATA / "amazon_fashion").is_dir():
+        raise SystemExit(f"skipped: the Fine Food and Amazon Fashion data are not in {DATA}")
+    from instructkit.io import write_json
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    config = bench_config(args.work)
+    log = args.work / "data.log"
+    instructkit("prepare", str(config), "name=data", cwd=args.work, log=log)
+    if not (args.work / "base" / "eval.json").is_file():
+        instructkit("evaluate", "--model", MODEL, "--data", str(args.work / "runs" / "data"), "--split", "test",
+                    "--out", str(args.work / "base"), "--set", f"train.threads={args.threads}", cwd=args.work,
+                    log=log)
+    saved = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {}
+    cells: dict[str, dict] = saved.get("cells", {})
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        for recipe in recipes:
+            key = f"{recipe}/s{seed}"
+            if key in cells and not args.force:
+                continue
+            print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
+            cells[key] = {**run_cell(recipe, seed, args.work, config, args.threads),
+                          "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+            base = figures(predictions(args.work / "base"), predictions(args.work / "base"))
+            write_json(args.out, {
+                "benchmark": __doc__.split("\n")[0], "model": MODEL, "threads": args.threads,
+                "base": {d: {m: base[d][m] for m in ("n", *METRICS)} for d in DATASETS},
+                "recipes": {r: " ".join(o) or kind for r, (kind, o) in RECIPES.items()},
+                "summary": summarize(cells), "cells": dict(sorted(cells.items()))})
+            print(f"{time.strftime('%H:%M:%S')} {key}: {json.dumps(cells[key]['figures'])}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
