@@ -136,24 +136,30 @@ def predictions(folder: Path) -> list[dict]:
     return sorted(read_jsonl(folder / "predictions.jsonl"), key=lambda p: (p["dataset"], p["source_id"]))
 
 
-def figures(base: list[dict], tuned: list[dict]) -> dict[str, dict]:
-    """Per dataset: n, each metric of the tuned model and its paired bootstrap gain over the base model."""
+def figures(tuned: list[dict], base: list[dict] | None) -> dict[str, dict]:
+    """Per dataset: n, each metric of the tuned model and, when the base model's predictions are given, the
+    paired bootstrap gain over it (same examples, 1,000 resamples)."""
     from instructkit.evaluate.bootstrap import paired_bootstrap_diff
     from instructkit.evaluate.metric_registry import get_metric, macro_f1_classes, macro_f1_metric
 
     out = {}
-    base_groups, tuned_groups = by_dataset(base), by_dataset(tuned)
+    tuned_groups = by_dataset(tuned)
+    base_groups = by_dataset(base) if base is not None else None
     for dataset in DATASETS:
-        b, t = base_groups[dataset], tuned_groups[dataset]
-        if [p["source_id"] for p in b] != [p["source_id"] for p in t]:
-            raise SystemExit(f"{dataset}: base and tuned predictions are not on the same examples")
+        t = tuned_groups[dataset]
         refs = [p["reference"] for p in t]
         specs = {"accuracy": get_metric("accuracy"), "macro_f1": macro_f1_metric(macro_f1_classes(refs, STARS))}
         row: dict[str, Any] = {"n": len(t)}
         for metric, spec in specs.items():
             row[metric] = round(float(spec.fn([p["prediction"] for p in t], refs)), 4)
-            gain = paired_bootstrap_diff(spec, [p["prediction"] for p in b], [p["prediction"] for p in t], refs)
-            row[f"{metric}_gain_over_base"] = {k: round(float(gain[k]), 4) for k in ("delta", "low", "high")}
+        if base_groups is not None:
+            b = base_groups[dataset]
+            if [p["source_id"] for p in b] != [p["source_id"] for p in t]:
+                raise SystemExit(f"{dataset}: base and tuned predictions are not on the same examples")
+            for metric, spec in specs.items():
+                gain = paired_bootstrap_diff(spec, [p["prediction"] for p in b], [p["prediction"] for p in t],
+                                             refs)
+                row[f"{metric}_gain_over_base"] = {k: round(float(gain[k]), 4) for k in ("delta", "low", "high")}
         out[dataset] = row
     return out
 
@@ -200,15 +206,14 @@ def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int) -> 
         trained = json.loads((run_dir / "trainer_result.json").read_text(encoding="utf-8"))
     else:
         wall = instructkit("train", str(config), f"name={name}", f"train.seed={seed}", f"train.threads={threads}",
-                           *overrides, "--force", cwd=work, log=log)
+                           *overrides, cwd=work, log=log)
         result = json.loads((run_dir / "train_result.json").read_text(encoding="utf-8"))
         trained = {k: result.get(k) for k in ("train_seconds", "steps", "epochs", "stopped_early", "best_step",
                                               "best_metric", "best_value")}
     instructkit("evaluate", "--model", str(run_dir / "model"), "--data", str(work / "runs" / "data"),
                 "--split", "test", "--out", str(run_dir / "eval-test"), "--set", f"train.threads={threads}",
                 cwd=work, log=log)
-    return {"recipe": recipe, "seed": seed, "overrides": overrides, "train_wall_seconds": round(wall, 1),
-            **trained, "figures": figures(predictions(work / "base"), predictions(run_dir / "eval-test"))}
+    return {"recipe": recipe, "seed": seed, "overrides": overrides, "train_wall_seconds": round(wall, 1), **trained}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -220,6 +225,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for the prepared data, the base evaluation and the runs")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     p.add_argument("--force", action="store_true", help="redo cells already in --out")
+    p.add_argument("--no-base", action="store_true", help="skip the base model's evaluation (no gains yet)")
     p.add_argument("--list", action="store_true", help="print the recipes and exit")
     p.add_argument("--child-trainer", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -247,12 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     config = bench_config(args.work)
     log = args.work / "data.log"
     instructkit("prepare", str(config), "name=data", cwd=args.work, log=log)
-    if not (args.work / "base" / "eval.json").is_file():
-        instructkit("evaluate", "--model", MODEL, "--data", str(args.work / "runs" / "data"), "--split", "test",
-                    "--out", str(args.work / "base"), "--set", f"train.threads={args.threads}", cwd=args.work,
-                    log=log)
     saved = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {}
     cells: dict[str, dict] = saved.get("cells", {})
+
+    def save() -> None:
+        """Figures of every cell whose predictions are in the work folder (gains once the base is there)."""
+        base = predictions(args.work / "base") if (args.work / "base" / "eval.json").is_file() else None
+        for cell in cells.values():
+            folder = args.work / "runs" / f"{cell['recipe']}-s{cell['seed']}" / "eval-test"
+            if (folder / "eval.json").is_file():
+                cell["figures"] = figures(predictions(folder), base)
+        write_json(args.out, {
+            "benchmark": __doc__.split("\n")[0], "model": MODEL, "threads": args.threads,
+            "base": {d: {m: v for m, v in row.items() if m in ("n", *METRICS)}
+                     for d, row in figures(base, None).items()} if base is not None else None,
+            "recipes": {r: " ".join(o) or kind for r, (kind, o) in RECIPES.items()},
+            "summary": summarize(cells), "cells": dict(sorted(cells.items()))})
+
     for seed in [int(s) for s in args.seeds.split(",") if s]:
         for recipe in recipes:
             key = f"{recipe}/s{seed}"
@@ -261,13 +278,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
             cells[key] = {**run_cell(recipe, seed, args.work, config, args.threads),
                           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
-            base = figures(predictions(args.work / "base"), predictions(args.work / "base"))
-            write_json(args.out, {
-                "benchmark": __doc__.split("\n")[0], "model": MODEL, "threads": args.threads,
-                "base": {d: {m: base[d][m] for m in ("n", *METRICS)} for d in DATASETS},
-                "recipes": {r: " ".join(o) or kind for r, (kind, o) in RECIPES.items()},
-                "summary": summarize(cells), "cells": dict(sorted(cells.items()))})
+            save()
             print(f"{time.strftime('%H:%M:%S')} {key}: {json.dumps(cells[key]['figures'])}", flush=True)
+    if not args.no_base and not (args.work / "base" / "eval.json").is_file():  # after the cells: the
+        # tuned figures come first; the gains over the base model need this one evaluation of it
+        instructkit("evaluate", "--model", MODEL, "--data", str(args.work / "runs" / "data"), "--split", "test",
+                    "--out", str(args.work / "base"), "--set", f"train.threads={args.threads}", cwd=args.work,
+                    log=log)
+    save()
     return 0
 
 
