@@ -24,15 +24,23 @@ What is compared (everything identical except the training loop):
                         chosen as model.attn_implementation auto does: sdpa_varlen on CPU, sdpa without cuDNN
                         attention on CUDA; on CUDA rows bucketed to multiples of 64).
   instructkit_compile   the same with train.compile: true (opt-in system: --systems ...,instructkit_compile).
-  hf_trainer            transformers Trainer, DataCollatorForSeq2Seq padding, length-grouped batches
-                        (train_sampling_strategy "group_by_length", transformers 5's group_by_length).
+  hf_trainer            transformers Trainer, DataCollatorForSeq2Seq padding (each step's examples padded
+                        to its longest; the steps are length-grouped, see "Same steps").
   trl_sft               TRL SFTTrainer with TRL's defaults (gradient checkpointing ON, no packing),
                         completion_only_loss, max_length 256.
   trl_tuned             TRL SFTTrainer tuned: gradient checkpointing off, fp32 on CPU (bf16 autocast on GPU
-                        like the others), BFD packing (packing_strategy "bfd", which makes batches
-                        padding-free), its chunked LM-head loss (TRL 1.16's default loss path). Its batch is B
-                        packs of <= 256 tokens, B = round(8 x mean example tokens / 256), so a step holds about
-                        the tokens of 8 examples.
+                        like the others), padding-free batches (TRL's padding_free collator: a step's examples
+                        end to end in one row, position_ids restarting), its chunked LM-head loss (TRL 1.16's
+                        default loss path).
+
+Same steps (default): every system trains on the same examples in each optimizer step, in the same order:
+instructkit's plan (its seeded, length-grouped step groups of 8, the last of an epoch shorter), which the
+Trainer and TRL read through a train dataloader of those groups (benchmarks/_same_steps.py); runs record
+`examples_per_step`. --own-order lets each system draw its own batches instead (the Trainer's
+group_by_length sampler, TRL's random sampler, and for trl_tuned BFD packs of <= 256 tokens, round(8 x mean
+example tokens / 256) packs per step): throughput is alike, but the loss then measures the order as much as
+the loop (issue 14: with the same 9 steps, the Trainer's order ended 2.5% lower than instructkit's, whose
+first step drew the epoch's 3 shortest examples, 6 label tokens; on one plan the loops agree).
 
 Each run is a FRESH subprocess (so peak RSS is per system); the runs are interleaved A B C D A B C D over
 --repeats. Default (CPU): 1 untimed warm-up step + --steps timed steps; the figure per system is the median
@@ -45,9 +53,9 @@ by callbacks from the start of the first step (on_step_begin) and the end of eac
 data loading between steps counts. Real tokens = non-padding input tokens of the examples each step processed.
 
 Loss: every system's model is scored after training on the same yardstick, the mean cross-entropy of the
-completion tokens of every example (fp32, no autocast); `ratios` compare it to instructkit's. The batches of
-a step differ between systems (each has its own sampler), so compare after about one epoch (the default
---steps 7 + 1 warm-up step = 8 steps of 8 = the 59 examples once), when each system has seen every example.
+completion tokens of every example (fp32, no autocast); `ratios` compare it to instructkit's. With the same
+steps (the default) every system has seen the very same batches, so a gap is the loop's; the default --steps 7
++ 1 warm-up step = 8 steps = the 59 examples once (7 steps of 8 and the epoch's last of 3).
 
 MFU = FLOPs actually computed / seconds / peak FLOP/s, where
   FLOPs = 6 x N_body x real_tokens + 6 x V x d x lm_head_positions + 6 x L x d_attn x sum_i T_i^2
@@ -63,6 +71,7 @@ MFU = FLOPs actually computed / seconds / peak FLOP/s, where
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -76,6 +85,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _same_steps import instructkit_plan, planned, planned_steps, step_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()
@@ -270,7 +281,8 @@ class CountingCollator:
 
             lengths = torch.tensor([b - a for a, b in itertools.pairwise(starts)])
         labels = batch["labels"]
-        self.batches.append({"real": int(lengths.sum()), "computed": int(batch["input_ids"].numel()),
+        self.batches.append({"examples": len(lengths), "real": int(lengths.sum()),
+                             "computed": int(batch["input_ids"].numel()),
                              "sq": int((lengths**2).sum()), "labels": int((labels[:, 1:] != -100).sum())})
         return batch
 
@@ -315,11 +327,13 @@ def timed(begins: list[float], ends: list[float], batches: list[dict[str, int]],
     return {"seconds": ends[-1] - start, "steps": len(ends) - first,
             "real_tokens": sum(b["real"] for b in used), "computed_tokens": sum(b["computed"] for b in used),
             "sum_sq_lengths": sum(b["sq"] for b in used), "label_positions": sum(b["labels"] for b in used),
-            "step_seconds": [round(s, 4) for s in steps], "train_losses": [round(x, 5) for x in losses]}
+            "step_seconds": [round(s, 4) for s in steps], "train_losses": [round(x, 5) for x in losses],
+            "examples_per_step": [b["examples"] for b in batches[:len(ends)]]}
 
 
 def run_hf(model: Any, tokenizer: Any, rows: list[dict], steps: int | None, args: argparse.Namespace,
-           out: Path) -> dict:
+           out: Path, groups: list[list[int]] | None) -> dict:
+    """The Trainer, padded batches (DataCollatorForSeq2Seq): `groups` per step, else its group_by_length."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -329,13 +343,22 @@ def run_hf(model: Any, tokenizer: Any, rows: list[dict], steps: int | None, args
     begins: list[float] = []
     ends: list[float] = []
     losses: list[float] = []
-    trainer = Trainer(model=model, args=hf_args(TrainingArguments, out, steps, args.seed, args.batch_size,
-                                                args.device, args.precision, sampling="group_by_length"),
-                      train_dataset=data, data_collator=collator, processing_class=tokenizer,
-                      callbacks=[step_timer_callback(begins, ends, losses)])
+    sampling = "group_by_length" if groups is None else "instructkit_plan"
+    trainer = trainer_class(Trainer, groups)(
+        model=model, args=hf_args(TrainingArguments, out, steps, args.seed, args.batch_size, args.device,
+                                  args.precision, sampling="group_by_length"),
+        train_dataset=data, data_collator=collator, processing_class=tokenizer,
+        callbacks=[step_timer_callback(begins, ends, losses)])
     trainer.train()
     res = timed(begins, ends, collator.batches, losses, args.epoch)
-    return {**res, "lm_head_positions": res["real_tokens"], "sampling": "group_by_length"}
+    return {**res, "lm_head_positions": res["real_tokens"], "sampling": sampling}
+
+
+def trainer_class(cls: type, groups: list[list[int]] | None) -> Any:
+    """`cls`, or (same steps) `cls` fed the planned step groups: a callable taking cls's keyword arguments."""
+    if groups is None:
+        return cls
+    return functools.partial(planned(cls), step_groups=groups)
 
 
 def completion_dataset(rows: list[dict]) -> Any:
@@ -356,8 +379,9 @@ def trl_lm_head_positions(res: dict, device: str) -> int:
 
 
 def run_trl(model: Any, tokenizer: Any, rows: list[dict], steps: int | None, args: argparse.Namespace,
-            out: Path) -> dict:
-    """TRL with its defaults (gradient checkpointing on: SFTConfig's default), no packing."""
+            out: Path, groups: list[list[int]] | None) -> dict:
+    """TRL with its defaults (gradient checkpointing on: SFTConfig's default), no packing; `groups` per step,
+    else its random sampler."""
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -368,12 +392,14 @@ def run_trl(model: Any, tokenizer: Any, rows: list[dict], steps: int | None, arg
     config = hf_args(SFTConfig, out, steps, args.seed, args.batch_size, args.device, args.precision,
                      completion_only_loss=True, packing=False, max_length=args.max_length,
                      dataset_text_field="text")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=completion_dataset(rows), data_collator=collator,
-                         processing_class=tokenizer, callbacks=[step_timer_callback(begins, ends, losses)])
+    trainer = trainer_class(SFTTrainer, groups)(
+        model=model, args=config, train_dataset=completion_dataset(rows), data_collator=collator,
+        processing_class=tokenizer, callbacks=[step_timer_callback(begins, ends, losses)])
     trainer.train()
     res = timed(begins, ends, collator.batches, losses, args.epoch)
     return {**res, "lm_head_positions": trl_lm_head_positions(res, args.device),
-            "gradient_checkpointing": bool(config.gradient_checkpointing)}
+            "gradient_checkpointing": bool(config.gradient_checkpointing),
+            "sampling": "random" if groups is None else "instructkit_plan"}
 
 
 def trl_tuned_batch(rows: list[dict], batch: int, max_length: int) -> int:
@@ -383,45 +409,65 @@ def trl_tuned_batch(rows: list[dict], batch: int, max_length: int) -> int:
 
 
 def run_trl_tuned(model: Any, tokenizer: Any, rows: list[dict], steps: int | None, args: argparse.Namespace,
-                  out: Path) -> dict:
-    """TRL tuned: no gradient checkpointing, fp32 on CPU, BFD packing (padding-free batches), chunked loss."""
+                  out: Path, groups: list[list[int]] | None) -> dict:
+    """TRL tuned: no gradient checkpointing, fp32 on CPU, padding-free batches, chunked loss. Same steps
+    (`groups`): each step's examples flattened into one padding-free row (TRL's padding_free collator, the
+    one its BFD packing uses; the inputs are already cut to max_length). Own order (None): BFD packs of
+    <= max_length tokens, `trl_tuned_batch` packs per step, drawn at random."""
     from trl import SFTConfig, SFTTrainer
 
-    packs = trl_tuned_batch(rows, args.batch_size, args.max_length)
+    packs = trl_tuned_batch(rows, args.batch_size, args.max_length) if groups is None else args.batch_size
+    packing = ({"packing": True, "packing_strategy": "bfd", "max_length": args.max_length} if groups is None
+               else {"packing": False, "max_length": None})
     begins: list[float] = []
     ends: list[float] = []
     losses: list[float] = []
     config = hf_args(SFTConfig, out, steps, args.seed, packs, args.device, args.precision,
-                     completion_only_loss=True, packing=True, packing_strategy="bfd", padding_free=True,
-                     gradient_checkpointing=False, max_length=args.max_length, loss_type="nll",
-                     dataset_text_field="text")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=completion_dataset(rows),
-                         processing_class=tokenizer, callbacks=[step_timer_callback(begins, ends, losses)])
+                     completion_only_loss=True, padding_free=True, gradient_checkpointing=False, loss_type="nll",
+                     dataset_text_field="text", **packing)
+    trainer = trainer_class(SFTTrainer, groups)(
+        model=model, args=config, train_dataset=completion_dataset(rows), processing_class=tokenizer,
+        callbacks=[step_timer_callback(begins, ends, losses)])
     # Padding-free TRL refuses a custom collator, so the counting wrapper goes around the one it built.
     collator = CountingCollator(trainer.data_collator)
     trainer.data_collator = collator
     trainer.train()
     res = timed(begins, ends, collator.batches, losses, args.epoch)
-    return {**res, "lm_head_positions": trl_lm_head_positions(res, args.device), "packs_per_step": packs,
-            "packs": len(trainer.train_dataset), "padding_free": bool(trainer.padding_free)}
+    return {**res, "lm_head_positions": trl_lm_head_positions(res, args.device),
+            "packs_per_step": packs if groups is None else None, "packs": len(trainer.train_dataset),
+            "padding_free": bool(trainer.padding_free), "sampling": "bfd_random" if groups is None
+            else "instructkit_plan"}
+
+
+def instructkit_config(args: argparse.Namespace, steps: int | None, compile_model: bool = False) -> Any:
+    """instructkit's TrainConfig in this benchmark (its defaults but for the shared optimisation settings)."""
+    from instructkit.config import TrainConfig
+
+    return TrainConfig(lr=1e-4, max_steps=steps, epochs=1, schedule="linear", warmup_ratio=0.0, max_grad_norm=1.0,
+                       seed=args.seed, batch_size=args.batch_size, grad_accum=1, threads=1, eval_every=10**6,
+                       save_every=10**6, precision=args.precision, compile=compile_model)
+
+
+def shared_steps(model: Any, rows: list[dict], steps: int | None, args: argparse.Namespace) -> list | None:
+    """instructkit's plan of the run's steps (_same_steps), or None with --own-order."""
+    if args.own_order:
+        return None
+    plan, _ = instructkit_plan([len(r["input_ids"]) for r in rows], args.batch_size, args.max_length, args.seed,
+                               args.device, model.config, instructkit_config(args, steps))
+    return planned_steps([len(r["input_ids"]) for r in rows], plan, steps)
 
 
 def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int | None, args: argparse.Namespace,
                     out: Path, compile_model: bool = False) -> dict:
     from datasets import Dataset
 
-    from instructkit.config import TrainConfig
-    from instructkit.data.buckets import record_shape
-    from instructkit.data.sampler import BatchPlan, attention_tokens_of, plan_epoch
+    from instructkit.data.buckets import micro_batch_shape, record_shape
     from instructkit.data.tokenize import TokenizeSettings
-    from instructkit.train.compile import pad_multiple
     from instructkit.train.loop import TrainData, TrainOptions, train
 
     data = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
                               "prompt_length": [r["prompt_length"] for r in rows], "index": list(range(len(rows)))})
-    cfg = TrainConfig(lr=1e-4, max_steps=steps, epochs=1, schedule="linear", warmup_ratio=0.0, max_grad_norm=1.0,
-                      seed=args.seed, batch_size=args.batch_size, grad_accum=1, threads=1, eval_every=10**6,
-                      save_every=10**6, precision=args.precision, compile=compile_model)
+    cfg = instructkit_config(args, steps, compile_model)
     at_end: dict[str, float] = {}
 
     def validate(_model: Any) -> dict[str, float]:  # called after the last step, before the final checkpoint
@@ -437,25 +483,14 @@ def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int | N
     seconds = [t / r["tokens_per_s"] for t, r in zip(tokens, records)]
     shapes = [r["shape"] if isinstance(r["shape"][0], list) else [r["shape"]] for r in records]
     computed = [sum(rows_ * width for rows_, width in s) for s in shapes]
-    # Replay the loop's plan (the BatchPlan train() builds) for the examples of each step (attention FLOPs).
-    table_lengths = [len(r["input_ids"]) for r in rows]
-    import numpy as np
-
-    lengths = np.array(table_lengths)
-    multiple = pad_multiple(cfg.pad_to_multiple_of, args.device)
-    plan = BatchPlan(batch_size=args.batch_size, grad_accum=1, world_size=1, packing=cfg.packing,
-                     max_tokens=cfg.max_tokens_per_batch or args.batch_size * args.max_length,
-                     attention_tokens=attention_tokens_of(model.config), group_by_length=cfg.group_by_length,
-                     seed=args.seed, pad_to_multiple_of=multiple)
-    replay: list = []
-    epoch = 0
-    while len(replay) < len(records):  # the run crosses epochs when steps > examples / batch
-        replay += plan_epoch(lengths, plan, epoch, None)
-        epoch += 1
-    from instructkit.data.buckets import micro_batch_shape
-
+    # Replay the loop's plan (the BatchPlan train() builds) for the examples of each step (attention FLOPs);
+    # the other systems read the same plan (shared_steps) unless --own-order.
+    lengths = [len(r["input_ids"]) for r in rows]
+    plan, multiple = instructkit_plan(lengths, args.batch_size, args.max_length, args.seed, args.device,
+                                      model.config, cfg)
+    replay = planned_steps(lengths, plan, len(records))
     sq, replayed_shapes = [], []
-    for step_plan in replay[:len(records)]:
+    for step_plan in replay:
         sq.append(sum(int(lengths[i]) ** 2 for mb in step_plan[0] for row in mb for i in row))
         replayed_shapes.append(record_shape([micro_batch_shape(mb, lengths, multiple) for mb in step_plan[0]]))
     if replayed_shapes != [r["shape"] for r in records]:
@@ -469,6 +504,7 @@ def run_instructkit(model: Any, tokenizer: Any, rows: list[dict], steps: int | N
             "lm_head_positions": label_positions if cfg.logits_at_labels else real,
             "step_seconds": [round(s, 4) for s in seconds], "train_losses": [round(r["loss"], 5) for r in records],
             "shapes": sorted({json.dumps(r["shape"]) for r in records}),
+            "examples_per_step": [len(g) for g in step_examples(replay)],
             "peak_rss_mb_before_final_checkpoint": at_end.get("rss_mb"), "packing": cfg.packing,
             "logits_at_labels": cfg.logits_at_labels, "pad_to_multiple_of": multiple, "compile": compile_model}
 
@@ -518,14 +554,16 @@ def child(args: argparse.Namespace) -> int:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     steps = None if args.epoch else args.steps + 1
-    runner = {"instructkit": run_instructkit, "hf_trainer": run_hf, "trl_sft": run_trl,
-              "trl_tuned": run_trl_tuned}
+    runner = {"hf_trainer": run_hf, "trl_sft": run_trl, "trl_tuned": run_trl_tuned}
     with tempfile.TemporaryDirectory(prefix=f"bench_train_{args.child}_") as tmp:
         out = Path(tmp)
-        if args.child == "instructkit_compile":
-            res = run_instructkit(model, tokenizer, rows, steps, args, out, compile_model=True)
+        if args.child.startswith("instructkit"):
+            res = run_instructkit(model, tokenizer, rows, steps, args, out,
+                                  compile_model=args.child == "instructkit_compile")
         else:
-            res = runner[args.child](model, tokenizer, rows, steps, args, out)
+            shared = shared_steps(model, rows, steps, args)
+            res = runner[args.child](model, tokenizer, rows, steps, args, out,
+                                     None if shared is None else step_examples(shared))
     res["yardstick_loss"] = yardstick_loss(model, rows, args.device)
     if args.device == "cuda":
         res.update(peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20, gpu=torch.cuda.get_device_name(),
@@ -654,6 +692,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 = autocast with fp32 master weights in every system (GPU)")
     p.add_argument("--attn", default="sdpa", help="attention implementation of the baselines (instructkit uses "
                    "its model.attn_implementation auto choice: sdpa_varlen on CPU, sdpa without cuDNN on CUDA)")
+    p.add_argument("--own-order", action="store_true",
+                   help="let each system draw its own batches (the Trainer's group_by_length, TRL's random order "
+                   "and BFD packs) instead of instructkit's step groups for all: the loss then differs by order")
     p.add_argument("--baselines-same-attention", action="store_true",
                    help="give the baselines instructkit's auto attention choice too")
     p.add_argument("--save-inputs", help="write the tokenized examples and the tokenizer to this folder and stop "
@@ -691,6 +732,7 @@ def child_command(args: argparse.Namespace, system: str, data: Path, folder: Pat
     cmd += ["--layers", str(args.layers)] if args.layers else []
     cmd += ["--epoch"] if args.epoch else []
     cmd += ["--baselines-same-attention"] if args.baselines_same_attention else []
+    cmd += ["--own-order"] if args.own_order else []
     return cmd
 
 
@@ -761,7 +803,9 @@ def main(argv: list[str] | None = None) -> int:
                      "precision": args.precision, "device": args.device, "attn_implementation_baselines": args.attn,
                      "baselines_same_attention": args.baselines_same_attention, "torch_threads": 1, "seed": args.seed,
                      "sources": [s[3] for s in SOURCES], "examples": len(rows), "tokenize_stats": tok_stats,
-                     "trl_tuned_packs_per_step": trl_tuned_batch(rows, args.batch_size, args.max_length),
+                     "same_steps": not args.own_order,
+                     "trl_tuned_packs_per_step": (trl_tuned_batch(rows, args.batch_size, args.max_length)
+                                                  if args.own_order else None),
                      "yardstick_examples": len(rows)},
         "formulas": {
             "tokens_per_s": "non-padding input tokens / seconds of the timed steps (--epoch: of every step, warm-up "
