@@ -1,4 +1,5 @@
-"""Hand the C allocator's free memory back to the system before each step (train.release_free_memory).
+"""Hand the C allocator's free memory back to the system (train.release_free_memory): before each CPU
+backward pass (train/step.py) and, in-backward, before the largest parameter's update (train/in_backward.py).
 
 On CPU, PyTorch's tensors come from the C library's malloc. glibc keeps the blocks it gets back under its
 mmap threshold (up to 32 MB: activations, per-layer gradients, optimizer-update temporaries) for reuse
@@ -13,6 +14,8 @@ forward and backward): 0.65 GB of the heap free but resident at the start of ste
 GB without, 3.67 GB with a trim at the start of each step; CPU time per step 40.6 vs 41.9 s (noise on a
 shared machine: one trim takes milliseconds). A fixed M_MMAP_THRESHOLD of 1 MB (every tensor over 1 MB
 mapped and unmapped) gave 3.25 GB but 37% more CPU time per step (page faults), so it is not used.
+The peak of an in-backward step comes at its largest update (the tied embedding's, last in backward), when
+the whole backward's freed activations sit in the heap: hence the second trim (benchmarks/results/memory.json).
 Elsewhere (no glibc: macOS, musl) this is a no-op.
 """
 
