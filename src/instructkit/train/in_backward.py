@@ -23,6 +23,12 @@ config refuses max_grad_norm with it), the fp16 grad scaler, and DDP (a hook fir
 averaged the gradient; train/step.py refuses several processes). The global norm is still reported:
 the hooks add up each gradient's squared norm before applying it.
 
+Memory (`release_before_largest`, train.release_free_memory on CPU): just before the largest parameter's
+update (Gemma 3's tied embedding, last in backward: its 0.67 GB gradient, its new 8-bit states on the first
+step) the C allocator's free pages go back to the system (train/allocator.py). That is the step's peak,
+and by then the heap holds the freed activations of the whole backward pass (0.5-0.7 GB on Gemma 3 with
+checkpointing). One trim a step.
+
 Checkpoints see one optimizer: `state_dict()` numbers the parameters' states 0, 1, ... in param_groups
 order, as the ordinary optimizer of the same class would, so a checkpoint loads either way.
 """
@@ -36,14 +42,18 @@ from typing import Any
 
 import torch
 
+from instructkit.train.allocator import release_free_memory
+
 
 class InBackwardOptimizer(torch.optim.Optimizer):
     """One optimizer per parameter, stepped by gradient hooks while `armed()`; `step()` does nothing.
 
     `groups`: param groups as for any torch optimizer; `build(groups) -> optimizer` makes the inner ones.
+    `release_before_largest`: return free C-allocator memory before updating the largest CPU parameter.
     """
 
-    def __init__(self, groups: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]):
+    def __init__(self, groups: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+                 release_before_largest: bool = False):
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
         defaults: dict[str, Any] | None = None
         for group in groups:
@@ -55,6 +65,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         self._armed = False
         self._squares: list[torch.Tensor] = []
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._release_before = max(params, key=torch.Tensor.numel) if release_before_largest and params else None
         ref = weakref.ref(self)
         handles = [p.register_post_accumulate_grad_hook(lambda param, ref=ref: _apply(ref, param))
                    for group in self.param_groups for p in group["params"]]
@@ -120,6 +132,8 @@ def _apply(ref: weakref.ref, param: torch.Tensor) -> None:
         return
     with torch.no_grad():  # a reduction: no gradient-sized temporary (the embedding's is 0.67 GB in Gemma 3)
         owner._squares.append(torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square())
+    if param is owner._release_before and param.device.type == "cpu":
+        release_free_memory()
     inner = owner._inner[param]
     inner.param_groups[0]["lr"] = owner.param_groups[owner._group_index[param]]["lr"]
     inner.step()

@@ -12,12 +12,21 @@ one chunk's logits exist at any moment, and the head's weight gradient is one bu
 forward still goes through the model (and any DDP/PEFT wrapper), so its hooks and gradients are the usual
 ones. Gemma 3, 4 x 256 tokens with 256-token completions: the logits of all 1,024 labelled positions take
 4 x 1.07 GB; chunks of 64 take ~3 x 0.07 GB.
+
+Tied embeddings (the head's weight IS the input embedding's, trainable, one process): autograd would sum the
+head's [V, H] gradient and the embedding's dense [V, H] gradient in a third full-size tensor before it reaches
+`.grad` (0.67 GB each in Gemma 3, alive at once at the very end of backward: the step's peak). Instead the
+head's backward adds its gradient straight into `weight.grad`, and the embedding runs with `sparse=True` for
+that forward (restored after), so its gradient is [tokens, H] rows that AccumulateGrad adds into `.grad` in
+place. One vocabulary-sized gradient exists in all; `.grad` is complete, as usual, when the weight's
+post-accumulate-grad hooks run (the embedding's part comes last in backward), so in-backward updates see it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,16 +102,18 @@ def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits
         captured.append(args[0])
         return (args[0][..., :0, :],) + tuple(args[1:])  # the model's own head runs on no position
 
+    tied = tied_input_embedding(model, head) if torch.is_grad_enabled() else None
     handle = head.register_forward_pre_hook(keep_input)
     try:
         keep = {"logits_to_keep": batch.target_mask} if logits_at_labels and boolean_logits_to_keep() else {}
-        model(**batch.inputs, use_cache=False, **keep)
+        with sparse_lookup(tied):
+            model(**batch.inputs, use_cache=False, **keep)
     finally:
         handle.remove()
     hidden = captured[0]
     hidden = hidden if hidden.ndim == 2 else hidden[batch.target_mask]  # [N, H], in `targets` order
     total = ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, batch.targets, batch.target_weights,
-                                          chunk_tokens, softcap)
+                                          chunk_tokens, softcap, tied is not None)
     return total * 0.0 if batch.dummy else total
 
 
@@ -113,11 +124,13 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     recomputes each chunk's logits, turns them into their gradient in place (softmax - one-hot), and adds
     the chunk's weight gradient into ONE [V, H] buffer with addmm_: one LM-head-sized gradient in all, where
     autograd, summing per-chunk gradients of a tied head (non-contiguous transposes), would hold three.
-    Matmuls run in the autocast dtype when autocast is on (as the model's own head would), the softmax in fp32.
+    `into_grad` (tied embeddings, see the module docstring): that buffer is `weight.grad` itself (created
+    as zeros when None) and autograd gets no weight gradient. Matmuls run in the autocast dtype when
+    autocast is on (as the model's own head would), the softmax in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, chunk, softcap):  # noqa: ANN001, ANN205
+    def forward(ctx, hidden, weight, bias, targets, weights, chunk, softcap, into_grad=False):  # noqa: ANN001, ANN205
         ctx.dtype = _autocast_dtype(hidden) or hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
@@ -127,6 +140,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
             total += (ce if weights is None else ce * weights[rows]).sum()
         ctx.save_for_backward(hidden, weight, bias, targets, weights)
         ctx.chunk, ctx.softcap = chunk, softcap
+        ctx.grad_owner = weight if into_grad else None  # the leaf whose .grad backward adds into
         return total
 
     @staticmethod
@@ -135,6 +149,11 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
+        owner = ctx.grad_owner
+        if owner is not None and need_weight:
+            if owner.grad is None:
+                owner.grad = grad_weight
+            grad_weight = owner.grad
         grad_bias = torch.zeros_like(bias) if need_bias and bias is not None else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
@@ -151,7 +170,37 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad.t().to(weight.dtype), hidden[rows].to(weight.dtype))
             if grad_bias is not None:
                 grad_bias += grad.sum(0).to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        if owner is not None:
+            grad_weight = None  # already in owner.grad
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def tied_input_embedding(model: torch.nn.Module, head: torch.nn.Linear) -> torch.nn.Embedding | None:
+    """The model's input embedding when it shares `head`'s trainable weight and its gradient can go straight
+    into `.grad` (one process: DDP / FSDP2 reduce gradients through autograd's own accumulation); else None."""
+    owner = head_owner(model)
+    embedding = owner.get_input_embeddings() if hasattr(owner, "get_input_embeddings") else None
+    if not isinstance(embedding, torch.nn.Embedding) or embedding.weight is not head.weight:
+        return None
+    if not head.weight.requires_grad or type(head.weight) is not torch.nn.Parameter:
+        return None
+    several = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    return None if several else embedding
+
+
+@contextlib.contextmanager
+def sparse_lookup(embedding: torch.nn.Embedding | None) -> Iterator[None]:
+    """`embedding.sparse = True` inside the block (its gradient: looked-up rows only), then as it was."""
+    if embedding is None:
+        yield
+        return
+    was = embedding.sparse
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = was
 
 
 def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:

@@ -31,7 +31,7 @@ How these add up to the peak, as measured (tests/train/test_memory.py):
 
     loss phase     = max(4 copies of the logits, 2 copies + the LM head's weight gradient)
     gradient phase = gradients (+ one vocab x hidden matrix with tied embeddings: the embedding's own
-                     gradient, made last and added to the LM head's)
+                     gradient, made last and added to the LM head's; not with the chunked loss)
 
 The memory-lean settings change three terms (train/optim.py, train/in_backward.py, train/loss.py):
 
@@ -41,7 +41,7 @@ The memory-lean settings change three terms (train/optim.py, train/in_backward.p
                    the update's temporaries, instead of all gradients
     chunked loss   logits of one chunk of positions; loss phase = 4 chunk copies + the LM head's gradient
                    (one buffer the chunks add into)
-    temporaries    of the update: 5 fp32 copies of a 4 M-value slice (adamw_8bit), 3 of the largest
+    temporaries    of the update: 5 fp32 copies of a 1 M-value slice (adamw_8bit), 3 of the largest
                    tensor (adafactor), none (fused adamw)
 
 `framework` is the RSS of a Python with torch, transformers, accelerate, datasets and peft loaded and a
@@ -105,7 +105,7 @@ LOGIT_COPIES = 4
 # 168 M-value tensor, 3.6 GB); instructkit runs it on slices of SLICE_VALUES values (train/optim.py). Adafactor
 # builds the squared gradient, the factored estimate and the update at full size. Fused AdamW needs none.
 OPTIMIZER_TEMP_COPIES = {"adamw": 0, "sgd": 0, "adamw_8bit": 5, "adafactor": 3}
-SLICE_VALUES = 1 << 22  # = train/optim.SLICE_VALUES (not imported: this module loads without torch)
+SLICE_VALUES = 1 << 20  # = train/optim.SLICE_VALUES (not imported: this module loads without torch)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw", "adamw_8bit", "adafactor", "sgd"]
@@ -277,14 +277,15 @@ def gradient_phase_bytes(inputs: EstimateInputs) -> int:
     """The gradients alive at the end of backward, or during the update, whichever is more.
 
     Ordinary step: all gradients; with tied embeddings the embedding's dense vocab x hidden gradient is
-    made last and added to the LM head's (one more vocab x hidden matrix for a moment); the update then
-    adds the optimizer's temporaries. In-backward: each gradient is applied and freed as soon as it is
-    complete, so only the largest one is alive (a tied LM head's, from the start of backward to its end,
-    plus the embedding's own added to it) with the optimizer's temporaries.
+    made last and added to the LM head's (one more vocab x hidden matrix for a moment), except with the
+    chunked loss, whose head adds into .grad and whose embedding gives sparse rows (train/loss.py); the
+    update then adds the optimizer's temporaries. In-backward: each gradient is applied and freed as soon
+    as it is complete, so only the largest one is alive (a tied LM head's, from the start of backward to its
+    end) with the optimizer's temporaries.
     """
     shape = inputs.shape
     full = inputs.lora is None
-    tied_extra = shape.lm_head_params if shape.tied_embeddings and full else 0
+    tied_extra = shape.lm_head_params if shape.tied_embeddings and full and not inputs.loss_chunk_tokens else 0
     if inputs.optimizer_in_backward:
         largest = shape.largest_param if full else max(
             (inputs.lora.r * max(d_in, d_out) for _, d_in, d_out in shape.lora_targets(inputs.lora)), default=0)

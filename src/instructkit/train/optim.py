@@ -18,7 +18,7 @@ embedding): bitsandbytes 12-15 s, torchao 52 s. Hence bitsandbytes: faster, and 
 bitsandbytes' CPU update dequantizes a whole tensor's moments to fp32 before re-quantizing them (about 5
 fp32 copies of the tensor at once: 3.6 GB for that embedding). `LowBitAdamW` runs it over slices of
 SLICE_VALUES values (whole 256-value quantization blocks, so every value gets the very same update),
-which bounds that transient to ~5 x 16 MB.
+which bounds that transient to ~5 x 4 MB.
 
 `train.optimizer_in_backward` wraps any of them in train/in_backward.InBackwardOptimizer.
 """
@@ -38,7 +38,7 @@ from instructkit.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
-SLICE_VALUES = 1 << 22  # values per bitsandbytes CPU update call (a multiple of its 256-value blocks)
+SLICE_VALUES = 1 << 20  # values per bitsandbytes CPU update call (a multiple of its 256-value blocks)
 QUANT_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer block
 
 
@@ -68,7 +68,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.optimizer_in_backward:
         from instructkit.train.in_backward import InBackwardOptimizer
 
-        return InBackwardOptimizer(groups, build)
+        return InBackwardOptimizer(groups, build, release_before_largest=cfg.release_free_memory)
     return build(groups)
 
 

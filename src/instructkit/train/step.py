@@ -27,6 +27,7 @@ import torch
 from instructkit.data.batching import Batch
 from instructkit.data.buckets import record_shape
 from instructkit.errors import TrainingError
+from instructkit.train.allocator import release_free_memory
 from instructkit.train.distributed import all_reduce_sum, distributed
 from instructkit.train.loss import batch_loss
 from instructkit.train.sharding import gradient_sync, plain_norm
@@ -50,6 +51,7 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     token, or when the loss or the gradient norm is not finite (the step is then not applied).
     """
     model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
+    release = run.cfg.release_free_memory and accelerator.device.type == "cpu"
     seq2seq, logits_at_labels, max_grad_norm = run.seq2seq, run.logits_at_labels, run.cfg.max_grad_norm
     weight, tokens, labels = all_reduce_sum(accelerator, [
         sum(b.weight_sum for b in batches), sum(b.n_tokens for b in batches), sum(b.n_targets for b in batches)])
@@ -69,6 +71,8 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
             with accelerator.autocast():
                 part = batch_loss(model, batch, seq2seq=seq2seq, logits_at_labels=logits_at_labels,
                                   chunk_tokens=run.cfg.loss_chunk_tokens)
+            if release:  # freed memory of earlier steps and of this forward back to the system before the
+                release_free_memory()  # backward, where the peak comes (train/allocator.py)
             if in_backward is not None and last:
                 _check_loss_before_update(window_loss + part.detach().float(), weight, step)
                 with in_backward.armed():
