@@ -13,6 +13,7 @@ The limits and checks are in `limits`; the bounded filters and PromptSource help
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -207,6 +208,55 @@ def compile_source(source: str, where: str) -> jinja2.Template:
     # Jinja reads a template's globals (a ChainMap by default) on every render; a plain dict is faster.
     template.globals = dict(template.globals)
     return template
+
+
+_JINJA_NAMES = frozenset({"self", "loop", "caller", "varargs", "kwargs", "super"})  # Jinja may resolve these
+
+
+@dataclass(frozen=True)
+class CompiledPart:
+    """A compiled template part (instruction, completion or answer choices). A part that is only text and
+    `{{ name }}` (`pieces`: the text, and a 1-tuple per name) renders without Jinja: Jinja's code for it
+    writes the text and `str(value)` of each name, and so does `render`; any other part, a missing name or
+    an over-long result goes through `render_bounded`, errors included."""
+
+    template: jinja2.Template
+    pieces: tuple[str | tuple[str], ...] | None
+
+    def render(self, context: dict[str, Any], where: str) -> str:
+        """The rendered part (as `render_bounded(self.template, context, where)`); errors as there."""
+        if self.pieces is not None:
+            out = []
+            for piece in self.pieces:
+                if isinstance(piece, str):
+                    out.append(piece)
+                elif piece[0] in context:
+                    out.append(str(context[piece[0]]))
+                else:
+                    break
+            else:
+                text = "".join(out)
+                if len(text) <= MAX_RENDER_CHARS:
+                    return text
+        return render_bounded(self.template, context, where)
+
+
+def compile_part(source: str, where: str) -> CompiledPart:
+    """compile_source, with the text-and-names pieces of a plain part (CompiledPart).
+
+    Raises: TemplateError as compile_source."""
+    template = compile_source(source, where)
+    body = ENV.parse(source).body
+    pieces: list[str | tuple[str]] | None = []
+    for node in body[0].nodes if len(body) == 1 and isinstance(body[0], nodes.Output) else [None] * len(body):
+        if isinstance(node, nodes.TemplateData):
+            pieces.append(node.data)  # type: ignore[union-attr]
+        elif isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in _JINJA_NAMES:
+            pieces.append((node.name,))  # type: ignore[union-attr]
+        else:
+            pieces = None
+            break
+    return CompiledPart(template, tuple(pieces) if pieces is not None else None)
 
 
 def fields_read(source: str) -> set[str]:
