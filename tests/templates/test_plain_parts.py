@@ -3,6 +3,8 @@ the string, and the errors, of the sandboxed Jinja render."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from instructkit.errors import TemplateError
@@ -18,17 +20,25 @@ def _both(source: str, row: dict) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("source", ["", "plain text only", "Review: {{ Text }}\nRating:", "{{ a }}{{ b }}",
-                                    "  {{ a }}  \n\n{{ b }} tail\n", "{{ self }}", "{{ range }}"])
+                                    "  {{ a }}  \n\n{{ b }} tail\n", "{{ self }}", "{{ range }}",
+                                    "{{ m[a] }}", "{{ l[a] }} / {{ t[a] }}", "{{ a[a] }}"])
 @pytest.mark.parametrize("a", ["x", "", 5, 5.0, -1.5, None, True, ["p", 1], {"k": "v"}, "{{ b }}"])
 def test_plain_parts_render_as_jinja_does(source, a):
-    row = {"Text": a, "a": a, "b": "second", "self": "a field named self"}
-    fast, jinja = _both(source, row)
-    assert fast == jinja
+    row = {"Text": a, "a": a, "b": "second", "self": "a field named self", "m": {"x": "ex", 5: "five", None: 0},
+           "l": ["zero", "one"], "t": ("tz", "to")}
+    try:
+        jinja = _both(source, row)[1]
+    except TemplateError as exc:  # e.g. a list index that is no int: the same error both ways
+        with pytest.raises(TemplateError, match=re.escape(str(exc))):
+            compile_part(source, "test").render({**ENV.globals, **row}, "test")
+        return
+    assert compile_part(source, "test").render({**ENV.globals, **row}, "test") == jinja
 
 
 def test_which_parts_are_plain():
     assert compile_part("A {{ x }} b", "t").pieces == ("A ", ("x",), " b")
     assert compile_part("", "t").pieces == ()
+    assert compile_part("{{ label_map[label] }}!", "t").pieces == (("label_map", "label"), "!")
     for source in ["{{ x | trim }}", "{{ x[0] }}", "{{ x.y }}", "{% if x %}a{% endif %}", "{{ x ~ y }}",
                    "{{ self }}", "{{ 'lit' }}", "{% set y = 1 %}{{ y }}"]:
         assert compile_part(source, "t").pieces is None, source
