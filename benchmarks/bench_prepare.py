@@ -101,6 +101,7 @@ def main() -> int:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "threads": 1,
+            "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs on the machine while measured
         },
     }
     results = ROOT / "benchmarks" / "results" / "prepare.json"

@@ -74,8 +74,8 @@ def _first_step(metrics: Path, since: float) -> bool:
 def measure(command: list[str], env: dict, metrics: Path | None = None) -> dict:
     """Run `command`; its wall seconds, CPU seconds (its worker processes included), peak RSS (GB, from
     wait4: the largest of the process and its workers) and exit status. On a shared machine the CPU
-    seconds say more than the wall seconds."""
-    start, since = time.perf_counter(), time.time()
+    seconds say more than the wall seconds; the 1-minute load average at its start and end says how shared."""
+    start, since, load = time.perf_counter(), time.time(), os.getloadavg()[0]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         first_step = None
@@ -93,7 +93,8 @@ def measure(command: list[str], env: dict, metrics: Path | None = None) -> dict:
     extra = {"first_step_seconds": first_step} if metrics is not None else {}
     return {"seconds": round(seconds, 2), **extra, "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_gb": round(usage.ru_maxrss / 1024 / 1024, 3),
-            "exit": os.waitstatus_to_exitcode(status), "output_tail": output[-1500:]}
+            "exit": os.waitstatus_to_exitcode(status), "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
+            "output_tail": output[-1500:]}
 
 
 def main(argv: list[str]) -> int:

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = sub.add_parser("prepare", help="turn data files into train/validation/test instruction data")
     prepare.add_argument("config", nargs="+", help="CONFIG.yaml and key=value overrides")
-    prepare.set_defaults(func=cmd_prepare)
+    prepare.set_defaults(func=cmd_prepare, light=True)  # reads and writes data: no torch, transformers, datasets
 
     train = sub.add_parser("train", help="fine-tune (prepares the data first if needed)")
     train.add_argument("config", nargs="+", help="CONFIG.yaml and key=value overrides")
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[_log_handler()])
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not getattr(args, "light", False):  # `templates ...` and --help never import torch or datasets
+    if not getattr(args, "light", False):  # `templates ...`, `prepare` and --help never import torch or datasets
         _quiet_library_progress_bars()
     try:
         return args.func(args)

@@ -41,7 +41,7 @@ def _same(store, dataset, stats_a, stats_b):
 @pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_store_holds_the_ids_of_tokenize_examples(run_dir, tiny_tokenizer, tmp_path, monkeypatch, chat, split):
-    monkeypatch.setattr(store_module, "CHUNK_EXAMPLES", 7)  # several chunks
+    monkeypatch.setattr(store_module, "CHUNK_LINES", 7)  # several chunks
     settings = TokenizeSettings(max_length=48, chat_template=chat)  # some prompts cut, some dropped
     examples = [e for e in load_examples(run_dir, split) if not e.get("held_out")]
     dataset, stats = tokenize_examples(examples, tiny_tokenizer, settings)
@@ -52,7 +52,7 @@ def test_store_holds_the_ids_of_tokenize_examples(run_dir, tiny_tokenizer, tmp_p
 
 
 def test_worker_processes_give_the_same_store(run_dir, tiny_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "CHUNK_EXAMPLES", 5)
+    monkeypatch.setattr(store_module, "CHUNK_LINES", 5)
     settings = TokenizeSettings(max_length=64)
     one = tokenize_split(run_dir / "train.jsonl", tiny_tokenizer, settings, tmp_path / "a", num_proc=1)
     two = tokenize_split(run_dir / "train.jsonl", tiny_tokenizer, settings, tmp_path / "b", num_proc=2)

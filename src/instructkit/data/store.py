@@ -4,9 +4,10 @@
     store.token_table()      # batching.TokenTable over np.memmap arrays: training slices what it batches
     store.class_ids          # per example, as sampler.class_ids_from_examples gives them
 
-The split's JSONL file is read line by line and tokenized in chunks of CHUNK_EXAMPLES examples (with
-`num_proc` > 1 by that many worker processes, a bounded number of chunks in flight); each chunk's ids are
-appended to flat files, so memory holds a few chunks whatever the split's size. The folder:
+The split's JSONL file is read in chunks of CHUNK_LINES lines, each parsed and tokenized
+(data/token_arrays.py: batched through the fast tokenizer, truncation and labels in numpy) by one of
+`num_proc` worker processes (in this process when 1), a bounded number of chunks in flight; each chunk's
+ids are appended to flat files, so memory holds a few chunks whatever the split's size. The folder:
 
     <cache_dir>/<key>/  input_ids.i32  labels.i32  offsets.i64  label_offsets.i64  prompt_length.i32
                         index.i64  class.i32  meta.json  (written last: a folder without it is not used)
@@ -33,19 +34,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from instructkit.data.batching import TokenTable
-from instructkit.data.tokenize import (
-    IGNORE_INDEX,
-    TokenizeSettings,
-    TokenizeStats,
-    _training_rows,
-    encode_batch,
-    tokenizer_hash,
-)
+from instructkit.data.token_arrays import encode_chunk
+from instructkit.data.tokenize import TokenizeSettings, TokenizeStats, tokenizer_hash
 from instructkit.errors import DataError
 from instructkit.io import json_problem, replace_folder, sha256_file, temp_folder_beside
 from instructkit.progress import ProgressBar
 
-CHUNK_EXAMPLES = 2_000
+CHUNK_LINES = 4_000
 FORMAT = 1
 ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "label_offsets": np.int64,
           "prompt_length": np.int32, "index": np.int64, "class": np.int32}
@@ -108,101 +103,84 @@ def _template_versions(path: Path) -> list[str]:
         return []
 
 
-def _examples(path: Path, bar: ProgressBar | None) -> Iterator[list[dict]]:
-    """Chunks of the file's examples without the held-out ones; a malformed line is named by number."""
-    chunk: list[dict] = []
-    done = 0
+def _line_chunks(path: Path, bar: ProgressBar | None) -> Iterator[tuple[int, list[bytes]]]:
+    """(1-based number of the first line, CHUNK_LINES raw lines) over the file: parsing is the workers' job."""
+    chunk: list[bytes] = []
+    first = done = 0
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
+            if not chunk:
+                first = lineno
+            chunk.append(raw)
             done += len(raw)
-            if not raw.strip():
-                continue
-            try:
-                example = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise DataError(f"{path}: line {lineno}: not a JSON example: {json_problem(exc)}") from None
-            if not isinstance(example, dict) or "prompt" not in example or "completion" not in example:
-                raise DataError(f"{path}: line {lineno}: not an example (an object with prompt and completion)")
-            if example.get("held_out"):
-                continue
-            chunk.append(example)
-            if len(chunk) >= CHUNK_EXAMPLES:
-                yield chunk
+            if len(chunk) >= CHUNK_LINES:
+                yield first, chunk
                 chunk = []
                 if bar is not None:
                     bar.update(completed=done)
     if chunk:
-        yield chunk
+        yield first, chunk
 
 
-def encode_chunk(tokenizer: Any, settings: TokenizeSettings, examples: list[dict]) -> dict[str, Any]:
-    """Token ids of a chunk as flat arrays, exactly as tokenize_examples encodes them; with its stats."""
-    if settings.chat:
-        encoded = [_training_rows(tokenizer, e, settings) for e in examples]
-    else:
-        encoded = [[e] for e in encode_batch(tokenizer, [e["prompt"] for e in examples],
-                                             [e["completion"] for e in examples], settings)]
-    stats = TokenizeStats()
-    ids: list[int] = []
-    labels: list[int] = []
-    lengths, label_lengths, prompt_length, index = [], [], [], []
-    for offset, pieces in enumerate(encoded):
-        stats.examples += 1
-        for enc in pieces:
-            if enc is None:
-                stats.dropped += 1
-                if len(stats.dropped_ids) < 20:
-                    stats.dropped_ids.append(str(examples[offset].get("source_id", offset)))
-                continue
-            stats.truncated += int(enc.truncated)
-            stats.prompt_tokens += enc.prompt_length
-            ids += enc.input_ids
-            labels += enc.labels
-            lengths.append(len(enc.input_ids))
-            label_lengths.append(len(enc.labels))
-            prompt_length.append(enc.prompt_length)
-            index.append(offset)
-    label_array = np.asarray(labels, np.int32)
-    stats.completion_tokens = int((label_array != IGNORE_INDEX).sum())
-    return {"input_ids": np.asarray(ids, np.int32), "labels": label_array,
-            "lengths": np.asarray(lengths, np.int64), "label_lengths": np.asarray(label_lengths, np.int64),
-            "prompt_length": np.asarray(prompt_length, np.int32), "index": np.asarray(index, np.int64),
-            "stats": stats}
+def parse_examples(path: Path, first: int, lines: list[bytes]) -> list[dict]:
+    """The examples of `lines` (line `first` onwards) without the held-out ones.
 
-
-def _init_worker(tokenizer: Any, settings: TokenizeSettings) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(tokenizer=tokenizer, settings=settings)
-
-
-def _encode_in_worker(examples: list[dict]) -> dict[str, Any]:
-    return encode_chunk(_worker["tokenizer"], _worker["settings"], examples)
-
-
-def _encoded(chunks: Iterator[list[dict]], tokenizer: Any, settings: TokenizeSettings, num_proc: int
-             ) -> Iterator[tuple[list[dict], dict[str, Any]]]:
-    """(examples, encoded) per chunk, in order; by `num_proc` processes with 2 x num_proc chunks in flight."""
-    if num_proc <= 1:
-        for chunk in chunks:
-            yield chunk, encode_chunk(tokenizer, settings, chunk)
-        return
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(_encode_in_worker, (chunk,))))
-            if len(pending) >= 2 * num_proc:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+    Raises: DataError naming the file and the 1-based line that is not a JSON example."""
+    examples = []
+    for lineno, raw in enumerate(lines, first):
+        if not raw.strip():
+            continue
+        try:
+            example = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{path}: line {lineno}: not a JSON example: {json_problem(exc)}") from None
+        if not isinstance(example, dict) or "prompt" not in example or "completion" not in example:
+            raise DataError(f"{path}: line {lineno}: not an example (an object with prompt and completion)")
+        if not example.get("held_out"):
+            examples.append(example)
+    return examples
 
 
 def _label_of(example: dict) -> str | None:
     if not example.get("choices") or example.get("label") is None:
         return None
     return str(example["label"])
+
+
+def encode_lines(tokenizer: Any, settings: TokenizeSettings, path: Path, first: int, lines: list[bytes]
+                 ) -> dict[str, Any]:
+    """encode_chunk of the examples of `lines`, with `examples` (their number) and `class_labels`
+    (_label_of each example)."""
+    examples = parse_examples(path, first, lines)
+    return {**encode_chunk(tokenizer, settings, examples), "examples": len(examples),
+            "class_labels": [_label_of(e) for e in examples]}
+
+
+def _init_worker(tokenizer: Any, settings: TokenizeSettings, path: Path) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(tokenizer=tokenizer, settings=settings, path=path)
+
+
+def _encode_in_worker(first: int, lines: list[bytes]) -> dict[str, Any]:
+    return encode_lines(_worker["tokenizer"], _worker["settings"], _worker["path"], first, lines)
+
+
+def _encoded(chunks: Iterator[tuple[int, list[bytes]]], path: Path, tokenizer: Any, settings: TokenizeSettings,
+             num_proc: int) -> Iterator[dict[str, Any]]:
+    """encode_lines per chunk, in order; by `num_proc` processes with 2 x num_proc chunks in flight."""
+    if num_proc <= 1:
+        for first, lines in chunks:
+            yield encode_lines(tokenizer, settings, path, first, lines)
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, settings, path)) as pool:
+        pending: deque = deque()
+        for first, lines in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (first, lines)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def _write(path: Path, target: Path, tokenizer: Any, settings: TokenizeSettings, num_proc: int,
@@ -217,7 +195,7 @@ def _write(path: Path, target: Path, tokenizer: Any, settings: TokenizeSettings,
     try:
         np.zeros(1, np.int64).tofile(handles["offsets"])
         np.zeros(1, np.int64).tofile(handles["label_offsets"])
-        for chunk, enc in _encoded(_examples(path, bar), tokenizer, settings, max(1, num_proc)):
+        for enc in _encoded(_line_chunks(path, bar), path, tokenizer, settings, max(1, num_proc)):
             (token_end + np.cumsum(enc["lengths"])).tofile(handles["offsets"])
             (label_end + np.cumsum(enc["label_lengths"])).tofile(handles["label_offsets"])
             token_end += int(enc["lengths"].sum())
@@ -225,14 +203,14 @@ def _write(path: Path, target: Path, tokenizer: Any, settings: TokenizeSettings,
             for name in ("input_ids", "labels", "prompt_length"):
                 enc[name].tofile(handles[name])
             (enc["index"] + examples).tofile(handles["index"])
-            codes = [labels.setdefault(x, len(labels)) if x is not None else -1 for x in map(_label_of, chunk)]
+            codes = [labels.setdefault(x, len(labels)) if x is not None else -1 for x in enc["class_labels"]]
             np.asarray(codes, np.int32).tofile(handles["class"])
             part: TokenizeStats = enc["stats"]
             for field in ("examples", "truncated", "dropped", "prompt_tokens", "completion_tokens"):
                 setattr(stats, field, getattr(stats, field) + getattr(part, field))
             stats.dropped_ids = (stats.dropped_ids + part.dropped_ids)[:20]
             rows += len(enc["lengths"])
-            examples += len(chunk)
+            examples += enc["examples"]
     finally:
         for handle in handles.values():
             handle.close()

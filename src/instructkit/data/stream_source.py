@@ -92,8 +92,9 @@ class StreamSource(Source):
     completion_text: dict = field(default_factory=dict)
     chunk_rows: int = 20_000
     spill: Path | None = None
-    """A file holding the kept rows as checked in pass 1 (marshal, one record per chunk): pass 2 reads it
-    instead of parsing and converting the data files again. None: pass 2 reads the files."""
+    """A file holding the kept rows as checked in pass 1 (per chunk: 8 bytes of length, then the marshal
+    bytes of its rows): pass 2 reads it instead of parsing and converting the data files again. None: pass 2
+    reads the files."""
     _walk: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -124,8 +125,8 @@ class StreamSource(Source):
     def _walk_spill(self, wanted: np.ndarray) -> Iterator[tuple[int, dict]]:
         p = 0
         with open(self.spill, "rb") as handle:  # type: ignore[arg-type]
-            while p < len(self) and wanted[p:].any():
-                rows = marshal.load(handle)
+            while p < len(self) and wanted[p:].any():  # marshal.load(file) reads object by object: slow
+                rows = marshal.loads(handle.read(int.from_bytes(handle.read(8), "little")))
                 for row in rows:
                     if wanted[p]:
                         yield p, row
@@ -243,7 +244,8 @@ def scan_source(
                 base += len(chunk.rows)
                 if spill_handle is not None and kept:
                     try:
-                        marshal.dump(kept, spill_handle)
+                        blob = marshal.dumps(kept)
+                        spill_handle.write(len(blob).to_bytes(8, "little") + blob)
                     except ValueError:  # a value marshal cannot write (a datetime from Parquet): read the files again
                         spill_handle.close()
                         spill_handle = source.spill = None

@@ -13,6 +13,7 @@ The limits and checks are in `limits`; the bounded filters and PromptSource help
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -207,6 +208,74 @@ def compile_source(source: str, where: str) -> jinja2.Template:
     # Jinja reads a template's globals (a ChainMap by default) on every render; a plain dict is faster.
     template.globals = dict(template.globals)
     return template
+
+
+_JINJA_NAMES = frozenset({"self", "loop", "caller", "varargs", "kwargs", "super"})  # Jinja may resolve these
+
+
+@dataclass(frozen=True)
+class CompiledPart:
+    """A compiled template part (instruction, completion or answer choices). A part that is only text,
+    `{{ name }}` and `{{ name[key] }}` (`pieces`: the text; (name,) or (name, key) for the others) renders
+    without Jinja: Jinja's code for it writes the text and `str(value)` (`str(obj[key])` through the
+    sandbox's getitem, which is `obj[key]` when that succeeds), and so does `render`; any other part, a
+    missing name, a failing or non-list/dict/tuple subscript, or an over-long result goes through
+    `render_bounded`, errors included."""
+
+    template: jinja2.Template
+    pieces: tuple[str | tuple[str, ...], ...] | None
+
+    def render(self, context: dict[str, Any], where: str) -> str:
+        """The rendered part (as `render_bounded(self.template, context, where)`); errors as there."""
+        if self.pieces is not None:
+            text = _join_plain(self.pieces, context)
+            if text is not None and len(text) <= MAX_RENDER_CHARS:
+                return text
+        return render_bounded(self.template, context, where)
+
+
+def _join_plain(pieces: tuple[str | tuple[str, ...], ...], context: dict[str, Any]) -> str | None:
+    out = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.append(piece)
+            continue
+        if any(name not in context for name in piece):
+            return None
+        value = context[piece[0]]
+        if len(piece) == 2:
+            if type(value) not in (dict, list, tuple):
+                return None
+            try:
+                value = value[context[piece[1]]]
+            except (TypeError, LookupError):
+                return None
+        out.append(str(value))
+    return "".join(out)
+
+
+def _plain_piece(node: nodes.Node) -> str | tuple[str, ...] | None:
+    """The piece of an Output child (CompiledPart), or None when it needs Jinja."""
+    if isinstance(node, nodes.TemplateData):
+        return node.data
+    if isinstance(node, nodes.Name) and node.ctx == "load" and node.name not in _JINJA_NAMES:
+        return (node.name,)
+    if isinstance(node, nodes.Getitem) and node.ctx == "load":
+        obj, key = _plain_piece(node.node), _plain_piece(node.arg)
+        if isinstance(obj, tuple) and isinstance(key, tuple) and len(obj) == len(key) == 1:
+            return obj + key
+    return None
+
+
+def compile_part(source: str, where: str) -> CompiledPart:
+    """compile_source, with the pieces of a plain part (CompiledPart).
+
+    Raises: TemplateError as compile_source."""
+    template = compile_source(source, where)
+    body = ENV.parse(source).body
+    children = body[0].nodes if len(body) == 1 and isinstance(body[0], nodes.Output) else [None] * len(body)
+    pieces = [_plain_piece(node) if node is not None else None for node in children]
+    return CompiledPart(template, None if None in pieces else tuple(pieces))  # type: ignore[arg-type]
 
 
 def fields_read(source: str) -> set[str]:

@@ -3,6 +3,7 @@ conversion of row values to the declared field types."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class Schema:
         if not self.label_field or not self.label_map or self.label_field not in row:
             return None
         value = row[self.label_field]
-        keys = {label_key(k) for k in self.label_map}
+        keys = self._label_names
         if label_key(value) not in keys:
             allowed = ", ".join(sorted(keys))
             return f"label {self.label_field}={value!r} is outside the label map ({allowed})"
@@ -67,9 +68,13 @@ class Schema:
     def label_name(self, value: Any) -> str:
         """The label map's name for a coded label value (the value itself without a map)."""
         if self.label_map:
-            lookup = {label_key(k): v for k, v in self.label_map.items()}
-            return lookup.get(label_key(value), str(value))
+            return self._label_names.get(label_key(value), str(value))
         return label_key(value)
+
+    @functools.cached_property
+    def _label_names(self) -> dict[str, str]:
+        """label_key of each label-map key -> its name (computed once: `check_label` runs for every row)."""
+        return {label_key(k): v for k, v in (self.label_map or {}).items()}
 
 
 def _coerce_value(value: Any, type_name: str, name: str) -> Any:

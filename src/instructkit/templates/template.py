@@ -2,7 +2,8 @@
 and their default metrics.
 
 Depends on jinja2 and the standard library only, so the template library is usable without torch.
-Rendering goes through the bounded sandbox (`sandbox.render_bounded`).
+Rendering goes through the bounded sandbox (`sandbox.render_bounded`; a part of text and `{{ name }}`
+only is joined without Jinja, to the same string: `sandbox.CompiledPart`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from instructkit.errors import TemplateError
 from instructkit.templates.limits import render_state
-from instructkit.templates.sandbox import ENV, compile_source, fields_guarded, fields_read, render_bounded
+from instructkit.templates.sandbox import ENV, compile_part, fields_guarded, fields_read
 from instructkit.templates.schema import label_key
 
 CHOICES_SEPARATOR = "|||"
@@ -83,10 +84,10 @@ class Template:
                 f"(one of {', '.join(TASK_FAMILIES)})"
             )
         where = f"{self.origin}: template {self.id!r}"
-        self._compiled["instruction"] = compile_source(self.instruction, f"{where} (instruction)")
-        self._compiled["completion"] = compile_source(self.completion, f"{where} (completion)")
+        self._compiled["instruction"] = compile_part(self.instruction, f"{where} (instruction)")
+        self._compiled["completion"] = compile_part(self.completion, f"{where} (completion)")
         if isinstance(self.answer_choices, str):
-            self._compiled["choices"] = compile_source(self.answer_choices, f"{where} (answer_choices)")
+            self._compiled["choices"] = compile_part(self.answer_choices, f"{where} (answer_choices)")
 
     @property
     def version(self) -> str:
@@ -148,8 +149,8 @@ class Template:
             choices = self._render_choices(context, where)
             if choices is not None:
                 context["answer_choices"] = list(choices)
-            prompt = render_bounded(self._compiled["instruction"], context, f"{where} (instruction)")
-            completion = render_bounded(self._compiled["completion"], context, f"{where} (completion)")
+            prompt = self._compiled["instruction"].render(context, f"{where} (instruction)")
+            completion = self._compiled["completion"].render(context, f"{where} (completion)")
         finally:
             render_state.reset(token)
         return Rendered(prompt.strip(), completion.strip(), choices)
@@ -158,7 +159,7 @@ class Template:
         if self.answer_choices is None:
             return None
         if isinstance(self.answer_choices, str):
-            text = render_bounded(self._compiled["choices"], context, f"{where} (answer_choices)")
+            text = self._compiled["choices"].render(context, f"{where} (answer_choices)")
             return tuple(part.strip() for part in text.split(CHOICES_SEPARATOR))
         return tuple(self.answer_choices)
 
