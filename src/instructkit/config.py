@@ -235,8 +235,9 @@ class TrainConfig(Section):
         "logits are never held whole (null: all at once). 128-512 suits large vocabularies (Gemma 3: 262k).")
     release_free_memory: bool = Field(
         True, description="CPU training: return the C allocator's free pages to the system (glibc malloc_trim) "
-        "before each backward pass and, with optimizer_in_backward, before the largest parameter's update, so freed "
-        "activations and temporaries do not stay resident at the peak. No effect on GPU or without glibc.")
+        "before each backward pass and, with optimizer_in_backward, before the largest parameter's update and after "
+        "every 16 MB of gradients applied, so freed activations, gradients and temporaries do not stay resident at "
+        "the peak. No effect on GPU or without glibc.")
     lr: float = Field(
         1e-4, gt=0, description="Peak learning rate of AdamW, reached after warm-up; then `schedule` "
         "applies.")

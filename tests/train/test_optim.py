@@ -241,3 +241,29 @@ def test_in_backward_divergence_says_whether_the_step_was_applied(tiny_tokenizer
     fresh = build_tiny_llama(tiny_tokenizer)
     load_checkpoint(latest_good_checkpoint(tmp_path), fresh)
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_in_backward_releases_memory_by_gradient_bytes(tiny_tokenizer, monkeypatch):
+    """train.release_free_memory in-backward: a release before the largest parameter's update and one each
+    time RELEASE_EVERY_BYTES of gradients have been applied since the last; none when the setting is off."""
+    from instructkit.train import in_backward
+
+    def releases(enabled: bool, every: int) -> tuple[int, int]:
+        calls: list[int] = []
+        monkeypatch.setattr(in_backward, "release_free_memory", lambda: calls.append(1))
+        monkeypatch.setattr(in_backward, "RELEASE_EVERY_BYTES", every)
+        model = build_tiny_llama(tiny_tokenizer)
+        opt = make_optimizer(model, train_config(optimizer_in_backward=True, max_grad_norm=None,
+                                                 release_free_memory=enabled))
+        with opt.armed():
+            model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return len(calls), grad_bytes
+
+    calls, grad_bytes = releases(True, 2**40)
+    assert calls == 1  # only before the largest parameter (the threshold is never reached)
+    every = grad_bytes // 4
+    calls, _ = releases(True, every)
+    # the largest parameter's release resets the count, so 3 to 5 periodic releases plus that one
+    assert 4 <= calls <= 6
+    assert releases(False, every)[0] == 0

@@ -14,6 +14,11 @@ How each template is scored (examples are grouped by dataset and `template_id`, 
   with `map_to_choice`; answers that name no choice count as wrong and are reported as `unparseable`.
 
 Perplexity, when asked for, is that of the reference completions (+ EOS, as trained) given the prompts.
+A rank-scored example whose reference is one of its choices, scored with the end of the answer and with
+its whole prompt (not cut), already has it: the reference choice's summed log-probability is the same
+tokens (prompt, separator + completion + EOS) as the training encoding, so its NLL is reused and only
+the other examples go through `completion_nll` (a second forward pass over the whole template otherwise;
+equal within float32 summation order, tested).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class _Scored:
     truncated: int
     unparseable: int
     nll: tuple[float, int] | None = None
+    # per example: (NLL in nats, label tokens) of the reference completion when ranking already computed it
+    reference_nll: list[tuple[float, int] | None] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,15 +113,18 @@ def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[in
         # "example 3" counts within this template's batch: name the example of the input instead.
         message = re.sub(r"example (\d+)", lambda m: f"example {indices[int(m.group(1))] + 1}", str(exc))
         raise DataError(f"template {exs[0]['template_id']!r}: {message}") from None
-    preds, records = [], []
+    preds, records, reference_nll = [], [], []
     for i, ex, prompt, s in zip(indices, exs, prompts, scores):
         pred = ex["choices"][s.predicted]
         preds.append(pred)
         records.append(_record(i, ex, prompt, pred, correct=pred == ex["completion"],
                                choice_logprobs=dict(zip(ex["choices"], s.logprobs))))
+        known = cfg.choice_end == "eos" and not s.truncated and ex["completion"] in ex["choices"]
+        j = ex["choices"].index(ex["completion"]) if known else -1
+        reference_nll.append((-s.logprobs[j], s.n_tokens[j]) if known else None)
     return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
                    _class_labels(exs), records, [s.prompt_tokens for s in scores],
-                   sum(s.truncated for s in scores), 0)
+                   sum(s.truncated for s in scores), 0, reference_nll=reference_nll)
 
 
 def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
@@ -139,6 +149,23 @@ def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: l
     return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
                    _class_labels(exs) if classify else None, records, [len(x) for x in fed],
                    sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable)
+
+
+def _reference_nll(model: Any, tokenizer: Any, exs: list[dict], prompts: list[str],
+                   known: list[tuple[float, int] | None] | None, settings: TokenizeSettings, is_seq2seq: bool,
+                   batch_size: int) -> tuple[float, int]:
+    """(total NLL in nats, label tokens) of the reference completions: the ones ranking computed, plus
+    `completion_nll` over the rest (module docstring)."""
+    known = known or [None] * len(exs)
+    rest = [k for k, value in enumerate(known) if value is None]
+    total = sum(value[0] for value in known if value is not None)
+    tokens = sum(value[1] for value in known if value is not None)
+    if rest:
+        more, more_tokens, _ = completion_nll(model, tokenizer, [prompts[k] for k in rest],
+                                              [exs[k]["completion"] for k in rest], settings, is_seq2seq,
+                                              batch_size=batch_size)
+        total, tokens = total + more, tokens + more_tokens
+    return total, tokens
 
 
 def _max_new_tokens(task: str, cfg: EvalConfig, override: dict[str, int] | None) -> int:
@@ -173,9 +200,8 @@ def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chose
                                               _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
                                               classify=has_choices, progress=tick)
             if with_perplexity:
-                total, tokens, _ = completion_nll(model, tokenizer, texts, [ex["completion"] for ex in exs],
-                                                  settings, is_seq2seq, batch_size=cfg.batch_size)
-                result.nll = (total, tokens)
+                result.nll = _reference_nll(model, tokenizer, exs, texts, result.reference_nll, settings,
+                                            is_seq2seq, cfg.batch_size)
             scored[tid] = result
     finally:
         bar.update(info="")

@@ -1,5 +1,6 @@
 """Hand the C allocator's free memory back to the system (train.release_free_memory): before each CPU
-backward pass (train/step.py) and, in-backward, before the largest parameter's update (train/in_backward.py).
+backward pass (train/step.py) and, in-backward, before the largest parameter's update and after every 16 MB
+of gradients applied (train/in_backward.py).
 
 On CPU, PyTorch's tensors come from the C library's malloc. glibc keeps the blocks it gets back under its
 mmap threshold (up to 32 MB: activations, per-layer gradients, optimizer-update temporaries) for reuse

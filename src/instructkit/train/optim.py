@@ -68,7 +68,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.optimizer_in_backward:
         from instructkit.train.in_backward import InBackwardOptimizer
 
-        return InBackwardOptimizer(groups, build, release_before_largest=cfg.release_free_memory)
+        return InBackwardOptimizer(groups, build, release_free_memory=cfg.release_free_memory)
     return build(groups)
 
 
