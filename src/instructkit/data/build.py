@@ -384,11 +384,7 @@ def _stats(
 # --------------------------------------------------------------------------------------------------
 
 
-def load_examples(run_dir_or_jsonl: str | Path, split: str = "train") -> list[dict]:
-    """The examples of `split` from a run folder (or the rows of one .jsonl file) as dicts.
-
-    Raises: DataError for an unknown split, a missing file, or a malformed line (named by number).
-    """
+def _split_path(run_dir_or_jsonl: str | Path, split: str) -> Path:
     path = Path(run_dir_or_jsonl)
     if path.is_dir():
         if split not in SPLITS:
@@ -396,4 +392,42 @@ def load_examples(run_dir_or_jsonl: str | Path, split: str = "train") -> list[di
         path = path / f"{split}.jsonl"
     if not path.exists():
         raise DataError(f"{path}: not found (run `instructkit prepare` first)")
-    return read_jsonl(path)
+    return path
+
+
+def sample_examples(run_dir_or_jsonl: str | Path, split: str = "train", *, per_template: int = 10_000,
+                    seed: int = 0) -> tuple[list[dict], int]:
+    """(a seeded sample of at most `per_template` examples of each template, the number of examples read),
+    streaming: memory holds the sample, never the split.
+
+    Templates with at most `per_template` examples are kept whole, so for such a split the sample is
+    `load_examples(...)` itself (same examples, same order). Larger ones are reservoir-sampled (Vitter's
+    algorithm R, one `random.Random(seed)` over the file); the sample keeps file order.
+    For what needs training examples only as a pool: the few-shot demonstrations and the classification
+    baselines of an evaluation. Raises as `load_examples`.
+    """
+    from instructkit.io import iter_jsonl
+
+    rng = random.Random(seed)
+    kept: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    seen: Counter[str] = Counter()
+    total = 0
+    for total, example in enumerate(iter_jsonl(_split_path(run_dir_or_jsonl, split)), start=1):
+        key = str(example.get("template_id"))
+        seen[key] += 1
+        if seen[key] <= per_template:
+            kept[key].append((total, example))
+        else:
+            slot = rng.randrange(seen[key])
+            if slot < per_template:
+                kept[key][slot] = (total, example)
+    ordered = sorted((item for items in kept.values() for item in items), key=lambda item: item[0])
+    return [example for _, example in ordered], total
+
+
+def load_examples(run_dir_or_jsonl: str | Path, split: str = "train") -> list[dict]:
+    """The examples of `split` from a run folder (or the rows of one .jsonl file) as dicts.
+
+    Raises: DataError for an unknown split, a missing file, or a malformed line (named by number).
+    """
+    return read_jsonl(_split_path(run_dir_or_jsonl, split))
