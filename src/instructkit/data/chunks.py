@@ -7,7 +7,8 @@ twice (plan, then render) without holding its rows. The parsing and the messages
 readers (readers_text.py): a problem names the file and the 1-based line (or row).
 
     .csv .tsv .jsonl (.gz too)   decoded line by line (a bad byte names its line and byte offset)
-    .json                        an array is one JSON document: read whole (one chunk)
+    .json                        a top-level array decoded record by record (any other top level, or
+                                 malformed JSON, is parsed whole for parse_json's message)
     .parquet                     record batches through pyarrow
     a folder                     saved with `Dataset.save_to_disk` (its Arrow files read batch by batch, a
                                  DatasetDict's splits kept), or a folder of Parquet shards (the split of a
@@ -23,7 +24,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from instructkit.data.readers_text import (
+    NotStreamable,
     decode_text,
+    iter_json_array,
     iter_delimited,
     iter_jsonl_rows,
     parse_json,
@@ -82,10 +85,22 @@ def text_lines(path: Path, encoding: str) -> Iterator[str]:
 def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_rows: int) -> Iterator[Table]:
     from instructkit.data.readers import read_bytes
 
+    yielded = 0
+    if fmt == "json" and line_safe(encoding):
+        try:
+            for table in iter_json_array(text_lines(path, encoding), str(path), problems, chunk_rows):
+                yielded += 1
+                yield table
+            return
+        except NotStreamable:
+            pass  # parse_json on the whole text names what is wrong (or reads {"data": [...]}, JSONL)
     if fmt == "json" or not line_safe(encoding):
         text = decode_text(read_bytes(path), path, encoding)
         if fmt == "json":
-            yield parse_json(text, str(path), problems)
+            table = parse_json(text, str(path), problems)  # after streamed records: raises (malformed)
+            if yielded:
+                raise DataError(f"{path}: the JSON array could not be read record by record")
+            yield table
             return
         lines: object = text.split("\n") if fmt == "jsonl" else __import__("io").StringIO(text, newline="")
     else:

@@ -198,6 +198,100 @@ def iter_jsonl_rows(lines: Iterable[str], path: str, problems: Problems,
         yield Table(path, _columns_of(rows), rows, where, format="jsonl", offset=seen)
 
 
+class NotStreamable(Exception):
+    """The JSON text is not a well-formed top-level array: read it whole (parse_json) for its own message."""
+
+
+JSON_BLOCK_CHARS = 1 << 20  # characters of JSON text decoded per read while streaming an array
+
+
+def iter_json_array(lines: Iterable[str], path: str, problems: Problems,
+                    chunk_rows: int = 1 << 62) -> Iterator[Table]:
+    """A top-level JSON array of objects, decoded one record at a time, in Tables of at most `chunk_rows`
+    records: memory holds a block of text and one chunk, never the document. The rows, their numbering
+    ("record N") and the problems are those of `parse_json` on the whole text.
+
+    Raises: NotStreamable, possibly after some Tables, when the text is not a well-formed array (another top
+    level, malformed JSON, text after the array): the caller parses the whole text with `parse_json`, which
+    gives the message naming line and column. DataError for an empty array; a record that is not an object
+    goes to `problems` (a DataError unless skipping).
+    """
+    decode = json.JSONDecoder().raw_decode
+    source = iter(lines)
+    buf, pos, eof = "", 0, False
+
+    def more() -> None:
+        nonlocal buf, pos, eof
+        cut = buf.rfind("\n", 0, pos) + 1  # keep whole lines: positions stay valid for messages
+        buf, pos = buf[cut:], pos - cut
+        parts, size = [], 0
+        for line in source:
+            parts.append(line)
+            size += len(line)
+            if size >= JSON_BLOCK_CHARS:
+                break
+        else:
+            eof = True
+        buf += "".join(parts)
+
+    def skip_space() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or eof:
+                return buf[pos] if pos < len(buf) else ""
+            more()
+
+    more()
+    if skip_space() != "[":
+        raise NotStreamable
+    pos += 1
+    rows: list[dict] = []
+    positions: list[int] = []
+    records = kept = 0
+    if skip_space() == "]":
+        raise DataError(f"{path}: the JSON array is empty")
+    while True:
+        while True:
+            try:
+                record, end = decode(buf, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    raise NotStreamable from None
+                more()
+                continue
+            except (ValueError, RecursionError):
+                raise NotStreamable from None
+            if end < len(buf) or eof:  # a number at the end of the block may go on in the next
+                break
+            more()
+        pos = end
+        records += 1
+        if isinstance(record, dict):
+            rows.append(record)
+            positions.append(records)
+        else:
+            problems.bad("not a JSON object",
+                         f"{path}: record {records}: expected an object, found {type(record).__name__}")
+        if len(rows) >= chunk_rows:
+            yield Table(path, _columns_of(rows), rows, None, unit="record", format="json", positions=positions,
+                        offset=kept)
+            kept += len(rows)
+            rows, positions = [], []
+        delimiter = skip_space()
+        pos += 1
+        if delimiter == "]":
+            break
+        if delimiter != "," or skip_space() in ("]", ""):
+            raise NotStreamable
+    if skip_space() != "":
+        raise NotStreamable  # text after the array
+    if rows or not kept:
+        yield Table(path, _columns_of(rows), rows, None, unit="record", format="json", positions=positions,
+                    offset=kept)
+
+
 def parse_json(text: str, path: str, problems: Problems) -> Table:
     """A JSON array of objects or {"data": [...]}; a file of one object per line is read as JSONL.
 

@@ -231,7 +231,8 @@ def scan_source(
                     kept.append(row)
                     origin.append(origin_code)
                     index.append(base + j)
-                    line.append(lines[j] if lines is not None else chunk.offset + j + 1)
+                    line.append(lines[j] if lines is not None else
+                                chunk.positions[j] if chunk.positions is not None else chunk.offset + j + 1)
                     keys += hash_values([row.get(f) for f in key_fields]) if key_fields else b"\0" * 8
                     if label is not None:
                         value = _hashable(row.get(label))
