@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import gzip
+import itertools
 import os
 import zlib
 from collections.abc import Iterator, Mapping
@@ -142,35 +143,56 @@ def read_parallel(files: Mapping[str, Path], encoding: str, problems: Problems) 
     Raises: ConfigError for fewer than two files; DataError when a file cannot be read or decoded or the
     files differ in line count; an empty line goes to `problems` (a DataError unless skipping).
     """
+    return merge_tables(list(iter_parallel(files, encoding, problems)))
+
+
+def iter_parallel(files: Mapping[str, Path], encoding: str, problems: Problems,
+                  chunk_rows: int = 1 << 62) -> Iterator[Table]:
+    """`read_parallel` in Tables of at most `chunk_rows` rows, the files read line by line together (whole
+    for encodings whose line end is not one byte, utf-16/32). A line-count mismatch is found at the end,
+    after the aligned rows were handed out. Raises as `read_parallel`."""
+    from instructkit.data.chunks import line_safe, text_lines
+
     if len(files) < 2:
         raise ConfigError(f"parallel data needs at least two files (one per field), got {dict(files)}")
-    columns: dict[str, list[str]] = {}
-    for name, path in files.items():
-        text = decode_text(read_bytes(path), path, encoding)
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        columns[name] = [line.removesuffix("\r") for line in lines]
-    counts = {name: len(lines) for name, lines in columns.items()}
-    if len(set(counts.values())) > 1:
-        detail = ", ".join(f"{files[name]} has {n}" for name, n in counts.items())
-        raise DataError(f"parallel files are not line-aligned: {detail} lines")
+    names = list(files)
+    if line_safe(encoding):
+        sources = [text_lines(path, encoding) for path in files.values()]
+    else:
+        sources = []
+        for path in files.values():
+            lines = decode_text(read_bytes(path), path, encoding).split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
+            sources.append(iter(lines))
     label = " + ".join(str(p) for p in files.values())
-    names = list(columns)
     rows: list[dict] = []
     lines_kept: list[int] = []
-    for i, values in enumerate(zip(*columns.values())):
+    counts, seen = [0] * len(names), 0
+    missing = object()
+    for i, values in enumerate(itertools.zip_longest(*sources, fillvalue=missing)):
+        if any(v is missing for v in values):
+            counts = [i + (v is not missing) + sum(1 for _ in source) for v, source in zip(values, sources)]
+            break
+        values = tuple(v.removesuffix("\n").removesuffix("\r") for v in values)
+        counts = [i + 1] * len(names)
         empty = [names[j] for j, v in enumerate(values) if not v.strip()]
         if empty:
             where = ", ".join(str(files[n]) for n in empty)
-            problems.bad(
-                "empty line in parallel files",
-                f"{where}: line {i + 1}: empty line (field {', '.join(empty)})",
-            )
+            problems.bad("empty line in parallel files",
+                         f"{where}: line {i + 1}: empty line (field {', '.join(empty)})")
             continue
         rows.append(dict(zip(names, values)))
         lines_kept.append(i + 1)
-    return Table(label, names, rows, lines_kept, format="parallel")
+        if len(rows) >= chunk_rows:
+            yield Table(label, names, rows, lines_kept, format="parallel", offset=seen)
+            seen += len(rows)
+            rows, lines_kept = [], []
+    if len(set(counts)) > 1:
+        detail = ", ".join(f"{files[name]} has {n}" for name, n in zip(names, counts))
+        raise DataError(f"parallel files are not line-aligned: {detail} lines")
+    if rows or not seen:
+        yield Table(label, names, rows, lines_kept, format="parallel", offset=seen)
 
 
 def read_table(

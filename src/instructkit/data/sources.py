@@ -21,7 +21,7 @@ from typing import Any
 from instructkit.config import DatasetConfig
 from instructkit.data.chat_rows import chat_column
 from instructkit.data.chunks import read_chunks
-from instructkit.data.readers import SUFFIX_FORMATS, detect_format, read_parallel, read_tables
+from instructkit.data.readers import SUFFIX_FORMATS, detect_format, iter_parallel, read_parallel, read_tables
 from instructkit.data.rows import RowChecker, column_candidates, instruction_kind, instruction_row
 from instructkit.data.table import Problems, Table
 from instructkit.errors import ConfigError, DataError
@@ -209,8 +209,11 @@ def file_parts(dataset: DatasetConfig, schema: Schema | None, required: set[str]
                         f"dataset {name!r}: `format: parallel` with a path stem needs a `schema:` with fields"
                     )
                 spec = _stem_files(spec, list(schema.fields), required, columns)
-            table = read_parallel(spec, dataset.encoding, problems)
-            tables: dict[str | None, Callable] = {None: (lambda t=table: t if chunk_rows is None else iter([t]))}
+            if chunk_rows is None:
+                table = read_parallel(spec, dataset.encoding, problems)
+                tables: dict[str | None, Callable] = {None: lambda t=table: t}
+            else:  # read again at each pass, line by line
+                tables = {None: lambda s=spec, n=chunk_rows: iter_parallel(s, dataset.encoding, problems, n)}
         elif chunk_rows is not None:
             fmt = detect_format(spec, dataset.format)
             tables = dict(read_chunks(spec, fmt, dataset.encoding, problems, chunk_rows))

@@ -1,4 +1,4 @@
-"""A .json array is decoded record by record (data/chunks.py), with parse_json's rows, numbering and errors."""
+"""Streaming readers: a .json array record by record, parallel files line by line (data/chunks.py, readers.py)."""
 
 from __future__ import annotations
 
@@ -76,3 +76,27 @@ def test_a_non_object_record_is_named_when_not_skipping(tmp_path):
     path.write_text('[{"a": 1}, {"a": 2}, 3]', encoding="utf-8")
     with pytest.raises(DataError, match=r"d.json: record 3: expected an object, found int"):
         _streamed(path)
+
+
+def test_parallel_files_read_line_by_line_in_chunks(tmp_path):
+    """iter_parallel: the rows of line-aligned files in chunks, empty lines skipped with their numbers kept,
+    CRLF ends dropped, a line-count mismatch named with both counts."""
+    import gzip
+
+    from instructkit.data.readers import iter_parallel
+
+    (tmp_path / "a.en").write_bytes(b"one\r\ntwo\n\nfour\nfive\nsix\nseven")
+    with gzip.open(tmp_path / "a.de.gz", "wb") as handle:
+        handle.write(b"eins\nzwei\ndrei\nvier\nfuenf\nsechs\nsieben\n")
+    files = {"en": tmp_path / "a.en", "de": tmp_path / "a.de.gz"}
+    problems = Problems(True)
+    tables = list(iter_parallel(files, "utf-8", problems, chunk_rows=4))
+    assert [len(t.rows) for t in tables] == [4, 2] and [t.offset for t in tables] == [0, 4]
+    assert tables[0].rows[:2] == [{"en": "one", "de": "eins"}, {"en": "two", "de": "zwei"}]
+    assert [t.where(i) for t in tables for i in range(len(t.rows))] == \
+        ["line 1", "line 2", "line 4", "line 5", "line 6", "line 7"]
+    assert problems.total == 1
+    (tmp_path / "b.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
+    (tmp_path / "b.de").write_text("eins\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"not line-aligned: .*b.en has 3, .*b.de has 1 lines"):
+        list(iter_parallel({"en": tmp_path / "b.en", "de": tmp_path / "b.de"}, "utf-8", Problems(False), 1))
