@@ -4,6 +4,8 @@
     PYTHONPATH=src python benchmarks/bench_memory.py                 # everything: ~1.5 h on 2 busy cores
     PYTHONPATH=src python benchmarks/bench_memory.py --only smollm2   # one model
     PYTHONPATH=src python benchmarks/bench_memory.py --estimate-only # recompute the estimates of a saved run
+    PYTHONPATH=src python benchmarks/bench_memory.py --ab gemma3 --ab-settings default,lean,lean_ckpt
+                                                                     # step times, the settings in turn
 
 What runs (each in a FRESH subprocess, one at a time, 1 torch thread, fp32, peak RSS = VmHWM of the child):
 - data: DialogSum dev dialogues as "Summarize the dialogue" examples (summary-length completions), tokenized
@@ -194,7 +196,7 @@ def speed_ab(args: argparse.Namespace) -> None:
     section = payload.get("speed_ab", {})
     for model in args.ab.split(","):
         tokens = prepare_tokens(model, work, 4 * args.steps)
-        times: dict[str, list] = {"default": [], "lean": []}
+        times: dict[str, list] = {name: [] for name in args.ab_settings.split(",")}
         for _ in range(args.repeats):
             for setting in times:
                 result = run_child({"system": "instructkit", "setting": setting, "model": model, "batch": 4}, tokens,
@@ -204,8 +206,11 @@ def speed_ab(args: argparse.Namespace) -> None:
                 times[setting].append({"step_s": result.get("step_s"), "step_cpu_s": result.get("step_cpu_s")})
         medians = {k: statistics.median(r["step_s"] for r in v) for k, v in times.items()}
         cpu = {k: statistics.median(r["step_cpu_s"] for r in v) for k, v in times.items()}
-        section[model] = {"runs": times, "lean_over_default_step_s": round(medians["lean"] / medians["default"], 3),
-                          "lean_over_default_step_cpu_s": round(cpu["lean"] / cpu["default"], 3)}
+        section[model] = {"runs": times, "load_average_1min": round(os.getloadavg()[0], 2)}
+        for name in times:
+            if name != "default" and "default" in times:
+                section[model][f"{name}_over_default_step_s"] = round(medians[name] / medians["default"], 3)
+                section[model][f"{name}_over_default_step_cpu_s"] = round(cpu[name] / cpu["default"], 3)
         payload["speed_ab"] = section
         write(out, payload, args)
 
@@ -378,9 +383,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per child")
     parser.add_argument("--estimate-only", action="store_true", help="recompute estimates of --out's runs")
     parser.add_argument("--resume", action="store_true", help="keep --out's measured runs, do the others")
-    parser.add_argument("--ab", help="comma-separated models: time default vs lean (batch 4) interleaved, "
+    parser.add_argument("--ab", help="comma-separated models: time the --ab-settings (batch 4) in turn, "
                         "A B A B, --repeats times, into --out's speed_ab (the step-time ratio, side by side)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ab-settings", default="default,lean",
+                        help="comma-separated settings timed in turn by --ab (default, inbwd_chunked, lean, lean_ckpt)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
     args = parser.parse_args()
