@@ -33,7 +33,9 @@ Measured (bench_memory.py child, Gemma-3-270M lean + checkpointing, batch 4 x 25
 peak 3.68 / 3.64 GB with (a) alone, 3.38 / 3.39 GB with a trim every 8 updates (about 2/3 of a layer, 15
 MB), 3.45 GB every 24, 3.39 GB after every update; CPU time per step within the run-to-run noise at every
 8 (35.4 / 32.6 s vs 35.6 / 33.3 s, interleaved), 15-20% more after every update (the freed pages fault
-back in).
+back in). RELEASE_EVERY_BYTES = 16 MB (2-3 releases per Gemma 3 layer): 3.39 GB in bench_memory.py's run
+(benchmarks/results/memory.json), the HF Trainer 9.13 GB in the same run.
+
 Checkpoints see one optimizer: `state_dict()` numbers the parameters' states 0, 1, ... in param_groups
 order, as the ordinary optimizer of the same class would, so a checkpoint loads either way.
 """
