@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instructkit import ranks
 from instructkit.config import RunConfig, dump_config
 from instructkit.config_load import load_config
 from instructkit.errors import InstructkitError
-from instructkit import ranks
 from instructkit.io import read_jsonl, write_json
 from instructkit.run_folder import (
     Steps,
@@ -50,7 +50,6 @@ from instructkit.run_folder import file_digest as _file_digest
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
-TRAIN_POOL_PER_TEMPLATE = 10_000  # training examples per template kept for few-shot and baselines (_train_pool)
 NOT_LEARNED = ("save_every", "save_every_minutes", "keep_checkpoints", "tensorboard")
 """Train settings that change how training is saved or logged, never the model: not in its fingerprint."""
 
@@ -128,18 +127,6 @@ def _examples(run_dir: Path, split: str) -> list[dict]:
     return load_examples(run_dir, split)
 
 
-def _train_pool(run_dir: Path) -> list[dict]:
-    """The training examples the evaluation draws on (few-shot demonstrations, classification baselines): a
-    seeded sample of at most TRAIN_POOL_PER_TEMPLATE per template, read streaming (all of them below that)."""
-    from instructkit.data.build import sample_examples
-
-    pool, total = sample_examples(run_dir, "train", per_template=TRAIN_POOL_PER_TEMPLATE)
-    if len(pool) < total:
-        log.info("few-shot pool and baselines: a seeded sample of %d of the %d training examples (at most %d "
-                    "per template)", len(pool), total, TRAIN_POOL_PER_TEMPLATE)
-    return pool
-
-
 def _evaluate_into(loaded, examples: list[dict], config: RunConfig, out_dir: Path, *, k_shot: int = 0,
                    pool: list[dict] | None = None, label: str) -> None:
     from instructkit.evaluate.evaluator import evaluate_examples
@@ -200,7 +187,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     cfg = dump_config(config)
 
     # 1. prepare: source rows -> split -> templated examples.
-    from instructkit.data.build import prepare
+    from instructkit.data.build import prepare, training_pool
 
     prep_fp = _digest({"datasets": cfg["datasets"], "split": cfg["split"], "templates": cfg["templates"],
                        "inputs": _input_digests(config)})
@@ -220,7 +207,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
     # 2. the base model, zero-shot and k-shot, on the evaluation split.
     test = _examples(run_dir, config.eval.split)  # evaluate_examples caps it per template (eval.max_examples)
-    train_examples = _train_pool(run_dir)
+    train_examples = training_pool(run_dir)
     base_loaded: list[Any] = []
 
     def evaluate_base() -> None:
@@ -406,7 +393,9 @@ def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir
     config = load_config(None, list(overrides))
     run_dir = out_dir or (data if data.is_dir() else data.parent)
     examples = _read_eval_data(data, split)
-    train_examples = _train_pool(data) if data.is_dir() and (data / "train.jsonl").is_file() else []
+    from instructkit.data.build import training_pool
+
+    train_examples = training_pool(data) if data.is_dir() and (data / "train.jsonl").is_file() else []
     from instructkit.models.resolve import resolve_model_config
 
     for name in (base, tuned):  # a wrong --tuned fails now, not after the base evaluation

@@ -425,6 +425,20 @@ def sample_examples(run_dir_or_jsonl: str | Path, split: str = "train", *, per_t
     return [example for _, example in ordered], total
 
 
+TRAINING_POOL_PER_TEMPLATE = 10_000
+"""Training examples per template an evaluation draws on (few-shot demonstrations, classification baselines)."""
+
+
+def training_pool(run_dir: str | Path) -> list[dict]:
+    """The training examples an evaluation draws on: `sample_examples` of the train split, at most
+    TRAINING_POOL_PER_TEMPLATE per template (all of them below that), logged when it is a sample."""
+    pool, total = sample_examples(run_dir, "train", per_template=TRAINING_POOL_PER_TEMPLATE)
+    if len(pool) < total:
+        log.info("few-shot pool and baselines: a seeded sample of %d of the %d training examples (at most %d "
+                    "per template)", len(pool), total, TRAINING_POOL_PER_TEMPLATE)
+    return pool
+
+
 def load_examples(run_dir_or_jsonl: str | Path, split: str = "train") -> list[dict]:
     """The examples of `split` from a run folder (or the rows of one .jsonl file) as dicts.
 

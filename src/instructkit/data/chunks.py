@@ -26,8 +26,8 @@ from pathlib import Path
 from instructkit.data.readers_text import (
     NotStreamable,
     decode_text,
-    iter_json_array,
     iter_delimited,
+    iter_json_array,
     iter_jsonl_rows,
     parse_json,
     undecodable,

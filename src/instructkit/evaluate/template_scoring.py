@@ -184,7 +184,7 @@ def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chose
         by_template.setdefault(key, []).append(i)
     scored = {}
     bar = ProgressBar("evaluate", len(chosen))  # one bar over every template (plain lines off a terminal)
-    tick = lambda n: bar.update(advance=n)  # noqa: E731
+    tick = lambda n: bar.update(advance=n)
     try:
         for tid, indices in by_template.items():
             exs = [examples[i] for i in indices]

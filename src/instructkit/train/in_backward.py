@@ -51,7 +51,6 @@ import torch
 
 from instructkit.train.allocator import release_free_memory
 
-
 RELEASE_EVERY_BYTES = 16 * 2**20  # gradient bytes applied between two releases (module docstring)
 
 
