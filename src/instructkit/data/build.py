@@ -429,13 +429,13 @@ TRAINING_POOL_PER_TEMPLATE = 10_000
 """Training examples per template an evaluation draws on (few-shot demonstrations, classification baselines)."""
 
 
-def training_pool(run_dir: str | Path) -> list[dict]:
-    """The training examples an evaluation draws on: `sample_examples` of the train split, at most
-    TRAINING_POOL_PER_TEMPLATE per template (all of them below that), logged when it is a sample."""
-    pool, total = sample_examples(run_dir, "train", per_template=TRAINING_POOL_PER_TEMPLATE)
+def training_pool(run_dir_or_jsonl: str | Path) -> list[dict]:
+    """The training examples an evaluation draws on: `sample_examples` of the train split (or of one .jsonl
+    file), at most TRAINING_POOL_PER_TEMPLATE per template (all of them below that), logged when sampled."""
+    pool, total = sample_examples(run_dir_or_jsonl, "train", per_template=TRAINING_POOL_PER_TEMPLATE)
     if len(pool) < total:
-        log.info("few-shot pool and baselines: a seeded sample of %d of the %d training examples (at most %d "
-                    "per template)", len(pool), total, TRAINING_POOL_PER_TEMPLATE)
+        log.info("few-shot pool and baselines: a seeded sample of %d of the %d training examples "
+                 "(at most %d per template)", len(pool), total, TRAINING_POOL_PER_TEMPLATE)
     return pool
 
 

@@ -359,7 +359,7 @@ def evaluate_run(
     TemplateError when examples without `metrics` name a template the library lacks; ConfigError as
     `evaluate_examples`; whatever `instructkit.models.load.load_model` raises for a model it cannot load.
     """
-    from instructkit.data.build import load_examples
+    from instructkit.data.build import load_examples, training_pool
     from instructkit.io import write_json, write_jsonl
 
     path = _data_file(Path(data), split)
@@ -371,7 +371,7 @@ def evaluate_run(
     pool = None
     if k_shot:
         pool_path = Path(few_shot_data) if few_shot_data else _data_file(Path(data), "train")
-        pool = load_examples(pool_path, "train")
+        pool = training_pool(pool_path)  # bounded: a seeded sample per template of a large split
         _check_examples(pool, str(pool_path))
     model, tokenizer, is_seq2seq = _load(model_spec, model_cfg)
     settings = TokenizeSettings.from_model_config(model_cfg, is_seq2seq)

@@ -119,9 +119,11 @@ def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[in
         preds.append(pred)
         records.append(_record(i, ex, prompt, pred, correct=pred == ex["completion"],
                                choice_logprobs=dict(zip(ex["choices"], s.logprobs))))
-        known = cfg.choice_end == "eos" and not s.truncated and ex["completion"] in ex["choices"]
-        j = ex["choices"].index(ex["completion"]) if known else -1
-        reference_nll.append((-s.logprobs[j], s.n_tokens[j]) if known else None)
+        if cfg.choice_end == "eos" and not s.truncated and ex["completion"] in ex["choices"]:
+            j = ex["choices"].index(ex["completion"])
+            reference_nll.append((-s.logprobs[j], s.n_tokens[j]))
+        else:
+            reference_nll.append(None)
     return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
                    _class_labels(exs), records, [s.prompt_tokens for s in scores],
                    sum(s.truncated for s in scores), 0, reference_nll=reference_nll)
