@@ -4,6 +4,7 @@ killed (SIGKILL or Ctrl-C) during training that continues from its checkpoint to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -41,9 +42,12 @@ def headline(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "report.json").read_text())["headline"]
 
 
-def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, capsys):
+def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, capsys, caplog):
     config = write_config(tmp_path, tiny_model_dir, "e2e")
+    caplog.set_level(logging.INFO, logger="instructkit")
     assert main(["run", str(config)]) == 0
+    beside = (os.cpu_count() or 1) >= 2 and len(os.sched_getaffinity(0)) >= 2  # train.threads 1
+    assert ("step evaluate-base runs beside the next step" in caplog.text) == beside
     run_dir = tmp_path / "runs" / "e2e"
     for name in ("train.jsonl", "test.jsonl", "stats.json", "metrics.jsonl", "report.json", "report.md",
                  "report.html", "eval/base/eval.json", "eval/base-k1/eval.json", "eval/tuned/predictions.jsonl",
@@ -61,6 +65,22 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
     out = capsys.readouterr().out
     assert "up to date (skipped): prepare, evaluate-base, train, evaluate-tuned, compare" in " ".join(out.split())
     assert (run_dir / "report.json").read_text() == before
+    # `instructkit evaluate` on the run folder scores with the run's own settings (config.json: 128-token
+    # prompts, 8 new tokens for summaries), not the defaults (256, 64): the run's predictions again, for the
+    # tuned model and for the base model (evaluated beside training in a second process, on 2+ cores).
+    for model, name in ((run_dir / "model", "tuned"), (tiny_model_dir, "base")):
+        out = tmp_path / f"standalone-{name}"
+        assert main(["evaluate", "--model", str(model), "--data", str(run_dir), "--out", str(out)]) == 0
+        assert json.loads((out / "eval.json").read_text())["settings"]["max_length"] == 128
+        assert _predictions(out) == _predictions(run_dir / "eval" / name)
+        ours, run = (json.loads((folder / "eval.json").read_text())["templates"]
+                     for folder in (out, run_dir / "eval" / name))
+        assert {t: v["perplexity"] for t, v in ours.items()} == {t: v["perplexity"] for t, v in run.items()}
+
+
+def _predictions(folder: Path) -> list[tuple[int, str]]:
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    return [(row["index"], row["prediction"]) for row in rows]
 
 
 def test_changed_train_settings_start_fresh_and_same_data_keeps_the_base_evaluation(tmp_path, tiny_model_dir,
@@ -145,11 +165,33 @@ def test_bad_inputs_exit_2_naming_the_culprit(tmp_path, capsys):
 
 def test_few_shot_baseline_runs_only_where_the_train_split_has_the_template(caplog):
     from instructkit.config import RunConfig
-    from instructkit.pipeline import _few_shot_ks
+    from instructkit.run_steps import few_shot_ks
 
     config = RunConfig.model_validate({"eval": {"few_shot": [1, 3]}})
     pool = [{"template_id": "shop.rating"}]
-    assert _few_shot_ks(config, [{"template_id": "shop.rating"}, {"template_id": "shop.title"}], pool) == [1, 3]
-    assert _few_shot_ks(config, [{"template_id": "shop.title"}], pool) == []  # only held-out templates
+    assert few_shot_ks(config, [{"template_id": "shop.rating"}, {"template_id": "shop.title"}], pool) == [1, 3]
+    assert few_shot_ks(config, [{"template_id": "shop.title"}], pool) == []  # only held-out templates
     assert "no few-shot baseline" in caplog.text
-    assert _few_shot_ks(config, [{"template_id": "shop.rating"}], []) == []
+    assert few_shot_ks(config, [{"template_id": "shop.rating"}], []) == []
+
+
+@pytest.mark.parametrize(("eval_cfg", "threads", "world", "cores", "expected"), [
+    ({}, 1, 1, 2, True),
+    ({}, 1, 1, 1, False),  # no idle core
+    ({}, 2, 1, 2, False),  # training takes both
+    ({}, None, 1, 8, False),  # unset: torch takes every core
+    ({}, 1, 2, 8, False),  # under a launcher
+    ({"base_beside_training": False}, 1, 1, 8, False),
+])
+def test_base_evaluation_runs_beside_training_only_on_idle_cpu_cores(monkeypatch, eval_cfg, threads, world, cores,
+                                                                     expected):
+    from instructkit.config import RunConfig
+    from instructkit.pipeline import base_beside_training
+
+    monkeypatch.setattr("instructkit.data.store.default_processes", lambda requested: requested or cores)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    config = RunConfig.model_validate({"eval": eval_cfg, "train": {"threads": threads}})
+    assert base_beside_training(config) is expected
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert base_beside_training(config) is False  # the accelerator is training's

@@ -205,27 +205,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from instructkit import pipeline
+    from instructkit import run_steps
 
-    result = pipeline.evaluate_step(args.model, Path(args.data), split=args.split,
+    result = run_steps.evaluate_step(args.model, Path(args.data), split=args.split,
                                     out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
     _console().print(f"wrote {result}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from instructkit import pipeline
+    from instructkit import run_steps
 
-    report = pipeline.compare_step(args.base, args.tuned, Path(args.data), split=args.split,
+    report = run_steps.compare_step(args.base, args.tuned, Path(args.data), split=args.split,
                                    out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
     _console().print(f"report: {report}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from instructkit import pipeline
+    from instructkit import run_steps
 
-    for text in pipeline.generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+    for text in run_steps.generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
                                        chat_template=args.chat):
         print(text)
     return 0

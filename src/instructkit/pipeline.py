@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from instructkit import ranks
+from instructkit.background import BackgroundStep
 from instructkit.config import RunConfig, dump_config
 from instructkit.config_load import load_config
 from instructkit.errors import InstructkitError
-from instructkit.io import read_jsonl, write_json
+from instructkit.io import write_json
 from instructkit.run_folder import (
     Steps,
     clear_run,
@@ -46,6 +46,14 @@ from instructkit.run_folder import (
 )
 from instructkit.run_folder import digest as _digest
 from instructkit.run_folder import file_digest as _file_digest
+from instructkit.run_steps import (
+    evaluate_base,
+    evaluate_into,
+    load_run_model,
+    read_examples,
+    tokenize_settings,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,58 +111,6 @@ def _timed(summary: RunSummary, steps: Steps, name: str, fingerprint: str, fn: C
 
 
 # --------------------------------------------------------------------------------------------------
-# Pieces shared by the commands
-# --------------------------------------------------------------------------------------------------
-
-
-def tokenize_settings(config: RunConfig, is_seq2seq: bool):
-    from instructkit.data.tokenize import TokenizeSettings
-
-    return TokenizeSettings.from_model_config(config.model, is_seq2seq, loss_on=config.train.loss_on)
-
-
-def _load_model(config: RunConfig, name: str | None = None):
-    from instructkit.models.load import load_model, set_threads
-
-    set_threads(config.train.threads)
-    model_cfg = config.model if name is None else config.model.model_copy(update={"name": name})
-    return load_model(model_cfg)
-
-
-def _examples(run_dir: Path, split: str) -> list[dict]:
-    from instructkit.data.build import load_examples
-
-    return load_examples(run_dir, split)
-
-
-def _evaluate_into(loaded, examples: list[dict], config: RunConfig, out_dir: Path, *, k_shot: int = 0,
-                   pool: list[dict] | None = None, label: str) -> None:
-    from instructkit.evaluate.evaluator import evaluate_examples
-
-    settings = tokenize_settings(config, loaded.is_seq2seq)
-    result = evaluate_examples(loaded.model, loaded.tokenizer, examples, settings, is_seq2seq=loaded.is_seq2seq,
-                               cfg=config.eval, few_shot_pool=pool, k_shot=k_shot, seed=config.split.seed)
-    payload = result.to_json()
-    payload["model"] = label
-    write_json(out_dir / "eval.json", payload)
-    from instructkit.io import write_jsonl
-
-    write_jsonl(out_dir / "predictions.jsonl", result.predictions)
-
-
-def _few_shot_ks(config: RunConfig, examples: list[dict], pool: list[dict]) -> list[int]:
-    """The k of `eval.few_shot` to run: none when no evaluated template has an example in the pool (e.g. only
-    held-out templates are evaluated); the evaluator leaves out the templates the pool lacks."""
-    if not config.eval.few_shot or not pool:
-        return []
-    pooled = {d.get("template_id") for d in pool}
-    if not any(ex.get("template_id") in pooled for ex in examples):
-        log.warning("no few-shot baseline: none of the evaluated templates has an example in the train split")
-        return []
-    return list(config.eval.few_shot)
-
-
-# --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
 
@@ -197,7 +153,8 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     prepared = None if steps.done("prepare", prep_fp) or not steps.recorded("prepare") else stash_prepared(run_dir)
     _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir))
     data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
-    eval_fp = _digest({"eval": cfg["eval"], "model": cfg["model"], "data": data_fp})
+    scoring = {k: v for k, v in cfg["eval"].items() if k != "base_beside_training"}  # where, not what
+    eval_fp = _digest({"eval": scoring, "model": cfg["model"], "data": data_fp})
     # Validation ranks choices as evaluation does (early stopping and the best checkpoint depend on it).
     ranking = {k: cfg["eval"][k] for k in ("choice_end", "length_normalized")}
     learned = {k: v for k, v in cfg["train"].items() if k not in NOT_LEARNED}
@@ -205,23 +162,15 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     # Steps that ran here from other settings or data: the earlier run is kept whole beside this folder.
     keep_if_stale(run_dir, steps, {"evaluate-base": eval_fp, "train": train_fp}, old_config, prepared)
 
-    # 2. the base model, zero-shot and k-shot, on the evaluation split.
-    test = _examples(run_dir, config.eval.split)  # evaluate_examples caps it per template (eval.max_examples)
-    train_examples = training_pool(run_dir)
+    # 2. the base model, zero-shot and k-shot, on the evaluation split: beside training when training leaves
+    #    CPU cores idle (a second process), else before it (training then reuses the loaded model).
     base_loaded: list[Any] = []
-
-    def evaluate_base() -> None:
-        loaded = _load_model(config)
-        base_loaded.append(loaded)
-        _evaluate_into(loaded, test, config, run_dir / "eval" / "base", label=f"{config.model.name} (base)")
-        ks = _few_shot_ks(config, test, train_examples)
-        for k in config.eval.few_shot if not ks else []:  # no stale k-shot result from earlier data
-            shutil.rmtree(run_dir / "eval" / f"base-k{k}", ignore_errors=True)
-        for k in ks:
-            _evaluate_into(loaded, test, config, run_dir / "eval" / f"base-k{k}", k_shot=k, pool=train_examples,
-                           label=f"{config.model.name} (base, {k}-shot)")
-
-    _timed(summary, steps, "evaluate-base", eval_fp, evaluate_base)
+    beside = None
+    if not steps.done("evaluate-base", eval_fp) and not steps.done("train", train_fp) \
+            and base_beside_training(config):
+        beside = BackgroundStep("evaluate-base", evaluate_base, (config, run_dir))
+    else:
+        _timed(summary, steps, "evaluate-base", eval_fp, lambda: evaluate_base(config, run_dir, base_loaded))
 
     # 3. train (resumes from the last good checkpoint when interrupted).
     model_dir = run_dir / "model"
@@ -232,20 +181,31 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
         train_step(config, resume=resume, preloaded=base_loaded[0] if base_loaded else None)
         base_loaded.clear()
 
-    if not _timed(summary, steps, "train", train_fp, train):  # evaluate-tuned's fingerprint has its digest
+    try:
+        if beside is not None:
+            beside.start()
+        trained = _timed(summary, steps, "train", train_fp, train)
+        if beside is not None:
+            _finish_beside(summary, steps, beside, eval_fp)
+    finally:
+        if beside is not None:
+            beside.stop()
+    if not trained:  # evaluate-tuned's fingerprint has its digest
         ranks.share((False, False))  # up to date: the other processes have nothing to train
     summary.model_dir = model_dir
+    test = read_examples(run_dir, config.eval.split)
+    train_examples = training_pool(run_dir)
 
     # 4. the tuned model.
     tuned_fp = _digest({"eval": eval_fp, "model": _file_digest(model_dir / "model.safetensors")
                         if (model_dir / "model.safetensors").is_file() else train_fp})
     _timed(summary, steps, "evaluate-tuned", tuned_fp,
-           lambda: _evaluate_into(_load_model(config, str(model_dir)), test, config, run_dir / "eval" / "tuned",
-                                  label=f"{config.model.name} (fine-tuned)"))
+           lambda: evaluate_into(load_run_model(config, str(model_dir)), test, config, run_dir / "eval" / "tuned",
+                                 label=f"{config.model.name} (fine-tuned)"))
 
     # 5. compare, and put the metrics into the model card.
     report_fp = _digest({"tuned": tuned_fp, "base": eval_fp})
-    _timed(summary, steps, "compare", report_fp, lambda: _compare(config, run_dir, train_examples, model_dir))
+    _timed(summary, steps, "compare", report_fp, lambda: write_report(config, run_dir, train_examples, model_dir))
     if config.export.gguf:  # 6. GGUF (and Ollama Modelfile) of the tuned model, when asked
         from instructkit.models.export import export_run_model
 
@@ -261,6 +221,31 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     return summary
 
 
+def base_beside_training(config: RunConfig) -> bool:
+    """Whether evaluate-base runs in a second process beside training (`eval.base_beside_training`): one
+    process (no launcher), no CUDA device, and train.threads set with 2 x train.threads <= the CPU cores this
+    process may use (unset, torch takes every core)."""
+    from instructkit.data.store import default_processes
+
+    threads = config.train.threads
+    if not config.eval.base_beside_training or ranks.world_size() > 1 or threads is None \
+            or 2 * threads > default_processes(None):
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _finish_beside(summary: RunSummary, steps: Steps, beside: BackgroundStep, fingerprint: str) -> None:
+    """Wait for the evaluate-base process (`BackgroundStep.wait`) and record the step as `_timed` does."""
+    try:
+        seconds = beside.wait()
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted("evaluate-base", [*summary.skipped, *summary.timings], exc) from None
+    summary.timings["evaluate-base"] = seconds
+    steps.mark("evaluate-base", fingerprint, seconds)
+
+
 def _input_digests(config: RunConfig) -> dict[str, str]:
     out = {}
     for entry in config.datasets:
@@ -272,28 +257,6 @@ def _input_digests(config: RunConfig) -> dict[str, str]:
                 stat = path.stat()
                 out[str(path)] = f"{stat.st_size}:{stat.st_mtime_ns}"
     return out
-
-
-def _compare(config: RunConfig, run_dir: Path, train_examples: list[dict], model_dir: Path) -> None:
-    from instructkit.evaluate.compare import model_card_rows
-    from instructkit.evaluate.report import build_report
-    from instructkit.models.card import update_model_card_metrics
-
-    def load(name: str) -> tuple[dict, list[dict]]:
-        folder = run_dir / "eval" / name
-        return json.loads((folder / "eval.json").read_text()), read_jsonl(folder / "predictions.jsonl")
-
-    base, base_preds = load("base")
-    tuned, tuned_preds = load("tuned")
-    few_shot = {k: load(f"base-k{k}") for k in config.eval.few_shot if (run_dir / "eval" / f"base-k{k}").is_dir()}
-    metrics_log = run_dir / "metrics.jsonl"
-    build_report(base=base, tuned=tuned, base_predictions=base_preds, tuned_predictions=tuned_preds,
-                 train_examples=train_examples if config.eval.baselines else None, few_shot=few_shot,
-                 metrics_log=metrics_log if metrics_log.is_file() else None, out_dir=run_dir,
-                 title=f"{config.name}: {config.model.name} base vs fine-tuned",
-                 n_resamples=config.eval.bootstrap_resamples, seed=config.split.seed)
-    if (model_dir / "README.md").is_file():
-        update_model_card_metrics(model_dir, model_card_rows(json.loads((run_dir / "report.json").read_text())))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,9 +315,9 @@ def _train_inputs(config: RunConfig, resume: bool, preloaded: Any) -> tuple:
                           keep_started=True)
     if not (run_dir / "train.jsonl").is_file():
         prepare(config, run_dir)
-    loaded = preloaded or _load_model(config)
+    loaded = preloaded or load_run_model(config)
     settings = tokenize_settings(config, loaded.is_seq2seq)
-    val_examples = [ex for ex in _examples(run_dir, "validation") if not ex.get("held_out")]
+    val_examples = [ex for ex in read_examples(run_dir, "validation") if not ex.get("held_out")]
     cache, procs = run_dir / "cache" / "tokenized", default_processes(config.train.tokenize_processes)
     train_ds = tokenize_split(run_dir / "train.jsonl", loaded.tokenizer, settings, cache, procs,
                               show_progress=ranks.is_main())
@@ -364,61 +327,6 @@ def _train_inputs(config: RunConfig, resume: bool, preloaded: Any) -> tuple:
     if ranks.is_main():
         write_json(run_dir / "tokenize_stats.json", train_ds.stats.to_dict())
     return loaded, val_examples, train_ds, val_ds
-
-
-def evaluate_step(model: str, data: Path, split: str = "test", out_dir: Path | None = None,
-                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """`instructkit evaluate`: eval.json + predictions.jsonl for one model."""
-    from instructkit.evaluate.evaluator import evaluate_run
-    from instructkit.models.load import set_threads
-
-    config = load_config(None, list(overrides) + [f"model.name={model}"])
-    set_threads(config.train.threads)
-    out = out_dir or ((data if data.is_dir() else data.parent) / "eval" / Path(model).name)
-    evaluate_run(model, data, split, out, config.eval, config.model, seed=config.split.seed)
-    return out / "eval.json"
-
-
-def _read_eval_data(data: Path, split: str) -> list[dict]:
-    if not data.exists():
-        raise InstructkitError(f"{data}: no such run directory or JSONL file")
-    from instructkit.data.build import load_examples
-
-    return load_examples(data, split)
-
-
-def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir: Path | None = None,
-                 overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """`instructkit compare`: evaluate both models (k-shot too) and write the report."""
-    config = load_config(None, list(overrides))
-    run_dir = out_dir or (data if data.is_dir() else data.parent)
-    examples = _read_eval_data(data, split)
-    from instructkit.data.build import training_pool
-
-    train_examples = training_pool(data) if data.is_dir() and (data / "train.jsonl").is_file() else []
-    from instructkit.models.resolve import resolve_model_config
-
-    for name in (base, tuned):  # a wrong --tuned fails now, not after the base evaluation
-        resolve_model_config(config.model.model_copy(update={"name": name}))
-    loaded = _load_model(config, base)
-    _evaluate_into(loaded, examples, config, run_dir / "eval" / "base", label=f"{base} (base)")
-    for k in _few_shot_ks(config, examples, train_examples):
-        _evaluate_into(loaded, examples, config, run_dir / "eval" / f"base-k{k}", k_shot=k, pool=train_examples,
-                       label=f"{base} (base, {k}-shot)")
-    del loaded
-    _evaluate_into(_load_model(config, tuned), examples, config, run_dir / "eval" / "tuned", label=tuned)
-    _compare(config, run_dir, train_examples, Path(tuned))
-    return run_dir / "report.html"
-
-
-def generate_text(model: str, prompts: list[str], max_new_tokens: int = 64, chat_template: bool = False) -> list[str]:
-    from instructkit.evaluate.generate import generate
-
-    config = load_config(None, [f"model.name={model}", f"model.chat_template={str(chat_template).lower()}"])
-    loaded = _load_model(config)
-    settings = tokenize_settings(config, loaded.is_seq2seq)
-    return generate(loaded.model, loaded.tokenizer, [" ".join(prompts)], settings, is_seq2seq=loaded.is_seq2seq,
-                    max_new_tokens=max_new_tokens)
 
 
 def print_summary(summary: RunSummary, console: Any) -> None:

@@ -27,7 +27,13 @@ logger = logging.getLogger("instructkit.progress")
 PLAIN_EVERY_S = 30.0
 """Seconds between the plain progress lines written when stderr is not a terminal."""
 
-_live: dict[str, Any] = {"display": None, "users": 0}
+_live: dict[str, Any] = {"display": None, "users": 0, "plain": False}
+
+
+def plain_only() -> None:
+    """Every later bar of this process writes plain lines, even on a terminal (a process that shares the
+    terminal with another one's live display: instructkit/background.py)."""
+    _live["plain"] = True
 
 
 def format_seconds(seconds: float) -> str:
@@ -69,7 +75,7 @@ class ProgressBar:
                  every_s: float = PLAIN_EVERY_S, clock: Callable[[], float] = time.monotonic):
         self.label, self.total, self.completed, self.info = label, int(total), int(done), ""
         self.enabled = enabled and total > 0
-        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.tty = (sys.stderr.isatty() and not _live["plain"]) if tty is None else tty
         self.every_s, self.clock = every_s, clock
         self.started = self.last_line = clock()
         self.start_completed = self.lined = self.completed
