@@ -1,9 +1,11 @@
-"""Perplexity of a rank-scored template reuses the reference choice's log-probability.
+"""Perplexity of a template reuses the pass that scored it: the reference choice's log-probability of a
+rank-scored template, and generation's prompt pass (prompt + reference) of a generated one.
 
 The rank pass already scores the reference completion (separator + completion + EOS after the whole
-prompt) when it is one of the choices; evaluation takes its NLL from there instead of a second forward
-pass. It must equal `completion_nll` (the training encoding) example for example, and fall back to it
-where the prompt was cut for a longer choice or the choice is scored without EOS.
+prompt) when it is one of the choices; generation's prompt pass scores it when given it. Evaluation takes
+the NLL from there instead of a second forward pass. It must equal `completion_nll` (the training encoding)
+example for example, and fall back to it where the prompt was cut, the choice is scored without EOS, or
+the model is seq2seq; generated answers stay those of `generate`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import pytest
 
 from instructkit.config import EvalConfig
-from instructkit.data.tokenize import TokenizeSettings
+from instructkit.data.tokenize import TokenizeSettings, encode_batch, encode_for_generation
+from instructkit.evaluate.generate import generate
 from instructkit.evaluate.scoring import completion_nll
-from instructkit.evaluate.template_scoring import _score_by_rank, _score_templates
+from instructkit.evaluate.template_scoring import _score_by_generation, _score_by_rank, _score_templates
 
 RATINGS = ["1", "2", "3", "4", "5"]
 PROMPTS = [
@@ -69,6 +72,81 @@ def test_template_perplexity_unchanged(max_length, tiny_llama, tiny_tokenizer):
     scored = _score_templates(tiny_llama, tiny_tokenizer, exs, list(range(len(exs))), dict(enumerate(PROMPTS)),
                               settings, False, EvalConfig(batch_size=4), None, 0, "rank", True)
     total, tokens, _ = completion_nll(tiny_llama, tiny_tokenizer, PROMPTS, ANSWERS, settings, False)
+    (result,) = scored.values()
+    assert result.nll[1] == tokens
+    assert result.nll[0] == pytest.approx(total, abs=1e-4)
+
+
+TITLES = ["Great coffee", "Hello there", "A fox, again", "Five stars at last"]
+
+
+def _generation_examples() -> list[dict]:
+    return [{"prompt": p, "completion": t, "template_id": "t.title", "task": "summarization", "dataset": "d"}
+            for p, t in zip(PROMPTS, TITLES)]
+
+
+def _generated(model, tokenizer, settings, kind, **cfg):
+    exs = _generation_examples()
+    return _score_by_generation(model, tokenizer, exs, list(range(len(exs))), PROMPTS, settings, kind == "seq2seq",
+                                EvalConfig(batch_size=3, **cfg), 6, 0, classify=False, with_perplexity=True)
+
+
+@pytest.mark.parametrize("kind", ["causal", "chat"])
+def test_generation_reference_nll_equals_completion_nll(kind, tiny_llama, tiny_tokenizer):
+    settings = TokenizeSettings(max_length=64, chat_template=kind == "chat")
+    scored = _generated(tiny_llama, tiny_tokenizer, settings, kind)
+    _, _, want = completion_nll(tiny_llama, tiny_tokenizer, PROMPTS, TITLES, settings, False, batch_size=2)
+    assert all(value is not None for value in scored.reference_nll)
+    assert [value[0] for value in scored.reference_nll] == pytest.approx(want, abs=1e-4)
+    assert [value[1] for value in scored.reference_nll] == [
+        completion_nll(tiny_llama, tiny_tokenizer, [p], [t], settings, False)[1] for p, t in zip(PROMPTS, TITLES)]
+    # generation continues from the scoring pass's cache: the very answers of a plain `generate`
+    assert scored.predictions == generate(tiny_llama, tiny_tokenizer, PROMPTS, settings, is_seq2seq=False,
+                                          max_new_tokens=6, batch_size=3)
+
+
+def test_generation_falls_back_for_cut_prompts_beams_and_seq2seq(tiny_llama, tiny_t5, tiny_tokenizer):
+    settings = TokenizeSettings(max_length=14)
+    cut = _generated(tiny_llama, tiny_tokenizer, settings, "causal")
+    assert cut.truncated >= 2
+    # A prompt is scored on the way only where generation feeds exactly the training encoding's prompt:
+    # whole ("hi"), or cut to the same budget (the reference is as long as the 6 new tokens).
+    fed = encode_for_generation(tiny_tokenizer, PROMPTS, settings, 6)
+    trained = encode_batch(tiny_tokenizer, PROMPTS, TITLES, settings)
+    same = [e is not None and e.input_ids[:e.prompt_length] == f for e, f in zip(trained, fed)]
+    assert same[1] and not all(same)
+    assert [value is not None for value in cut.reference_nll] == same
+    _, _, want = completion_nll(tiny_llama, tiny_tokenizer, PROMPTS, TITLES, settings, False)
+    assert [v[0] for v, s in zip(cut.reference_nll, same) if s] == pytest.approx(
+        [w for w, s in zip(want, same) if s], abs=1e-4)
+    beams = _generated(tiny_llama, tiny_tokenizer, TokenizeSettings(max_length=64), "causal", num_beams=2)
+    assert beams.reference_nll == [None] * len(PROMPTS)
+    seq2seq = _generated(tiny_t5, tiny_tokenizer, TokenizeSettings(max_length=64, seq2seq=True), "seq2seq")
+    assert seq2seq.reference_nll == [None] * len(PROMPTS)
+
+
+def test_a_cache_that_cannot_be_cut_back_only_costs_the_prefill(monkeypatch, tiny_llama, tiny_tokenizer):
+    from transformers.cache_utils import DynamicCache
+
+    def refuse(self, tokens):
+        raise RuntimeError("sliding window full")
+
+    monkeypatch.setattr(DynamicCache, "crop", refuse)
+    settings = TokenizeSettings(max_length=64)
+    scored = _generated(tiny_llama, tiny_tokenizer, settings, "causal")
+    _, _, want = completion_nll(tiny_llama, tiny_tokenizer, PROMPTS, TITLES, settings, False)
+    assert [value[0] for value in scored.reference_nll] == pytest.approx(want, abs=1e-4)
+    assert scored.predictions == generate(tiny_llama, tiny_tokenizer, PROMPTS, settings, is_seq2seq=False,
+                                          max_new_tokens=6, batch_size=3)
+
+
+@pytest.mark.parametrize(("kind", "max_length"), [("causal", 14), ("causal", 64), ("seq2seq", 64)])
+def test_generated_template_perplexity_unchanged(kind, max_length, tiny_llama, tiny_t5, tiny_tokenizer):
+    settings = TokenizeSettings(max_length=max_length, seq2seq=kind == "seq2seq")
+    model, exs = _model(kind, tiny_llama, tiny_t5), _generation_examples()
+    scored = _score_templates(model, tiny_tokenizer, exs, list(range(len(exs))), dict(enumerate(PROMPTS)),
+                              settings, kind == "seq2seq", EvalConfig(batch_size=4), None, 0, "rank", True)
+    total, tokens, _ = completion_nll(model, tiny_tokenizer, PROMPTS, TITLES, settings, kind == "seq2seq")
     (result,) = scored.values()
     assert result.nll[1] == tokens
     assert result.nll[0] == pytest.approx(total, abs=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,11 +23,14 @@ from instructkit.evaluate.model_inputs import (
     model_device,
     right_pad,
     settings_for_model,
+    token_logprobs,
     tokenizer_pad_id,
 )
 
 __all__ = [
+    "Reference",
     "generate",
+    "generate_scoring",
     "map_to_choice",
 ]
 
@@ -77,6 +81,15 @@ def _cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A reference answer to score while generating: its token ids after the prompt as training encodes
+    them (`encode_batch`: completion + EOS, or the assistant turn) and which of them are labels."""
+
+    ids: list[int]
+    labelled: list[bool]
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -101,6 +114,38 @@ def generate(
 
     Raises: ValueError when the tokenizer has no EOS token, or neither a pad nor an EOS token.
     """
+    return generate_scoring(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,
+                            do_sample=do_sample, seed=seed, progress=progress)[0]
+
+
+def generate_scoring(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    settings: TokenizeSettings,
+    *,
+    is_seq2seq: bool,
+    max_new_tokens: int,
+    references: Sequence[Reference | None] | None = None,
+    batch_size: int = 16,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[str], list[tuple[float, int] | None]]:
+    """`generate`, and the summed NLL (nats) and label count of each given reference answer.
+
+    A causal model's prompt is encoded once for both: one forward pass over prompt + reference gives the
+    reference's log-probabilities (the logits of its positions only) and the prompt's key/value cache,
+    which generation then continues from (cut back to the prompt, less its last token, which generation
+    feeds again). That pass replaces the second forward over every prompt that scoring the references
+    separately (`scoring.completion_nll`) costs. The caller passes a reference only where generation's
+    prompt ids equal the training encoding's prompt (nothing cut). None where no reference was given, and
+    for every example with seq2seq models, beam search, or a cache that cannot be cut back (a sliding
+    window already full): the caller scores those separately. Answers are those of `generate` (equal
+    within float32 summation order: the prompt's keys and values come from a longer pass).
+    """
     settings = settings_for_model(settings, is_seq2seq)
     prompt_ids = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
     stops = _with_model_stops(stop_token_ids(tokenizer, settings), model)
@@ -109,22 +154,64 @@ def generate(
                                 do_sample=do_sample, stops=stops, pad_id=pad_id)
     device = model_device(model)
     answers = [""] * len(prompt_ids)
+    scored: list[tuple[float, int] | None] = [None] * len(prompt_ids)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in index_chunks(longest_first([len(p) for p in prompt_ids]), batch_size):
             rows = [prompt_ids[i] for i in batch]
             if is_seq2seq:
                 ids, mask = right_pad(rows, pad_id, device)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             else:
                 ids, mask, _ = left_pad(rows, pad_id, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                refs = [references[i] if references else None for i in batch]
+                cache = None
+                if num_beams == 1 and any(refs):
+                    cache, nll = _score_references(model, ids, mask, refs, pad_id)
+                    for i, value in zip(batch, nll):
+                        scored[i] = value
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, cache=cache)
             # Causal output = the (padded) prompt then the new tokens; seq2seq output = decoder start + new.
             new = out[:, ids.shape[1]:] if not is_seq2seq else out[:, 1:]
             for i, tokens in zip(batch, new.tolist()):
                 answers[i] = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True).strip()
             if progress is not None:  # a progress display: n prompts done
                 progress(len(batch))
-    return answers
+    return answers, scored
+
+
+def _score_references(model: Any, ids: torch.Tensor, mask: torch.Tensor, refs: list[Reference | None],
+                      pad_id: int) -> tuple[Any, list[tuple[float, int] | None]]:
+    """One forward over [left-padded prompts | references, right-padded]: (the key/value cache cut back to
+    the prompts less their last token, or None when it cannot be cut; per row (NLL, labels) or None).
+
+    ids, mask: [B, P]. The logits kept are those of columns P-1 .. P+R-2, which predict the R reference
+    columns; positions count real tokens, as `left_pad` gives them."""
+    width = max(len(r.ids) if r else 0 for r in refs)
+    tail = torch.full((len(refs), width), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros((len(refs), width), dtype=torch.long)
+    labelled = torch.zeros((len(refs), width), dtype=torch.bool)
+    for row, ref in enumerate(refs):
+        if ref:
+            tail[row, :len(ref.ids)] = torch.tensor(ref.ids, dtype=torch.long)
+            tail_mask[row, :len(ref.ids)] = 1
+            labelled[row, :len(ref.ids)] = torch.tensor(ref.labelled, dtype=torch.bool)
+    full_mask = torch.cat([mask, tail_mask.to(mask.device)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt_width = ids.shape[1]
+    predicting = torch.arange(prompt_width - 1, prompt_width + width - 1, device=ids.device)
+    out = model(input_ids=torch.cat([ids, tail.to(ids.device)], dim=1), attention_mask=full_mask,
+                position_ids=positions, use_cache=True, logits_to_keep=predicting)
+    valid = labelled.to(ids.device)
+    token_lp = token_logprobs(out.logits, tail.to(ids.device)) * valid
+    nll = [(-float(total), int(count)) if ref else None
+           for ref, total, count in zip(refs, token_lp.sum(-1).tolist(), valid.sum(-1).tolist())]
+    cache = out.cache
+    try:
+        cache.crop(-(width + 1))  # keep the prompts less their last column: generation feeds it again
+    except (AttributeError, RuntimeError, ValueError):  # a full sliding window cannot be cut back
+        cache = None
+    return cache, nll
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ A rank-scored example whose reference is one of its choices, scored with the end
 its whole prompt (not cut), already has it: the reference choice's summed log-probability is the same
 tokens (prompt, separator + completion + EOS) as the training encoding, so its NLL is reused and only
 the other examples go through `completion_nll` (a second forward pass over the whole template otherwise;
-equal within float32 summation order, tested).
+equal within float32 summation order, tested). Likewise a generated example whose prompt is fed whole
+(causal model, no beam search): generation's prompt pass also scores the reference
+(`generate.generate_scoring`), so `completion_nll` runs only for the prompts that were cut.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from instructkit.config import EvalConfig
-from instructkit.data.tokenize import TokenizeSettings, encode_for_generation, encode_prompts
+from instructkit.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizeSettings,
+    encode_batch,
+    encode_for_generation,
+    encode_prompts,
+)
 from instructkit.errors import DataError
-from instructkit.evaluate.generate import generate, map_to_choice
+from instructkit.evaluate.generate import Reference, generate_scoring, map_to_choice
 from instructkit.evaluate.groups import dataset_of, group_keys
 from instructkit.evaluate.scoring import completion_nll, rank_choices
 from instructkit.progress import ProgressBar
@@ -129,13 +137,32 @@ def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[in
                    sum(s.truncated for s in scores), 0, reference_nll=reference_nll)
 
 
+def _references(tokenizer: Any, exs: list[dict], prompts: list[str], fed: list[list[int]],
+                settings: TokenizeSettings) -> list[Reference | None]:
+    """The reference answers generation can score on the way (`generate_scoring`): the training encoding's
+    answer where its prompt is exactly the prompt generation feeds (nothing cut), else None."""
+    encoded = encode_batch(tokenizer, prompts, [ex["completion"] for ex in exs], settings)
+    out: list[Reference | None] = []
+    for enc, ids in zip(encoded, fed):
+        reusable = enc is not None and enc.input_ids[:enc.prompt_length] == ids \
+            and all(x == IGNORE_INDEX for x in enc.labels[:enc.prompt_length])
+        out.append(Reference(enc.input_ids[enc.prompt_length:], [x != IGNORE_INDEX for x in
+                                                                 enc.labels[enc.prompt_length:]])
+                   if reusable else None)
+    return out
+
+
 def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
                          settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig, max_new_tokens: int,
-                         seed: int, classify: bool, progress: Callable[[int], None] | None = None) -> _Scored:
-    texts = generate(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
-                     max_new_tokens=max_new_tokens, batch_size=cfg.batch_size, num_beams=cfg.num_beams,
-                     do_sample=cfg.do_sample, seed=seed, progress=progress)
+                         seed: int, classify: bool, progress: Callable[[int], None] | None = None,
+                         with_perplexity: bool = False) -> _Scored:
     fed = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
+    references = _references(tokenizer, exs, prompts, fed, settings) \
+        if with_perplexity and not is_seq2seq and cfg.num_beams == 1 else None
+    texts, reference_nll = generate_scoring(
+        model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq, max_new_tokens=max_new_tokens,
+        references=references, batch_size=cfg.batch_size, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
+        seed=seed, progress=progress)
     full = encode_prompts(tokenizer, prompts, settings)
     preds, records, unparseable = [], [], 0
     for i, ex, prompt, text in zip(indices, exs, prompts, texts):
@@ -150,7 +177,7 @@ def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: l
             records.append(_record(i, ex, prompt, text))
     return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
                    _class_labels(exs) if classify else None, records, [len(x) for x in fed],
-                   sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable)
+                   sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable, reference_nll=reference_nll)
 
 
 def _reference_nll(model: Any, tokenizer: Any, exs: list[dict], prompts: list[str],
@@ -200,7 +227,7 @@ def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chose
             else:
                 result = _score_by_generation(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg,
                                               _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
-                                              classify=has_choices, progress=tick)
+                                              classify=has_choices, progress=tick, with_perplexity=with_perplexity)
             if with_perplexity:
                 result.nll = _reference_nll(model, tokenizer, exs, texts, result.reference_nll, settings,
                                             is_seq2seq, cfg.batch_size)
