@@ -43,6 +43,25 @@ def test_any_other_failure_comes_back_with_the_childs_traceback():
     assert "ZeroDivisionError" in str(info.value)
 
 
+def test_finished_tells_without_waiting(tmp_path):
+    log_file = tmp_path / "logs" / "nap.log"
+    step = BackgroundStep("nap", time.sleep, (0.2,), log_file=log_file)
+    step.start()
+    assert step.finished() is None  # still asleep
+    deadline = time.monotonic() + 60
+    while step.finished() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert step.finished() is not None
+    assert step.wait() == step.finished()
+    step.stop()
+    failing = BackgroundStep("load", load_config, (str(tmp_path / "missing.yaml"),), log_file=log_file)
+    failing.start()
+    with pytest.raises(ConfigError):
+        failing.wait()
+    assert failing.finished() is None  # finished, but not well
+    assert "step load failed" in log_file.read_text()  # the child's own log says it at once
+
+
 def test_stop_ends_a_running_child():
     step = BackgroundStep("long nap", time.sleep, (60,))
     step.start()

@@ -3,6 +3,7 @@ killed (SIGKILL or Ctrl-C) during training that continues from its checkpoint to
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -175,23 +176,47 @@ def test_few_shot_baseline_runs_only_where_the_train_split_has_the_template(capl
     assert few_shot_ks(config, [{"template_id": "shop.rating"}], []) == []
 
 
-@pytest.mark.parametrize(("eval_cfg", "threads", "world", "cores", "expected"), [
-    ({}, 1, 1, 2, True),
-    ({}, 1, 1, 1, False),  # no idle core
-    ({}, 2, 1, 2, False),  # training takes both
-    ({}, None, 1, 8, False),  # unset: torch takes every core
-    ({}, 1, 2, 8, False),  # under a launcher
-    ({"base_beside_training": False}, 1, 1, 8, False),
+@pytest.mark.parametrize(("eval_cfg", "threads", "world", "cores", "memory_gb", "expected"), [
+    ({}, 1, 1, 2, 24, True),
+    ({}, 1, 1, 1, 24, False),  # no idle core
+    ({}, 2, 1, 2, 24, False),  # training takes both
+    ({}, None, 1, 8, 24, False),  # unset: torch takes every core
+    ({}, 1, 2, 8, 24, False),  # under a launcher
+    ({"base_beside_training": False}, 1, 1, 8, 24, False),
+    ({}, 1, 1, 2, 7, False),  # 4 GB of training + 2 x 1 GB of weights + 0.5 GB > 80% of 7 GB
 ])
-def test_base_evaluation_runs_beside_training_only_on_idle_cpu_cores(monkeypatch, eval_cfg, threads, world, cores,
-                                                                     expected):
+def test_base_evaluation_runs_beside_training_only_on_idle_cpu_cores(monkeypatch, tmp_path, eval_cfg, threads, world,
+                                                                     cores, memory_gb, expected):
+    from types import SimpleNamespace
+
     from instructkit.config import RunConfig
     from instructkit.pipeline import base_beside_training
 
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("instructkit.data.store.default_processes", lambda requested: requested or cores)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    memory_plan = importlib.import_module("instructkit.train.memory_plan")
+    monkeypatch.setattr(memory_plan, "system_memory_bytes", lambda: memory_gb * 10**9)
+    estimate = SimpleNamespace(total=4 * 10**9, weights=10**9, overhead=5 * 10**8)
+    monkeypatch.setattr(memory_plan, "estimate_for_run", lambda config: estimate)
     config = RunConfig.model_validate({"eval": eval_cfg, "train": {"threads": threads}})
     assert base_beside_training(config) is expected
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     assert base_beside_training(config) is False  # the accelerator is training's
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (config.run_dir / "checkpoints").mkdir(parents=True)
+    assert base_beside_training(config) is False  # an earlier training's outputs are moved aside first
+
+
+def test_evaluate_after_prepare_and_train_uses_the_recorded_config(tmp_path):
+    """Without `instructkit run` (no config.json), `evaluate`/`compare` read the config prepare recorded."""
+    from instructkit.run_steps import data_config
+
+    config = write_config(tmp_path, tmp_path / "no-model-needed", "steps")
+    assert main(["prepare", str(config), "eval.split=validation"]) == 0
+    run_dir = tmp_path / "runs" / "steps"
+    assert not (run_dir / "config.json").exists()
+    recorded = data_config(run_dir, ["eval.batch_size=3"])
+    assert (recorded.model.max_length, recorded.eval.split, recorded.eval.batch_size) == (128, "validation", 3)
+    assert data_config(run_dir / "test.jsonl", []).model.max_length == 256  # a JSONL file: the defaults

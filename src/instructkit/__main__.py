@@ -4,5 +4,5 @@ import sys
 
 from instructkit.cli import main
 
-if __name__ == "__main__":  # not when a spawned child process imports it
+if __name__ == "__main__":
     sys.exit(main())

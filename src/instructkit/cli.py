@@ -208,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from instructkit import run_steps
 
     result = run_steps.evaluate_step(args.model, Path(args.data), split=args.split,
-                                    out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
+                                     out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
     _console().print(f"wrote {result}")
     return 0
 
@@ -217,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from instructkit import run_steps
 
     report = run_steps.compare_step(args.base, args.tuned, Path(args.data), split=args.split,
-                                   out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
+                                    out_dir=Path(args.out) if args.out else None, overrides=args.set or [])
     _console().print(f"report: {report}")
     return 0
 
@@ -226,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from instructkit import run_steps
 
     for text in run_steps.generate_text(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
-                                       chat_template=args.chat):
+                                        chat_template=args.chat):
         print(text)
     return 0
 
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate a model on prepared data")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--data", required=True, help="run directory or JSONL file")
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--split", help="default: the run's eval.split (test)")
     evaluate.add_argument("--out", help="output folder (default: beside the data)")
     evaluate.add_argument("--set", nargs="*", help="config overrides, e.g. eval.max_examples=100")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--base", required=True)
     compare.add_argument("--tuned", required=True)
     compare.add_argument("--data", required=True, help="run directory or JSONL file")
-    compare.add_argument("--split", default="test")
+    compare.add_argument("--split", help="default: the run's eval.split (test)")
     compare.add_argument("--out", help="output folder (default: the run directory)")
     compare.add_argument("--set", nargs="*", help="config overrides")
     compare.set_defaults(func=cmd_compare)

@@ -385,7 +385,7 @@ class EvalConfig(Section):
         True, description="Put trivial and classical baselines (majority class, TF-IDF + logistic "
         "regression, lead sentence, ...) beside the models in the report.")
     base_beside_training: bool = Field(True, description="`instructkit run`: evaluate the base model in a "
-        "second process during training when training leaves CPU cores idle (no GPU, train.threads x 2 <= cores).")
+        "second process during training when it leaves CPU cores and memory idle (no GPU, train.threads set, x 2 <= cores).")
 
 
 class ExportConfig(Section):

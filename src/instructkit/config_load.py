@@ -10,6 +10,7 @@ holds that setting (`OTHER_TOOL_NAMES`).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -228,6 +229,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of sections (name, datasets, train, ...)")
         _resolve_paths(data, Path(os.path.abspath(path)).parent)
+    return config_from_data(data, overrides, source)
+
+
+def config_from_data(data: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> RunConfig:
+    """`load_config` for a mapping already read (e.g. the config a run recorded), named `source` in errors;
+    its relative paths are read from the current directory. Raises ConfigError as `load_config`."""
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value, text)

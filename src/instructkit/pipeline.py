@@ -164,13 +164,17 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
     # 2. the base model, zero-shot and k-shot, on the evaluation split: beside training when training leaves
     #    CPU cores idle (a second process), else before it (training then reuses the loaded model).
+    test = read_examples(run_dir, config.eval.split)  # evaluate_examples caps it per template (eval.max_examples)
+    train_examples = training_pool(run_dir)
     base_loaded: list[Any] = []
     beside = None
     if not steps.done("evaluate-base", eval_fp) and not steps.done("train", train_fp) \
             and base_beside_training(config):
-        beside = BackgroundStep("evaluate-base", evaluate_base, (config, run_dir))
+        beside = BackgroundStep("evaluate-base", evaluate_base, (config, run_dir),
+                                log_file=run_dir / "eval" / "base.log")
     else:
-        _timed(summary, steps, "evaluate-base", eval_fp, lambda: evaluate_base(config, run_dir, base_loaded))
+        _timed(summary, steps, "evaluate-base", eval_fp,
+               lambda: evaluate_base(config, run_dir, base_loaded, test, train_examples))
 
     # 3. train (resumes from the last good checkpoint when interrupted).
     model_dir = run_dir / "model"
@@ -187,14 +191,16 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
         trained = _timed(summary, steps, "train", train_fp, train)
         if beside is not None:
             _finish_beside(summary, steps, beside, eval_fp)
+    except BaseException:
+        if beside is not None and (seconds := beside.finished()) is not None:  # done before training stopped
+            steps.mark("evaluate-base", eval_fp, seconds)
+        raise
     finally:
         if beside is not None:
             beside.stop()
     if not trained:  # evaluate-tuned's fingerprint has its digest
         ranks.share((False, False))  # up to date: the other processes have nothing to train
     summary.model_dir = model_dir
-    test = read_examples(run_dir, config.eval.split)
-    train_examples = training_pool(run_dir)
 
     # 4. the tuned model.
     tuned_fp = _digest({"eval": eval_fp, "model": _file_digest(model_dir / "model.safetensors")
@@ -223,17 +229,28 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
 def base_beside_training(config: RunConfig) -> bool:
     """Whether evaluate-base runs in a second process beside training (`eval.base_beside_training`): one
-    process (no launcher), no CUDA device, and train.threads set with 2 x train.threads <= the CPU cores this
-    process may use (unset, torch takes every core)."""
+    process (no launcher), no CUDA device, train.threads set with 2 x train.threads <= the CPU cores this
+    process may use (unset, torch takes every core), no earlier training outputs to keep aside first
+    (`_train_inputs` moves them, eval/base with them), and room for a second model: training's estimated
+    peak (`estimate-memory`) + 2 x the weights + the framework's overhead <= 80% of this machine's memory."""
     from instructkit.data.store import default_processes
+    from instructkit.train.memory_plan import estimate_for_run, system_memory_bytes
 
     threads = config.train.threads
     if not config.eval.base_beside_training or ranks.world_size() > 1 or threads is None \
-            or 2 * threads > default_processes(None):
+            or 2 * threads > default_processes(None) \
+            or outputs(config.run_dir, ["train", "evaluate-tuned", "compare"], records=False):
         return False
     import torch
 
-    return not torch.cuda.is_available()
+    memory = system_memory_bytes()
+    if torch.cuda.is_available() or memory is None:
+        return False
+    try:
+        estimate = estimate_for_run(config)
+    except InstructkitError:  # the model does not resolve: evaluating in turn says why
+        return False
+    return estimate.total + 2 * estimate.weights + estimate.overhead <= 0.8 * memory
 
 
 def _finish_beside(summary: RunSummary, steps: Steps, beside: BackgroundStep, fingerprint: str) -> None:

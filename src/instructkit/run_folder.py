@@ -33,7 +33,7 @@ STEPS = ("prepare", "evaluate-base", "train", "evaluate-tuned", "compare")
 
 STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
     "prepare": ("train.jsonl", "validation.jsonl", "test.jsonl", "stats.json"),
-    "evaluate-base": ("eval/base", "eval/base-k*"),
+    "evaluate-base": ("eval/base", "eval/base-k*", "eval/base.log"),
     "train": ("checkpoints", "metrics.jsonl", "tensorboard", "train_result.json", "tokenize_stats.json", "model"),
     "evaluate-tuned": ("eval/tuned",),
     "compare": ("report.json", "report.md", "report.html", "summary.json"),

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from instructkit.config import RunConfig
-from instructkit.config_load import load_config
+from instructkit.config_load import config_from_data, load_config
 from instructkit.errors import InstructkitError
 from instructkit.io import read_jsonl, write_json
 
@@ -66,7 +66,6 @@ def few_shot_ks(config: RunConfig, examples: list[dict], pool: list[dict]) -> li
     return list(config.eval.few_shot)
 
 
-
 def write_report(config: RunConfig, run_dir: Path, train_examples: list[dict], model_dir: Path) -> None:
     from instructkit.evaluate.compare import model_card_rows
     from instructkit.evaluate.report import build_report
@@ -89,25 +88,29 @@ def write_report(config: RunConfig, run_dir: Path, train_examples: list[dict], m
         update_model_card_metrics(model_dir, model_card_rows(json.loads((run_dir / "report.json").read_text())))
 
 
-
-def evaluate_step(model: str, data: Path, split: str = "test", out_dir: Path | None = None,
+def evaluate_step(model: str, data: Path, split: str | None = None, out_dir: Path | None = None,
                   overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """`instructkit evaluate`: eval.json + predictions.jsonl for one model."""
+    """`instructkit evaluate`: eval.json + predictions.jsonl for one model (`split` None: eval.split)."""
     from instructkit.evaluate.evaluator import evaluate_run
     from instructkit.models.load import set_threads
 
     config = data_config(data, [*overrides, f"model.name={model}"])
     set_threads(config.train.threads)
     out = out_dir or ((data if data.is_dir() else data.parent) / "eval" / Path(model).name)
-    evaluate_run(model, data, split, out, config.eval, config.model, seed=config.split.seed)
+    evaluate_run(model, data, split or config.eval.split, out, config.eval, config.model, seed=config.split.seed)
     return out / "eval.json"
 
 
 def data_config(data: Path, overrides: list[str] | tuple[str, ...]) -> RunConfig:
-    """The settings to evaluate `data` with: a run folder's own (its config.json: the prompt length, chat
-    template and evaluation settings the model was trained and scored with), else the defaults; `overrides`
-    on top. Raises ConfigError naming config.json when it no longer validates."""
-    saved = data / "config.json"
+    """The settings to evaluate `data` with, `overrides` on top: a run folder's own (the prompt length, chat
+    template and evaluation settings its model was trained and scored with) from its config.json
+    (`instructkit run`), else the config `instructkit prepare` recorded in its stats.json; the defaults for
+    a JSONL file. Raises ConfigError naming the file when the saved config no longer validates."""
+    saved, stats = data / "config.json", data / "stats.json"
+    if data.is_dir() and not saved.is_file() and stats.is_file():
+        recorded = json.loads(stats.read_text()).get("config")
+        if isinstance(recorded, dict):
+            return config_from_data(recorded, list(overrides), source=f"{stats} (its config)")
     return load_config(saved if data.is_dir() and saved.is_file() else None, list(overrides))
 
 
@@ -119,12 +122,13 @@ def read_eval_data(data: Path, split: str) -> list[dict]:
     return load_examples(data, split)
 
 
-def compare_step(base: str, tuned: str, data: Path, split: str = "test", out_dir: Path | None = None,
+def compare_step(base: str, tuned: str, data: Path, split: str | None = None, out_dir: Path | None = None,
                  overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """`instructkit compare`: evaluate both models (k-shot too) and write the report."""
+    """`instructkit compare`: evaluate both models (k-shot too) and write the report (`split` None:
+    eval.split)."""
     config = data_config(data, overrides)
     run_dir = out_dir or (data if data.is_dir() else data.parent)
-    examples = read_eval_data(data, split)
+    examples = read_eval_data(data, split or config.eval.split)
     from instructkit.data.build import training_pool
 
     train_examples = training_pool(data) if data.is_dir() and (data / "train.jsonl").is_file() else []
@@ -153,14 +157,16 @@ def generate_text(model: str, prompts: list[str], max_new_tokens: int = 64, chat
                     max_new_tokens=max_new_tokens)
 
 
-def evaluate_base(config: RunConfig, run_dir: Path, keep: list | None = None) -> None:
+def evaluate_base(config: RunConfig, run_dir: Path, keep: list | None = None, test: list[dict] | None = None,
+                  pool: list[dict] | None = None) -> None:
     """The run's evaluate-base step: the base model zero-shot (eval/base/) and k-shot (eval/base-k<k>/) on
-    the evaluation split, the few-shot pool read from the train split; an earlier k-shot result that no
-    longer applies is removed. `keep`: when given, the loaded model is appended (training reuses it)."""
+    the evaluation split (`test`, read from `run_dir` when not given), the few-shot pool from the train split
+    (`pool`, likewise); an earlier k-shot result that no longer applies is removed. `keep`: when given, the
+    loaded model is appended (training reuses it)."""
     from instructkit.data.build import training_pool
 
-    test = read_examples(run_dir, config.eval.split)  # evaluate_examples caps it per template
-    pool = training_pool(run_dir)
+    test = read_examples(run_dir, config.eval.split) if test is None else test  # capped per template later
+    pool = training_pool(run_dir) if pool is None else pool
     loaded = load_run_model(config)
     if keep is not None:
         keep.append(loaded)
