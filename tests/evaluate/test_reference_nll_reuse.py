@@ -150,3 +150,22 @@ def test_generated_template_perplexity_unchanged(kind, max_length, tiny_llama, t
     (result,) = scored.values()
     assert result.nll[1] == tokens
     assert result.nll[0] == pytest.approx(total, abs=1e-4)
+
+
+@pytest.mark.parametrize("setting", [{"cache_implementation": "static"}, {"use_cache": False}])
+def test_a_generation_config_with_its_own_cache_gets_no_reused_one(setting, tiny_llama, tiny_tokenizer):
+    """transformers refuses a cache beside `cache_implementation`, and `use_cache: false` would feed the
+    whole sequence on top of it: the prompt is encoded again, the NLL still comes from the scoring pass."""
+    saved = {k: getattr(tiny_llama.generation_config, k) for k in setting}
+    try:
+        for key, value in setting.items():
+            setattr(tiny_llama.generation_config, key, value)
+        settings = TokenizeSettings(max_length=64)
+        scored = _generated(tiny_llama, tiny_tokenizer, settings, "causal")
+        _, _, want = completion_nll(tiny_llama, tiny_tokenizer, PROMPTS, TITLES, settings, False)
+        assert [value[0] for value in scored.reference_nll] == pytest.approx(want, abs=1e-4)
+        assert scored.predictions == generate(tiny_llama, tiny_tokenizer, PROMPTS, settings, is_seq2seq=False,
+                                              max_new_tokens=6, batch_size=3)
+    finally:
+        for key, value in saved.items():
+            setattr(tiny_llama.generation_config, key, value)

@@ -142,9 +142,11 @@ def generate_scoring(
     feeds again). That pass replaces the second forward over every prompt that scoring the references
     separately (`scoring.completion_nll`) costs. The caller passes a reference only where generation's
     prompt ids equal the training encoding's prompt (nothing cut). None where no reference was given, and
-    for every example with seq2seq models, beam search, or a cache that cannot be cut back (a sliding
-    window already full): the caller scores those separately. Answers are those of `generate` (equal
-    within float32 summation order: the prompt's keys and values come from a longer pass).
+    for every example with seq2seq models or beam search: the caller scores those separately. Where the
+    cache cannot be cut back (a sliding window already full, no cache returned) or the model's generation
+    config asks for its own cache implementation or for none, generation encodes the prompt again (the
+    NLL still counts). Answers are those of `generate` within float32 summation order (the prompt's keys
+    and values come from a wider pass: a near-tie in greedy decoding could go the other way).
     """
     settings = settings_for_model(settings, is_seq2seq)
     prompt_ids = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
@@ -168,6 +170,8 @@ def generate_scoring(
                 cache = None
                 if num_beams == 1 and any(refs):
                     cache, nll = _score_references(model, ids, mask, refs, pad_id)
+                    if config.cache_implementation is not None or config.use_cache is False:
+                        cache = None  # the model's config asks for its own cache, or for none
                     for i, value in zip(batch, nll):
                         scored[i] = value
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, cache=cache)
@@ -206,10 +210,10 @@ def _score_references(model: Any, ids: torch.Tensor, mask: torch.Tensor, refs: l
     token_lp = token_logprobs(out.logits, tail.to(ids.device)) * valid
     nll = [(-float(total), int(count)) if ref else None
            for ref, total, count in zip(refs, token_lp.sum(-1).tolist(), valid.sum(-1).tolist())]
-    cache = out.cache
+    cache = getattr(out, "cache", None)
     try:
         cache.crop(-(width + 1))  # keep the prompts less their last column: generation feeds it again
-    except (AttributeError, RuntimeError, ValueError):  # a full sliding window cannot be cut back
+    except (AttributeError, RuntimeError, ValueError):  # no cache, or a full sliding window: not cut back
         cache = None
     return cache, nll
 
