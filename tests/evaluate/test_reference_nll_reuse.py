@@ -132,12 +132,7 @@ def test_a_cache_that_cannot_be_cut_back_only_costs_the_prefill(monkeypatch, tin
         raise RuntimeError("sliding window full")
 
     monkeypatch.setattr(DynamicCache, "crop", refuse)
-    settings = TokenizeSettings(max_length=64)
-    scored = _generated(tiny_llama, tiny_tokenizer, settings, "causal")
-    _, _, want = completion_nll(tiny_llama, tiny_tokenizer, PROMPTS, TITLES, settings, False)
-    assert [value[0] for value in scored.reference_nll] == pytest.approx(want, abs=1e-4)
-    assert scored.predictions == generate(tiny_llama, tiny_tokenizer, PROMPTS, settings, is_seq2seq=False,
-                                          max_new_tokens=6, batch_size=3)
+    _assert_nll_and_answers_as_without_reuse(tiny_llama, tiny_tokenizer)
 
 
 @pytest.mark.parametrize(("kind", "max_length"), [("causal", 14), ("causal", 64), ("seq2seq", 64)])
@@ -160,12 +155,16 @@ def test_a_generation_config_with_its_own_cache_gets_no_reused_one(setting, tiny
     try:
         for key, value in setting.items():
             setattr(tiny_llama.generation_config, key, value)
-        settings = TokenizeSettings(max_length=64)
-        scored = _generated(tiny_llama, tiny_tokenizer, settings, "causal")
-        _, _, want = completion_nll(tiny_llama, tiny_tokenizer, PROMPTS, TITLES, settings, False)
-        assert [value[0] for value in scored.reference_nll] == pytest.approx(want, abs=1e-4)
-        assert scored.predictions == generate(tiny_llama, tiny_tokenizer, PROMPTS, settings, is_seq2seq=False,
-                                              max_new_tokens=6, batch_size=3)
+        _assert_nll_and_answers_as_without_reuse(tiny_llama, tiny_tokenizer)
     finally:
         for key, value in saved.items():
             setattr(tiny_llama.generation_config, key, value)
+
+
+def _assert_nll_and_answers_as_without_reuse(model, tokenizer) -> None:
+    settings = TokenizeSettings(max_length=64)
+    scored = _generated(model, tokenizer, settings, "causal")
+    _, _, want = completion_nll(model, tokenizer, PROMPTS, TITLES, settings, False)
+    assert [value[0] for value in scored.reference_nll] == pytest.approx(want, abs=1e-4)
+    assert scored.predictions == generate(model, tokenizer, PROMPTS, settings, is_seq2seq=False,
+                                          max_new_tokens=6, batch_size=3)
