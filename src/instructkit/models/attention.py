@@ -6,7 +6,9 @@ whole row: width^2 work however short the examples, and on CPU a masked kernel. 
 of positions from 0) gets its own causal `scaled_dot_product_attention` call without a mask: the work is
 sum_i T_i^2, as with FlashAttention's varlen kernels. Measured at 1 thread on the SmolLM2-135M attention
 shape (9 heads, 3 key/value heads, head dim 64), a 1,024-token row of 8 examples of 128: 0.38 s masked,
-0.12 s per example (forward + backward).
+0.12 s per example (forward + backward). Each row is unbound and split into its examples (not sliced): the
+backward is then one stack / cat instead of a zero-filled batch-sized tensor per example and layer; on
+3 rows x 150 tokens of 50-token examples, 30 layers, 1 thread: 0.307 -> 0.228 s, gradients bitwise equal.
 
 It is registered with transformers' public `AttentionInterface` / `AttentionMaskInterface` under the name
 "sdpa_varlen" (model.attn_implementation; 'auto' picks it on CPU for the architectures in
@@ -64,12 +66,15 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     gqa = query.shape[1] != key.shape[1]
     positions = positions.expand(query.shape[0], -1)
     rows = []
-    for r in range(query.shape[0]):
+    # unbind + split, not slicing: their backward is one stack / cat, where each slice's backward would
+    # zero-fill a tensor of the whole batch's size and add into it (per example, per layer).
+    for r, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
+        lengths = [end - start for start, end in segments(positions[r])]
         parts = []
-        for start, end in segments(positions[r]):
-            q, k, v = (t[r:r + 1, :, start:end] for t in (query, key, value))
-            if window and end - start > window:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(end - start, window, q.device),
+        for q, k, v in zip(*(t.unsqueeze(0).split(lengths, dim=2) for t in (q_row, k_row, v_row))):
+            length = q.shape[2]
+            if window and length > window:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=_window_mask(length, window, q.device),
                                                      dropout_p=dropout, scale=scaling, enable_gqa=gqa)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
