@@ -19,7 +19,8 @@ from instructkit.data.tokenize import (
     encode_prompts,
     truncate_prompt,
 )
-from instructkit.evaluate.scoring import completion_nll, rank_choices
+from instructkit.evaluate.model_inputs import token_batches
+from instructkit.evaluate.scoring import MAX_PADDING, completion_nll, rank_choices
 
 PROMPTS = [
     "Predict the associated rating for the following review: great coffee, fast shipping. Rating:",
@@ -141,23 +142,42 @@ def forward_widths(model):
 
 
 def test_rank_encodes_each_prompt_once(tiny_llama, tiny_tokenizer):
-    """4 prompts x 4 choices sharing a first token: ONE forward of 4 rows; longer choices add one pass over
-    their own tokens only (never the prompt again)."""
+    """4 prompts x 4 choices sharing a first token: each prompt in ONE forward (batches as `token_batches`
+    plans them); longer choices add one pass over their own tokens only (never the prompt again)."""
     settings = TokenizeSettings(max_length=64)
-    prompt_tokens = max(len(x) for x in encode_prompts(tiny_tokenizer, PROMPTS, settings))
+    lengths = [len(x) for x in encode_prompts(tiny_tokenizer, PROMPTS, settings)]
+    batches = token_batches(lengths, 4, 4 * settings.max_length, MAX_PADDING)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3]
     widths, handle = forward_widths(tiny_llama)
     try:
         rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [SHARED] * 4, settings, is_seq2seq=False,
                      batch_size=4, include_eos=False)
-        assert widths == [(4, prompt_tokens + 1)]  # prompt + the shared space token, then nothing
+        # prompt + the shared space token, then nothing
+        assert widths == [(len(b), max(lengths[i] for i in b) + 1) for b in batches]
         widths.clear()
         rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [WORDS] * 4, settings, is_seq2seq=False,
                      batch_size=4, include_eos=False)
-        # Pass 1: the prompts. Pass 2: 4 x 3 choices with 2+ tokens, 4 rows at a time (batch_size), each
-        # row its own tokens but the last (zebra: 3): never the prompt again.
-        assert widths == [(4, prompt_tokens), (4, 3), (4, 3), (4, 3)]
+        # Pass 1: the prompts. Pass 2: the batch's 3 choices per prompt with 2+ tokens in one pass (their
+        # copied caches fit the 4 x 64-token budget), each row its own tokens but the last (zebra: 3).
+        expected = []
+        for b in batches:
+            expected += [(len(b), max(lengths[i] for i in b)), (3 * len(b), 3)]
+        assert widths == expected
     finally:
         handle.remove()
+
+
+def test_rank_scores_do_not_depend_on_batching(tiny_llama, tiny_tokenizer):
+    """Token-budget batches (many short prompts together, a long one alone) score as one prompt at a time."""
+    settings = TokenizeSettings(max_length=64)
+    prompts = PROMPTS * 3
+    batched = rank_choices(tiny_llama, tiny_tokenizer, prompts, [WORDS] * len(prompts), settings,
+                           is_seq2seq=False, batch_size=2, include_eos=True)
+    single = [rank_choices(tiny_llama, tiny_tokenizer, [p], [WORDS], settings, is_seq2seq=False,
+                           batch_size=1, include_eos=True)[0] for p in prompts]
+    for got, want in zip(batched, single):
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        assert got.predicted == want.predicted
 
 
 def test_rank_with_eos_and_mixed_choice_lists(tiny_llama, tiny_tokenizer):

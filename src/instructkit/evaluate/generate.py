@@ -17,12 +17,11 @@ import torch
 
 from instructkit.data.tokenize import TokenizeSettings, encode_for_generation, stop_token_ids
 from instructkit.evaluate.model_inputs import (
-    index_chunks,
     left_pad,
-    longest_first,
     model_device,
     right_pad,
     settings_for_model,
+    token_batches,
     token_logprobs,
     tokenizer_pad_id,
 )
@@ -104,8 +103,14 @@ def generate(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Answers to `prompts`, `batch_size` at a time: greedy by default, stopping at EOS / end-of-turn
+    """Answers to `prompts`, longest first in batches: greedy by default, stopping at EOS / end-of-turn
     (`stop_token_ids`) or any EOS id the model's generation_config lists.
+
+    A batch holds `batch_size` rows of the longest prompts and more rows of shorter ones, as many as fit
+    batch_size x settings.max_length tokens of prompt + `max_new_tokens` (`token_batches`): each decoding
+    step costs about the same for 16 rows as for 40 on a CPU (the weights are read once per step), so
+    fewer, fuller batches take fewer steps; the key/value cache stays within what `batch_size` rows of
+    the longest allowed prompt hold.
 
     Prompts are cut as in training so that prompt + answer fits `max_length`
     (`encode_for_generation`), left-padded for causal models. Only the new tokens are decoded (special
@@ -159,7 +164,8 @@ def generate_scoring(
     scored: list[tuple[float, int] | None] = [None] * len(prompt_ids)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for batch in index_chunks(longest_first([len(p) for p in prompt_ids]), batch_size):
+        lengths = [len(p) + max_new_tokens for p in prompt_ids]
+        for batch in token_batches(lengths, batch_size, batch_size * settings.max_length):
             rows = [prompt_ids[i] for i in batch]
             if is_seq2seq:
                 ids, mask = right_pad(rows, pad_id, device)

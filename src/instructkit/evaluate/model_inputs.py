@@ -1,8 +1,9 @@
 """Model inputs in batches, shared by rank classification, generation and perplexity.
 
 Tokenize settings follow the model kind (`for_model`); batches are padded with the tokenizer's pad id
-(else its EOS id); examples go through the model longest first, `chunks` at a time, so the rows of one
-batch have similar lengths; `token_logprobs` turns logits into the log-probability of given tokens.
+(else its EOS id); examples go through the model longest first in `token_batches` (a row count for the
+longest prompts, a token budget that lets shorter prompts go more rows at a time), so the rows of one batch
+have similar lengths; `token_logprobs` turns logits into the log-probability of given tokens.
 
 Padding: causal batches are LEFT-padded with explicit `position_ids` (0 at each example's first real token),
 so every row ends at the last column and a padded row computes what the unpadded one does.
@@ -74,6 +75,43 @@ def right_pad(rows: Sequence[Sequence[int]], pad_value: int, device: torch.devic
 def index_chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(indices), max(size, 1)):
         yield list(indices[start:start + size])
+
+
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int,
+                  max_padding: float = 1.0) -> list[list[int]]:
+    """Indices in batches, longest first, each of at most `max_rows` rows of the longest prompts.
+
+    A batch's padded size is rows x its longest row. Shorter rows fill the same token budget: a batch takes
+    more than `max_rows` rows while rows x width <= `max_tokens` (callers pass eval.batch_size x
+    max_length, the tokens `max_rows` rows of the longest allowed prompt would hold, so memory stays within
+    what the row count already allows). A batch also ends before the next row would make its padding more
+    than `max_padding` of its padded tokens (1.0: no limit): a long outlier then goes with few rows instead
+    of widening a full batch. Lengths [153, 110, 60, 59, 58], max_rows 2, max_tokens 400, max_padding 0.25
+    -> [[0, 1], [2, 3, 4]] (153 x 2 = 306 <= 400 with 43 of 306 padded; 3 x 60 = 180).
+
+    Raises: ValueError when `max_rows` < 1 or `max_padding` is not in [0, 1].
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if not 0.0 <= max_padding <= 1.0:
+        raise ValueError(f"max_padding must be in [0, 1], got {max_padding}")
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    width = real = 0
+    for i in longest_first(lengths):
+        n = max(int(lengths[i]), 1)
+        if batch:
+            rows = len(batch) + 1
+            fits = rows <= max_rows or rows * width <= max_tokens
+            if fits and rows * width - (real + n) <= max_padding * rows * width:
+                batch.append(i)
+                real += n
+                continue
+            batches.append(batch)
+        batch, width, real = [i], n, n
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def longest_first(lengths: Sequence[int]) -> list[int]:

@@ -62,15 +62,17 @@ from instructkit.data.tokenize import (
 from instructkit.evaluate.model_inputs import (
     index_chunks,
     left_pad,
-    longest_first,
     model_device,
     right_pad,
     settings_for_model,
+    token_batches,
     token_logprobs,
     tokenizer_pad_id,
 )
 
 logger = logging.getLogger(__name__)
+
+MAX_PADDING = 0.25  # a scoring batch ends before pad tokens would pass this share of it (see token_batches)
 
 __all__ = [
     "ChoiceScores",
@@ -167,13 +169,14 @@ def _select_cache_rows(cache: Any, rows: torch.Tensor, config: Any) -> Any:
 
 
 def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
-                  rows_per_pass: int) -> list[list[float]]:
+                  max_tokens: int) -> list[list[float]]:
     """Summed log-probabilities of every choice of `items` (one batch of prompts), prompt run once.
 
     Pass 1 runs `prompt + shared prefix` (left-padded) and keeps the logits of the last q + 1 positions,
     q = prefix length: position -(q+1) + t predicts prefix token t, the last position predicts each
     choice's first own token. Pass 2 (only for choices with 2+ own tokens) feeds those tokens but the last
-    on top of a copy of the prompt's cache, `rows_per_pass` choice rows at a time.
+    on top of a copy of the prompt's cache, as many choice rows at a time as `max_tokens` of copied cache
+    allow (rows x context width <= max_tokens; at least one row).
     """
     device = model_device(model)
     prefix_lens = [_common_prefix_length(item.choice_ids) for item in items]
@@ -194,7 +197,7 @@ def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
     del logprobs
 
     context_lengths = mask.sum(-1)
-    for chunk in index_chunks(range(len(rest)), rows_per_pass):
+    for chunk in index_chunks(range(len(rest)), max(1, max_tokens // ids.shape[1])):
         pairs = [rest[k] for k in chunk]
         rows = torch.tensor([b for b, _ in pairs], device=device)
         own = [items[b].choice_ids[j][prefix_lens[b]:] for b, j in pairs]
@@ -215,8 +218,9 @@ def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
 
 
 def _score_seq2seq(model: Any, items: Sequence[_RankItem], pad_id: int,
-                   rows_per_pass: int) -> list[list[float]]:
-    """Encoder once per prompt, then the decoder over all choices with the encoder states repeated."""
+                   max_tokens: int) -> list[list[float]]:
+    """Encoder once per prompt, then the decoder over all choices with the encoder states repeated
+    (rows x encoder width <= max_tokens per decoder pass; at least one row)."""
     from transformers.modeling_outputs import BaseModelOutput
 
     device = model_device(model)
@@ -225,7 +229,7 @@ def _score_seq2seq(model: Any, items: Sequence[_RankItem], pad_id: int,
     start = int(model.config.decoder_start_token_id)
     pairs_all = [(b, j) for b, item in enumerate(items) for j in range(len(item.choice_ids))]
     scores = [[0.0] * len(item.choice_ids) for item in items]
-    for chunk in index_chunks(range(len(pairs_all)), rows_per_pass):
+    for chunk in index_chunks(range(len(pairs_all)), max(1, max_tokens // ids.shape[1])):
         pairs = [pairs_all[k] for k in chunk]
         rows = torch.tensor([b for b, _ in pairs], device=device)
         choices = [items[b].choice_ids[j] for b, j in pairs]
@@ -263,8 +267,10 @@ def rank_choices(
 ) -> list[ChoiceScores]:
     """Score every choice of every prompt by its log-probability; the prompt is encoded once per example.
 
-    `batch_size` prompts go through the model together (sorted by length to limit padding); choice rows
-    that need a second pass go `batch_size` at a time (each row holds a copy of its prompt's KV cache).
+    Prompts go through the model longest first in `token_batches`: `batch_size` rows of the longest prompts,
+    more rows of shorter ones within the same budget of batch_size x settings.max_length tokens, and a
+    batch ends before its padding would pass 25% (a long outlier goes with few rows). Choice rows that need
+    a second pass go as many at a time as that token budget of copied KV cache allows.
     Returns one `ChoiceScores` per prompt, in the order given (log-probabilities in nats).
     `include_eos` (default True): score each choice followed by the end of the answer as trained (EOS, or the
     chat end-of-turn token; see the module docstring); False scores the choice text alone (lm-eval's `acc`).
@@ -279,10 +285,11 @@ def rank_choices(
     pad_id = tokenizer_pad_id(tokenizer)
     score_batch = _score_seq2seq if is_seq2seq else _score_causal
     sums: list[list[float]] = [[] for _ in items]
-    order = longest_first([len(item.prompt_ids) for item in items])
+    max_tokens = batch_size * settings.max_length
+    batches = token_batches([len(item.prompt_ids) for item in items], batch_size, max_tokens, MAX_PADDING)
     with torch.no_grad():
-        for batch in index_chunks(order, batch_size):
-            values = score_batch(model, [items[i] for i in batch], pad_id, batch_size)
+        for batch in batches:
+            values = score_batch(model, [items[i] for i in batch], pad_id, max_tokens)
             for i, choice_sums in zip(batch, values):
                 sums[i] = choice_sums
             if progress is not None:
@@ -368,8 +375,11 @@ def completion_nll(
     nll_batch = _nll_seq2seq if is_seq2seq else _nll_causal
     per_example = [float("nan")] * len(encoded)
     total, tokens = 0.0, 0
+    lengths = [len(encoded[i].input_ids) for i in kept]
+    batches = token_batches(lengths, batch_size, batch_size * settings.max_length, MAX_PADDING)
     with torch.no_grad():
-        for batch in index_chunks(sorted(kept, key=lambda i: -len(encoded[i].input_ids)), batch_size):
+        for positions in batches:
+            batch = [kept[k] for k in positions]
             for i, (nll, n) in zip(batch, nll_batch(model, [encoded[i] for i in batch], pad_id)):
                 per_example[i] = nll
                 total += nll
