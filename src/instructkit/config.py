@@ -359,8 +359,8 @@ class EvalConfig(Section):
         None, ge=1, description="Cap per template (a fixed, seeded subset, the same for every model); lower "
         "is faster, with wider intervals.")
     batch_size: int = Field(
-        16, ge=1, description="Examples per forward pass when scoring and generating (also for the task "
-        "metrics of validation); lower it to save memory.")
+        16, ge=1, description="Examples per pass of the longest prompts when scoring and generating (and in "
+        "validation); shorter ones fill batch_size x max_length tokens. Lower it to save memory.")
     metrics: dict[str, list[str]] = Field(
         default_factory=dict, description="Template id -> metric names, replacing the template's own.")
     length_normalized: bool = Field(
