@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from instructkit.evaluate.model_inputs import token_batches
+from instructkit.evaluate.model_inputs import ROW_GROWTH, token_batches
 
 
 def test_docstring_example():
@@ -20,8 +20,10 @@ def test_rows_only_when_the_budget_allows_no_more():
 
 
 def test_short_prompts_fill_the_token_budget():
-    # 16 rows of the longest allowed prompt (16 x 192 tokens) hold 51 rows of 60 tokens.
+    # 16 rows of the longest allowed prompt (16 x 192 tokens) hold 51 rows of 60 tokens...
     assert [len(b) for b in token_batches([60] * 80, 16, 16 * 192)] == [51, 29]
+    # ... and never more than ROW_GROWTH x 16 = 64 rows, however short (kept logits are rows x V).
+    assert [len(b) for b in token_batches([5] * 150, 16, 16 * 192)] == [64, 64, 22]
 
 
 def test_a_long_outlier_goes_with_few_rows():
@@ -44,7 +46,7 @@ def test_invariants_on_random_lengths(seed):
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)  # longest first throughout
     for b in batches:
         width = lengths[b[0]]
-        assert len(b) <= max_rows or len(b) * width <= max_tokens
+        assert len(b) <= max_rows or (len(b) * width <= max_tokens and len(b) <= ROW_GROWTH * max_rows)
         assert len(b) * width - sum(lengths[i] for i in b) <= cap * len(b) * width + 1e-9
 
 

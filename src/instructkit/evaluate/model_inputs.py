@@ -77,6 +77,9 @@ def index_chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(indices[start:start + size])
 
 
+ROW_GROWTH = 4  # token_batches: at most this many times eval.batch_size rows in one batch
+
+
 def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int,
                   max_padding: float = 1.0) -> list[list[int]]:
     """Indices in batches, longest first, each of at most `max_rows` rows of the longest prompts.
@@ -84,9 +87,10 @@ def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int,
     A batch's padded size is rows x its longest row. Shorter rows fill the same token budget: a batch takes
     more than `max_rows` rows while rows x width <= `max_tokens` (callers pass eval.batch_size x
     max_length, the tokens `max_rows` rows of the longest allowed prompt would hold, so memory stays within
-    what the row count already allows). A batch also ends before the next row would make its padding more
-    than `max_padding` of its padded tokens (1.0: no limit): a long outlier then goes with few rows instead
-    of widening a full batch. Lengths [153, 110, 60, 59, 58], max_rows 2, max_tokens 400, max_padding 0.25
+    what the row count already allows), up to `ROW_GROWTH` x `max_rows` rows (per-row buffers such as the
+    kept logits, rows x V, stay within that factor of what the row count allows). A batch also ends before
+    the next row would make its padding more than `max_padding` of its padded tokens (1.0: no limit): a long
+    outlier then goes with few rows instead of widening a full batch. Lengths [153, 110, 60, 59, 58], max_rows 2, max_tokens 400, max_padding 0.25
     -> [[0, 1], [2, 3, 4]] (153 x 2 = 306 <= 400 with 43 of 306 padded; 3 x 60 = 180).
 
     Raises: ValueError when `max_rows` < 1 or `max_padding` is not in [0, 1].
@@ -102,7 +106,7 @@ def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int,
         n = max(int(lengths[i]), 1)
         if batch:
             rows = len(batch) + 1
-            fits = rows <= max_rows or rows * width <= max_tokens
+            fits = rows <= max_rows or (rows * width <= max_tokens and rows <= ROW_GROWTH * max_rows)
             if fits and rows * width - (real + n) <= max_padding * rows * width:
                 batch.append(i)
                 real += n

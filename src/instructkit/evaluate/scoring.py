@@ -60,6 +60,7 @@ from instructkit.data.tokenize import (
     encode_prompts,
 )
 from instructkit.evaluate.model_inputs import (
+    ROW_GROWTH,
     index_chunks,
     left_pad,
     model_device,
@@ -168,15 +169,15 @@ def _select_cache_rows(cache: Any, rows: torch.Tensor, config: Any) -> Any:
     return DynamicCache(data, config=config)
 
 
-def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
-                  max_tokens: int) -> list[list[float]]:
+def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int, max_tokens: int,
+                  max_rows: int) -> list[list[float]]:
     """Summed log-probabilities of every choice of `items` (one batch of prompts), prompt run once.
 
     Pass 1 runs `prompt + shared prefix` (left-padded) and keeps the logits of the last q + 1 positions,
     q = prefix length: position -(q+1) + t predicts prefix token t, the last position predicts each
     choice's first own token. Pass 2 (only for choices with 2+ own tokens) feeds those tokens but the last
     on top of a copy of the prompt's cache, as many choice rows at a time as `max_tokens` of copied cache
-    allow (rows x context width <= max_tokens; at least one row).
+    allow (rows x context width <= max_tokens), at most `max_rows`, at least one.
     """
     device = model_device(model)
     prefix_lens = [_common_prefix_length(item.choice_ids) for item in items]
@@ -197,7 +198,7 @@ def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
     del logprobs
 
     context_lengths = mask.sum(-1)
-    for chunk in index_chunks(range(len(rest)), max(1, max_tokens // ids.shape[1])):
+    for chunk in index_chunks(range(len(rest)), max(1, min(max_tokens // ids.shape[1], max_rows))):
         pairs = [rest[k] for k in chunk]
         rows = torch.tensor([b for b, _ in pairs], device=device)
         own = [items[b].choice_ids[j][prefix_lens[b]:] for b, j in pairs]
@@ -217,10 +218,10 @@ def _score_causal(model: Any, items: Sequence[_RankItem], pad_id: int,
     return scores
 
 
-def _score_seq2seq(model: Any, items: Sequence[_RankItem], pad_id: int,
-                   max_tokens: int) -> list[list[float]]:
+def _score_seq2seq(model: Any, items: Sequence[_RankItem], pad_id: int, max_tokens: int,
+                   max_rows: int) -> list[list[float]]:
     """Encoder once per prompt, then the decoder over all choices with the encoder states repeated
-    (rows x encoder width <= max_tokens per decoder pass; at least one row)."""
+    (rows x encoder width <= max_tokens per decoder pass, at most `max_rows`, at least one)."""
     from transformers.modeling_outputs import BaseModelOutput
 
     device = model_device(model)
@@ -229,7 +230,7 @@ def _score_seq2seq(model: Any, items: Sequence[_RankItem], pad_id: int,
     start = int(model.config.decoder_start_token_id)
     pairs_all = [(b, j) for b, item in enumerate(items) for j in range(len(item.choice_ids))]
     scores = [[0.0] * len(item.choice_ids) for item in items]
-    for chunk in index_chunks(range(len(pairs_all)), max(1, max_tokens // ids.shape[1])):
+    for chunk in index_chunks(range(len(pairs_all)), max(1, min(max_tokens // ids.shape[1], max_rows))):
         pairs = [pairs_all[k] for k in chunk]
         rows = torch.tensor([b for b, _ in pairs], device=device)
         choices = [items[b].choice_ids[j] for b, j in pairs]
@@ -289,7 +290,7 @@ def rank_choices(
     batches = token_batches([len(item.prompt_ids) for item in items], batch_size, max_tokens, MAX_PADDING)
     with torch.no_grad():
         for batch in batches:
-            values = score_batch(model, [items[i] for i in batch], pad_id, max_tokens)
+            values = score_batch(model, [items[i] for i in batch], pad_id, max_tokens, ROW_GROWTH * batch_size)
             for i, choice_sums in zip(batch, values):
                 sums[i] = choice_sums
             if progress is not None:
