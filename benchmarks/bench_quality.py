@@ -16,6 +16,8 @@ Recipes (`--list`):
   epochs_3            baseline with train.epochs=3 and no early stopping (best validation weights kept)
   lean                baseline with the memory-lean settings: 8-bit AdamW, optimizer step in backward,
                       chunked loss (64 tokens), no clipping
+  adamw_8bit          baseline with 8-bit AdamW and the chunked loss only: the ordinary step, gradients
+                      clipped as in the baseline (beside `lean`, it tells 8-bit states from lost clipping)
 
 Every (recipe, seed) cell is saved to the JSON as soon as it ends and skipped on the next start (`--force`
 redoes it), so the grid (CPU hours) can run in pieces:
@@ -49,6 +51,7 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "lr_1e-4": ("instructkit", ["train.lr=1e-4"]),
     "epochs_3": ("instructkit", ["train.epochs=3", "train.early_stopping=null"]),
     "lean": ("instructkit", LEAN),
+    "adamw_8bit": ("instructkit", ["train.optimizer=adamw_8bit", "train.loss_chunk_tokens=64"]),
 }
 DATASETS = ("amazon_fine_food", "amazon_fashion")
 METRICS = ("accuracy", "macro_f1")
