@@ -360,7 +360,7 @@ class EvalConfig(Section):
         "is faster, with wider intervals.")
     batch_size: int = Field(
         16, ge=1, description="Examples per pass of the longest prompts when scoring and generating (and in "
-        "validation); shorter ones fill batch_size x max_length tokens. Lower it to save memory.")
+        "validation); shorter ones go up to 4x as many within those tokens. Lower it to save memory.")
     metrics: dict[str, list[str]] = Field(
         default_factory=dict, description="Template id -> metric names, replacing the template's own.")
     length_normalized: bool = Field(

@@ -37,7 +37,8 @@ OTHER_TOOL_NAMES: dict[str, tuple[str, str | None, str]] = {
     "max_steps": (TRAINER, "train.max_steps", ""),
     "per_device_train_batch_size": (TRAINER, "train.batch_size",
                                     "with packing, train.max_tokens_per_batch sizes the forward passes"),
-    "per_device_eval_batch_size": (TRAINER, "eval.batch_size", ""),
+    "per_device_eval_batch_size": (TRAINER, "eval.batch_size",
+                                   "rows of the longest prompts; shorter ones batch more"),
     "gradient_accumulation_steps": (TRAINER, "train.grad_accum",
                                     "with packing, train.max_tokens_per_batch sizes the forward passes"),
     "warmup_ratio": (TRAINER, "train.warmup_ratio", ""),
@@ -91,7 +92,7 @@ OTHER_TOOL_NAMES: dict[str, tuple[str, str | None, str]] = {
     "val_set_size": ("axolotl", "split.validation", "a fraction of the source rows"),
     "adapter": ("axolotl", "train.lora.enabled=true", "LoRA only, no QLoRA"),
     "train_on_inputs": ("axolotl", None, "the loss is always on the completion only"),
-    "eval_batch_size": ("axolotl", "eval.batch_size", ""),
+    "eval_batch_size": ("axolotl", "eval.batch_size", "rows of the longest prompts; shorter ones batch more"),
     "chat_template": ("axolotl", "model.chat_template", "true: the tokenizer's own template"),
     "streaming": ("datasets", "split.streaming", "auto streams data files over 64 MB"),
 }

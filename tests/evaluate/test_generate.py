@@ -8,9 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instructkit.data.tokenize import TokenizeSettings, encode_batch, encode_prompts
-from instructkit.data.tokenize import stop_token_ids
+from instructkit.data.tokenize import (
+    TokenizeSettings,
+    encode_batch,
+    encode_for_generation,
+    encode_prompts,
+    stop_token_ids,
+)
 from instructkit.evaluate.generate import generate, map_to_choice
+from instructkit.evaluate.model_inputs import token_batches
 
 PROMPTS = [
     "Predict the associated rating for the following review: great coffee, fast shipping. Rating:",
@@ -81,8 +87,11 @@ def test_generation_batched_equals_one_at_a_time(learned_llama, tiny_tokenizer, 
     settings = TokenizeSettings(max_length=64)
     # Unseen prompts of very different lengths: the model produces varied continuations, not just EOS.
     prompts = [p for p, _ in TRAIN_PAIRS] + ["The quick brown fox", "Rating: 5 World Sports Business"]
+    # batch_size 2: short prompts go more than 2 at a time (token_batches), so grown batches are covered.
+    lengths = [len(ids) + 12 for ids in encode_for_generation(tiny_tokenizer, prompts, settings, 12)]
+    assert max(len(b) for b in token_batches(lengths, 2)) > 2
     batched = generate(learned_llama, tiny_tokenizer, prompts, settings, is_seq2seq=False, max_new_tokens=12,
-                       batch_size=6, num_beams=num_beams)
+                       batch_size=2, num_beams=num_beams)
     single = [generate(learned_llama, tiny_tokenizer, [p], settings, is_seq2seq=False, max_new_tokens=12,
                        batch_size=1, num_beams=num_beams)[0] for p in prompts]
     assert batched == single

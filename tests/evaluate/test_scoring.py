@@ -146,7 +146,8 @@ def test_rank_encodes_each_prompt_once(tiny_llama, tiny_tokenizer):
     plans them); longer choices add one pass over their own tokens only (never the prompt again)."""
     settings = TokenizeSettings(max_length=64)
     lengths = [len(x) for x in encode_prompts(tiny_tokenizer, PROMPTS, settings)]
-    batches = token_batches(lengths, 4, 4 * settings.max_length, MAX_PADDING)
+    shared = [n + 1 for n in lengths]  # prompt + the shared space token
+    batches = token_batches(shared, 4, max_padding=MAX_PADDING)
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3]
     widths, handle = forward_widths(tiny_llama)
     try:
@@ -157,11 +158,16 @@ def test_rank_encodes_each_prompt_once(tiny_llama, tiny_tokenizer):
         widths.clear()
         rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [WORDS] * 4, settings, is_seq2seq=False,
                      batch_size=4, include_eos=False)
-        # Pass 1: the prompts. Pass 2: the batch's 3 choices per prompt with 2+ tokens in one pass (their
-        # copied caches fit the 4 x 64-token budget), each row its own tokens but the last (zebra: 3).
+        # Pass 1: the prompts (no shared prefix here). Pass 2: the batch's 3 choices per prompt with 2+ tokens,
+        # as many rows as the first batch's tokens of copied cache allow, each row its own tokens but the
+        # last (zebra: 3): never the prompt again.
+        batches = token_batches(lengths, 4, max_padding=MAX_PADDING)
         expected = []
         for b in batches:
-            expected += [(len(b), max(lengths[i] for i in b)), (3 * len(b), 3)]
+            width = max(lengths[i] for i in b)
+            per_pass = max(1, min(4 * max(lengths) // width, 4 * 4))
+            rows = 3 * len(b)
+            expected += [(len(b), width)] + [(min(per_pass, rows - k), 3) for k in range(0, rows, per_pass)]
         assert widths == expected
     finally:
         handle.remove()

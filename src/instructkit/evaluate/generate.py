@@ -1,7 +1,8 @@
 """Batched generation: answers to prompts, cut at stop tokens, and the answer choice an answer names.
 
-`generate` decodes greedily by default (beam search or seeded sampling on request), `batch_size` prompts at
-a time, each prompt cut as in training so that prompt + answer fits `max_length`. It stops at EOS, at the
+`generate` decodes greedily by default (beam search or seeded sampling on request), in batches of
+`batch_size` of the longest prompts (more of shorter ones), each prompt cut as in training so that
+prompt + answer fits `max_length`. It stops at EOS, at the
 chat template's end-of-turn token (`stop_token_ids`) or at any EOS id of the model's generation_config.
 `map_to_choice` turns a generated answer into the choice it names, for classification by generation.
 """
@@ -106,16 +107,16 @@ def generate(
     """Answers to `prompts`, longest first in batches: greedy by default, stopping at EOS / end-of-turn
     (`stop_token_ids`) or any EOS id the model's generation_config lists.
 
-    A batch holds `batch_size` rows of the longest prompts and more rows of shorter ones, as many as fit
-    batch_size x settings.max_length tokens of prompt + `max_new_tokens` (`token_batches`): each decoding
+    A batch holds `batch_size` rows of the longest prompts and more rows of shorter ones (up to 4 x
+    batch_size) within the first batch's tokens of prompt + `max_new_tokens` (`token_batches`): a decoding
     step costs about the same for 16 rows as for 40 on a CPU (the weights are read once per step), so
-    fewer, fuller batches take fewer steps; the key/value cache stays within what `batch_size` rows of
-    the longest allowed prompt hold.
+    fewer, fuller batches take fewer steps, and no batch's key/value cache outgrows the first one's.
 
     Prompts are cut as in training so that prompt + answer fits `max_length`
     (`encode_for_generation`), left-padded for causal models. Only the new tokens are decoded (special
     tokens skipped, whitespace stripped). Sampling is seeded: the same call gives the same answers, and the
-    global torch random state is left as it was. `max_new_tokens` counts tokens.
+    global torch random state is left as it was (samples depend on how the prompts are batched, as in any
+    batched sampler: another batch_size or max_new_tokens draws others). `max_new_tokens` counts tokens.
 
     Raises: ValueError when the tokenizer has no EOS token, or neither a pad nor an EOS token.
     """
@@ -164,8 +165,11 @@ def generate_scoring(
     scored: list[tuple[float, int] | None] = [None] * len(prompt_ids)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lengths = [len(p) + max_new_tokens for p in prompt_ids]
-        for batch in token_batches(lengths, batch_size, batch_size * settings.max_length):
+        lengths = [len(p) + max_new_tokens for p in prompt_ids]  # the widest pass: decoding, or ...
+        for i, ref in enumerate(references or []):
+            if ref:  # ... prompt + reference in the scoring pass
+                lengths[i] = max(lengths[i], len(prompt_ids[i]) + len(ref.ids))
+        for batch in token_batches(lengths, batch_size):
             rows = [prompt_ids[i] for i in batch]
             if is_seq2seq:
                 ids, mask = right_pad(rows, pad_id, device)

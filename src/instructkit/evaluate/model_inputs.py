@@ -2,8 +2,8 @@
 
 Tokenize settings follow the model kind (`for_model`); batches are padded with the tokenizer's pad id
 (else its EOS id); examples go through the model longest first in `token_batches` (a row count for the
-longest prompts, a token budget that lets shorter prompts go more rows at a time), so the rows of one batch
-have similar lengths; `token_logprobs` turns logits into the log-probability of given tokens.
+longest prompts; shorter prompts go more rows at a time within the longest batch's tokens), so the rows of
+one batch have similar lengths; `token_logprobs` turns logits into the log-probability of given tokens.
 
 Padding: causal batches are LEFT-padded with explicit `position_ids` (0 at each example's first real token),
 so every row ends at the last column and a padded row computes what the unpadded one does.
@@ -80,25 +80,29 @@ def index_chunks(indices: Sequence[int], size: int) -> Iterator[list[int]]:
 ROW_GROWTH = 4  # token_batches: at most this many times eval.batch_size rows in one batch
 
 
-def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int,
+def token_batches(lengths: Sequence[int], batch_size: int, *, growth: int = ROW_GROWTH,
                   max_padding: float = 1.0) -> list[list[int]]:
-    """Indices in batches, longest first, each of at most `max_rows` rows of the longest prompts.
+    """Indices in batches, longest first: `batch_size` rows of the longest prompts, more of shorter ones.
 
-    A batch's padded size is rows x its longest row. Shorter rows fill the same token budget: a batch takes
-    more than `max_rows` rows while rows x width <= `max_tokens` (callers pass eval.batch_size x
-    max_length, the tokens `max_rows` rows of the longest allowed prompt would hold, so memory stays within
-    what the row count already allows), up to `ROW_GROWTH` x `max_rows` rows (per-row buffers such as the
-    kept logits, rows x V, stay within that factor of what the row count allows). A batch also ends before
-    the next row would make its padding more than `max_padding` of its padded tokens (1.0: no limit): a long
-    outlier then goes with few rows instead of widening a full batch. Lengths [153, 110, 60, 59, 58], max_rows 2, max_tokens 400, max_padding 0.25
-    -> [[0, 1], [2, 3, 4]] (153 x 2 = 306 <= 400 with 43 of 306 padded; 3 x 60 = 180).
+    The first batch holds the `batch_size` longest rows, batch_size x L tokens (L = the longest length). A
+    later batch takes more than `batch_size` rows while rows x its width stays within those batch_size x L
+    tokens, up to `growth` x batch_size rows: no batch holds more tokens than the first, and per-row buffers
+    (kept logits, rows x V) stay within `growth` x what `batch_size` rows take (growth 1: plain chunks of
+    `batch_size`). A batch also ends before the next row would make its padding more than `max_padding` of
+    its padded tokens (1.0: no limit), so a long outlier goes with few rows instead of widening a full batch.
 
-    Raises: ValueError when `max_rows` < 1 or `max_padding` is not in [0, 1].
+    Lengths [153, 110, 60, 59, 58, 40], batch_size 2 -> [[0, 1], [2, 3, 4, 5]] (2 x 153 = 306 tokens, 43 of
+    them padding; 4 x 60 = 240 <= 306); with growth 1: [[0, 1], [2, 3], [4, 5]].
+
+    Raises: ValueError when `batch_size` or `growth` < 1, or `max_padding` is not in [0, 1].
     """
-    if max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if batch_size < 1 or growth < 1:
+        raise ValueError(f"batch_size and growth must be >= 1, got {batch_size} and {growth}")
     if not 0.0 <= max_padding <= 1.0:
         raise ValueError(f"max_padding must be in [0, 1], got {max_padding}")
+    if not lengths:
+        return []
+    budget = batch_size * max(max(int(n) for n in lengths), 1)
     batches: list[list[int]] = []
     batch: list[int] = []
     width = real = 0
@@ -106,15 +110,14 @@ def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int,
         n = max(int(lengths[i]), 1)
         if batch:
             rows = len(batch) + 1
-            fits = rows <= max_rows or (rows * width <= max_tokens and rows <= ROW_GROWTH * max_rows)
+            fits = rows <= batch_size or (rows * width <= budget and rows <= growth * batch_size)
             if fits and rows * width - (real + n) <= max_padding * rows * width:
                 batch.append(i)
                 real += n
                 continue
             batches.append(batch)
         batch, width, real = [i], n, n
-    if batch:
-        batches.append(batch)
+    batches.append(batch)
     return batches
 
 

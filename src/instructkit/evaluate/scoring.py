@@ -269,9 +269,9 @@ def rank_choices(
     """Score every choice of every prompt by its log-probability; the prompt is encoded once per example.
 
     Prompts go through the model longest first in `token_batches`: `batch_size` rows of the longest prompts,
-    more rows of shorter ones within the same budget of batch_size x settings.max_length tokens, and a
-    batch ends before its padding would pass 25% (a long outlier goes with few rows). Choice rows that need
-    a second pass go as many at a time as that token budget of copied KV cache allows.
+    more rows of shorter ones (up to 4 x batch_size) within the first batch's tokens, and a batch ends
+    before its padding would pass 25% (a long outlier goes with few rows). Choice rows that need a second
+    pass go as many at a time as those tokens of copied KV cache allow, up to 4 x batch_size.
     Returns one `ChoiceScores` per prompt, in the order given (log-probabilities in nats).
     `include_eos` (default True): score each choice followed by the end of the answer as trained (EOS, or the
     chat end-of-turn token; see the module docstring); False scores the choice text alone (lm-eval's `acc`).
@@ -286,8 +286,9 @@ def rank_choices(
     pad_id = tokenizer_pad_id(tokenizer)
     score_batch = _score_seq2seq if is_seq2seq else _score_causal
     sums: list[list[float]] = [[] for _ in items]
-    max_tokens = batch_size * settings.max_length
-    batches = token_batches([len(item.prompt_ids) for item in items], batch_size, max_tokens, MAX_PADDING)
+    lengths = [len(item.prompt_ids) + _common_prefix_length(item.choice_ids) for item in items]
+    max_tokens = batch_size * max(lengths, default=1)  # the first (longest) batch's tokens
+    batches = token_batches(lengths, batch_size, max_padding=MAX_PADDING)
     with torch.no_grad():
         for batch in batches:
             values = score_batch(model, [items[i] for i in batch], pad_id, max_tokens, ROW_GROWTH * batch_size)
@@ -376,8 +377,9 @@ def completion_nll(
     nll_batch = _nll_seq2seq if is_seq2seq else _nll_causal
     per_example = [float("nan")] * len(encoded)
     total, tokens = 0.0, 0
-    lengths = [len(encoded[i].input_ids) for i in kept]
-    batches = token_batches(lengths, batch_size, batch_size * settings.max_length, MAX_PADDING)
+    # growth 1: `batch_size` rows at most (the kept logits are rows x completion length x V), padding capped
+    batches = token_batches([len(encoded[i].input_ids) for i in kept], batch_size, growth=1,
+                            max_padding=MAX_PADDING)
     with torch.no_grad():
         for positions in batches:
             batch = [kept[k] for k in positions]
