@@ -158,9 +158,9 @@ def test_rank_encodes_each_prompt_once(tiny_llama, tiny_tokenizer):
         widths.clear()
         rank_choices(tiny_llama, tiny_tokenizer, PROMPTS, [WORDS] * 4, settings, is_seq2seq=False,
                      batch_size=4, include_eos=False)
-        # Pass 1: the prompts (no shared prefix here). Pass 2: the batch's 3 choices per prompt with 2+ tokens,
-        # as many rows as the first batch's tokens of copied cache allow, each row its own tokens but the
-        # last (zebra: 3): never the prompt again.
+        # Pass 1: the prompts (no shared prefix here). Pass 2: the batch's 3 choices per prompt with 2+
+        # tokens, as many rows as the first batch's tokens of copied cache allow, each row its own tokens
+        # but the last (zebra: 3): never the prompt again.
         batches = token_batches(lengths, 4, max_padding=MAX_PADDING)
         expected = []
         for b in batches:

@@ -1,5 +1,5 @@
-"""`token_batches`: the batch plan of evaluation passes (`batch_size` rows of the longest prompts, more rows of
-shorter ones within the first batch's tokens, a padding cap)."""
+"""`token_batches`: the batch plan of evaluation passes (`batch_size` rows of the longest prompts, more
+rows of shorter ones within the first batch's tokens, a padding cap)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def test_invariants_on_random_lengths(seed):
     def allowed(rows):  # the rules a batch of these rows must meet
         width = lengths[rows[0]]
         padding = len(rows) * width - sum(lengths[i] for i in rows)
-        size_ok = len(rows) <= batch_size or (len(rows) * width <= budget and len(rows) <= growth * batch_size)
+        grown_ok = len(rows) * width <= budget and len(rows) <= growth * batch_size
+        size_ok = len(rows) <= batch_size or grown_ok
         return size_ok and padding <= cap * len(rows) * width + 1e-9
 
     for k, b in enumerate(batches):

@@ -291,7 +291,8 @@ def rank_choices(
     batches = token_batches(lengths, batch_size, max_padding=MAX_PADDING)
     with torch.no_grad():
         for batch in batches:
-            values = score_batch(model, [items[i] for i in batch], pad_id, max_tokens, ROW_GROWTH * batch_size)
+            values = score_batch(model, [items[i] for i in batch], pad_id, max_tokens,
+                                 ROW_GROWTH * batch_size)
             for i, choice_sums in zip(batch, values):
                 sums[i] = choice_sums
             if progress is not None:
