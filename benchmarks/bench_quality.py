@@ -24,6 +24,8 @@ redoes it), so the grid (CPU hours) can run in pieces:
   python benchmarks/bench_quality.py                                   # every recipe, seeds 0 1 2
   python benchmarks/bench_quality.py --recipes baseline,lean --seeds 0
 The work folder keeps the prepared data, the base evaluation and each cell's run (delete it when done).
+Each cell's and the base model's predictions (dataset, source row, reference, prediction) are also kept in
+benchmarks/results/quality_predictions/, so the paired gains can be recomputed when the work folder is gone.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 EXAMPLE = ROOT / "examples" / "amazon_rating_baseline.yaml"
+PREDICTIONS = ROOT / "benchmarks" / "results" / "quality_predictions"
 MODEL = "smollm2-135m-instruct"
 LEAN = ["train.optimizer=adamw_8bit", "train.optimizer_in_backward=true", "train.loss_chunk_tokens=64",
         "train.max_grad_norm=null"]
@@ -133,10 +136,21 @@ def by_dataset(predictions: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def predictions(folder: Path) -> list[dict]:
+def keep_predictions(folder: Path, name: str) -> None:
+    """Copy an evaluation's predictions, four fields a row, to PREDICTIONS/`name`.jsonl."""
+    from instructkit.io import read_jsonl, write_jsonl
+
+    rows = sorted(read_jsonl(folder / "predictions.jsonl"), key=lambda p: (p["dataset"], p["source_id"]))
+    write_jsonl(PREDICTIONS / f"{name}.jsonl", ({k: p[k] for k in ("dataset", "source_id", "reference",
+                                                                     "prediction")} for p in rows))
+
+
+def predictions(name: str) -> list[dict] | None:
+    """The kept predictions of a cell (`recipe-sSEED`) or of `base`; None when there are none."""
     from instructkit.io import read_jsonl
 
-    return sorted(read_jsonl(folder / "predictions.jsonl"), key=lambda p: (p["dataset"], p["source_id"]))
+    path = PREDICTIONS / f"{name}.jsonl"
+    return list(read_jsonl(path)) if path.is_file() else None
 
 
 def figures(tuned: list[dict], base: list[dict] | None) -> dict[str, dict]:
@@ -216,6 +230,7 @@ def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int) -> 
     instructkit("evaluate", "--model", str(run_dir / "model"), "--data", str(work / "runs" / "data"),
                 "--split", "test", "--out", str(run_dir / "eval-test"), "--set", f"train.threads={threads}",
                 cwd=work, log=log)
+    keep_predictions(run_dir / "eval-test", name)
     return {"recipe": recipe, "seed": seed, "overrides": overrides, "train_wall_seconds": round(wall, 1), **trained}
 
 
@@ -260,12 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     cells: dict[str, dict] = saved.get("cells", {})
 
     def save() -> None:
-        """Figures of every cell whose predictions are in the work folder (gains once the base is there)."""
-        base = predictions(args.work / "base") if (args.work / "base" / "eval.json").is_file() else None
+        """Figures of every cell whose predictions are kept (gains once the base model's are there too)."""
+        base = predictions("base")
         for cell in cells.values():
-            folder = args.work / "runs" / f"{cell['recipe']}-s{cell['seed']}" / "eval-test"
-            if (folder / "eval.json").is_file():
-                cell["figures"] = figures(predictions(folder), base)
+            tuned = predictions(f"{cell['recipe']}-s{cell['seed']}")
+            if tuned is not None:
+                cell["figures"] = figures(tuned, base)
         write_json(args.out, {
             "benchmark": __doc__.split("\n")[0], "model": MODEL, "threads": args.threads,
             "base": {d: {m: v for m, v in row.items() if m in ("n", *METRICS)}
@@ -283,11 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
             save()
             print(f"{time.strftime('%H:%M:%S')} {key}: {json.dumps(cells[key]['figures'])}", flush=True)
-    if not args.no_base and not (args.work / "base" / "eval.json").is_file():  # after the cells: the
-        # tuned figures come first; the gains over the base model need this one evaluation of it
+    if not args.no_base and predictions("base") is None:  # after the cells: the tuned figures come
+        # first; the gains over the base model need this one evaluation of it
         instructkit("evaluate", "--model", MODEL, "--data", str(args.work / "runs" / "data"), "--split", "test",
                     "--out", str(args.work / "base"), "--set", f"train.threads={args.threads}", cwd=args.work,
                     log=log)
+        keep_predictions(args.work / "base", "base")
     save()
     return 0
 
