@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from _model_helpers import PROMPT, card_front_matter, logits_of, lora_with_nonzero_update
@@ -9,7 +12,7 @@ from _model_helpers import PROMPT, card_front_matter, logits_of, lora_with_nonze
 from instructkit.config import LoraSettings, ModelConfig
 from instructkit.errors import ModelError
 from instructkit.models.load import load_model
-from instructkit.models.lora import wrap_lora
+from instructkit.models.lora import is_peft_model, wrap_lora
 from instructkit.models.save import save_instruct_model
 
 # --------------------------------------------------------------------------------------------------
@@ -31,6 +34,19 @@ def test_wrap_lora_trains_only_adapters(tiny_llama):
             expected += 4 * (linear.in_features + linear.out_features)
     assert sum(p.numel() for n, p in wrapped.named_parameters() if p.requires_grad) == expected
     assert sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" not in n) == total
+
+
+def test_is_peft_model_tells_wrapped_from_plain(tiny_llama):
+    assert not is_peft_model(tiny_llama)
+    assert is_peft_model(wrap_lora(tiny_llama, LoraSettings(enabled=True, r=4)))
+
+
+def test_is_peft_model_does_not_import_peft():
+    # A full fine-tune never needs peft: asking at model save must not pay its import (seconds on a first run).
+    code = ("import sys, torch\nfrom instructkit.models.lora import is_peft_model\n"
+            "assert is_peft_model(torch.nn.Linear(2, 2)) is False\nprint('peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_wrap_lora_bad_target_is_a_model_error(tiny_llama):
