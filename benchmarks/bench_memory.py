@@ -19,9 +19,9 @@ What runs (each in a FRESH subprocess, one at a time, 1 torch thread, fp32, peak
 - systems: `hf_trainer` (transformers Trainer, its default fused fp32 AdamW, full logits, no checkpoints);
   instructkit's own step (train/loop.setup + train/step.train_step: the training code, without the final
   checkpoint) with `default` settings; `inbwd_chunked` (optimizer_in_backward + loss_chunk_tokens, fp32
-  AdamW); `lean` (adamw_8bit + optimizer_in_backward + loss_chunk_tokens); `lean_ckpt` (lean + gradient
-  checkpointing: what the 1.5B shape needs to stay under 14 GB, its activations alone being 6 GB). No gradient
-  clipping anywhere (in-backward cannot clip), lr 1e-5 constant.
+  AdamW); `lean` (adamw_8bit, embedding moments in 8 bits too, + optimizer_in_backward + loss_chunk_tokens);
+  `lean_ckpt` (lean + gradient checkpointing: what the 1.5B shape needs to stay under 14 GB, its activations
+  alone being 6 GB). No gradient clipping anywhere (in-backward cannot clip), lr 1e-5 constant.
 - figures: peak RSS of the child; step time = median of the steps after the first (the first builds the
   optimizer state), in wall seconds and in CPU seconds of the child (time.process_time: on a machine shared
   with other work the CPU time is the steadier measure of the work a step does); the estimate of
@@ -54,9 +54,10 @@ CHUNK = 64  # train.loss_chunk_tokens of the chunked runs
 SETTINGS = {
     "default": {},
     "inbwd_chunked": {"optimizer_in_backward": True, "loss_chunk_tokens": CHUNK},
-    "lean": {"optimizer": "adamw_8bit", "optimizer_in_backward": True, "loss_chunk_tokens": CHUNK},
+    "lean": {"optimizer": "adamw_8bit", "optimizer_in_backward": True, "loss_chunk_tokens": CHUNK,
+             "embedding_optim_bits": 8},
     "lean_ckpt": {"optimizer": "adamw_8bit", "optimizer_in_backward": True, "loss_chunk_tokens": CHUNK,
-                  "gradient_checkpointing": True},
+                  "embedding_optim_bits": 8, "gradient_checkpointing": True},
 }
 QWEN_1_5B = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
              "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -146,6 +147,7 @@ def estimate_for(run: dict[str, Any]) -> dict[str, Any]:
                           optimizer_in_backward=setting.get("optimizer_in_backward", False),
                           loss_chunk_tokens=setting.get("loss_chunk_tokens"),
                           gradient_checkpointing=setting.get("gradient_checkpointing", False),
+                          embedding_optim_bits=setting.get("embedding_optim_bits", 32),
                           logits_at_labels=run["system"] != "hf_trainer")
     return {"estimate_bytes": est.total, "logits_bytes": est.logits, "parts": est.to_dict()}
 

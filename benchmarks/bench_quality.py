@@ -14,10 +14,13 @@ Recipes (`--list`):
   no_class_weighting  baseline with train.class_balance=none
   lr_1e-4             baseline with train.lr=1e-4
   epochs_3            baseline with train.epochs=3 and no early stopping (best validation weights kept)
-  lean                baseline with the memory-lean settings: 8-bit AdamW, optimizer step in backward,
-                      chunked loss (64 tokens), no clipping
-  adamw_8bit          baseline with 8-bit AdamW and the chunked loss only: the ordinary step, gradients
-                      clipped as in the baseline (beside `lean`, it tells 8-bit states from lost clipping)
+  lean                baseline with the memory-lean settings: 8-bit AdamW (every matrix, the embedding
+                      too), optimizer step in backward, chunked loss (64 tokens), no clipping
+  adamw_8bit          baseline with 8-bit AdamW (every matrix) and the chunked loss only: the ordinary step,
+                      gradients clipped as in the baseline (beside `lean`, it tells 8-bit states from lost
+                      clipping)
+  adamw_8bit_fp32_embedding  adamw_8bit with the embedding's moments in fp32 (train.embedding_optim_bits=32,
+                      the default since; beside `adamw_8bit`, it tells the embedding's share of the loss)
 
 Every (recipe, seed) cell is saved to the JSON as soon as it ends and skipped on the next start (`--force`
 redoes it), so the grid (CPU hours) can run in pieces:
@@ -45,8 +48,8 @@ DATA = ROOT.parent / "shared" / "data"
 EXAMPLE = ROOT / "examples" / "amazon_rating_baseline.yaml"
 PREDICTIONS = ROOT / "benchmarks" / "results" / "quality_predictions"
 MODEL = "smollm2-135m-instruct"
-LEAN = ["train.optimizer=adamw_8bit", "train.optimizer_in_backward=true", "train.loss_chunk_tokens=64",
-        "train.max_grad_norm=null"]
+EIGHT_BIT = ["train.optimizer=adamw_8bit", "train.embedding_optim_bits=8"]  # every matrix's moments in 8 bits
+LEAN = [*EIGHT_BIT, "train.optimizer_in_backward=true", "train.loss_chunk_tokens=64", "train.max_grad_norm=null"]
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "trainer": ("hf", []),
     "baseline": ("instructkit", []),
@@ -54,7 +57,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "lr_1e-4": ("instructkit", ["train.lr=1e-4"]),
     "epochs_3": ("instructkit", ["train.epochs=3", "train.early_stopping=null"]),
     "lean": ("instructkit", LEAN),
-    "adamw_8bit": ("instructkit", ["train.optimizer=adamw_8bit", "train.loss_chunk_tokens=64"]),
+    "adamw_8bit": ("instructkit", [*EIGHT_BIT, "train.loss_chunk_tokens=64"]),
+    "adamw_8bit_fp32_embedding": ("instructkit", ["train.optimizer=adamw_8bit", "train.embedding_optim_bits=32",
+                                                  "train.loss_chunk_tokens=64"]),
 }
 DATASETS = ("amazon_fine_food", "amazon_fashion")
 METRICS = ("accuracy", "macro_f1")

@@ -163,7 +163,7 @@ def test_docs_config_md_is_generated_from_the_models():
     assert actual == expected, f"{doc} is stale: regenerate it with `{REGENERATE}`"
     for path, _ in config_sections():
         assert f"## `{path}`" in expected or not path
-    assert "| `lr` | `float` | `0.0001` | Peak learning rate of AdamW" in expected
+    assert "| `lr` | `float` | `0.0001` | Peak learning rate, reached after warm-up" in expected
     assert "| `learning_rate` | Hugging Face Trainer | `train.lr` |" in expected
 
 

@@ -223,6 +223,10 @@ class TrainConfig(Section):
         "trainable parameter), 'adamw_8bit' (bitsandbytes AdamW8bit, moments in 8 bits: ~2 bytes; pip install "
         "'instructkit[lowbit]'; ~15x slower update on CPU), 'adafactor' (transformers Adafactor at a fixed lr, "
         "factored second moment, no first moment: ~0 bytes).")
+    embedding_optim_bits: Literal[8, 32] = Field(
+        32, description="adamw_8bit: bits of the embedding matrices' moments (nn.Embedding weights, a tied LM "
+        "head included). 32, as transformers' Trainer and bitsandbytes' StableEmbedding do: +6 bytes per "
+        "embedding value (SmolLM2-135M +0.17 GB, Gemma 3 270M +1.0 GB). 8: every matrix in 8 bits.")
     optimizer_in_backward: bool = Field(
         False, description="Apply the optimizer to each parameter as soon as its gradient is complete in "
         "backward and free that gradient, so the gradients never exist all at once (torchtune's approach). "
@@ -239,22 +243,18 @@ class TrainConfig(Section):
         "every 16 MB of gradients applied, so freed activations, gradients and temporaries do not stay resident at "
         "the peak. No effect on GPU or without glibc.")
     lr: float = Field(
-        1e-4, gt=0, description="Peak learning rate of AdamW, reached after warm-up; then `schedule` "
-        "applies.")
+        1e-4, gt=0, description="Peak learning rate, reached after warm-up; then `schedule` applies.")
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW decoupled weight decay of the weight matrices (biases and norms are "
         "never decayed).")
     epochs: float = Field(
-        1.0, gt=0, description="Passes over the training examples (a fraction allowed); max_steps wins when "
-        "set.")
+        1.0, gt=0, description="Passes over the training examples (a fraction allowed); max_steps wins.")
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (replaces epochs).")
     schedule: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Learning rate after warm-up: linear decay to 0, half a cosine to 0, or "
-        "constant.")
+        "linear", description="lr after warm-up: linear decay to 0, half a cosine to 0, or constant.")
     warmup_ratio: float = Field(
-        0.05, ge=0, lt=1, description="Fraction of the optimizer steps over which the learning rate rises "
-        "linearly to lr.")
+        0.05, ge=0, lt=1, description="Fraction of the optimizer steps over which the lr rises linearly.")
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm to this before each step (null: no clipping).")
     seed: int = Field(

@@ -148,6 +148,18 @@ def test_resume_is_bitwise_exact(tiny_tokenizer, tmp_path, name, in_backward):
     assert _losses(resumed) == _losses(reference)
 
 
+def _three_steps_on_the_same_random_gradients(models, ours, references):
+    """models[0] stepped by `ours`, models[1] by the `references`, each step on the same random gradients."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-2
+            q.grad = p.grad.clone()
+        ours.step()
+        for reference in references:
+            reference.step()
+
+
 def test_sliced_8bit_update_equals_bitsandbytes_whole_tensor_update(tiny_tokenizer, monkeypatch):
     """LowBitAdamW's slice-by-slice CPU update (bounded memory) = bitsandbytes' AdamW8bit, bit for bit, also
     on tensors whose size is not a multiple of the 256-value block (the 511 x 64 embedding rows here)."""
@@ -157,17 +169,37 @@ def test_sliced_8bit_update_equals_bitsandbytes_whole_tensor_update(tiny_tokeniz
     ours = optimizer_factory("adamw_8bit", 1e-3)(groups[0])
     plain = bnb.optim.AdamW8bit(groups[1], lr=1e-3)
     assert any(p.numel() > 1024 and p.numel() % 256 for p in models[0].parameters())
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for p, q in zip(models[0].parameters(), models[1].parameters()):
-            p.grad = torch.randn(p.shape, generator=generator) * 1e-2
-            q.grad = p.grad.clone()
-        ours.step()
-        plain.step()
+    _three_steps_on_the_same_random_gradients(models, ours, [plain])
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p, q)
         assert all(torch.equal(a, b) for a, b in zip(ours.state[p].values(), plain.state[q].values())
                    if isinstance(a, torch.Tensor))
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_embedding_moments_keep_the_bits_asked_for(tiny_tokenizer, monkeypatch, bits):
+    """train.embedding_optim_bits: the (tied) embedding's moments are fp32 by default, as transformers'
+    Trainer registers for nn.Embedding under bitsandbytes; its sliced update = bitsandbytes' own AdamW32bit
+    on that tensor bit for bit, the other matrices' = AdamW8bit's. With 8, the embedding is 8-bit too."""
+    monkeypatch.setattr(optim_module, "SLICE_VALUES", 1024)
+    models = [build_tiny_llama(tiny_tokenizer) for _ in range(2)]
+    ours = make_optimizer(models[0], train_config(optimizer="adamw_8bit", lr=1e-3, weight_decay=0.1,
+                                                  embedding_optim_bits=bits))
+    embedding = models[0].get_input_embeddings().weight
+    assert embedding is models[0].get_output_embeddings().weight and embedding.numel() > 1024
+    ref_embedding = models[1].get_input_embeddings().weight
+    rest = [g for g in param_groups(models[1], 0.1) if g["params"] != [ref_embedding]]
+    for group in rest:
+        group["params"] = [p for p in group["params"] if p is not ref_embedding]
+    references = [bnb.optim.AdamW8bit([g for g in rest if g["params"]], lr=1e-3),
+                  (bnb.optim.AdamW32bit if bits == 32 else bnb.optim.AdamW8bit)(
+                      [{"params": [ref_embedding], "weight_decay": 0.1}], lr=1e-3)]
+    _three_steps_on_the_same_random_gradients(models, ours, references)
+    assert ours.state[embedding]["state1"].dtype == (torch.float32 if bits == 32 else torch.uint8)
+    big = [p for p in models[0].parameters() if p is not embedding and p.numel() >= 4096]
+    assert big and all(ours.state[p]["state1"].dtype == torch.uint8 for p in big)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -36,7 +36,8 @@ How these add up to the peak, as measured (tests/train/test_memory.py):
 The memory-lean settings change three terms (train/optim.py, train/in_backward.py, train/loss.py):
 
     optimizer      adamw 8 B a parameter; adamw_8bit 2 B + 8 B per 256 values (fp32 moments, 8 B, for
-                   tensors under 4,096 values); adafactor 4 B x (rows + columns) of each matrix
+                   tensors under 4,096 values and, unless embedding_optim_bits 8, the embeddings);
+                   adafactor 4 B x (rows + columns) of each matrix
     in backward    gradient phase = the largest gradient (+ a tied LM head's, alive through backward) +
                    the update's temporaries, instead of all gradients
     chunked loss   logits of one chunk of positions; loss phase = 4 chunk copies + the LM head's gradient
@@ -130,6 +131,7 @@ class EstimateInputs:
     overhead_bytes: int = FRAMEWORK_OVERHEAD_BYTES
     optimizer_in_backward: bool = False
     loss_chunk_tokens: int | None = None
+    embedding_optim_bits: int = 32
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class MemoryEstimate:
             "optimizer": inputs.optimizer, "gradient_checkpointing": inputs.gradient_checkpointing,
             "lora_r": inputs.lora.r if inputs.lora else None, "logits_at_labels": inputs.logits_at_labels,
             "optimizer_in_backward": inputs.optimizer_in_backward, "loss_chunk_tokens": inputs.loss_chunk_tokens,
+            "embedding_optim_bits": inputs.embedding_optim_bits,
         }
         return parts
 
@@ -296,13 +299,17 @@ def gradient_phase_bytes(inputs: EstimateInputs) -> int:
 
 def optimizer_state_bytes(inputs: EstimateInputs) -> int:
     """adamw: 2 fp32 moments. adamw_8bit: 2 bytes a value + a float32 absmax per 256 values and moment;
-    tensors under 4,096 values keep fp32 moments. adafactor: rows + columns of each matrix (fp32), the
-    whole of each 1-D tensor. sgd: 1 momentum."""
+    tensors under 4,096 values, and the embeddings with embedding_optim_bits 32, keep fp32 moments.
+    adafactor: rows + columns of each matrix (fp32), the whole of each 1-D tensor. sgd: 1 momentum."""
     trainable, shape = trainable_count(inputs), inputs.shape
     small = shape.small_params if inputs.lora is None else 0
     if inputs.optimizer == "adamw_8bit":
         large = trainable - small
         blocks = shape.quant_blocks if inputs.lora is None else -(-large // 256)
+        if inputs.lora is None and inputs.embedding_optim_bits == 32:
+            large -= shape.embedding_params
+            blocks -= -(-shape.embedding_params // 256)
+            small += shape.embedding_params
         return 2 * large + 2 * FP32 * blocks + 2 * FP32 * small
     if inputs.optimizer == "adafactor":
         return (shape.factored_state if inputs.lora is None else trainable // 8) * FP32
@@ -337,6 +344,7 @@ def estimate_memory(
     cache_dir: str | os.PathLike | None = None,
     optimizer_in_backward: bool = False,
     loss_chunk_tokens: int | None = None,
+    embedding_optim_bits: int = 32,
 ) -> MemoryEstimate:
     """Peak memory of a training step. See the module docstring for the arithmetic.
 
@@ -350,7 +358,8 @@ def estimate_memory(
     optimizer: adamw (2 fp32 states per trainable parameter; fused, so no per-step temporaries), adamw_8bit,
         adafactor (train.optimizer; see optimizer_state_bytes) or sgd with momentum (1 state).
     lora: LoRA settings (enabled or not): only the adapters get gradients and optimizer state.
-    optimizer_in_backward, loss_chunk_tokens: as train.* (see gradient_phase_bytes, loss_phase_bytes).
+    optimizer_in_backward, loss_chunk_tokens, embedding_optim_bits: as train.* (see gradient_phase_bytes,
+        loss_phase_bytes, optimizer_state_bytes).
     """
     shape = as_shape(model_config_or_hf_config, cache_dir)
     inputs = EstimateInputs(
@@ -366,6 +375,7 @@ def estimate_memory(
         overhead_bytes=FRAMEWORK_OVERHEAD_BYTES if overhead_bytes is None else int(overhead_bytes),
         optimizer_in_backward=optimizer_in_backward,
         loss_chunk_tokens=loss_chunk_tokens,
+        embedding_optim_bits=embedding_optim_bits,
     )
     return estimate_from_inputs(inputs)
 

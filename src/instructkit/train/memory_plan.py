@@ -56,6 +56,9 @@ def plan_for_budget(estimate: MemoryEstimate, budget_bytes: int) -> list[str]:
     if inputs.optimizer == "adamw":
         consider(dataclasses.replace(inputs, optimizer="adamw_8bit"),
                  "keep AdamW's moments in 8 bits (train.optimizer=adamw_8bit; a slower update on CPU)")
+    if inputs.optimizer == "adamw_8bit" and inputs.embedding_optim_bits == 32 and inputs.lora is None:
+        consider(dataclasses.replace(inputs, embedding_optim_bits=8),
+                 "keep the embeddings' moments in 8 bits too (train.embedding_optim_bits=8)")
     if inputs.lora is None:
         lora = LoraSettings(enabled=True, dropout=0.0)  # dropout copies every adapted input: costly
         consider(dataclasses.replace(inputs, lora=lora),
@@ -108,6 +111,8 @@ def cheapest_fit(estimate: MemoryEstimate, budget_bytes: int, grad_accum: int = 
                       ["train.optimizer_in_backward=true", "train.max_grad_norm=null"]))
     if inputs.optimizer == "adamw":
         rungs.append(({"optimizer": "adamw_8bit"}, ["train.optimizer=adamw_8bit"]))
+    if inputs.embedding_optim_bits == 32 and inputs.shape.embedding_params and inputs.lora is None:
+        rungs.append(({"embedding_optim_bits": 8}, ["train.embedding_optim_bits=8"]))
     if not inputs.gradient_checkpointing:
         rungs.append(({"gradient_checkpointing": True}, ["train.gradient_checkpointing=true"]))
     for changes, texts in rungs:
@@ -140,7 +145,7 @@ def merge_changes(base: EstimateInputs, changed: EstimateInputs) -> EstimateInpu
     """Apply to `base` every setting in which `changed` differs from the estimate it was derived from."""
     updates = {}
     for name in ("gradient_checkpointing", "logits_at_labels", "lora", "precision", "optimizer_in_backward",
-                 "loss_chunk_tokens", "optimizer"):
+                 "loss_chunk_tokens", "optimizer", "embedding_optim_bits"):
         value = getattr(changed, name)
         if value != getattr(base, name) and value not in (False, None, "fp32", "adamw"):
             updates[name] = value
@@ -189,6 +194,7 @@ def estimate_for_run(config: RunConfig, *, cache_dir: str | os.PathLike | None =
         # with several micro-batches per step the gradients are all kept: in-backward saves nothing
         optimizer_in_backward=train.optimizer_in_backward and train.grad_accum == 1,
         loss_chunk_tokens=None if seq2seq else train.loss_chunk_tokens,
+        embedding_optim_bits=train.embedding_optim_bits,
     )
 
 

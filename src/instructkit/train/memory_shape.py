@@ -35,6 +35,7 @@ class ModelShape:
     small_params: int = 0  # values in tensors under MIN_8BIT_SIZE (norms, biases): fp32 moments in adamw_8bit
     quant_blocks: int = 0  # 256-value blocks of the other tensors (adamw_8bit: a float32 absmax each, per moment)
     factored_state: int = 0  # Adafactor's second moment: rows + columns of each matrix, all of each 1-D tensor
+    embedding_params: int = 0  # values of the nn.Embedding weights (adamw_8bit keeps them 32-bit by default)
 
     def lora_targets(self, lora: LoraSettings) -> list[tuple[str, int, int]]:
         """The Linears LoRA adapts: all of them for 'all-linear' (the LM head is never among them)."""
@@ -96,6 +97,7 @@ def model_shape(config: Any) -> ModelShape:
                 elif name.endswith(("q_norm", "k_norm")):
                     qk_norm = True
     sizes = [p.shape for p in model.parameters()]
+    embedding_weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     attn = getattr(config, "_attn_implementation", None) or "sdpa"
     return ModelShape(
         params=params,
@@ -108,6 +110,7 @@ def model_shape(config: Any) -> ModelShape:
         largest_param=max((size.numel() for size in sizes), default=0),
         small_params=sum(size.numel() for size in sizes if size.numel() < MIN_8BIT_SIZE),
         quant_blocks=sum(-(-size.numel() // 256) for size in sizes if size.numel() >= MIN_8BIT_SIZE),
+        embedding_params=sum(embedding_weights.values()),
         factored_state=sum(size[-2] + size[-1] if len(size) >= 2 else size.numel() for size in sizes),
         **numbers,
     )

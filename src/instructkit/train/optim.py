@@ -6,7 +6,10 @@
                 8 bytes per trainable parameter
     adamw_8bit  bitsandbytes AdamW8bit (pip install 'instructkit[lowbit]'): both moments in 8 bits with a
                 float32 scale per 256 values, ~2.03 bytes per parameter; tensors under 4,096 values keep
-                fp32 moments (bitsandbytes' min_8bit_size)
+                fp32 moments (bitsandbytes' min_8bit_size), and so do the embedding matrices unless
+                `train.embedding_optim_bits: 8`: transformers' Trainer registers the same 32-bit override
+                for every nn.Embedding under its bitsandbytes optimizers, as bitsandbytes' StableEmbedding
+                does (rare tokens' rows get rare, large updates that 8-bit moments quantize badly)
     adafactor   transformers.Adafactor at a fixed lr (relative_step, scale_parameter and warmup_init off, no
                 first moment): a row and a column second-moment vector per matrix, ~0 bytes per parameter
 
@@ -16,9 +19,9 @@ bench_memory.py notes): fused AdamW 0.11 s, bitsandbytes AdamW8bit 1.90 s, torch
 embedding): bitsandbytes 12-15 s, torchao 52 s. Hence bitsandbytes: faster, and no compiler needed.
 
 bitsandbytes' CPU update dequantizes a whole tensor's moments to fp32 before re-quantizing them (about 5
-fp32 copies of the tensor at once: 3.6 GB for that embedding). `LowBitAdamW` runs it over slices of
-SLICE_VALUES values (whole 256-value quantization blocks, so every value gets the very same update),
-which bounds that transient to ~5 x 4 MB.
+fp32 copies of the tensor at once: 3.6 GB for that embedding); its 32-bit update makes fp32 temporaries
+of the whole tensor too. `LowBitAdamW` runs either over slices of SLICE_VALUES values (whole 256-value
+quantization blocks, so every value gets the very same update), which bounds that transient to ~5 x 4 MB.
 
 `train.optimizer_in_backward` wraps any of them in train/in_backward.InBackwardOptimizer.
 """
@@ -42,14 +45,23 @@ SLICE_VALUES = 1 << 20  # values per bitsandbytes CPU update call (a multiple of
 QUANT_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer block
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The trainable parameters in two groups: weight matrices (decayed) and 1-D tensors (not decayed).
+def param_groups(model: torch.nn.Module, weight_decay: float, *,
+                 embedding_optim_bits: int | None = None) -> list[dict[str, Any]]:
+    """The trainable parameters in groups: weight matrices (decayed) and 1-D tensors (not decayed).
 
+    `embedding_optim_bits`: the nn.Embedding weights (a tied LM head is the same tensor) go in a group of
+    their own, decayed, with that "optim_bits" (read by adamw_8bit; see the module docstring).
     Raises TrainingError when nothing is trainable.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    apart = set()
+    if embedding_optim_bits is not None:
+        apart = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for p in trainable if p.ndim >= 2 and id(p) not in apart]
+    embeddings = [p for p in trainable if id(p) in apart]
+    no_decay = [p for p in trainable if p.ndim < 2 and id(p) not in apart]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": embeddings, "weight_decay": weight_decay, "optim_bits": embedding_optim_bits},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if not groups:
         raise TrainingError("the model has no trainable parameters (all frozen?)")
@@ -63,7 +75,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     applied by gradient hooks (train/in_backward.py). Raises ConfigError when adamw_8bit is asked for
     without bitsandbytes installed, TrainingError when nothing is trainable.
     """
-    groups = param_groups(model, cfg.weight_decay)
+    bits = cfg.embedding_optim_bits if cfg.optimizer == "adamw_8bit" else None
+    groups = param_groups(model, cfg.weight_decay, embedding_optim_bits=bits)
     build = optimizer_factory(cfg.optimizer, cfg.lr)
     if cfg.optimizer_in_backward:
         from instructkit.train.in_backward import InBackwardOptimizer
@@ -109,26 +122,39 @@ def low_bit_adamw_class() -> type:
                           f"(or 'bitsandbytes>=0.50,<0.51'); import failed: {exc}") from None
 
     class LowBitAdamW(bnb.optim.AdamW8bit):
-        """AdamW8bit; on CPU, tensors over SLICE_VALUES values are updated SLICE_VALUES at a time."""
+        """AdamW8bit; on CPU, tensors over SLICE_VALUES values are updated SLICE_VALUES at a time; a param
+        group's "optim_bits" (8 or 32) overrides the optimizer's for its tensors."""
+
+        def get_config(self, gindex: int, pindex: int, group: dict) -> dict:
+            config = super().get_config(gindex, pindex, group)
+            if "optim_bits" in group:
+                config["optim_bits"] = group["optim_bits"]
+            return config
 
         @torch.no_grad()
         def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
             state = self.state[p]
-            if p.device.type != "cpu" or state["state1"].dtype != torch.uint8 or p.numel() <= SLICE_VALUES:
-                return super().update_step(group, p, gindex, pindex)
             config = self.get_config(gindex, pindex, group)
+            if p.device.type != "cpu" or p.numel() <= SLICE_VALUES or config["max_unorm"] > 0:
+                return super().update_step(group, p, gindex, pindex)
             state["step"] += 1
             values, grads = p.data.contiguous().view(-1), p.grad.contiguous().view(-1)
             first, second = state["state1"].view(-1), state["state2"].view(-1)
+            beta1, beta2 = config["betas"][:2]
             for start in range(0, values.numel(), SLICE_VALUES):
                 end = min(start + SLICE_VALUES, values.numel())
-                blocks = slice(start // QUANT_BLOCK, math.ceil(end / QUANT_BLOCK))
-                bnb_functional.optimizer_update_8bit_blockwise(
-                    self.optimizer_name, grads[start:end], values[start:end], first[start:end],
-                    second[start:end], config["betas"][0], config["betas"][1], 0.0, 0.0, config["eps"],
-                    state["step"], config["lr"], state["qmap1"], state["qmap2"], state["absmax1"][blocks],
-                    state["absmax2"][blocks], config["weight_decay"], gnorm_scale=1.0,
-                    skip_zeros=config["skip_zeros"])
+                if first.dtype == torch.uint8:
+                    blocks = slice(start // QUANT_BLOCK, math.ceil(end / QUANT_BLOCK))
+                    bnb_functional.optimizer_update_8bit_blockwise(
+                        self.optimizer_name, grads[start:end], values[start:end], first[start:end],
+                        second[start:end], beta1, beta2, 0.0, 0.0, config["eps"], state["step"], config["lr"],
+                        state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
+                        config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
+                else:  # 32-bit moments (embedding_optim_bits 32, or a small tensor): elementwise too
+                    bnb_functional.optimizer_update_32bit(
+                        self.optimizer_name, grads[start:end], values[start:end], first[start:end], beta1,
+                        config["eps"], state["step"], config["lr"], second[start:end], beta2, 0.0, 0.0,
+                        config["weight_decay"], 1.0, None, max_unorm=0.0, skip_zeros=config["skip_zeros"])
             if values.data_ptr() != p.data.data_ptr():  # p was not contiguous: write the update back
                 p.data.copy_(values.view_as(p))
             return None
