@@ -133,10 +133,9 @@ def low_bit_adamw_class() -> type:
 
         @torch.no_grad()
         def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
-            state = self.state[p]
-            config = self.get_config(gindex, pindex, group)
-            if p.device.type != "cpu" or p.numel() <= SLICE_VALUES or config["max_unorm"] > 0:
+            if p.device.type != "cpu" or p.numel() <= SLICE_VALUES or self.args.max_unorm > 0:
                 return super().update_step(group, p, gindex, pindex)
+            state, config = self.state[p], self.get_config(gindex, pindex, group)
             state["step"] += 1
             values, grads = p.data.contiguous().view(-1), p.grad.contiguous().view(-1)
             first, second = state["state1"].view(-1), state["state2"].view(-1)
@@ -150,7 +149,7 @@ def low_bit_adamw_class() -> type:
                         second[start:end], beta1, beta2, 0.0, 0.0, config["eps"], state["step"], config["lr"],
                         state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
                         config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
-                else:  # 32-bit moments (embedding_optim_bits 32, or a small tensor): elementwise too
+                else:  # 32-bit moments (the embeddings under embedding_optim_bits 32): elementwise too
                     bnb_functional.optimizer_update_32bit(
                         self.optimizer_name, grads[start:end], values[start:end], first[start:end], beta1,
                         config["eps"], state["step"], config["lr"], second[start:end], beta2, 0.0, 0.0,
