@@ -21,6 +21,8 @@ Recipes (`--list`):
                       clipping)
   adamw_8bit_fp32_embedding  adamw_8bit with the embedding's moments in fp32 (train.embedding_optim_bits=32,
                       the default since; beside `adamw_8bit`, it tells the embedding's share of the loss)
+  lean_fp32_embedding lean with the embedding's moments in fp32 (train.embedding_optim_bits=32, the default):
+                      the memory-lean settings as a user gets them
 
 Every (recipe, seed) cell is saved to the JSON as soon as it ends and skipped on the next start (`--force`
 redoes it), so the grid (CPU hours) can run in pieces:
@@ -60,6 +62,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "adamw_8bit": ("instructkit", [*EIGHT_BIT, "train.loss_chunk_tokens=64"]),
     "adamw_8bit_fp32_embedding": ("instructkit", ["train.optimizer=adamw_8bit", "train.embedding_optim_bits=32",
                                                   "train.loss_chunk_tokens=64"]),
+    "lean_fp32_embedding": ("instructkit", ["train.optimizer=adamw_8bit", "train.embedding_optim_bits=32",
+                                            *LEAN[2:]]),
 }
 DATASETS = ("amazon_fine_food", "amazon_fashion")
 METRICS = ("accuracy", "macro_f1")

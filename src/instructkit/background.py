@@ -2,7 +2,8 @@
 
 `instructkit run` evaluates the base model beside training when training leaves CPU cores idle and memory
 for a second model (see `pipeline.base_beside_training`): the two steps need only the prepared data, and on
-a 2-core CPU with `train.threads: 1` the base evaluation otherwise waits for nothing on an idle core.
+a 2-core CPU with `train.threads: 1` the base evaluation otherwise waits for nothing on an idle core. The
+GGUF conversion (`models.gguf_cache`) converts the tokenizer in one while it reads the weights.
 
     step = BackgroundStep("evaluate-base", evaluate_base, (config, run_dir), log_file=run_dir / "logs" / ...)
     step.start()
@@ -107,8 +108,8 @@ class BackgroundStep:
     """`target(*args)` in a spawned child process, named `name` in its log lines (module docstring)."""
 
     def __init__(self, name: str, target: Callable[..., Any], args: tuple = (), *,
-                 log_file: Path | None = None):
-        self.name, self.log_file = name, log_file
+                 log_file: Path | None = None, beside: str = "the next step"):
+        self.name, self.log_file, self.beside = name, log_file, beside
         self._outcome: tuple | None = None
         context = multiprocessing.get_context("spawn")
         self._receive, self._send = context.Pipe(duplex=False)
@@ -123,7 +124,7 @@ class BackgroundStep:
         self._process.start()
         self._send.close()  # the child holds the sending end now
         where = f"; its log: {self.log_file}" if self.log_file else ""
-        log.info("step %s runs beside the next step, in process %d%s", self.name, self._process.pid, where)
+        log.info("step %s runs beside %s, in process %d%s", self.name, self.beside, self._process.pid, where)
 
     def wait(self) -> float:
         """Wait for the child; its wall seconds. Raises what it raised (module docstring), or RuntimeError

@@ -128,6 +128,45 @@ def test_f32_export_reproduces_the_logits(arch, tiny_models, exported):
         torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gguf_conversion_is_the_same_with_the_tokenizer_in_a_second_process(arch, exported, tmp_path):
+    """The cache folder `convert_gguf` writes: the same files, bytes and tensors whether the tokenizer is
+    converted in this process or in a spawned one, and what transformers reads from the GGUF itself."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from instructkit.models.gguf_cache import convert_gguf
+
+    path, model, tokenizer = exported[arch, "f32"]
+    folders = {child: convert_gguf(path, tmp_path / f"child-{child}", {"source": "test"},
+                                   tokenizer_in_child=child) for child in (False, True)}
+    names = sorted(p.name for p in folders[False].iterdir())
+    assert names == sorted(p.name for p in folders[True].iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(names)
+    for name in set(names) - {"model.safetensors"}:
+        assert (folders[False] / name).read_bytes() == (folders[True] / name).read_bytes(), name
+    weights = {child: load_file(folder / "model.safetensors") for child, folder in folders.items()}
+    reference = model.state_dict()
+    assert weights[False].keys() == weights[True].keys() and weights[True].keys() <= reference.keys()
+    for key, value in weights[True].items():
+        assert torch.equal(value, weights[False][key]) and torch.equal(value, reference[key]), key
+    back = AutoTokenizer.from_pretrained(folders[True])
+    assert [back(p).input_ids for p in PROMPTS] == [tokenizer(p).input_ids for p in PROMPTS]
+    assert back.chat_template == tokenizer.chat_template and back.pad_token is not None
+
+
+@pytest.mark.parametrize("child", [False, True])
+def test_unreadable_gguf_names_the_file_and_leaves_no_folder(child, tmp_path):
+    from instructkit.models.gguf_cache import convert_gguf
+
+    bad = tmp_path / "src" / "broken.gguf"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a gguf file" * 100)
+    with pytest.raises(ModelError, match=r"cannot read GGUF file .*broken\.gguf"):
+        convert_gguf(bad, tmp_path / "cache" / "x", {}, tokenizer_in_child=child)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_metadata_has_the_chat_template_special_tokens_and_quant_types(tiny_models, exported):
     _, model, tokenizer = tiny_models["llama"]
     fields = gguf_fields(exported["llama", "q8_0"][0])
