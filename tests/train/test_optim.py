@@ -160,40 +160,54 @@ def _three_steps_on_the_same_random_gradients(models, ours, references):
             reference.step()
 
 
+def _library_references(groups, embedding=None, embedding_bits=8):
+    """What LowBitAdamW must equal, bit for bit: bitsandbytes' AdamW8bit on the tensors it keeps in 8 bits
+    (>= 4,096 values), torch's fused AdamW on those whose moments are fp32 (smaller ones, and `embedding`
+    when `embedding_bits` is 32)."""
+    def pick(keep):
+        picked = [{**g, "params": [p for p in g["params"] if keep(p)]} for g in groups]
+        return [g for g in picked if g["params"]]
+
+    eight = pick(lambda p: p.numel() >= 4096 and (p is not embedding or embedding_bits == 8))
+    fp32 = pick(lambda p: p.numel() < 4096 or (p is embedding and embedding_bits == 32))
+    return [bnb.optim.AdamW8bit(eight, lr=1e-3), torch.optim.AdamW(fp32, lr=1e-3, fused=True)]
+
+
 def test_sliced_8bit_update_equals_bitsandbytes_whole_tensor_update(tiny_tokenizer, monkeypatch):
     """LowBitAdamW's slice-by-slice CPU update (bounded memory) = bitsandbytes' AdamW8bit, bit for bit, also
-    on tensors whose size is not a multiple of the 256-value block (the 511 x 64 embedding rows here)."""
+    on tensors whose size is not a multiple of the 256-value block (the 511 x 64 embedding rows here); the
+    small tensors bitsandbytes keeps in fp32 = torch's fused AdamW, states included."""
     monkeypatch.setattr(optim_module, "SLICE_VALUES", 1024)
     models = [build_tiny_llama(tiny_tokenizer) for _ in range(2)]
     groups = [param_groups(m, 0.1) for m in models]
     ours = optimizer_factory("adamw_8bit", 1e-3)(groups[0])
-    plain = bnb.optim.AdamW8bit(groups[1], lr=1e-3)
+    references = _library_references(groups[1])
     assert any(p.numel() > 1024 and p.numel() % 256 for p in models[0].parameters())
-    _three_steps_on_the_same_random_gradients(models, ours, [plain])
+    _three_steps_on_the_same_random_gradients(models, ours, references)
+    eight, fp32 = references
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(p, q)
-        assert all(torch.equal(a, b) for a, b in zip(ours.state[p].values(), plain.state[q].values())
-                   if isinstance(a, torch.Tensor))
+        if q in eight.state:
+            assert all(torch.equal(a, b) for a, b in zip(ours.state[p].values(), eight.state[q].values())
+                       if isinstance(a, torch.Tensor))
+        else:
+            assert torch.equal(ours.state[p]["state1"], fp32.state[q]["exp_avg"])
+            assert torch.equal(ours.state[p]["state2"], fp32.state[q]["exp_avg_sq"])
+            assert ours.state[p]["step"] == fp32.state[q]["step"].item() == 3
 
 
 @pytest.mark.parametrize("bits", [32, 8])
 def test_embedding_moments_keep_the_bits_asked_for(tiny_tokenizer, monkeypatch, bits):
     """train.embedding_optim_bits: the (tied) embedding's moments are fp32 by default, as transformers'
-    Trainer registers for nn.Embedding under bitsandbytes; its sliced update = bitsandbytes' own AdamW32bit
-    on that tensor bit for bit, the other matrices' = AdamW8bit's. With 8, the embedding is 8-bit too."""
+    Trainer registers for nn.Embedding under bitsandbytes; its update = torch's fused AdamW on that tensor
+    bit for bit, the other matrices' = AdamW8bit's. With 8, the embedding is 8-bit too."""
     monkeypatch.setattr(optim_module, "SLICE_VALUES", 1024)
     models = [build_tiny_llama(tiny_tokenizer) for _ in range(2)]
     ours = make_optimizer(models[0], train_config(optimizer="adamw_8bit", lr=1e-3, weight_decay=0.1,
                                                   embedding_optim_bits=bits))
     embedding = models[0].get_input_embeddings().weight
     assert embedding is models[0].get_output_embeddings().weight and embedding.numel() > 1024
-    ref_embedding = models[1].get_input_embeddings().weight
-    rest = param_groups(models[1], 0.1)
-    for group in rest:
-        group["params"] = [p for p in group["params"] if p is not ref_embedding]
-    references = [bnb.optim.AdamW8bit([g for g in rest if g["params"]], lr=1e-3),
-                  (bnb.optim.AdamW32bit if bits == 32 else bnb.optim.AdamW8bit)(
-                      [{"params": [ref_embedding], "weight_decay": 0.1}], lr=1e-3)]
+    references = _library_references(param_groups(models[1], 0.1), models[1].get_input_embeddings().weight, bits)
     _three_steps_on_the_same_random_gradients(models, ours, references)
     assert ours.state[embedding]["state1"].dtype == (torch.float32 if bits == 32 else torch.uint8)
     big = [p for p in models[0].parameters() if p is not embedding and p.numel() >= 4096]

@@ -19,9 +19,12 @@ bench_memory.py notes): fused AdamW 0.11 s, bitsandbytes AdamW8bit 1.90 s, torch
 embedding): bitsandbytes 12-15 s, torchao 52 s. Hence bitsandbytes: faster, and no compiler needed.
 
 bitsandbytes' CPU update dequantizes a whole tensor's moments to fp32 before re-quantizing them (about 5
-fp32 copies of the tensor at once: 3.6 GB for that embedding); its 32-bit update makes fp32 temporaries
-of the whole tensor too. `LowBitAdamW` runs either over slices of SLICE_VALUES values (whole 256-value
-quantization blocks, so every value gets the very same update), which bounds that transient to ~5 x 4 MB.
+fp32 copies of the tensor at once: 3.6 GB for that embedding). `LowBitAdamW` runs it over slices of
+SLICE_VALUES values (whole 256-value quantization blocks, so every value gets the very same update), which
+bounds that transient to ~5 x 4 MB. Tensors whose moments bitsandbytes keeps in fp32 (the embedding by
+default, tensors under 4,096 values) are updated on CPU by torch's fused AdamW kernel on bitsandbytes' own
+state tensors: the same rule as `adamw`, ~15x faster than bitsandbytes' 32-bit CPU update (0.033 s vs 0.51 s
+on SmolLM2's 49,152 x 576 embedding, 1 thread), with no whole-tensor temporaries.
 
 `train.optimizer_in_backward` wraps any of them in train/in_backward.InBackwardOptimizer.
 """
@@ -35,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.optim.adamw import adamw as functional_adamw
 
 from instructkit.config import TrainConfig
 from instructkit.errors import ConfigError, TrainingError
@@ -122,8 +126,9 @@ def low_bit_adamw_class() -> type:
                           f"(or 'bitsandbytes>=0.50,<0.51'); import failed: {exc}") from None
 
     class LowBitAdamW(bnb.optim.AdamW8bit):
-        """AdamW8bit; on CPU, tensors over SLICE_VALUES values are updated SLICE_VALUES at a time; a param
-        group's "optim_bits" (8 or 32) overrides the optimizer's for its tensors."""
+        """AdamW8bit; on CPU, 8-bit tensors over SLICE_VALUES values are updated SLICE_VALUES at a time and
+        fp32-moment tensors by torch's fused AdamW; a param group's "optim_bits" (8 or 32) overrides the
+        optimizer's for its tensors."""
 
         def get_config(self, gindex: int, pindex: int, group: dict) -> dict:
             config = super().get_config(gindex, pindex, group)
@@ -133,7 +138,10 @@ def low_bit_adamw_class() -> type:
 
         @torch.no_grad()
         def update_step(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
-            if p.device.type != "cpu" or p.numel() <= SLICE_VALUES or self.args.max_unorm > 0:
+            plain = p.device.type == "cpu" and self.args.max_unorm <= 0  # no update-norm clipping
+            if plain and self.state[p]["state1"].dtype == torch.float32:
+                return self._fused_32bit_update(group, p, gindex, pindex)
+            if not plain or p.numel() <= SLICE_VALUES:
                 return super().update_step(group, p, gindex, pindex)
             state, config = self.state[p], self.get_config(gindex, pindex, group)
             state["step"] += 1
@@ -142,21 +150,26 @@ def low_bit_adamw_class() -> type:
             beta1, beta2 = config["betas"][:2]
             for start in range(0, values.numel(), SLICE_VALUES):
                 end = min(start + SLICE_VALUES, values.numel())
-                if first.dtype == torch.uint8:
-                    blocks = slice(start // QUANT_BLOCK, math.ceil(end / QUANT_BLOCK))
-                    bnb_functional.optimizer_update_8bit_blockwise(
-                        self.optimizer_name, grads[start:end], values[start:end], first[start:end],
-                        second[start:end], beta1, beta2, 0.0, 0.0, config["eps"], state["step"], config["lr"],
-                        state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
-                        config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
-                else:  # 32-bit moments (the embeddings under embedding_optim_bits 32): elementwise too
-                    bnb_functional.optimizer_update_32bit(
-                        self.optimizer_name, grads[start:end], values[start:end], first[start:end], beta1,
-                        config["eps"], state["step"], config["lr"], second[start:end], beta2, 0.0, 0.0,
-                        config["weight_decay"], 1.0, None, max_unorm=0.0, skip_zeros=config["skip_zeros"])
+                blocks = slice(start // QUANT_BLOCK, math.ceil(end / QUANT_BLOCK))
+                bnb_functional.optimizer_update_8bit_blockwise(
+                    self.optimizer_name, grads[start:end], values[start:end], first[start:end],
+                    second[start:end], beta1, beta2, 0.0, 0.0, config["eps"], state["step"], config["lr"],
+                    state["qmap1"], state["qmap2"], state["absmax1"][blocks], state["absmax2"][blocks],
+                    config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
             if values.data_ptr() != p.data.data_ptr():  # p was not contiguous: write the update back
                 p.data.copy_(values.view_as(p))
             return None
+
+        def _fused_32bit_update(self, group: dict, p: torch.Tensor, gindex: int, pindex: int) -> None:
+            """fp32 moments (state1 = m, state2 = v, as bitsandbytes keeps them): torch's fused AdamW
+            kernel, the default optimizer's update, in place and without whole-tensor temporaries."""
+            state, config = self.state[p], self.get_config(gindex, pindex, group)
+            step = torch.tensor(float(state["step"]))  # the kernel adds 1, as bitsandbytes' counter does
+            state["step"] += 1
+            functional_adamw([p.data], [p.grad], [state["state1"]], [state["state2"]], [], [step],
+                             fused=True, amsgrad=False, beta1=config["betas"][0], beta2=config["betas"][1],
+                             lr=config["lr"], weight_decay=config["weight_decay"], eps=config["eps"],
+                             maximize=False)
 
     return LowBitAdamW
 
