@@ -21,7 +21,8 @@ What runs (each in a FRESH subprocess, one at a time, 1 torch thread, fp32, peak
   checkpoint) with `default` settings; `inbwd_chunked` (optimizer_in_backward + loss_chunk_tokens, fp32
   AdamW); `lean` (adamw_8bit, embedding moments in 8 bits too, + optimizer_in_backward + loss_chunk_tokens);
   `lean_ckpt` (lean + gradient checkpointing: what the 1.5B shape needs to stay under 14 GB, its activations
-  alone being 6 GB). No gradient clipping anywhere (in-backward cannot clip), lr 1e-5 constant.
+  alone being 6 GB); `lean_fp32_embedding` (lean with the embedding's moments in fp32, adamw_8bit's default;
+  --ab only). No gradient clipping anywhere (in-backward cannot clip), lr 1e-5 constant.
 - figures: peak RSS of the child; step time = median of the steps after the first (the first builds the
   optimizer state), in wall seconds and in CPU seconds of the child (time.process_time: on a machine shared
   with other work the CPU time is the steadier measure of the work a step does); the estimate of
@@ -58,6 +59,8 @@ SETTINGS = {
              "embedding_optim_bits": 8},
     "lean_ckpt": {"optimizer": "adamw_8bit", "optimizer_in_backward": True, "loss_chunk_tokens": CHUNK,
                   "embedding_optim_bits": 8, "gradient_checkpointing": True},
+    # lean as a user gets it: the embedding's moments in fp32 (train.embedding_optim_bits' default)
+    "lean_fp32_embedding": {"optimizer": "adamw_8bit", "optimizer_in_backward": True, "loss_chunk_tokens": CHUNK},
 }
 QWEN_1_5B = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
              "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -205,7 +208,8 @@ def speed_ab(args: argparse.Namespace) -> None:
                                    args.steps, args.timeout)
                 print(f"[bench_memory] ab {model} {setting}: {result.get('step_s')} s, {result.get('step_cpu_s')} "
                       "cpu s", flush=True)
-                times[setting].append({"step_s": result.get("step_s"), "step_cpu_s": result.get("step_cpu_s")})
+                times[setting].append({"step_s": result.get("step_s"), "step_cpu_s": result.get("step_cpu_s"),
+                                       "peak_rss_bytes": result.get("peak_rss_bytes")})
         medians = {k: statistics.median(r["step_s"] for r in v) for k, v in times.items()}
         cpu = {k: statistics.median(r["step_cpu_s"] for r in v) for k, v in times.items()}
         section[model] = {"runs": times, "load_average_1min": round(os.getloadavg()[0], 2)}
