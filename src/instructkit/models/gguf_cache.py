@@ -12,7 +12,7 @@ load converts it once into a safetensors folder in the cache, keyed by the GGUF 
 It is written to a temporary folder and renamed, so a crash never leaves half a cache entry; later loads
 read the folder (1-5 s). transformers parses the GGUF once for the tokenizer and again for the model (its
 config and tensors); on a machine of 2+ cores the tokenizer is converted in a second process meanwhile
-(`instructkit.background`): SmolLM2's conversion took 36 s instead of 48 here.
+(`instructkit.background`): SmolLM2's took 34 s instead of 39-46 s in the README's first command.
 """
 
 from __future__ import annotations
