@@ -22,7 +22,7 @@ What runs (each in a FRESH subprocess, one at a time, 1 torch thread, fp32, peak
   AdamW); `lean` (adamw_8bit, embedding moments in 8 bits too, + optimizer_in_backward + loss_chunk_tokens);
   `lean_ckpt` (lean + gradient checkpointing: what the 1.5B shape needs to stay under 14 GB, its activations
   alone being 6 GB); `lean_fp32_embedding` (lean with the embedding's moments in fp32, adamw_8bit's default;
-  --ab only). No gradient clipping anywhere (in-backward cannot clip), lr 1e-5 constant.
+  --ab only). No gradient clipping anywhere (in-backward clipping runs each step twice), lr 1e-5 constant.
 - figures: peak RSS of the child; step time = median of the steps after the first (the first builds the
   optimizer state), in wall seconds and in CPU seconds of the child (time.process_time: on a machine shared
   with other work the CPU time is the steadier measure of the work a step does); the estimate of

@@ -21,8 +21,9 @@ Recipes (`--list`):
                       clipping)
   adamw_8bit_fp32_embedding  adamw_8bit with the embedding's moments in fp32 (train.embedding_optim_bits=32,
                       the default since; beside `adamw_8bit`, it tells the embedding's share of the loss)
-  lean_fp32_embedding lean with the embedding's moments in fp32 (train.embedding_optim_bits=32, the default):
-                      the memory-lean settings as a user gets them
+  lean_fp32_embedding lean with the embedding's moments in fp32 (train.embedding_optim_bits=32, the default)
+  lean_clipped        lean_fp32_embedding with the gradient clipping kept (the step in backward clips by
+                      running forward and backward twice): the memory-lean settings as a user gets them
 
 Every (recipe, seed) cell is saved to the JSON as soon as it ends and skipped on the next start (`--force`
 redoes it), so the grid (CPU hours) can run in pieces:
@@ -64,6 +65,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
                                                   "train.loss_chunk_tokens=64"]),
     "lean_fp32_embedding": ("instructkit", ["train.optimizer=adamw_8bit", "train.embedding_optim_bits=32",
                                             *LEAN[2:]]),
+    "lean_clipped": ("instructkit", ["train.optimizer=adamw_8bit", "train.embedding_optim_bits=32",
+                                     "train.optimizer_in_backward=true", "train.loss_chunk_tokens=64"]),
 }
 DATASETS = ("amazon_fine_food", "amazon_fashion")
 METRICS = ("accuracy", "macro_f1")

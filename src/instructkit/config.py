@@ -230,7 +230,8 @@ class TrainConfig(Section):
     optimizer_in_backward: bool = Field(
         False, description="Apply the optimizer to each parameter as soon as its gradient is complete in "
         "backward and free that gradient, so the gradients never exist all at once (torchtune's approach). "
-        "One process only; needs max_grad_norm: null (the global norm is known only after the update). "
+        "One process only. With max_grad_norm each step's forward and backward run twice, the first measuring "
+        "the global norm (exact clipping, as LOMO does); max_grad_norm: null runs them once, unclipped. "
         "With grad_accum > 1 or a step of several micro-batches the earlier gradients are kept until the last "
         "micro-batch (same result, no saving for that step).")
     loss_chunk_tokens: int | None = Field(
@@ -335,11 +336,6 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _in_backward_limits(self) -> TrainConfig:
-        if self.optimizer_in_backward and self.max_grad_norm is not None:
-            raise ValueError(
-                "train.optimizer_in_backward=true cannot clip gradients "
-                f"(train.max_grad_norm={self.max_grad_norm}): each parameter is updated before the global "
-                "gradient norm is known. Set train.max_grad_norm: null, or train.optimizer_in_backward: false")
         if self.sharding == "fsdp" and (self.precision == "fp16" or self.lora.enabled):
             raise ValueError("train.sharding=fsdp supports fp32 and bf16 full fine-tuning: not "
                              + ("train.precision=fp16 (use bf16)" if self.precision == "fp16" else

@@ -85,20 +85,23 @@ def test_three_steps_match_the_reference_optimizer(tiny_tokenizer, tmp_path, nam
     assert _worst(weights, trainable_tensors(reference)) <= TOLERANCE[name]
 
 
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("layout", [{"batch_size": 8, "grad_accum": 1, "packing": True},
                                     {"batch_size": 4, "grad_accum": 2, "packing": False},
-                                    {"batch_size": 8, "gradient_checkpointing": True}],
-                         ids=["packed", "accum2", "checkpointing"])
-def test_in_backward_gives_the_ordinary_step_bitwise(tiny_tokenizer, tmp_path, name, layout):
+                                    {"batch_size": 8, "gradient_checkpointing": True},
+                                    {"batch_size": 8, "loss_chunk_tokens": 16}],
+                         ids=["packed", "accum2", "checkpointing", "chunked"])
+def test_in_backward_gives_the_ordinary_step_bitwise(tiny_tokenizer, tmp_path, name, layout, clip):
     """Each parameter updated in backward as soon as its gradient is complete = the ordinary step, bit for bit,
     including grad_accum 2 (the update waits for the last micro-batch) and gradient checkpointing (a layer is
-    recomputed before any of its parameters is updated)."""
+    recomputed before any of its parameters is updated); with max_grad_norm, the two-pass clipping (a first
+    pass measures the global norm) = the ordinary step clipped by torch.nn.utils.clip_grad_norm_."""
     dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
     out = {}
     for in_backward in (False, True):
         model = build_tiny_llama(tiny_tokenizer)
-        cfg = train_config(optimizer=name, optimizer_in_backward=in_backward, max_grad_norm=None, max_steps=3,
+        cfg = train_config(optimizer=name, optimizer_in_backward=in_backward, max_grad_norm=clip, max_steps=3,
                            weight_decay=0.1, schedule="linear", warmup_ratio=0.3, **layout)
         result = _run(model, tiny_tokenizer, dataset, settings, tmp_path / str(in_backward), cfg)
         out[in_backward] = (result, trainable_tensors(model))
@@ -107,6 +110,28 @@ def test_in_backward_gives_the_ordinary_step_bitwise(tiny_tokenizer, tmp_path, n
     assert all(torch.equal(w_in_bwd[k], w_ordinary[k]) for k in w_ordinary)
     norms = [[r["grad_norm"] for r in res.history if r["event"] == "train"] for res in (ordinary, in_bwd)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)  # the hooks' norm reading is the global norm
+    if clip is not None:
+        assert min(norms[0]) > 2 * clip  # the clipping did act on every step
+
+
+def test_in_backward_clipping_replays_dropout(tiny_tokenizer, tmp_path):
+    """The measuring pass runs on a forked RNG, so the updating pass draws the same dropout masks as the
+    ordinary step: weights equal bit for bit with attention dropout 0.3."""
+    dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
+    weights, losses = [], []
+    for in_backward, dropout in ((False, 0.0), (False, 0.3), (True, 0.3)):
+        model = build_tiny_llama(tiny_tokenizer)
+        layers = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+        assert layers
+        for layer in layers:
+            layer.attention_dropout = dropout
+        cfg = train_config(optimizer_in_backward=in_backward, max_grad_norm=0.05, max_steps=2, batch_size=8)
+        losses.append(_losses(_run(model, tiny_tokenizer, dataset, settings, tmp_path / f"{in_backward}{dropout}",
+                                   cfg)))
+        weights.append(trainable_tensors(model))
+    assert losses[0] != losses[1]  # the dropout draws count
+    assert losses[1] == losses[2]
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
 
 
 class _Interrupt(Exception):
@@ -260,9 +285,8 @@ def _assert_same_nested(a, b):
         assert a == b
 
 
-def test_in_backward_refuses_clipping_and_fp16_naming_both_keys():
-    with pytest.raises(ConfigError, match=r"(?s)optimizer_in_backward.*max_grad_norm"):
-        validate_config({"train": {"optimizer_in_backward": True}})
+def test_in_backward_refuses_fp16_naming_both_keys_and_accepts_clipping():
+    assert validate_config({"train": {"optimizer_in_backward": True}}).train.max_grad_norm == 1.0
     with pytest.raises(ConfigError, match=r"(?s)optimizer_in_backward.*precision=fp16"):
         validate_config({"train": {"optimizer_in_backward": True, "max_grad_norm": None, "precision": "fp16"}})
     assert validate_config({"train": {"optimizer_in_backward": True, "max_grad_norm": None,
@@ -287,6 +311,23 @@ def test_in_backward_divergence_says_whether_the_step_was_applied(tiny_tokenizer
     fresh = build_tiny_llama(tiny_tokenizer)
     load_checkpoint(latest_good_checkpoint(tmp_path), fresh)
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_in_backward_clipping_stops_a_divergent_step_before_applying_it(tiny_tokenizer, tmp_path):
+    """With max_grad_norm the measuring pass sees the non-finite norm (or the loss check a non-finite loss)
+    before any update of that step: the error says it was not applied, and the weights in memory are the
+    last checkpoint's."""
+    from instructkit.errors import TrainingError
+    from instructkit.train.checkpoint import latest_good_checkpoint, load_checkpoint
+
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+    model = build_tiny_llama(tiny_tokenizer)
+    with pytest.raises(TrainingError, match=r"diverged at step \d+: .*The step was not applied"):
+        _run(model, tiny_tokenizer, dataset, settings, tmp_path,
+             train_config(lr=1e30, max_grad_norm=1.0, optimizer_in_backward=True, max_steps=4, save_every=1))
+    saved = build_tiny_llama(tiny_tokenizer)
+    load_checkpoint(latest_good_checkpoint(tmp_path), saved)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved.parameters()))
 
 
 def test_in_backward_releases_memory_by_gradient_bytes(tiny_tokenizer, monkeypatch):

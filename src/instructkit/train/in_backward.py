@@ -18,10 +18,19 @@ Why it is the same update as the ordinary step:
 - The learning rate: the schedule drives this object's param_groups; each hook copies its group's lr
   into the parameter's optimizer before stepping.
 
-What it cannot do: clip by the global gradient norm (known only after every update is applied; the
-config refuses max_grad_norm with it), the fp16 grad scaler, and DDP (a hook fires before DDP has
-averaged the gradient; train/step.py refuses several processes). The global norm is still reported:
-the hooks add up each gradient's squared norm before applying it.
+Clipping by the global gradient norm (`max_grad_norm`), as LOMO does it (Lv et al. 2023, "Full Parameter
+Fine-tuning for Large Language Models with Limited Resources", section 3.3): the global norm is known only
+once every gradient exists, so train/step.py runs the step's forward and backward passes twice. In the first,
+`measuring()`, each hook records its parameter's gradient norm and frees the gradient without updating
+anything; `clip_coef()` turns the norms into torch.nn.utils.clip_grad_norm_'s coefficient, from the same
+per-tensor norms in the same (model.parameters()) order, so the same bits. The second pass, `armed(coef)`,
+scales each gradient by it and steps: the update is the ordinary clipped step's, for twice the forward and
+backward compute (dropout replays: the first pass runs on a forked RNG). Without clipping
+(`max_grad_norm: null`) one pass does; the README measures what that costs in quality.
+
+What it cannot do: the fp16 grad scaler, and DDP (a hook fires before DDP has averaged the gradient;
+train/step.py refuses several processes). The global norm is reported either way: the hooks add up each
+gradient's squared norm before applying it.
 
 Memory (`release_free_memory`, train.release_free_memory on CPU): the C allocator's free pages go back to
 the system (train/allocator.py) (a) just before the largest parameter's update (Gemma 3's tied embedding,
@@ -44,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -74,7 +83,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults or {})
         self._group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
         self._armed = False
+        self._measuring = False
+        self._coef: torch.Tensor | None = None
         self._squares: list[torch.Tensor] = []
+        self._norms: dict[torch.Tensor, torch.Tensor] = {}
         params = [p for group in self.param_groups for p in group["params"]]
         self._release_before = max(params, key=torch.Tensor.numel) if release_free_memory and params else None
         self._release_often = release_free_memory
@@ -85,14 +97,36 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         weakref.finalize(self, _remove, handles)  # inert hooks go with the optimizer
 
     @contextlib.contextmanager
-    def armed(self) -> Iterator[None]:
-        """Apply updates in the backward passes run inside this block (and restart `grad_norm`)."""
+    def armed(self, clip_coef: torch.Tensor | None = None) -> Iterator[None]:
+        """Apply updates in the backward passes run inside this block (and restart `grad_norm`), each
+        gradient multiplied by `clip_coef` (a 0-d tensor from `clip_coef()`) first when given."""
         self._squares = []
-        self._armed = True
+        self._armed, self._coef = True, clip_coef
         try:
             yield
         finally:
-            self._armed = False
+            self._armed, self._coef = False, None
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """In the backward passes run inside this block, record each complete gradient's norm and free the
+        gradient, updating nothing (the first pass of clipping; module docstring)."""
+        self._norms = {}
+        self._measuring = True
+        try:
+            yield
+        finally:
+            self._measuring = False
+
+    def clip_coef(self, parameters: Iterable[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total norm, clip coefficient) of the gradients measured last, as torch.nn.utils.clip_grad_norm_
+        computes them over `parameters` (pass model.parameters(): the order of the norms is the order
+        of its sum): total = ||(||g_i||)_i||, coef = min(max_norm / (total + 1e-6), 1), 0-d fp32 tensors."""
+        norms = [self._norms[p] for p in parameters if p in self._norms]
+        if not norms:
+            return torch.zeros(()), torch.ones(())
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of all gradients applied in the last `armed()` block (0-d fp32 tensor, no sync)."""
@@ -138,12 +172,20 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
 
 def _apply(ref: weakref.ref, param: torch.Tensor) -> None:
-    """The hook: step `param`'s optimizer on its complete gradient and free the gradient."""
+    """The hook: step `param`'s optimizer on its complete gradient and free the gradient (or, measuring,
+    only record the gradient's norm and free it)."""
     owner = ref()
-    if owner is None or not owner._armed or param.grad is None:
+    if owner is None or not (owner._armed or owner._measuring) or param.grad is None:
+        return
+    if owner._measuring:
+        with torch.no_grad():  # torch.nn.utils.get_total_norm's per-tensor norm, in the gradient's dtype
+            owner._norms[param] = torch.linalg.vector_norm(param.grad.detach(), 2.0)
+        param.grad = None
         return
     with torch.no_grad():  # a reduction: no gradient-sized temporary (the embedding's is 0.67 GB in Gemma 3)
         owner._squares.append(torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square())
+        if owner._coef is not None:
+            param.grad.mul_(owner._coef.to(param.grad.device))
     cpu = param.device.type == "cpu"
     if param is owner._release_before and cpu:
         release_free_memory()

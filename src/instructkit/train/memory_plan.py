@@ -51,8 +51,8 @@ def plan_for_budget(estimate: MemoryEstimate, budget_bytes: int) -> list[str]:
                  f"(train.loss_chunk_tokens={LADDER_CHUNK_TOKENS})")
     if not inputs.optimizer_in_backward and inputs.precision != "fp16":
         consider(dataclasses.replace(inputs, optimizer_in_backward=True),
-                 "apply each gradient as soon as it is complete (train.optimizer_in_backward=true, "
-                 "train.max_grad_norm=null; grad_accum 1)")
+                 "apply each gradient as soon as it is complete (train.optimizer_in_backward=true; grad_accum "
+                 "1; clipping then runs forward and backward twice a step)")
     if inputs.optimizer == "adamw":
         consider(dataclasses.replace(inputs, optimizer="adamw_8bit"),
                  "keep AdamW's moments in 8 bits (train.optimizer=adamw_8bit; a slower update on CPU)")
@@ -107,8 +107,7 @@ def cheapest_fit(estimate: MemoryEstimate, budget_bytes: int, grad_accum: int = 
     if not inputs.loss_chunk_tokens:
         rungs.append(({"loss_chunk_tokens": LADDER_CHUNK_TOKENS}, [f"train.loss_chunk_tokens={LADDER_CHUNK_TOKENS}"]))
     if not inputs.optimizer_in_backward and grad_accum == 1 and inputs.precision != "fp16":
-        rungs.append(({"optimizer_in_backward": True},
-                      ["train.optimizer_in_backward=true", "train.max_grad_norm=null"]))
+        rungs.append(({"optimizer_in_backward": True}, ["train.optimizer_in_backward=true"]))
     if inputs.optimizer == "adamw":
         rungs.append(({"optimizer": "adamw_8bit"}, ["train.optimizer=adamw_8bit"]))
     if inputs.embedding_optim_bits == 32 and inputs.shape.embedding_params and inputs.lora is None:

@@ -11,8 +11,10 @@
 
 With train.optimizer_in_backward (train/in_backward.py) the last micro-batch's backward applies the
 update parameter by parameter: the loss is read (one more host sync) and checked BEFORE that backward,
-so a NaN/Inf loss still stops with nothing applied; a non-finite gradient can only be seen afterwards,
-when the update is already applied (the error says so; the last checkpoint predates it). No clipping.
+so a NaN/Inf loss still stops with nothing applied. With max_grad_norm the window first runs once more,
+measuring (in_backward.py: LOMO's exact clipping): a non-finite gradient norm then stops the step before
+anything is applied; without clipping it can only be seen afterwards, when the update is already applied
+(the error says so; the last checkpoint predates it).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     """
     model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
     release = run.cfg.release_free_memory and accelerator.device.type == "cpu"
-    seq2seq, logits_at_labels, max_grad_norm = run.seq2seq, run.logits_at_labels, run.cfg.max_grad_norm
+    max_grad_norm = run.cfg.max_grad_norm
     weight, tokens, labels = all_reduce_sum(accelerator, [
         sum(b.weight_sum for b in batches), sum(b.n_tokens for b in batches), sum(b.n_targets for b in batches)])
     if weight <= 0:
@@ -65,17 +67,16 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     if in_backward is not None and accelerator.num_processes > 1:
         raise TrainingError("train.optimizer_in_backward=true runs in one process only (each gradient would be "
                             "applied before DDP averages it); set it to false for multi-process training")
+    clip_coef = None
+    if in_backward is not None and max_grad_norm is not None:
+        clip_coef = _measure_clip_coef(run, batches, scale, step)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with _sync(run, last):
-            with accelerator.autocast():
-                part = batch_loss(model, batch, seq2seq=seq2seq, logits_at_labels=logits_at_labels,
-                                  chunk_tokens=run.cfg.loss_chunk_tokens)
-            if release:  # freed memory of earlier steps and of this forward back to the system before the
-                release_free_memory()  # backward, where the peak comes (train/allocator.py)
+            part = _forward(run, batch, release)
             if in_backward is not None and last:
                 _check_loss_before_update(window_loss + part.detach().float(), weight, step)
-                with in_backward.armed():
+                with in_backward.armed(clip_coef):
                     accelerator.backward(part * scale)
             else:
                 accelerator.backward(part * scale)
@@ -107,6 +108,36 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss, norm, int(tokens), int(labels), lr,
                      record_shape([list(b.inputs["input_ids"].shape) for b in batches]))
+
+
+def _forward(run: Run, batch: Batch, release: bool) -> torch.Tensor:
+    """The micro-batch's summed loss (train/loss.batch_loss) under the accelerator's autocast."""
+    with run.accelerator.autocast():
+        part = batch_loss(run.model, batch, seq2seq=run.seq2seq, logits_at_labels=run.logits_at_labels,
+                          chunk_tokens=run.cfg.loss_chunk_tokens)
+    if release:  # freed memory of earlier steps and of this forward back to the system before the
+        release_free_memory()  # backward, where the peak comes (train/allocator.py)
+    return part
+
+
+def _measure_clip_coef(run: Run, batches: Sequence[Batch], scale: float, step: int) -> torch.Tensor:
+    """In-backward clipping's first pass (train/in_backward.py): the window's forward and backward on a
+    forked RNG, every complete gradient's norm recorded and the gradient freed, nothing updated; the clip
+    coefficient. Raises TrainingError when the gradient norm is not finite (nothing was applied)."""
+    in_backward = getattr(run.optimizer, "optimizer", run.optimizer)
+    device = run.accelerator.device
+    release = run.cfg.release_free_memory and device.type == "cpu"
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+        for i, batch in enumerate(batches):
+            part = _forward(run, batch, release)
+            with in_backward.measuring() if i == len(batches) - 1 else contextlib.nullcontext():
+                run.accelerator.backward(part * scale)
+    in_backward.zero_grad(set_to_none=True)  # nothing of the first pass may reach the second
+    norm, coef = in_backward.clip_coef(run.model.parameters(), run.cfg.max_grad_norm)
+    if not math.isfinite(norm.item()):
+        raise TrainingError(f"training diverged at step {step}: gradient norm {norm.item()}. The step was not "
+                            "applied and no checkpoint was written after it. Lower train.lr or use precision fp32.")
+    return coef
 
 
 def _sync(run: Run, last: bool) -> contextlib.AbstractContextManager:
