@@ -332,18 +332,20 @@ def test_in_backward_clipping_stops_a_divergent_step_before_applying_it(tiny_tok
 
 def test_in_backward_releases_memory_by_gradient_bytes(tiny_tokenizer, monkeypatch):
     """train.release_free_memory in-backward: a release before the largest parameter's update and one each
-    time RELEASE_EVERY_BYTES of gradients have been applied since the last; none when the setting is off."""
+    time RELEASE_EVERY_BYTES of gradients have been applied since the last; none when the setting is off.
+    The measuring pass of clipping frees gradients too, so it releases every RELEASE_EVERY_BYTES as well."""
     from instructkit.train import in_backward
 
-    def releases(enabled: bool, every: int) -> tuple[int, int]:
+    def releases(enabled: bool, every: int, measuring: bool = False) -> tuple[int, int]:
         calls: list[int] = []
         monkeypatch.setattr(in_backward, "release_free_memory", lambda: calls.append(1))
         monkeypatch.setattr(in_backward, "RELEASE_EVERY_BYTES", every)
         model = build_tiny_llama(tiny_tokenizer)
         opt = make_optimizer(model, train_config(optimizer_in_backward=True, max_grad_norm=None,
                                                  release_free_memory=enabled))
-        with opt.armed():
+        with opt.measuring() if measuring else opt.armed():
             model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss.backward()
+        assert all(p.grad is None for p in model.parameters())
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         return len(calls), grad_bytes
 
@@ -354,3 +356,4 @@ def test_in_backward_releases_memory_by_gradient_bytes(tiny_tokenizer, monkeypat
     # the largest parameter's release resets the count, so 3 to 5 periodic releases plus that one
     assert 4 <= calls <= 6
     assert releases(False, every)[0] == 0
+    assert 3 <= releases(True, every, measuring=True)[0] <= 4  # no update, so no release before one

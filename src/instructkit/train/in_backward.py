@@ -177,22 +177,21 @@ def _apply(ref: weakref.ref, param: torch.Tensor) -> None:
     owner = ref()
     if owner is None or not (owner._armed or owner._measuring) or param.grad is None:
         return
+    cpu = param.device.type == "cpu"
     if owner._measuring:
         with torch.no_grad():  # torch.nn.utils.get_total_norm's per-tensor norm, in the gradient's dtype
             owner._norms[param] = torch.linalg.vector_norm(param.grad.detach(), 2.0)
-        param.grad = None
-        return
-    with torch.no_grad():  # a reduction: no gradient-sized temporary (the embedding's is 0.67 GB in Gemma 3)
-        owner._squares.append(torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square())
-        if owner._coef is not None:
-            param.grad.mul_(owner._coef.to(param.grad.device))
-    cpu = param.device.type == "cpu"
-    if param is owner._release_before and cpu:
-        release_free_memory()
-        owner._freed_bytes = 0
-    inner = owner._inner[param]
-    inner.param_groups[0]["lr"] = owner.param_groups[owner._group_index[param]]["lr"]
-    inner.step()
+    else:
+        with torch.no_grad():  # a reduction: no gradient-sized temporary (Gemma 3's embedding's is 0.67 GB)
+            owner._squares.append(torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).square())
+            if owner._coef is not None:
+                param.grad.mul_(owner._coef.to(param.grad.device))
+        if param is owner._release_before and cpu:
+            release_free_memory()
+            owner._freed_bytes = 0
+        inner = owner._inner[param]
+        inner.param_groups[0]["lr"] = owner.param_groups[owner._group_index[param]]["lr"]
+        inner.step()
     owner._freed_bytes += param.grad.numel() * param.grad.element_size()
     param.grad = None
     if owner._release_often and cpu and owner._freed_bytes >= RELEASE_EVERY_BYTES:
