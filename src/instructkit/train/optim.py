@@ -17,6 +17,12 @@ Measured here (1 thread, 12 matrices of 2048 x 2048 = 50.3 M parameters, steady 
 bench_memory.py notes): fused AdamW 0.11 s, bitsandbytes AdamW8bit 1.90 s, torchao 0.18 AdamW8bit 2.49 s
 (and 48 s of torch.compile on its first step), Adafactor 0.58 s. On one 262,144 x 640 matrix (Gemma 3's
 embedding): bitsandbytes 12-15 s, torchao 52 s. Hence bitsandbytes: faster, and no compiler needed.
+torchao's FP8-state AdamWFp8 (e4m3 moments, a scale per 256 values; torchao 0.18, 2026-12-01,
+benchmarks/bench_optim_step.py, side by side, 1 thread, on a loaded machine): 0.67x the time of
+`adamw_8bit` here on the same 50.3 M values (36 vs 54 ns a value; fused AdamW 2.2 ns), after ~20 s of
+torch.compile per tensor shape on a cold cache. That would take ~2.7 s off Gemma-3-270M's 31-35 s
+memory-lean step: not the 5-10x that would let one setting meet the memory and the time goals together,
+for a compiler at run time and another state format; adamw_8bit stays on bitsandbytes.
 
 bitsandbytes' CPU update dequantizes a whole tensor's moments to fp32 before re-quantizing them (about 5
 fp32 copies of the tensor at once: 3.6 GB for that embedding). `LowBitAdamW` runs it over slices of
