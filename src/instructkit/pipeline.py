@@ -121,6 +121,9 @@ def run(config_path: str | Path | None = None, overrides: list[str] | tuple[str,
     config = load_config(config_path or DEFAULT_CONFIG, overrides)
     run_dir = config.run_dir
     from instructkit.io import run_lock
+    from instructkit.train.sharding import check_processes
+
+    check_processes(config.train)  # before any step: a launch the settings cannot run is refused at once
 
     if not ranks.is_main():  # under a launcher: rank 0 runs the steps, the others only train with it
         go, resume = ranks.share(None)
@@ -288,7 +291,9 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     from instructkit.models.lora import wrap_lora
     from instructkit.models.save import save_instruct_model
     from instructkit.train.loop import TrainData, TrainOptions, train
+    from instructkit.train.sharding import check_processes
 
+    check_processes(config.train)
     run_dir = config.run_dir
     # Rank 0 (alone without a launcher) keeps an earlier model aside, prepares, fills the download / GGUF
     # and tokenize caches; the other processes then read what it wrote (instructkit/ranks.py).

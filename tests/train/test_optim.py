@@ -7,7 +7,9 @@ import pytest
 import torch
 from _train_helpers import make_examples, tokenized, train_config, trainable_tensors
 from conftest import build_tiny_llama
+from transformers import LlamaForCausalLM
 
+from instructkit import pipeline
 from instructkit.config_load import validate_config
 from instructkit.errors import ConfigError
 from instructkit.train import optim as optim_module
@@ -16,6 +18,7 @@ from instructkit.train.in_backward import InBackwardOptimizer
 from instructkit.train.loop import TrainData, TrainOptions, train
 from instructkit.train.optim import make_optimizer, optimizer_factory, param_groups
 from instructkit.train.optim_state import join_state, split_state
+from instructkit.train.sharding import check_processes
 
 OPTIMIZERS = ["adamw", "adamw_8bit", "adafactor"]
 bnb = pytest.importorskip("bitsandbytes", reason="adamw_8bit needs bitsandbytes (pip install '.[test]')")
@@ -111,7 +114,70 @@ def test_in_backward_gives_the_ordinary_step_bitwise(tiny_tokenizer, tmp_path, n
     norms = [[r["grad_norm"] for r in res.history if r["event"] == "train"] for res in (ordinary, in_bwd)]
     assert norms[1] == pytest.approx(norms[0], rel=1e-5)  # the hooks' norm reading is the global norm
     if clip is not None:
+        assert norms[1] == norms[0]  # clipped: the measured total is clip_grad_norm_'s, to the bit
         assert min(norms[0]) > 2 * clip  # the clipping did act on every step
+
+
+class _ConditionalLlama(LlamaForCausalLM):
+    """A Llama with a bias added to the embeddings of micro-batches of 4+ rows only: a parameter that gets a
+    gradient in some micro-batches of a window and not in others (as an MoE expert does)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.wide_bias = torch.nn.Parameter(torch.zeros(config.hidden_size))
+        self.rows_seen: list[int] = []
+
+    def forward(self, input_ids=None, **kwargs):
+        self.rows_seen.append(input_ids.shape[0])
+        embeds = self.get_input_embeddings()(input_ids)
+        if input_ids.shape[0] >= 4:
+            embeds = embeds + self.wide_bias
+        return super().forward(inputs_embeds=embeds, **kwargs)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["unclipped", "clipped"])
+def test_in_backward_applies_a_parameter_unused_in_the_last_micro_batch(tiny_tokenizer, tmp_path, clip):
+    """A gradient from an earlier micro-batch only fires no hook in the last backward: leaving armed() /
+    measuring() applies and measures it, so the update (and, clipped, every other parameter's through the
+    global norm) is the ordinary step's bit for bit."""
+    dataset, settings = tokenized(make_examples(10), tiny_tokenizer)
+    out = {}
+    for in_backward in (False, True):
+        base = build_tiny_llama(tiny_tokenizer)
+        model = _ConditionalLlama(base.config)
+        model.load_state_dict(base.state_dict(), strict=False)
+        cfg = train_config(optimizer_in_backward=in_backward, max_grad_norm=clip, max_steps=1, batch_size=4,
+                           grad_accum=3, packing=False)
+        result = _run(model, tiny_tokenizer, dataset, settings, tmp_path / str(in_backward), cfg)
+        out[in_backward] = (result, trainable_tensors(model), model)
+    (ordinary, w_ordinary, model), (in_bwd, w_in_bwd, _) = out[False], out[True]
+    window = model.rows_seen[-3:]
+    assert window[0] >= 4 > window[-1]  # the bias is used in the window, but not in its last micro-batch
+    assert w_ordinary["wide_bias"].abs().max() > 0  # and the ordinary step moved it
+    assert _losses(in_bwd) == _losses(ordinary)
+    assert all(torch.equal(w_in_bwd[k], w_ordinary[k]) for k in w_ordinary)
+    assert all(p.grad is None for p in out[True][2].parameters())
+
+
+def test_in_backward_clip_coef_groups_norms_as_clip_grad_norm_does():
+    """Mixed dtypes (a bf16 model with fp32 modules kept, as transformers does for T5's `wo`): the total
+    norm is torch.nn.utils.get_total_norm's to the bit, which stacks the per-tensor norms by dtype group."""
+    torch.manual_seed(0)
+    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    params = [torch.nn.Parameter(torch.zeros(7 + i, dtype=dtype)) for i, dtype in enumerate(dtypes)]
+    optimizer = InBackwardOptimizer([{"params": params}], lambda groups: torch.optim.SGD(groups, lr=0.1))
+    for _ in range(200):
+        grads = [torch.randn(p.shape) * 10 ** torch.empty(()).uniform_(-3, 3).item() for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.to(p.dtype)
+        expected = torch.nn.utils.get_total_norm([p.grad for p in params])
+        with optimizer.measuring():  # no backward ran: leaving the block measures every gradient held
+            pass
+        assert all(p.grad is None for p in params)
+        total, coef = optimizer.clip_coef(params, 1.0)
+        assert torch.equal(total, expected)
+        assert torch.equal(coef, torch.clamp(1.0 / (expected + 1e-6), max=1.0))
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in params)  # measuring updates nothing
 
 
 def test_in_backward_clipping_replays_dropout(tiny_tokenizer, tmp_path):
@@ -291,6 +357,22 @@ def test_in_backward_refuses_fp16_naming_both_keys_and_accepts_clipping():
         validate_config({"train": {"optimizer_in_backward": True, "max_grad_norm": None, "precision": "fp16"}})
     assert validate_config({"train": {"optimizer_in_backward": True, "max_grad_norm": None,
                                       "grad_accum": 4}}).train.grad_accum == 4
+
+
+def test_in_backward_under_several_processes_is_refused_before_any_step(tmp_path, monkeypatch):
+    """Launched with WORLD_SIZE 2, `instructkit run` refuses the step in backward (exit 2, naming the key and
+    the process count) before it prepares, evaluates or creates anything."""
+    on = validate_config({"train": {"optimizer_in_backward": True}}).train
+    check_processes(on, 1)
+    check_processes(validate_config({}).train, 2)
+    with pytest.raises(ConfigError, match=r"optimizer_in_backward=true.*launched with 2"):
+        check_processes(on, 2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="optimizer_in_backward") as error:
+        pipeline.run(None, ["train.optimizer_in_backward=true"])
+    assert error.value.exit_code == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_in_backward_divergence_says_whether_the_step_was_applied(tiny_tokenizer, tmp_path):

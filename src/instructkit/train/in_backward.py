@@ -14,7 +14,10 @@ Why it is the same update as the ordinary step:
   or a packed step that did not fit one micro-batch) accumulate into `.grad` as usual; the hook then
   sees the summed gradient, which the loss normalisation in train/step.py makes the step's gradient.
   Such steps save nothing on gradients (they all exist after the first micro-batch); the result is
-  identical.
+  identical. A parameter that got its gradient in an earlier micro-batch but is not used in the last
+  one (an MoE expert no token of the last micro-batch was routed to, any input-dependent branch) fires
+  no hook then: leaving `armed()` / `measuring()` applies (or measures) every parameter still holding a
+  gradient, so it is updated and counted in the global norm as the ordinary step would.
 - The learning rate: the schedule drives this object's param_groups; each hook copies its group's lr
   into the parameter's optimizer before stepping.
 
@@ -23,14 +26,17 @@ Fine-tuning for Large Language Models with Limited Resources", section 3.3): the
 once every gradient exists, so train/step.py runs the step's forward and backward passes twice. In the first,
 `measuring()`, each hook records its parameter's gradient norm and frees the gradient without updating
 anything; `clip_coef()` turns the norms into torch.nn.utils.clip_grad_norm_'s coefficient, from the same
-per-tensor norms in the same (model.parameters()) order, so the same bits. The second pass, `armed(coef)`,
+per-tensor norms stacked in the same order (model.parameters(), grouped by device and dtype as
+torch.nn.utils.get_total_norm groups them), so the same bits, mixed-dtype models included. The second pass, `armed(coef)`,
 scales each gradient by it and steps: the update is the ordinary clipped step's, for twice the forward and
 backward compute (dropout replays: the first pass runs on a forked RNG). Without clipping
 (`max_grad_norm: null`) one pass does; the README measures what that costs in quality.
 
 What it cannot do: the fp16 grad scaler, and DDP (a hook fires before DDP has averaged the gradient;
-train/step.py refuses several processes). The global norm is reported either way: the hooks add up each
-gradient's squared norm before applying it.
+refused before any work under several processes: train/sharding.check_processes). The global norm is reported either way: with clipping the
+measured total (clip_grad_norm_'s), without it the hooks add up each gradient's squared norm before
+applying it. A forward pass that changes buffers (BatchNorm's running statistics; none in the decoder
+and encoder-decoder models instructkit trains) would change them twice under clipping.
 
 Memory (`release_free_memory`, train.release_free_memory on CPU): the C allocator's free pages go back to
 the system (train/allocator.py) (a) just before the largest parameter's update (Gemma 3's tied embedding,
@@ -57,6 +63,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype  # clip_grad_norm_'s own grouping
 
 from instructkit.train.allocator import release_free_memory
 
@@ -104,6 +111,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._armed, self._coef = True, clip_coef
         try:
             yield
+            self._flush()
         finally:
             self._armed, self._coef = False, None
 
@@ -115,8 +123,17 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._measuring = True
         try:
             yield
+            self._flush()
         finally:
             self._measuring = False
+
+    def _flush(self) -> None:
+        """Apply (or measure) each parameter whose gradient came from earlier micro-batches only: no hook
+        fired for it in this block's backward, so it still holds its gradient (module docstring)."""
+        ref = weakref.ref(self)
+        for p in self._params():
+            if p.grad is not None:
+                _apply(ref, p)
 
     def clip_coef(self, parameters: Iterable[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(total norm, clip coefficient) of the gradients measured last, as torch.nn.utils.clip_grad_norm_
@@ -125,7 +142,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         norms = [self._norms[p] for p in parameters if p in self._norms]
         if not norms:
             return torch.zeros(()), torch.ones(())
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        # get_total_norm's order: the per-tensor norms by (device, dtype) group, each group in order
+        grouped = _group_tensors_by_device_and_dtype([norms])
+        ordered = [norm.to(norms[0].device) for [group], _ in grouped.values() for norm in group]
+        total = torch.linalg.vector_norm(torch.stack(ordered), 2.0)
         return total, torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
     def grad_norm(self) -> torch.Tensor:

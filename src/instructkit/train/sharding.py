@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from instructkit.config import TrainConfig
-from instructkit.errors import TrainingError
+from instructkit.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,19 @@ SHARDINGS = ("none", "ddp", "fsdp")
 def launched_processes() -> int:
     """WORLD_SIZE set by torchrun / accelerate launch (1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_processes(cfg: TrainConfig, processes: int | None = None) -> None:
+    """Refuse, before any work, the settings that cannot run in `processes` (default: the launcher's).
+
+    Raises ConfigError (exit 2) for train.optimizer_in_backward under several processes: each gradient
+    would be applied before DDP averages it (train/step.py keeps the same refusal as a backstop).
+    """
+    processes = launched_processes() if processes is None else processes
+    if cfg.optimizer_in_backward and processes > 1:
+        raise ConfigError(f"train.optimizer_in_backward=true runs in one process only, and this run was launched "
+                          f"with {processes} (WORLD_SIZE): each gradient would be applied before DDP averages it. "
+                          "Set train.optimizer_in_backward=false for multi-process training, or launch one process")
 
 
 def resolve_sharding(cfg: TrainConfig, processes: int, distributed_type: str = "") -> str:

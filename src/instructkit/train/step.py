@@ -67,9 +67,9 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     if in_backward is not None and accelerator.num_processes > 1:
         raise TrainingError("train.optimizer_in_backward=true runs in one process only (each gradient would be "
                             "applied before DDP averages it); set it to false for multi-process training")
-    clip_coef = None
+    clip_coef = clip_total = None
     if in_backward is not None and max_grad_norm is not None:
-        clip_coef = _measure_clip_coef(run, batches, scale, step)
+        clip_total, clip_coef = _measure_clip_coef(run, batches, scale, step)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with _sync(run, last):
@@ -81,8 +81,8 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
             else:
                 accelerator.backward(part * scale)
         window_loss += part.detach().float()
-    if in_backward is not None:
-        grad_norm = in_backward.grad_norm()
+    if in_backward is not None:  # clipped: the measured total, clip_grad_norm_'s to the bit
+        grad_norm = clip_total if clip_total is not None else in_backward.grad_norm()
     else:
         # The norm is needed even without clipping: a finite loss can still give Inf/NaN gradients.
         # (max_norm=inf scales by exactly 1.0.)
@@ -120,10 +120,12 @@ def _forward(run: Run, batch: Batch, release: bool) -> torch.Tensor:
     return part
 
 
-def _measure_clip_coef(run: Run, batches: Sequence[Batch], scale: float, step: int) -> torch.Tensor:
+def _measure_clip_coef(run: Run, batches: Sequence[Batch], scale: float,
+                       step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """In-backward clipping's first pass (train/in_backward.py): the window's forward and backward on a
-    forked RNG, every complete gradient's norm recorded and the gradient freed, nothing updated; the clip
-    coefficient. Raises TrainingError when the gradient norm is not finite (nothing was applied)."""
+    forked RNG, every complete gradient's norm recorded and the gradient freed, nothing updated; (the
+    total gradient norm, the clip coefficient), 0-d tensors. Raises TrainingError when the gradient norm
+    is not finite (nothing was applied)."""
     in_backward = getattr(run.optimizer, "optimizer", run.optimizer)
     device = run.accelerator.device
     release = run.cfg.release_free_memory and device.type == "cpu"
@@ -137,7 +139,7 @@ def _measure_clip_coef(run: Run, batches: Sequence[Batch], scale: float, step: i
     if not math.isfinite(norm.item()):
         raise TrainingError(f"training diverged at step {step}: gradient norm {norm.item()}. The step was not "
                             "applied and no checkpoint was written after it. Lower train.lr or use precision fp32.")
-    return coef
+    return norm, coef
 
 
 def _sync(run: Run, last: bool) -> contextlib.AbstractContextManager:
