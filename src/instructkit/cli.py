@@ -356,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True)
     generate.add_argument("prompt", nargs="+")
     generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                          help="wrap the prompt in the chat template (default: as the saved instructkit model was "
+                          "trained; off for other models)")
     generate.set_defaults(func=cmd_generate)
 
     memory = sub.add_parser("estimate-memory", help="predict the peak memory of a planned run")

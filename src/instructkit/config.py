@@ -95,8 +95,8 @@ class DatasetConfig(Section):
         "auto", description="Prompt/completion (or chat) data: the closed set of answers, scored by rank "
         "classification with accuracy and macro-F1 instead of free generation. 'auto' detects one when the "
         "most frequent completions covering >= 95% of the rows are at most 20 (>= 4 rows per answer on "
-        "average; rarer completions are left out, counted); 'none': free text. The decision is in stats.json "
-        "(`answers`).")
+        "average; rarer completions are left out, counted) in prompt/completion data, never in chat data (free "
+        "text unless declared); 'none': free text. The decision is in stats.json (`answers`).")
     metrics: list[str] | None = Field(
         None, description="Prompt/completion (or chat) data: metric names for its evaluation (default: "
         "accuracy and macro_f1 with choices, else rougeL). Templated data: a template's own metrics, or "

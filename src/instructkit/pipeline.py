@@ -348,6 +348,8 @@ def _train_inputs(config: RunConfig, resume: bool, preloaded: Any) -> tuple:
     val_ds = tokenize_split(run_dir / "validation.jsonl", loaded.tokenizer, settings, cache, procs)
     if ranks.is_main():
         write_json(run_dir / "tokenize_stats.json", train_ds.stats.to_dict())
+        if note := train_ds.stats.dropped_note(settings.max_length):
+            log.warning("%s", note)
     return loaded, val_examples, train_ds, val_ds
 
 

@@ -147,10 +147,22 @@ def compare_step(base: str, tuned: str, data: Path, split: str | None = None, ou
     return run_dir / "report.html"
 
 
-def generate_text(model: str, prompts: list[str], max_new_tokens: int = 64, chat_template: bool = False) -> list[str]:
+def generate_text(model: str, prompts: list[str], max_new_tokens: int = 64,
+                  chat_template: bool | None = None) -> list[str]:
+    """The model's continuation of the prompt words joined by spaces. `chat_template` None: as the saved
+    instructkit model was trained (its instructkit_config.json: chat template and system prompt), else off."""
     from instructkit.evaluate.generate import generate
+    from instructkit.models.export import saved_record
 
-    config = load_config(None, [f"model.name={model}", f"model.chat_template={str(chat_template).lower()}"])
+    trained = saved_record(Path(model)).get("train_config", {}).get("model", {}) if Path(model).is_dir() else {}
+    overrides = [f"model.name={model}"]
+    if chat_template is None:
+        chat_template = bool(trained.get("chat_template"))
+        if chat_template:
+            log.info("prompt wrapped in the chat template, as %s was trained (--no-chat: the plain prompt)", model)
+            if trained.get("system_prompt") is not None:
+                overrides.append(f"model.system_prompt={json.dumps(trained['system_prompt'])}")
+    config = load_config(None, [*overrides, f"model.chat_template={str(chat_template).lower()}"])
     loaded = load_run_model(config)
     settings = tokenize_settings(config, loaded.is_seq2seq)
     return generate(loaded.model, loaded.tokenizer, [" ".join(prompts)], settings, is_seq2seq=loaded.is_seq2seq,

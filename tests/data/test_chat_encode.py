@@ -209,6 +209,23 @@ def test_template_that_is_not_prefix_stable_gives_one_row_per_assistant_turn():
     example = {"prompt": "", "completion": messages[3]["content"], "messages": messages[:3]}
     dataset, stats = tokenize_examples([example], tokenizer, chat_settings())
     assert dataset["index"] == [0, 0] and stats.examples == 1
+    # An earlier turn marked weight 0 gives no row of its own; the template never sees the key.
+    marked = [*messages[:1], {**messages[1], "weight": 0}, *messages[2:]]
+    assert [row.input_ids for row in encode_conversation(tokenizer, marked, max_length=4096)] == [rows[1].input_ids]
+
+
+def test_weight_zero_turn_is_context_only_with_the_same_ids():
+    """A prefix-stable template: the ids stay apply_chat_template's, only the marked answer loses its labels."""
+    tokenizer = build_tiny_tokenizer()
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]
+    [plain] = encode_conversation(tokenizer, messages, max_length=4096)
+    [marked] = encode_conversation(tokenizer, [*messages[:1], {**messages[1], "weight": 0}, *messages[2:]],
+                                   max_length=4096)
+    assert marked.input_ids == plain.input_ids
+    assert [tokenizer.decode(plain.input_ids[a:b]) for a, b in label_spans(plain.labels)] == ["4<|im_end|>",
+                                                                                           "6<|im_end|>"]
+    assert [tokenizer.decode(marked.input_ids[a:b]) for a, b in label_spans(marked.labels)] == ["6<|im_end|>"]
 
 
 def test_template_whose_assistant_turn_does_not_follow_its_generation_prompt_is_an_error():

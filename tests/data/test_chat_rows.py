@@ -109,6 +109,39 @@ def test_bad_sharegpt_rows_name_file_line_and_turn(tmp_path, turns, tools, expec
     assert "chat.jsonl: line 1" in message and expected in message
 
 
+def _m(*turns: tuple) -> dict:
+    return {"messages": [{"role": role, "content": text, **extra} for role, text, *rest in turns
+                         for extra in [rest[0] if rest else {}]]}
+
+
+@pytest.mark.parametrize("row, expected", [
+    (_m(("user", "Hi"), ("assistant", ""), ("user", "Bye"), ("assistant", "Bye.")), "turn 2 (assistant) is empty"),
+    (_m(("user", "  "), ("assistant", "Hello.")), "turn 1 (user) is empty"),
+    (_m(("system", "Be brief."), ("user", "Hi"), ("assistant", "<|im_end|>"), ("user", "x"), ("assistant", "y")),
+     "turn 3 (assistant) is empty"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""},
+                        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye."}]},
+     "column 'conversations': turn 2 (assistant) is empty"),
+    (_m(("user", "Hi"), ("assistant", "Hello.", {"weight": 0})), "the final assistant turn has weight 0"),
+    (_m(("user", "Hi"), ("assistant", "Hello.", {"weight": 0.5}), ("user", "x"), ("assistant", "y")),
+     "turn 2: weight must be 0"),
+])
+def test_empty_turns_and_bad_weights_are_bad_rows(tmp_path, row, expected):
+    """An empty question, or an empty reply before the final one (it would teach empty replies, or give a
+    later reply an empty context), names file, line and turn, as an empty final turn does."""
+    message = error_of(tmp_path, [row])
+    assert "chat.jsonl: line 1" in message and expected in message
+
+
+def test_weight_zero_marks_an_earlier_reply_as_context_only(tmp_path):
+    """OpenAI's fine-tuning format: `weight: 0` on an assistant message keeps it as context, unlearned."""
+    row = _m(("user", "Hi"), ("assistant", "Old answer.", {"weight": 0}), ("user", "Again?"),
+             ("assistant", "New answer.", {"weight": 1}))
+    [read_row] = read(tmp_path, [row]).rows
+    assert read_row["messages"][1] == {"role": "assistant", "content": "Old answer.", "weight": 0}
+    assert read_row["completion"] == "New answer."
+
+
 def test_chat_prompt_and_example_prompt():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert chat_prompt(messages) == "system: Be brief.\nuser: Hi\nassistant:"

@@ -13,8 +13,11 @@ from conftest import build_tiny_tokenizer
 from instructkit.config import DatasetConfig, RunConfig, SplitConfig
 from instructkit.data import load_examples, prepare
 from instructkit.data.chat_encode import encode_conversation
+from instructkit.data.chat_template import FUNCTION_RESULT
+from instructkit.data.chat_truncate import MIN_KEEP_TOKENS
 from instructkit.data.tokenize import (
     TokenizeSettings,
+    TokenizeStats,
     assemble_prompt,
     encode_completions,
     encode_for_generation,
@@ -125,10 +128,32 @@ def test_earliest_whole_exchanges_go_first_keeping_the_system_turn():
         assert [tokenizer.decode(encoded.input_ids[a:b]) for a, b in label_spans(encoded.labels)] == answers
     # Then inside the longest user content: the last exchange's question loses its start.
     long = system + [{"role": "user", "content": REVIEW}, {"role": "assistant", "content": "Noted."}]
-    [encoded] = encode_conversation(tokenizer, long, max_length=len(last_one))
+    [encoded] = encode_conversation(tokenizer, long, max_length=len(last_one) + 2 * MIN_KEEP_TOKENS)
     turns = parse_chatml(tokenizer.decode(encoded.input_ids))
     assert turns[0] == {"role": "system", "content": system[0]["content"]}
     assert turns[2] == {"role": "assistant", "content": "Noted."} and REVIEW.endswith(turns[1]["content"])
+    # ... but never below MIN_KEEP_TOKENS: a budget that would empty the question drops the example.
+    assert encode_conversation(tokenizer, long, max_length=len(last_one)) == [None]
+
+
+def test_tool_results_are_never_cut_and_no_question_is_emptied():
+    """A long tool result stays whole (half a JSON result is no result); the user turn is cut instead,
+    keeping at least MIN_KEEP_TOKENS; when that is not enough the example is dropped, not mangled."""
+    tokenizer = build_tiny_tokenizer()
+    result = json.dumps({"items": [{"sku": f"S-{i}", "price": i * 1.25} for i in range(12)]})
+    calls = [{"type": "function", "function": {"name": "lookup", "arguments": {"q": "kettle"}}}]
+    conversation = [{"role": "user", "content": REVIEW}, {"role": "assistant", "content": "", "tool_calls": calls},
+                    {"role": "tool", "content": result}, {"role": "assistant", "content": "Twelve items."}]
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Find items.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    [whole] = encode_conversation(tokenizer, conversation, tools, max_length=1 << 20)
+    [encoded] = encode_conversation(tokenizer, conversation, tools, max_length=len(whole.input_ids) - 40)
+    text = tokenizer.decode(encoded.input_ids)
+    assert encoded.truncated and result in text  # the whole result
+    question = next(t["content"] for t in parse_chatml(text) if t["role"] == "user")
+    assert REVIEW.endswith(question) and len(tokenizer(question, add_special_tokens=False)["input_ids"]) >= 16
+    short = len(whole.input_ids) - len(tokenizer(REVIEW, add_special_tokens=False)["input_ids"])
+    assert encode_conversation(tokenizer, conversation, tools, max_length=short) == [None]
 
 
 def test_answer_that_cannot_fit_is_dropped_never_cut():
@@ -138,6 +163,9 @@ def test_answer_that_cannot_fit_is_dropped_never_cut():
     example = {"prompt": "Say it.", "completion": REVIEW, "messages": conversation[:1], "source_id": "d:7"}
     _, stats = tokenize_examples([example], tokenizer, TokenizeSettings(max_length=64, chat_template=True))
     assert stats.dropped == 1 and stats.dropped_ids == ["d:7"]
+    note = stats.dropped_note(64)  # what `instructkit train` / `run` warn with
+    assert "1 of 1 training examples (100%) dropped" in note and "model.max_length=64" in note and "d:7" in note
+    assert TokenizeStats(examples=3).dropped_note(64) is None
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
@@ -149,6 +177,8 @@ def test_real_conversations_stay_well_formed_after_truncation(tmp_path, shared_d
     rows = []
     for name in ("fastchat_dummy_conversation.json", "glaive_toolcall_en_demo.json"):
         rows += json.loads((folder / name).read_text())[:40]
+    results = {t["value"] for r in rows for t in r.get("conversations", []) if t["from"] == "observation"}
+    assert results
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = RunConfig(name="r", output_dir=str(tmp_path / "runs"), datasets=[DatasetConfig(path=str(path))],
@@ -166,3 +196,7 @@ def test_real_conversations_stay_well_formed_after_truncation(tmp_path, shared_d
         answers = [t["content"] + "<|im_end|>" for t in turns if t["role"] == "assistant"]
         learned = [tokenizer.decode(ids[a:b]) for a, b in label_spans(labels)]
         assert learned == answers
+        for turn in turns:  # no question emptied, no tool result cut (both seen as user turns on SmolLM2)
+            assert turn["content"].strip()
+            if turn["content"].startswith(FUNCTION_RESULT) or turn["role"] == "tool":
+                assert turn["content"].removeprefix(FUNCTION_RESULT) in results

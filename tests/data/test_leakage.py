@@ -92,6 +92,7 @@ def test_reposted_reviews_leak_no_rating_test_prompt_into_train(tmp_path, librar
         "policy": "drop",
         "train_examples_dropped": sum(dropped.values()),
         "train_examples_dropped_by_template": dict(sorted(dropped.items())),
+        "train_turns_unlabelled": 0,
     }
     assert dropped[RATING] >= leaked_rating  # each leaked test prompt had at least one training copy
 
@@ -140,3 +141,51 @@ def test_ledger_counts_and_drops():
     for split, prompt in (("test", "p1"), ("test", "p1"), ("validation", "p2"), ("train", "p1")):
         assert keep_all.keep(split, prompt, "d", "t")
     assert keep_all.leaked() == {"validation": 0, "test": 2}
+
+
+def _conversations(tmp_path: Path) -> list[DatasetConfig]:
+    """Training chats whose first exchange is the held-out test chat's whole prompt ("Who are you?")."""
+    def chat(*texts: str) -> dict:
+        return {"messages": [{"role": "user" if k % 2 == 0 else "assistant", "content": t}
+                             for k, t in enumerate(texts)]}
+    train = [chat("Who are you?", f"I am bot {i}.", f"What is {i} + 1?", f"{i + 1}.") for i in range(6)]
+    train += [chat(f"Name a colour ({i}).", "Blue.", "Who are you?", "A bot.") for i in range(3)]
+    train += [chat(f"Hello {i}", "Hi.") for i in range(3)]
+    paths = {"train": tmp_path / "train.jsonl", "probe": tmp_path / "probe.jsonl"}
+    paths["train"].write_text("".join(json.dumps(r) + "\n" for r in train))
+    paths["probe"].write_text(json.dumps(chat("Who are you?", "I am the test answer.")) + "\n")
+    return [DatasetConfig(name="chats", path=str(paths["train"])),
+            DatasetConfig(name="probe", path=str(paths["probe"]), held_out=True)]
+
+
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_an_earlier_turn_on_a_test_prompt_is_not_learned(tmp_path, streaming):
+    """With all_assistant_turns a training chat also learns its first answer on its first question: when
+    that prompt is a test prompt, the turn is marked weight 0 (context only) and counted, in both build
+    paths; the rest of the conversation is still learned. Under `report` it is counted as a leak."""
+    from conftest import build_tiny_tokenizer
+
+    from instructkit.data import load_examples
+    from instructkit.data.tokenize import TokenizeSettings, tokenize_examples
+
+    out = {}
+    for policy in ("drop", "report"):
+        config = RunConfig(name="c", output_dir=str(tmp_path / "runs"), datasets=_conversations(tmp_path),
+                           split=SplitConfig(validation=0, test=0, streaming=streaming, prompt_leakage=policy))
+        result = prepare(config, tmp_path / f"{policy}-{streaming}", library=TemplateLibrary([], []))
+        out[policy] = result.stats, load_examples(result.run_dir, "train")
+    stats, train = out["drop"]
+    assert stats["prompt_leakage"]["train_turns_unlabelled"] == 6 and stats["leaked_prompts"]["test"] == 0
+    weights = [[m.get("weight") for m in ex["messages"]] for ex in train]
+    assert weights.count([None, 0, None]) == 6  # "I am bot i." not learned
+    assert weights.count([None, None, None]) == 3  # "Who are you?" mid-chat: another prompt
+    stats_report, train_report = out["report"]
+    assert stats_report["leaked_prompts"]["test"] == 1
+    assert stats_report["prompt_leakage"]["train_turns_unlabelled"] == 0
+    assert all("weight" not in m for ex in train_report for m in ex["messages"])
+    tokenizer = build_tiny_tokenizer()
+    dataset, _ = tokenize_examples(train, tokenizer, TokenizeSettings(max_length=256, chat_template=True))
+    learned = [tokenizer.decode([t for t in labels if t != -100]) for labels in dataset["labels"]]
+    assert not any("I am bot" in text for text in learned)
+    assert sum(text.startswith("Blue.") for text in learned) == 3  # the other chats keep every turn
+    assert sum(text[0].isdigit() for text in learned) == 6  # and the leaking ones their later turns

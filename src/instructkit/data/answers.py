@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from instructkit.data.chat import CHAT_METRICS
 from instructkit.templates.template import DEFAULT_METRICS
 
 MAX_CLASSES = 20
@@ -98,5 +99,6 @@ def decide_counts(counts: Counter, n: int, choices: list[str] | str, metrics: li
         rule = "declared in the config (choices: none)" if choices == "none" else rule
     task = CLASSIFICATION if chosen else FREE_TEXT_TASK
     coverage = round(sum(counts[v] for v in chosen) / n, 4) if chosen and n else None
-    return Answers(task=task, choices=chosen, metrics=list(metrics or DEFAULT_METRICS[task]), origin=origin,
+    default = CHAT_METRICS if conversations and not chosen else DEFAULT_METRICS[task]  # what the examples get
+    return Answers(task=task, choices=chosen, metrics=list(metrics or default), origin=origin,
                    distinct=len(counts), coverage=coverage, rule=rule)

@@ -160,7 +160,8 @@ def _write_jobs(
 ) -> int:
     """Render and write (dataset, row, template index) jobs; return the number of lines (the hot loop).
 
-    A training example whose prompt the ledger holds from validation/test is left out (`ledger.keep`)."""
+    A training example whose prompt the ledger holds from validation/test is left out (`ledger.keep`), and
+    an earlier assistant turn of a training conversation whose prompt it holds is marked not to learn."""
     contexts = []
     for plan in plans:
         templates, parts = template_parts(plan, split, encoder)
@@ -172,7 +173,8 @@ def _write_jobs(
         made = example_text(plan, rows[r], ids[r], t, templates, parts, encoder, r)
         if made is None or not ledger.keep(split, made[1], plan.name, made[2]):
             continue
-        buffer.append(made[0])
+        chat = split == "train" and t < 0
+        buffer.append(ledger.guard_turns(made[0], rows[r].get("messages"), plan.name, made[2]) if chat else made[0])
         count[made[2]] += 1
         if len(buffer) >= _WRITE_BATCH:
             handle.write("".join(buffer))

@@ -11,7 +11,10 @@ For assistant turns at indices i1 < i2 < ... of `messages`, the example is built
 
 Every prompt is exactly what the model is sent at inference for that turn, and the labels are the answers
 (`train.loss_on: all_assistant_turns`, the default) or the last one alone (`last_assistant_turn`); system,
-user and tool turns, headers and the whitespace after an end-of-turn token are -100. For a prefix-stable
+user and tool turns, headers and the whitespace after an end-of-turn token are -100. An assistant turn
+marked `"weight": 0` (the OpenAI fine-tuning format's key; data/leakage.py sets it on a training
+conversation's earlier turn whose prompt is a validation or test prompt) is context only, never labelled;
+the key itself never reaches the template. For a prefix-stable
 template the ids equal `apply_chat_template(messages, tokenize=True)` up to the whitespace the template writes
 after the final end-of-turn token.
 
@@ -95,8 +98,16 @@ def assistant_turns(messages: Sequence[Mapping[str, Any]]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
-def _encode(tokenizer: Any, messages: list[dict], tools: list[dict] | None, loss_on: LossOn) -> ChatEncoded:
-    """Turn-by-turn ids/labels of `messages` (already adapted to the template). See the module docstring.
+def unlearned(messages: Sequence[Mapping[str, Any]]) -> set[int]:
+    """Ordinals (0 = first) among the assistant turns of `messages` of those marked "weight": 0."""
+    turns = [m for m in messages if m["role"] == "assistant"]
+    return {n for n, m in enumerate(turns) if m.get("weight", 1) == 0}
+
+
+def _encode(tokenizer: Any, messages: list[dict], tools: list[dict] | None, loss_on: LossOn,
+            skip: set[int] = frozenset()) -> ChatEncoded:
+    """Turn-by-turn ids/labels of `messages` (already adapted to the template; the assistant turns whose
+    ordinals are in `skip` are not labelled). See the module docstring.
 
     Raises: NotPrefixStable (only when several turns are trained); TemplateError.
     """
@@ -105,6 +116,8 @@ def _encode(tokenizer: Any, messages: list[dict], tools: list[dict] | None, loss
         raise TemplateError("a conversation to train on needs an assistant turn")
     if loss_on == "last_assistant_turn":
         turns = turns[-1:]
+    else:
+        turns = [i for n, i in enumerate(turns) if n not in skip or n == len(turns) - 1]
     ids: list[int] = []
     labels: list[int] = []
     prompt_length = None
@@ -150,8 +163,9 @@ def encode_conversation(
     """Training examples of one conversation (ending with an assistant turn), each within `max_length`.
 
     One example, or one per assistant turn for a template that is not prefix-stable (module docstring).
-    An over-long one is shortened by whole earliest exchanges, then inside the longest user/tool content
-    (chat_truncate.py; `truncated` set); None marks one that cannot fit (its last answer alone is too long).
+    An over-long one is shortened by whole earliest exchanges, then inside the longest user content
+    (chat_truncate.py; `truncated` set); None marks one that cannot fit (its last exchange does not, with
+    every user content at its minimum: answers and tool results are never cut).
 
     Raises: TemplateError when the tokenizer has no chat template, the template cannot render the
     conversation, or renders an assistant turn not after its generation prompt.
@@ -160,14 +174,17 @@ def encode_conversation(
     tools = list(tools) if tools else None
 
     def encode(msgs: list[dict], mode: LossOn) -> ChatEncoded:
-        adapted, tools_arg = adapt_messages(tokenizer, msgs, tools)
-        return _encode(tokenizer, adapted, tools_arg, mode)
+        adapted, tools_arg = adapt_messages(tokenizer, msgs, tools)  # assistant turns kept one to one
+        return _encode(tokenizer, adapted, tools_arg, mode, unlearned(msgs))
 
     try:
         pieces = [(messages, loss_on, encode(messages, loss_on))]
     except NotPrefixStable:
         pieces = []
-        for i in assistant_turns(messages):
+        turns = assistant_turns(messages)
+        for i in turns if loss_on == "all_assistant_turns" else turns[-1:]:
+            if i != turns[-1] and messages[i].get("weight", 1) == 0:
+                continue
             piece = messages[:i + 1]
             pieces.append((piece, "last_assistant_turn", encode(piece, "last_assistant_turn")))
     out: list[ChatEncoded | None] = []

@@ -1,7 +1,9 @@
 """Reading one chat row: `messages` (role/content) or ShareGPT `conversations` (from/value), and `tools`.
 
     messages        [{role: system|user|assistant|tool, content}, ...]; an assistant turn may carry
-                    `tool_calls` ([{type: function, function: {name, arguments}}]) instead of content
+                    `tool_calls` ([{type: function, function: {name, arguments}}], arguments an object or
+                    its JSON text, as OpenAI's API writes it) instead of content, and `weight: 0` (OpenAI's
+                    fine-tuning format: context only, not learned; not on the final turn)
     conversations   ShareGPT: [{from, value}, ...] with from = human | gpt | system | function_call |
                     observation (also user, assistant, tool); an optional `system` column is a first
                     system turn. A function_call turn is the assistant calling a tool (its value is the
@@ -12,7 +14,8 @@
 The row becomes `messages` (the turns before the final assistant turn, in the form of data/chat.py),
 `completion` (the final assistant turn: its text, or the JSON of its tool calls), `tools` (None when
 there are none) and `prompt` (the plain-text form). A trailing end-of-sequence marker ("<|im_end|>") is
-stripped from every assistant turn. Malformed rows name the file, line, turn and what is wrong.
+stripped from every assistant turn. Malformed rows name the file, line, turn and what is wrong; so do
+empty user turns and empty assistant turns before the final one.
 """
 
 from __future__ import annotations
@@ -109,6 +112,12 @@ def _from_messages(value: list, where: str) -> list[dict]:
         turn: dict = {"role": role, "content": content}
         if role == "assistant" and calls:
             turn["tool_calls"] = _tool_calls(calls, f"{where}: column 'messages': turn {j + 1}")
+        weight = message.get("weight", 1)
+        if role == "assistant" and (weight not in (0, 1) or isinstance(weight, bool)):
+            raise _Bad("bad messages", f"{where}: column 'messages': turn {j + 1}: weight must be 0 (context only, "
+                       f"not learned) or 1, got {weight!r}")
+        if role == "assistant" and weight == 0:
+            turn["weight"] = 0
         turns.append(turn)
     return turns
 
@@ -178,7 +187,20 @@ def parse_chat(row: Mapping[str, Any], where: str, eos: Counter) -> tuple[list[d
                    "function but the row has no 'tools' listing it")
     _check_order(turns, column, where)
     _strip_markers(turns, eos)
+    _check_texts(turns, column, where)
     return turns, tools
+
+
+def _check_texts(turns: list[dict], column: str, where: str) -> None:
+    """An empty user turn, or an empty assistant turn before the final one (a reply to learn, or the
+    context of a later one), is a bad row; the final assistant turn is checked by chat_row."""
+    for j, turn in enumerate(turns[:-1]):
+        empty = not turn["content"].strip() and not turn.get("tool_calls")
+        if empty and turn["role"] in ("user", "assistant"):
+            raise _Bad("empty turn", f"{where}: column {column!r}: turn {j + 1} ({turn['role']}) is empty")
+    if turns[-1].get("weight") == 0:
+        raise _Bad("final turn not learned", f"{where}: column {column!r}: the final assistant turn has weight "
+                   "0; an example must learn its final turn (drop the row, or end it at the last turn to learn)")
 
 
 def chat_row(row: dict, where: str, problems: Problems, eos: Counter) -> dict | None:

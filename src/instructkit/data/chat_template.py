@@ -126,10 +126,10 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     features = template_features(tokenizer)
     uses_tools = bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
     if not uses_tools:
-        out = [dict(m) for m in messages]
+        out = [_plain(m) for m in messages]
         return (out if features.system else _merge_system(out)), None
     if features.native_tools:
-        return [dict(m) for m in messages], list(tools) if tools else None
+        return [_plain(m) for m in messages], list(tools) if tools else None
     if _warn_once(tokenizer):
         log.warning("%s does not render tools itself: function specs go into the system turn and tool calls "
                     "are written as JSON (instructkit.data.chat_template)", template_name(tokenizer))
@@ -147,6 +147,11 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         else:
             out.insert(0, {"role": "system", "content": tools_text(tools)})
     return (out if features.system else _merge_system(out)), None
+
+
+def _plain(message: Mapping[str, Any]) -> dict:
+    """A copy of `message` without instructkit's training marks ("weight": data/chat_encode.py)."""
+    return {k: v for k, v in message.items() if k != "weight"}
 
 
 _WARNED: set[tuple] = set()

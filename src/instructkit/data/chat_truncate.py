@@ -5,12 +5,14 @@ glue a special token to the middle of a text). Instead the MESSAGES are shortene
 
 1. whole earliest exchanges go first: an exchange is a user turn and every turn up to the next user turn
    (assistant answers, tool calls, tool answers); system turns and the last exchange are always kept;
-2. then text is cut inside the longest user or tool content (by tokens: its start with
-   `truncation: left`, its middle with `truncation: middle`), repeated until the conversation fits.
+2. then text is cut inside the longest user content (by tokens: its start with `truncation: left`, its
+   middle with `truncation: middle`), repeated until the conversation fits; a user content keeps at
+   least MIN_KEEP_TOKENS tokens (a shorter one is not cut), so no question is emptied.
 
-Assistant turns are never cut: an example whose system turn and last exchange do not fit even with every
-user and tool content emptied does not fit at all (training drops and counts it; a generation prompt is
-then sent in that shortest form, over the budget).
+Assistant turns and tool results are never cut (half a JSON result is no result, and an answer learned
+from it would be learned from what the tool did not say): an example whose system turn and last exchange
+do not fit with every user content at its minimum does not fit at all (training drops and counts it; a
+generation prompt is then sent in that shortest form, over the budget).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-CUTTABLE_ROLES = ("user", "tool")
+CUTTABLE_ROLES = ("user",)
+MIN_KEEP_TOKENS = 16
+"""Tokens a cut user content keeps at least (module docstring)."""
 _MAX_ROUNDS = 64
 
 
@@ -51,7 +55,7 @@ def fit_messages(
     """(messages, whether anything was cut, whether they render within `budget` tokens).
 
     When nothing fits, the messages are the shortest this rule makes (system turns and the last exchange,
-    user/tool contents emptied) and the last value is False: training drops such an example.
+    user contents at MIN_KEEP_TOKENS) and the last value is False: training drops such an example.
 
     `measure(messages)` is the token count of the rendering that must fit (a training example, or a
     generation prompt). Follows the module docstring: earliest exchanges first, then inside the longest
@@ -73,9 +77,11 @@ def fit_messages(
             return current, True, True
         sizes = [(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]), j)
                  for j, m in enumerate(current) if m["role"] in CUTTABLE_ROLES and m["content"]]
+        sizes = [(size, j) for size, j in sizes if size > MIN_KEEP_TOKENS]
         if not sizes:
             return current, True, False
         size, j = max(sizes)
         # Re-tokenizing the rendered conversation can shift a token: the next round cuts what is still over.
-        current[j] = {**current[j], "content": cut_text(tokenizer, current[j]["content"], min(over, size), mode)}
+        drop = min(over, size - MIN_KEEP_TOKENS)
+        current[j] = {**current[j], "content": cut_text(tokenizer, current[j]["content"], drop, mode)}
     return current, True, measure(current) <= budget

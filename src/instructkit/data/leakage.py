@@ -1,6 +1,12 @@
 """No validation or test prompt in training: the prompts written per split, and the training examples
 left out because their prompt is a validation or test prompt (see build.py).
 
+A multi-turn training conversation also learns each earlier assistant turn on the turns before it
+(`train.loss_on: all_assistant_turns`), so those prompts count too: an earlier assistant turn whose
+prompt (`chat_prompt` of the turns before it) is a validation or test prompt is marked `"weight": 0` (the
+OpenAI fine-tuning format's key for an assistant turn not to learn; data/chat_encode.py leaves it
+unlabelled, as context only) and counted in stats.json "prompt_leakage" "train_turns_unlabelled".
+
 Prompts are kept as 16-byte BLAKE2b digests (a run of a million examples holds some 100 MB less than the
 texts); two different prompts share a digest with probability about n^2 / 2^129.
 """
@@ -8,7 +14,12 @@ texts); two different prompts share a digest with probability about n^2 / 2^129.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from instructkit.data.chat import chat_prompt
 
 NOTE_SHARE = 0.1
 """A dataset note is added when the guard leaves out more than this share of a template's training examples."""
@@ -17,6 +28,24 @@ NOTE_SHARE = 0.1
 def prompt_digest(prompt: str) -> bytes:
     """The 16-byte BLAKE2b digest a prompt is kept as."""
     return hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def earlier_turn_digests(messages: Sequence[Mapping[str, Any]] | None) -> list[tuple[int, bytes]]:
+    """(index, prompt digest) of each assistant turn in `messages` (a chat example's turns before its final
+    one) that follows a user turn: the prompts it is learned on with all_assistant_turns."""
+    out = []
+    for i, message in enumerate(messages or ()):
+        if message["role"] == "assistant" and any(m["role"] == "user" for m in messages[:i]):
+            out.append((i, prompt_digest(chat_prompt(messages[:i]))))
+    return out
+
+
+def unlabel_turns(line: str, turns: Sequence[int]) -> str:
+    """The JSONL line of a chat example with its `messages` at `turns` marked "weight": 0."""
+    example = json.loads(line)
+    for i in turns:
+        example["messages"][i]["weight"] = 0
+    return json.dumps(example, ensure_ascii=False) + "\n"
 
 
 class PromptLedger:
@@ -34,6 +63,8 @@ class PromptLedger:
         self.train: set[bytes] = set()
         self.dropped: Counter[tuple[str, str]] = Counter()
         """Training examples left out, by (dataset, template id)."""
+        self.unlabelled: Counter[tuple[str, str]] = Counter()
+        """Earlier assistant turns of kept training conversations marked not to learn, by (dataset, template)."""
 
     def keep(self, split: str, prompt: str, dataset: str, template_id: str) -> bool:
         """Record `prompt` of `split`; False for a training example to leave out.
@@ -54,6 +85,21 @@ class PromptLedger:
             self.train.add(digest)
         return True
 
+    def held_turns(self, turns: Sequence[tuple[int, bytes]], dataset: str, template_id: str) -> list[int]:
+        """Of a kept training conversation's `earlier_turn_digests`, the turns to mark not to learn: those
+        whose prompt is a validation or test prompt (with `drop`; recorded as training prompts otherwise)."""
+        held = [i for i, digest in turns if self.drop and digest in self.held_any]
+        self.unlabelled[dataset, template_id] += len(held)
+        self.train.update(digest for i, digest in turns if i not in held)
+        return held
+
+    def guard_turns(self, line: str, messages: Sequence[Mapping[str, Any]] | None, dataset: str,
+                    template_id: str) -> str:
+        """`line`, a kept training example, with the earlier turns of its `messages` that `held_turns`
+        names marked "weight": 0."""
+        held = self.held_turns(earlier_turn_digests(messages), dataset, template_id) if messages else []
+        return unlabel_turns(line, held) if held else line
+
     def leaked(self) -> dict[str, int]:
         """{"validation": n, "test": n}: examples of that split whose prompt is a written training prompt."""
         train = self.train
@@ -68,6 +114,7 @@ class PromptLedger:
             "policy": policy,
             "train_examples_dropped": self.dropped.total(),
             "train_examples_dropped_by_template": dict(sorted(by_template.items())),
+            "train_turns_unlabelled": self.unlabelled.total(),
         }
 
     def notes(self, dataset: str, written: Counter[str]) -> list[str]:

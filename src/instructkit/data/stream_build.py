@@ -30,7 +30,7 @@ from instructkit.config import RunConfig
 from instructkit.data.build import PrepareResult, _stats, example_text, template_parts
 from instructkit.data.chunks import CHUNK_ROWS
 from instructkit.data.examples import LineEncoder
-from instructkit.data.leakage import PromptLedger, prompt_digest
+from instructkit.data.leakage import PromptLedger, earlier_turn_digests, prompt_digest, unlabel_turns
 from instructkit.data.plan import DatasetPlan, mix
 from instructkit.data.split import SPLITS
 from instructkit.data.stream_plan import plan_streamed
@@ -136,7 +136,9 @@ def _render_dataset(k: int, plan: DatasetPlan, jobs: tuple[np.ndarray, ...], han
         while j < n_jobs and job_rows[j] == p:
             t = int(job_templates[j])
             made = example_text(plan, row, source_id, t, train_templates, train_parts, encoder, p)
-            head = f"{k}\t{made[2]}\t{prompt_digest(made[1]).hex()}\t" if made is not None else ""
+            turns = ",".join(f"{i}:{d.hex()}" for i, d in earlier_turn_digests(row.get("messages"))) if t < 0 else ""
+            head = (f"{k}\t{made[2]}\t{prompt_digest(made[1]).hex()}\t{turns or '-'}\t"
+                    if made is not None else "")
             while j < n_jobs and job_rows[j] == p and job_templates[j] == t:
                 if made is not None:
                     place = int(job_places[j])
@@ -154,12 +156,16 @@ def _merge_buckets(folder: Path, n_buckets: int, handle, plans: list[DatasetPlan
     written = 0
     for b in range(n_buckets):
         with open(folder / f"{b}.tsv", encoding="utf-8") as bucket:
-            records = [line.split("\t", 4) for line in bucket]
+            records = [line.split("\t", 5) for line in bucket]
         records.sort(key=lambda r: int(r[0]))
         out = []
-        for _, k, template_id, digest, line in records:
+        for _, k, template_id, digest, turns, line in records:
             name = plans[int(k)].name
             if ledger.keep_digest("train", bytes.fromhex(digest), name, template_id):
+                if turns != "-":
+                    pairs = [(int(i), bytes.fromhex(d)) for i, d in (x.split(":") for x in turns.split(","))]
+                    if held := ledger.held_turns(pairs, name, template_id):
+                        line = unlabel_turns(line, held)
                 out.append(line)
                 counts["train"][name][template_id] += 1
         handle.write("".join(out))

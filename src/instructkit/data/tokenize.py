@@ -18,8 +18,9 @@ Seq2seq models: `input_ids` = the prompt (encoder), `labels` = completion + EOS 
 
 Truncation never cuts the completion: the prompt is cut (from the left, keeping BOS, or from the middle)
 and an example whose completion alone does not fit is dropped. Both are counted. A chat prompt is never cut
-as tokens: whole earliest exchanges go first, then text inside the longest user content
-(data/chat_truncate.py), so every example is a well-formed conversation.
+as tokens: whole earliest exchanges go first, then text inside the longest user content, never below
+16 tokens; tool results are never cut (data/chat_truncate.py), so every example is a well-formed
+conversation, or dropped and counted.
 """
 
 from __future__ import annotations
@@ -85,6 +86,16 @@ class TokenizeStats:
         out = asdict(self)
         out["dropped_ids"] = out["dropped_ids"][:20]
         return out
+
+    def dropped_note(self, max_length: int, split: str = "training") -> str | None:
+        """A warning naming how many examples did not fit `max_length` and were dropped (None: none)."""
+        if not self.dropped:
+            return None
+        first = ", ".join(self.dropped_ids[:3])
+        return (f"{self.dropped} of {self.examples} {split} examples ({self.dropped / max(self.examples, 1):.0%}) "
+                f"dropped: their completion (for a chat, its last exchange with every question cut to its "
+                f"minimum; answers and tool results are never cut) does not fit model.max_length={max_length} "
+                f"(first: {first}; tokenize_stats.json lists up to 20). Raise model.max_length to keep them")
 
 
 # --------------------------------------------------------------------------------------------------
