@@ -66,6 +66,23 @@ def test_final_function_call_is_the_completion_as_json_and_comes_back_as_a_tool_
         "role": "assistant", "content": "", "tool_calls": [CALL]}
     # Without tools (or naming another function) the text stays text.
     assert full_conversation([], parsed["completion"], None)[-1]["content"] == parsed["completion"]
+    # A final turn with text and calls comes back as both (the template then writes its own call format).
+    row = {"messages": [{"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "content": "Let me check.\nOne moment.", "tool_calls": [CALL]}],
+           "tools": TOOLS}
+    [parsed] = read(tmp_path, [row], name="both.jsonl").rows
+    assert parsed["completion"] == 'Let me check.\nOne moment.\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert full_conversation(parsed["messages"], parsed["completion"], parsed["tools"])[-1] == {
+        "role": "assistant", "content": "Let me check.\nOne moment.", "tool_calls": [CALL]}
+
+
+def test_a_call_to_a_function_the_tools_do_not_list_is_a_bad_row(tmp_path):
+    row = {"messages": [{"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            {"type": "function", "function": {"name": "get_time", "arguments": {}}}]}],
+           "tools": TOOLS}
+    message = error_of(tmp_path, [row])
+    assert "chat.jsonl: line 1" in message and "turn 2 calls 'get_time', which the row's 'tools' do not list" in message
 
 
 def test_sharegpt_system_turn_and_column_and_roles(tmp_path):

@@ -90,6 +90,38 @@ def test_template_refusing_the_tool_role_gets_tool_answers_as_user_turns():
     assert learned(tokenizer, encoded) == [f"{CALL_JSON}<end_of_turn>", "It is 21 degrees in Paris.<end_of_turn>"]
 
 
+def test_parallel_calls_answers_are_one_user_turn_on_a_template_that_alternates_roles():
+    """Two calls in one assistant turn, two tool answers in a row: Gemma-3 refuses two user turns in a row,
+    so the answers become one user turn, each with its own "Function result:" line."""
+    tokenizer = tiny_gemma3()
+    paris = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
+    conversation = [CONVERSATION[0], {"role": "assistant", "content": "", "tool_calls": [CALL, paris]},
+                    {"role": "tool", "content": '{"temperature": 21}'}, {"role": "tool", "content": '{"temperature": 25}'},
+                    {"role": "assistant", "content": "21 in Paris, 25 in Rome."}]
+    [encoded] = encode_conversation(tokenizer, conversation, TOOLS, max_length=4096)
+    text = tokenizer.decode(encoded.input_ids)
+    assert ('<start_of_turn>user\nFunction result:\n{"temperature": 21}\nFunction result:\n{"temperature": 25}'
+            "<end_of_turn>\n<start_of_turn>model\n21 in Paris, 25 in Rome.<end_of_turn>") in text
+    rome = CALL_JSON.replace("Paris", "Rome")
+    assert learned(tokenizer, encoded) == [f"{CALL_JSON}\n{rome}<end_of_turn>", "21 in Paris, 25 in Rome.<end_of_turn>"]
+
+
+def test_final_turn_with_text_and_calls_is_learned_as_the_template_renders_it():
+    """Read from data, the final turn is flattened to text + call JSON; with a template that renders tool
+    calls it is rebuilt, so the label is the template's own call format, not bare JSON."""
+    from instructkit.data.chat import full_conversation, message_text
+
+    tokenizer = tiny_with_template(TOOLS_CHATML_TEMPLATE)
+    final = {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL]}
+    messages = full_conversation(CONVERSATION[:1], message_text(final), TOOLS)
+    assert messages[-1] == final
+    [encoded] = encode_conversation(tokenizer, messages, TOOLS, max_length=4096)
+    expected = render_ids(tokenizer, [*CONVERSATION[:1], final], tools=TOOLS)
+    assert encoded.input_ids == expected[:len(encoded.input_ids)]
+    [answer] = learned(tokenizer, encoded)
+    assert answer.startswith("<tool_call>") and answer.endswith("</tool_call><|im_end|>")  # this template's form
+
+
 def test_template_that_drops_system_turns_gets_the_system_text_in_the_first_user_turn():
     template = CHATML.replace("{% for message in messages %}",
                               "{% for message in messages if message['role'] != 'system' %}")

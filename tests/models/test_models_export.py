@@ -392,6 +392,34 @@ def test_plain_prompt_model_and_run_system_prompt_reach_the_modelfile(tmp_path, 
     assert "<|im_start|>" in modelfile_directive(text, "TEMPLATE")
 
 
+def test_saved_folder_prompts_as_training_did_with_the_run_system_prompt(tmp_path, tiny_tokenizer):
+    """Loaded by plain transformers, the saved folder renders a conversation without a system turn with the
+    run's model.system_prompt first, as training did: the same ids; its own system turn is kept, and the
+    tokenizer in memory is left as it was. An empty system prompt stays empty in the Modelfile."""
+    from transformers import AutoTokenizer
+
+    from instructkit.data.tokenize import TokenizeSettings, encode_for_generation
+
+    model = build_tiny_llama(tiny_tokenizer)
+    original = tiny_tokenizer.chat_template
+    for system in ("Answer with a number.", ""):
+        out = tmp_path / f"s{len(system)}"
+        save_instruct_model(model, tiny_tokenizer, out, card={},
+                            train_config={"model": {"chat_template": True, "system_prompt": system}})
+        assert tiny_tokenizer.chat_template == original
+        saved = AutoTokenizer.from_pretrained(out)
+        settings = TokenizeSettings(max_length=256, chat_template=True, system_prompt=system)
+        [trained] = encode_for_generation(tiny_tokenizer, ["How many legs has a cat?"], settings, max_new_tokens=8)
+        plain = saved.apply_chat_template([{"role": "user", "content": "How many legs has a cat?"}],
+                                          add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert plain == trained
+        own = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+        assert saved.apply_chat_template(own, tokenize=False) == tiny_tokenizer.apply_chat_template(own, tokenize=False)
+        assert repr(system) in (out / "README.md").read_text()
+    text = export_model(out, out.parent / "e" / "e.gguf", quant="f16", ollama=True).modelfile.read_text()
+    assert "SYSTEM" not in text.replace("no SYSTEM", "") and "empty system prompt" in text
+
+
 # --------------------------------------------------------------------------------------------------
 # `instructkit run ... export: {gguf: q8_0}`
 # --------------------------------------------------------------------------------------------------

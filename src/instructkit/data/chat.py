@@ -66,13 +66,17 @@ def full_conversation(messages: Sequence[Mapping[str, Any]], completion: str,
                       tools: Sequence[Mapping[str, Any]] | None = None) -> list[dict]:
     """`messages` followed by the assistant turn `completion`.
 
-    A completion that is exactly the JSON text of calls to functions among `tools` (`tool_call_text`) is
-    the tool call it was read from, so a template that renders `tool_calls` gets it back as one.
+    A completion that ends with the JSON text of calls to functions among `tools` (`tool_call_text`, after
+    any text: `message_text`) is the assistant turn it was read from, text and calls, so a template that
+    renders `tool_calls` gets them back as calls.
     """
-    calls = parse_tool_calls(completion, tools) if tools else None
     last: dict = {"role": "assistant", "content": completion}
-    if calls:
-        last = {"role": "assistant", "content": "", "tool_calls": calls}
+    lines = completion.strip().splitlines()
+    for start in range(len(lines)) if tools else ():  # the text before the calls, if any (`message_text`)
+        calls = parse_tool_calls("\n".join(lines[start:]), tools)
+        if calls:
+            last = {"role": "assistant", "content": "\n".join(lines[:start]).strip(), "tool_calls": calls}
+            break
     return [dict(m) for m in messages] + [last]
 
 

@@ -185,6 +185,13 @@ def parse_chat(row: Mapping[str, Any], where: str, eos: Counter) -> tuple[list[d
     if tools is None and any(t.get("tool_calls") for t in turns):
         raise _Bad("function call without tools", f"{where}: column {column!r}: the conversation calls a "
                    "function but the row has no 'tools' listing it")
+    listed = {t["function"]["name"] for t in tools or ()}
+    for j, turn in enumerate(turns):
+        for call in turn.get("tool_calls") or ():
+            if call["function"]["name"] not in listed:
+                raise _Bad("function not in tools", f"{where}: column {column!r}: turn {j + 1} calls "
+                           f"{call['function']['name']!r}, which the row's 'tools' do not list "
+                           f"({', '.join(sorted(listed))})")
     _check_order(turns, column, where)
     _strip_markers(turns, eos)
     _check_texts(turns, column, where)

@@ -16,7 +16,9 @@ documented plain rendering instead, never silence:
     * a tool call is an assistant turn whose text is the call's JSON (data/chat.py `tool_call_text`),
       trained like any assistant text;
     * a tool answer is a `tool` turn, or, when the template refuses that role, a user turn
-      "Function result:\\n<answer>"; masked like every non-assistant turn;
+      "Function result:\\n<answer>" (the answers to parallel calls in one such turn, one after the
+      other, each with its "Function result:" line, since such templates refuse two user turns in a
+      row); masked like every non-assistant turn;
     * a template that drops or refuses a system turn gets the system text at the top of the first user
       turn, separated by a blank line.
 """
@@ -138,7 +140,11 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         if m["role"] == "assistant" and m.get("tool_calls"):
             out.append({"role": "assistant", "content": message_text(m)})
         elif m["role"] == "tool" and not features.tool_role:
-            out.append({"role": "user", "content": FUNCTION_RESULT + m["content"]})
+            if out and out[-1]["role"] == "user" and out[-1]["content"].startswith(FUNCTION_RESULT):
+                # parallel calls' results: one user turn (templates that alternate roles refuse two)
+                out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n{FUNCTION_RESULT}{m['content']}"}
+            else:
+                out.append({"role": "user", "content": FUNCTION_RESULT + m["content"]})
         else:
             out.append({"role": m["role"], "content": m["content"]})
     if tools:

@@ -76,6 +76,7 @@ def render_model_card(record: dict[str, Any]) -> str:
     lines += model_card_training(record)
     lines += model_card_metrics(card.get("metrics") or [])
     lines += model_card_usage(adapter_only, seq2seq)
+    lines += model_card_prompting((record.get("train_config") or {}).get("model") or {})
     body = "\n".join(lines).rstrip() + "\n"
     return str(ModelCard(f"---\n{card_metadata(record).to_yaml()}\n---\n\n{body}"))
 
@@ -244,6 +245,20 @@ def model_card_usage(adapter_only: bool, seq2seq: bool) -> list[str]:
                 f'model = {auto}.from_pretrained("PATH")',
                 'tokenizer = AutoTokenizer.from_pretrained("PATH")']
     return ["## Loading", "", "```python", *code, "```", ""]
+
+
+def model_card_prompting(model: dict[str, Any]) -> list[str]:
+    """How the model was prompted in training: its chat template and system prompt (models/save.py)."""
+    if not model.get("chat_template"):
+        return ["## Prompting", "", "Tuned on plain prompts (no chat template): send the prompt text as it is.", ""]
+    lines = ["## Prompting", "", ("Tuned on conversations rendered by the saved chat template: use "
+                                  "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.")]
+    system = model.get("system_prompt")
+    if system is not None:
+        lines += ["", (f"Every conversation without a system turn was trained with the system prompt {system!r}; "
+                       "the saved chat template adds it to such conversations (when the template renders system "
+                       "turns; otherwise put it first yourself).")]
+    return [*lines, ""]
 
 
 def data_sources(datasets: list[Any]) -> list[dict]:

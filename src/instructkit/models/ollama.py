@@ -117,7 +117,7 @@ def chat_format(tokenizer: Any) -> ChatFormat:
             return ChatFormat(family)
         for_default = family.render([{"role": "system", "content": PROBE_SYSTEM}, PROBE[1]], bos)
         head, sep, tail = for_default.partition(PROBE_SYSTEM)
-        if sep and alone.startswith(head) and alone.endswith(tail) and len(alone) > len(head) + len(tail):
+        if sep and alone.startswith(head) and alone.endswith(tail) and len(alone) >= len(head) + len(tail):
             return ChatFormat(family, alone[len(head):len(alone) - len(tail)])
     return ChatFormat(None)
 
@@ -159,9 +159,11 @@ def render_modelfile(tokenizer: Any, config: Any, gguf_path: str | Path,
     elif fmt.family is not None:
         lines += [f"# chat template: {fmt.family.name} (translated from the tokenizer's Jinja chat template)",
                   f"TEMPLATE {_quoted(fmt.family.template)}"]
-        system = system_prompt or fmt.default_system
+        system = system_prompt if system_prompt is not None else fmt.default_system
         if system and _quoted(system):
             lines.append(f"SYSTEM {_quoted(system)}")
+        elif system_prompt == "":  # trained with an empty system turn: not the template's default text
+            lines.append("# trained with an empty system prompt: no SYSTEM (the template then writes none)")
     else:
         logger.warning("Modelfile: chat template not recognised (neither ChatML nor Gemma); no TEMPLATE "
                        "written, Ollama derives one from the GGUF's tokenizer.chat_template")

@@ -66,8 +66,11 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
     }
 
     tmp = temp_folder_beside(out_dir)
+    template = getattr(tokenizer, "chat_template", None)
+    system_prompt = ((train_config or {}).get("model") or {}).get("system_prompt")
     try:
         model.save_pretrained(tmp)
+        tokenizer.chat_template = with_default_system(tokenizer, system_prompt)
         tokenizer.save_pretrained(tmp)
         if adapter_only and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -82,3 +85,24 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if template is not None:
+            tokenizer.chat_template = template
+
+
+def with_default_system(tokenizer: Any, system_prompt: str | None) -> str | None:
+    """The chat template to save: the tokenizer's, adding `system_prompt` as the first turn of a conversation
+    that has no system turn, as training did (model.system_prompt), so that plain transformers'
+    apply_chat_template gives the prompts the model was tuned on. Unchanged without a system prompt, for a
+    template that does not render system turns (training then folded it into the first user turn; the
+    model card says so) or for a prompt Jinja cannot hold verbatim."""
+    from instructkit.data.chat_template import template_features
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or system_prompt is None or "{% endraw" in system_prompt or "{%- endraw" in system_prompt:
+        return template
+    if not template_features(tokenizer).system:
+        return template
+    return ("{%- if not (messages and messages[0]['role'] == 'system') %}{%- set instructkit_system %}{% raw %}"
+            f"{system_prompt}{{% endraw %}}{{% endset %}}{{%- set messages = [{{'role': 'system', 'content': "
+            "instructkit_system}] + messages %}{%- endif %}" + template)
