@@ -402,8 +402,8 @@ def test_saved_folder_prompts_as_training_did_with_the_run_system_prompt(tmp_pat
 
     model = build_tiny_llama(tiny_tokenizer)
     original = tiny_tokenizer.chat_template
-    for system in ("Answer with a number.", ""):
-        out = tmp_path / f"s{len(system)}"
+    for k, system in enumerate(("Answer with a number.", 'Say "hi"\nthen \\ {{ x }} {% raw %} é', "")):
+        out = tmp_path / f"s{k}"
         save_instruct_model(model, tiny_tokenizer, out, card={},
                             train_config={"model": {"chat_template": True, "system_prompt": system}})
         assert tiny_tokenizer.chat_template == original

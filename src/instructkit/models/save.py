@@ -6,6 +6,7 @@ The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)`, no i
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 from pathlib import Path
@@ -95,14 +96,12 @@ def with_default_system(tokenizer: Any, system_prompt: str | None) -> str | None
     that has no system turn, as training did (model.system_prompt), so that plain transformers'
     apply_chat_template gives the prompts the model was tuned on. Unchanged without a system prompt, for a
     template that does not render system turns (training then folded it into the first user turn; the
-    model card says so) or for a prompt Jinja cannot hold verbatim."""
+    model card says so), or for several named templates (a dict)."""
     from instructkit.data.chat_template import template_features
 
     template = getattr(tokenizer, "chat_template", None)
-    if not template or system_prompt is None or "{% endraw" in system_prompt or "{%- endraw" in system_prompt:
+    if not isinstance(template, str) or system_prompt is None or not template_features(tokenizer).system:
         return template
-    if not template_features(tokenizer).system:
-        return template
-    return ("{%- if not (messages and messages[0]['role'] == 'system') %}{%- set instructkit_system %}{% raw %}"
-            f"{system_prompt}{{% endraw %}}{{% endset %}}{{%- set messages = [{{'role': 'system', 'content': "
-            "instructkit_system}] + messages %}{%- endif %}" + template)
+    literal = json.dumps(system_prompt, ensure_ascii=False)  # a valid Jinja string literal, escapes and all
+    return ("{%- if not (messages and messages[0]['role'] == 'system') %}{%- set messages = [{'role': 'system', "
+            f"'content': {literal}}}] + messages %}}{{%- endif %}}" + template)
