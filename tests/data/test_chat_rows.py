@@ -188,7 +188,10 @@ def test_real_fastchat_and_glaive_files_are_read_and_split_by_conversation(tmp_p
                        datasets=[DatasetConfig(path=str(folder / "fastchat_dummy_conversation.json"),
                                                name="fastchat", choices="none"),
                                  DatasetConfig(path=str(folder / "glaive_toolcall_en_demo.json"), name="glaive")])
-    prepare(config, library=TemplateLibrary([], []))
+    stats = prepare(config, library=TemplateLibrary([], [])).stats
+    for name in ("fastchat", "glaive"):  # stats.json says what the examples are scored with
+        assert stats["datasets"][name]["answers"]["metrics"] == ["rougeL", "token_f1"]
+        assert stats["datasets"][name]["answers"]["choices"] is None
     by_split = {s: load_examples(config.run_dir, s) for s in ("train", "validation", "test")}
     ids = {s: {ex["source_id"] for ex in exs} for s, exs in by_split.items()}
     assert not (ids["train"] & ids["validation"]) and not (ids["train"] & ids["test"])
