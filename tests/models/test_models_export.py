@@ -384,6 +384,10 @@ def test_plain_prompt_model_and_run_system_prompt_reach_the_modelfile(tmp_path, 
     save_instruct_model(model, tiny_tokenizer, plain, card={}, train_config={"model": {"chat_template": False}})
     text = export_model(plain, plain.parent / "p" / "p.gguf", quant="f16", ollama=True).modelfile.read_text()
     assert modelfile_directive(text, "TEMPLATE") == "{{ .Prompt }}" and "SYSTEM" not in text
+    assert "Tuned on plain prompts" in (plain / "README.md").read_text()
+    unknown = tmp_path / "unknown"  # saved without its run's settings: the card claims nothing about prompting
+    save_instruct_model(model, tiny_tokenizer, unknown, card={}, train_config=None)
+    assert "## Prompting" not in (unknown / "README.md").read_text()
     system = tmp_path / "system"
     save_instruct_model(model, tiny_tokenizer, system, card={},
                         train_config={"model": {"chat_template": True, "system_prompt": "Answer with a number."}})

@@ -39,7 +39,7 @@ from typing import Any
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.chat import CHAT_METRICS
 from instructkit.data.examples import Example, LineEncoder, example_line
-from instructkit.data.leakage import PromptLedger
+from instructkit.data.leakage import PromptLedger, earlier_turn_digests
 from instructkit.data.plan import DatasetPlan, mix, plan_dataset, train_jobs
 from instructkit.data.sources import dataset_name
 from instructkit.data.split import SPLITS
@@ -173,8 +173,8 @@ def _write_jobs(
         made = example_text(plan, rows[r], ids[r], t, templates, parts, encoder, r)
         if made is None or not ledger.keep(split, made[1], plan.name, made[2]):
             continue
-        chat = split == "train" and t < 0
-        buffer.append(ledger.guard_turns(made[0], rows[r].get("messages"), plan.name, made[2]) if chat else made[0])
+        turns = earlier_turn_digests(rows[r].get("messages")) if split == "train" and t < 0 else []
+        buffer.append(ledger.guard_turns(made[0], turns, plan.name, made[2]))
         count[made[2]] += 1
         if len(buffer) >= _WRITE_BATCH:
             handle.write("".join(buffer))

@@ -93,11 +93,10 @@ class PromptLedger:
         self.train.update(digest for i, digest in turns if i not in held)
         return held
 
-    def guard_turns(self, line: str, messages: Sequence[Mapping[str, Any]] | None, dataset: str,
-                    template_id: str) -> str:
-        """`line`, a kept training example, with the earlier turns of its `messages` that `held_turns`
+    def guard_turns(self, line: str, turns: Sequence[tuple[int, bytes]], dataset: str, template_id: str) -> str:
+        """`line`, a kept training example, with those of its `earlier_turn_digests` that `held_turns`
         names marked "weight": 0."""
-        held = self.held_turns(earlier_turn_digests(messages), dataset, template_id) if messages else []
+        held = self.held_turns(turns, dataset, template_id) if turns else []
         return unlabel_turns(line, held) if held else line
 
     def leaked(self) -> dict[str, int]:

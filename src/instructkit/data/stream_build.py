@@ -30,7 +30,7 @@ from instructkit.config import RunConfig
 from instructkit.data.build import PrepareResult, _stats, example_text, template_parts
 from instructkit.data.chunks import CHUNK_ROWS
 from instructkit.data.examples import LineEncoder
-from instructkit.data.leakage import PromptLedger, earlier_turn_digests, prompt_digest, unlabel_turns
+from instructkit.data.leakage import PromptLedger, earlier_turn_digests, prompt_digest
 from instructkit.data.plan import DatasetPlan, mix
 from instructkit.data.split import SPLITS
 from instructkit.data.stream_plan import plan_streamed
@@ -162,10 +162,9 @@ def _merge_buckets(folder: Path, n_buckets: int, handle, plans: list[DatasetPlan
         for _, k, template_id, digest, turns, line in records:
             name = plans[int(k)].name
             if ledger.keep_digest("train", bytes.fromhex(digest), name, template_id):
-                if turns != "-":
-                    pairs = [(int(i), bytes.fromhex(d)) for i, d in (x.split(":") for x in turns.split(","))]
-                    if held := ledger.held_turns(pairs, name, template_id):
-                        line = unlabel_turns(line, held)
+                pairs = [(int(i), bytes.fromhex(d)) for i, d in (x.split(":") for x in turns.split(","))
+                         ] if turns != "-" else []
+                line = ledger.guard_turns(line, pairs, name, template_id)
                 out.append(line)
                 counts["train"][name][template_id] += 1
         handle.write("".join(out))

@@ -248,8 +248,11 @@ def model_card_usage(adapter_only: bool, seq2seq: bool) -> list[str]:
 
 
 def model_card_prompting(model: dict[str, Any]) -> list[str]:
-    """How the model was prompted in training: its chat template and system prompt (models/save.py)."""
-    if not model.get("chat_template"):
+    """How the model was prompted in training: its chat template and system prompt (models/save.py);
+    nothing when the record does not say (a model saved without its run's settings)."""
+    if "chat_template" not in model:
+        return []
+    if not model["chat_template"]:
         return ["## Prompting", "", "Tuned on plain prompts (no chat template): send the prompt text as it is.", ""]
     lines = ["## Prompting", "", ("Tuned on conversations rendered by the saved chat template: use "
                                   "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.")]

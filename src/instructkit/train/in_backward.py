@@ -33,7 +33,7 @@ backward compute (dropout replays: the first pass runs on a forked RNG). Without
 (`max_grad_norm: null`) one pass does; the README measures what that costs in quality.
 
 What it cannot do: the fp16 grad scaler, and DDP (a hook fires before DDP has averaged the gradient;
-refused before any work under several processes: train/sharding.check_processes). The global norm is reported either way: with clipping the
+refused under several processes: train/sharding.check_processes). The global norm is reported either way: with clipping the
 measured total (clip_grad_norm_'s), without it the hooks add up each gradient's squared norm before
 applying it. A forward pass that changes buffers (BatchNorm's running statistics; none in the decoder
 and encoder-decoder models instructkit trains) would change them twice under clipping.

@@ -53,7 +53,7 @@ from instructkit.train.loss import supports_logits_to_keep, validation_loss
 from instructkit.train.optim import make_optimizer, make_scheduler
 from instructkit.train.resume import resume_point
 from instructkit.train.saving import checkpoint_due, save
-from instructkit.train.sharding import consolidated_model, resolve_sharding, shard_model
+from instructkit.train.sharding import check_processes, consolidated_model, resolve_sharding, shard_model
 from instructkit.train.state import Run, TrainState, Validate
 from instructkit.train.step import train_step
 from instructkit.train.tracking import MetricsLog, TrainMeter, keep_best, reload_best, track_best
@@ -194,6 +194,7 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     if accelerator.is_main_process:
         check_disk_space(run_dir, model, cfg.keep_checkpoints, options.free_space_fn)
 
+    check_processes(cfg, accelerator.num_processes)
     sharding = resolve_sharding(cfg, accelerator.num_processes, str(accelerator.distributed_type))
     model.train()
     if cfg.gradient_checkpointing:  # per decoder layer, before FSDP2 wraps the layers

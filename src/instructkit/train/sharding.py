@@ -45,7 +45,8 @@ def check_processes(cfg: TrainConfig, processes: int | None = None) -> None:
     """Refuse, before any work, the settings that cannot run in `processes` (default: the launcher's).
 
     Raises ConfigError (exit 2) for train.optimizer_in_backward under several processes: each gradient
-    would be applied before DDP averages it (train/step.py keeps the same refusal as a backstop).
+    would be applied before DDP averages it. `instructkit run` / `train` call it before any step, and
+    train/loop.train with its accelerator's process count.
     """
     processes = launched_processes() if processes is None else processes
     if cfg.optimizer_in_backward and processes > 1:

@@ -64,9 +64,6 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     scale = accelerator.num_processes / weight
     window_loss = torch.zeros((), device=accelerator.device)
     in_backward = getattr(optimizer, "optimizer", optimizer) if run.cfg.optimizer_in_backward else None
-    if in_backward is not None and accelerator.num_processes > 1:
-        raise TrainingError("train.optimizer_in_backward=true runs in one process only (each gradient would be "
-                            "applied before DDP averages it); set it to false for multi-process training")
     clip_coef = clip_total = None
     if in_backward is not None and max_grad_norm is not None:
         clip_total, clip_coef = _measure_clip_coef(run, batches, scale, step)
