@@ -26,7 +26,8 @@ Recipes (`--list`):
                       running forward and backward twice): the memory-lean settings as a user gets them
 
 Every (recipe, seed) cell is saved to the JSON as soon as it ends and skipped on the next start (`--force`
-redoes it), so the grid (CPU hours) can run in pieces:
+redoes it), so the grid (CPU hours) can run in pieces; `--resume` continues an interrupted instructkit cell
+from its latest checkpoint (its time = the interrupted run's logged training time to that step + the rest):
   python benchmarks/bench_quality.py                                   # every recipe, seeds 0 1 2
   python benchmarks/bench_quality.py --recipes baseline,lean --seeds 0
 The work folder keeps the prepared data, the base evaluation and each cell's run (delete it when done).
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -220,11 +222,32 @@ def summarize(cells: dict[str, dict]) -> dict[str, dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int) -> dict:
+_PROGRESS = re.compile(r"train: (\d+)/\d+ .*; elapsed ((?:\d+h)?(?:\d+m)?\d+s)")
+
+
+def logged_train_seconds(log: Path, step: int) -> float:
+    """Training seconds an interrupted run's progress lines (`train: 147/264 ...; elapsed 1h24m46s`) in
+    `log` give at the last line at or before `step`. Raises SystemExit when none does."""
+    seconds = None
+    for match in _PROGRESS.finditer(log.read_text(encoding="utf-8")):
+        if int(match.group(1)) <= step:
+            h, m, s = (re.search(rf"(\d+){u}", match.group(2)) for u in "hms")
+            seconds = sum(int(x.group(1)) * k for x, k in ((h, 3600), (m, 60), (s, 1)) if x)
+    if seconds is None:
+        raise SystemExit(f"{log}: no progress line at or before step {step}")
+    return float(seconds)
+
+
+def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int, resume: bool = False) -> dict:
     kind, overrides = RECIPES[recipe]
     name = f"{recipe}-s{seed}"
     run_dir = work / "runs" / name
     log = work / f"{name}.log"
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*")) if resume and kind != "hf" else []
+    before: dict[str, Any] = {}
+    if checkpoints:
+        step = int(checkpoints[-1].name.split("-")[1])
+        before = {"resumed_from_step": step, "train_wall_seconds_before_resume": logged_train_seconds(log, step)}
     if kind == "hf":
         run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -234,8 +257,9 @@ def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int) -> 
         wall = time.perf_counter() - start
         trained = json.loads((run_dir / "trainer_result.json").read_text(encoding="utf-8"))
     else:
-        wall = instructkit("train", str(config), f"name={name}", f"train.seed={seed}", f"train.threads={threads}",
-                           *overrides, cwd=work, log=log)
+        wall = instructkit("train", str(config), *(["--resume"] if before else []), f"name={name}",
+                           f"train.seed={seed}", f"train.threads={threads}", *overrides, cwd=work, log=log)
+        wall += before.get("train_wall_seconds_before_resume", 0.0)
         result = json.loads((run_dir / "train_result.json").read_text(encoding="utf-8"))
         trained = {k: result.get(k) for k in ("train_seconds", "steps", "epochs", "stopped_early", "best_step",
                                               "best_metric", "best_value")}
@@ -243,7 +267,8 @@ def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int) -> 
                 "--split", "test", "--out", str(run_dir / "eval-test"), "--set", f"train.threads={threads}",
                 cwd=work, log=log)
     keep_predictions(run_dir / "eval-test", name)
-    return {"recipe": recipe, "seed": seed, "overrides": overrides, "train_wall_seconds": round(wall, 1), **trained}
+    return {"recipe": recipe, "seed": seed, "overrides": overrides, "train_wall_seconds": round(wall, 1), **trained,
+            **before}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -255,6 +280,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for the prepared data, the base evaluation and the runs")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     p.add_argument("--force", action="store_true", help="redo cells already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted instructkit cell from its latest checkpoint")
     p.add_argument("--no-base", action="store_true", help="skip the base model's evaluation (no gains yet)")
     p.add_argument("--list", action="store_true", help="print the recipes and exit")
     p.add_argument("--child-trainer", type=Path, help=argparse.SUPPRESS)
@@ -306,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             if key in cells and not args.force:
                 continue
             print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
-            cells[key] = {**run_cell(recipe, seed, args.work, config, args.threads),
+            cells[key] = {**run_cell(recipe, seed, args.work, config, args.threads, args.resume),
                           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
             save()
             print(f"{time.strftime('%H:%M:%S')} {key}: {json.dumps(cells[key]['figures'])}", flush=True)

@@ -19,22 +19,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from instructkit import ranks
+from instructkit.cli_templates import (
+    cmd_templates_check,
+    cmd_templates_list,
+    cmd_templates_show,
+    make_console,
+)
 from instructkit.errors import InstructkitError
 
 log = logging.getLogger("instructkit")
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
+_console = make_console
 
 
 def _split_config_args(values: list[str]) -> tuple[str | None, list[str]]:
@@ -59,118 +60,6 @@ def _load(values: list[str]):
 
 
 # --------------------------------------------------------------------------------------------------
-# templates
-# --------------------------------------------------------------------------------------------------
-
-
-def cmd_templates_list(args: argparse.Namespace) -> int:
-    from instructkit.templates.library import TemplateLibrary
-
-    library = TemplateLibrary.load(args.templates)
-    chosen = library.select(dataset=args.dataset, task=args.task)
-    if args.format == "json":
-        rows = [
-            {"id": t.id, "name": t.name, "dataset": t.dataset, "task": t.task, "choices": t.has_choices,
-             "choices_in_prompt": t.choices_in_prompt, "metrics": list(t.effective_metrics), "version": t.version}
-            for t in chosen
-        ]
-        print(json.dumps(rows, indent=1))
-        return 0
-    from rich.table import Table
-
-    table = Table(title=f"{len(chosen)} templates over {len({t.dataset for t in chosen})} dataset schemas")
-    # Ids are never cut (they are what `show` and configs take): the id column keeps its full width and
-    # the other columns wrap when the terminal (or the default 80 columns of a pipe) is narrower.
-    table.add_column("id", no_wrap=True, overflow="ignore", min_width=max((len(t.id) for t in chosen), default=2))
-    for column in ("task", "choices", "metrics"):
-        table.add_column(column, overflow="fold")
-    for t in chosen:
-        choices = "in prompt" if t.choices_in_prompt else ("yes" if t.has_choices else "")
-        table.add_row(t.id, t.task, choices, ", ".join(t.effective_metrics))
-    console = _console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:  # a pipe or file: the table's natural width
-        console.width = 10_000
-        console.width = max(80, console.measure(table).maximum)
-    if console.width >= table.columns[0].min_width + 40:
-        console.print(table)
-        return 0
-    console.print(table.title, markup=False)  # too narrow for a table: one template per two lines
-    for t in chosen:
-        choices = "choices in prompt" if t.choices_in_prompt else ("choices" if t.has_choices else "")
-        console.print(t.id, markup=False, overflow="ignore", crop=False)
-        console.print("    " + " · ".join(x for x in (t.task, choices, ", ".join(t.effective_metrics)) if x),
-                      markup=False)
-    return 0
-
-
-def cmd_templates_show(args: argparse.Namespace) -> int:
-    from instructkit.templates.library import TemplateLibrary
-
-    library = TemplateLibrary.load(args.templates)
-    template = library.get(args.id)
-    schema = library.schemas.get(template.dataset)
-    console = _console()
-    info = template.to_dict()
-    console.print(f"[bold]{template.id}[/bold]  ({template.task}, dataset schema {template.dataset}, "
-                  f"version {template.version})")
-    console.print(f"origin: {template.origin}")
-    console.print(f"metrics: {', '.join(info['metrics'])}")
-    if template.answer_choices is not None:
-        console.print(f"answer choices: {info['answer_choices']} (in prompt: {template.choices_in_prompt})")
-    console.print("[bold]instruction[/bold]", markup=True)
-    console.print(template.instruction, markup=False)
-    console.print("[bold]completion[/bold]", markup=True)
-    console.print(template.completion, markup=False)
-    if schema is not None and schema.samples:
-        rendered = template.render(schema.coerce(schema.samples[0]))
-        console.print("[bold]example (first sample row)[/bold]")
-        console.print(rendered.prompt, markup=False)
-        console.print(f"-> {rendered.completion}", markup=False)
-    return 0
-
-
-def cmd_templates_check(args: argparse.Namespace) -> int:
-    from instructkit.templates.library import TemplateLibrary
-
-    if args.files:
-        library = TemplateLibrary.load(args.files, include_builtin=False)
-    else:
-        library = TemplateLibrary.builtin()
-    rows = None
-    templates = None
-    if args.data:
-        from instructkit.data.sources import rows_for_check
-
-        schema = args.schema or _only_schema(library)
-        columns = dict(pair.split("=", 1) for pair in args.column or [])
-        rows = {schema: rows_for_check(args.data, library.schema(schema), columns, limit=args.limit,
-                                       format=args.format)}
-        templates = library.select(dataset=schema)
-    missing: dict = {}
-    problems = library.check(rows=rows, templates=templates, missing=missing)
-    checked = len(templates) if templates is not None else len(library)
-    console = _console()
-    for template_id, fields in missing.items():
-        lacking = ", ".join(f"{n} rows lack {f!r}" for f, n in fields.items())
-        console.print(f"note: {template_id}: {lacking} (data rows skipped, not a template fault)", markup=False)
-    for problem in problems:
-        console.print("FAIL", style="red", end=" ")
-        console.print(str(problem), markup=False)
-    where = f" on {args.data}" if args.data else " on their sample rows"
-    if problems:
-        console.print(f"{len(problems)} problem(s) in {checked} templates{where}")
-        return 1
-    console.print(f"OK: {checked} templates pass{where}")
-    return 0
-
-
-def _only_schema(library) -> str:
-    if len(library.schemas) == 1:
-        return next(iter(library.schemas))
-    raise InstructkitError("--data needs --schema NAME when the templates span several schemas")
-
-
-# --------------------------------------------------------------------------------------------------
 # pipeline steps
 # --------------------------------------------------------------------------------------------------
 
@@ -178,7 +67,6 @@ def _only_schema(library) -> str:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from instructkit.data.build import prepare
     from instructkit.io import run_lock
-
     from instructkit.run_folder import new_run_folder
 
     config = _load(args.config)
@@ -191,7 +79,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from instructkit import pipeline
-
     from instructkit.run_folder import new_run_folder
 
     config = _load(args.config)
@@ -272,7 +159,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_estimate_memory(args: argparse.Namespace) -> int:
-    from instructkit.train.memory_plan import cheapest_fit, estimate_for_run, plan_for_budget, system_memory_bytes
+    from instructkit.train.memory_plan import (
+        cheapest_fit,
+        estimate_for_run,
+        plan_for_budget,
+        system_memory_bytes,
+    )
 
     config = _load(args.config)
     estimate = estimate_for_run(config)
@@ -380,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[_log_handler()])
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -394,6 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"interrupted: {_interrupted(args, exc)}", file=sys.stderr)
         return 130
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments, with a command's list positional (config and overrides, a prompt's words) allowed
+    on both sides of its options: `train CONFIG --resume key=value` as its usage says. argparse alone stops
+    the list at the first option and rejects the rest. Exits 2 (argparse's error) on anything else unknown."""
+    args, extra = parser.parse_known_args(argv)
+    listed = next((name for name in ("config", "prompt") if isinstance(getattr(args, name, None), list)), None)
+    if extra and (listed is None or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, listed).extend(extra)
+    return args
 
 
 def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:

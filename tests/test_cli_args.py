@@ -1,0 +1,54 @@
+"""The command line's list positionals (CONFIG and key=value overrides, a prompt's words) may sit on both
+sides of a command's options, as the usage lines say (`instructkit train CONFIG.yaml [--resume]
+[key=value ...]`); anything else unknown is still argparse's error (exit 2, naming it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from instructkit import cli
+from instructkit.cli import build_parser, parse
+
+
+@pytest.mark.parametrize(("argv", "field", "expected"), [
+    (["train", "c.yaml", "--resume", "name=a", "train.seed=1"], "config", ["c.yaml", "name=a", "train.seed=1"]),
+    (["train", "--resume", "c.yaml", "name=a"], "config", ["c.yaml", "name=a"]),
+    (["train", "c.yaml", "name=a", "--resume"], "config", ["c.yaml", "name=a"]),
+    (["run", "--force", "name=a"], "config", ["name=a"]),
+    (["run", "c.yaml", "--force", "name=a", "eval.split=test"], "config", ["c.yaml", "name=a", "eval.split=test"]),
+    (["generate", "--model", "m", "hello", "--max-new-tokens", "3", "world"], "prompt", ["hello", "world"]),
+])
+def test_list_positionals_on_both_sides_of_options(argv, field, expected):
+    args = parse(build_parser(), argv)
+    assert getattr(args, field) == expected
+    if argv[0] == "train":
+        assert args.resume is True
+    if argv[0] == "run":
+        assert args.force is True
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["train", "c.yaml", "--restart", "name=a"], "--restart"),
+    (["evaluate", "--model", "m", "--data", "d", "stray"], "stray"),
+    (["templates", "show", "some_id", "other"], "other"),
+])
+def test_anything_else_unknown_exits_2_naming_it(argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(build_parser(), argv)
+    assert exc.value.code == 2
+    assert f"unrecognized arguments: {named}" in capsys.readouterr().err
+
+
+def test_train_gets_the_overrides_after_resume(monkeypatch, tmp_path):
+    """`main` hands `cmd_train` every override, the ones after --resume too."""
+    seen = {}
+
+    def fake_train(args):
+        seen.update(config=args.config, resume=args.resume)
+        return 0
+
+    parser = build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["train"].set_defaults(func=fake_train)
+    assert cli.main(["train", "c.yaml", "--resume", "name=a", "train.lr=1e-4"]) == 0
+    assert seen == {"config": ["c.yaml", "name=a", "train.lr=1e-4"], "resume": True}
