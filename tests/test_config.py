@@ -48,6 +48,9 @@ def test_overrides_nested_and_list_items(tmp_path):
         ("train: {batch_size: 0}\n", None, "train.batch_size"),
         ("split: {validation: 0.6, test: 0.5}\n", None, "leaves no training rows"),
         ("name: ../escape\n", None, "plain folder name"),
+        ("model: {system_prompt: Be brief.}\n", None, "model.system_prompt is sent only through the chat template"),
+        ("model: {system_prompt: ''}\n", None, "set model.chat_template: true"),
+        ("name: \"a\\x01b\"\n", None, "no control characters"),
         ("", "train.lr", "must look like key.subkey=value"),
         ("", "datasets.5.path=x", "past the end"),
         ("- just\n- a list\n", None, "must be a mapping"),
@@ -61,6 +64,11 @@ def test_bad_configs_name_the_key(tmp_path, text, override, expected):
     assert expected in str(err.value)
     if override is None:
         assert str(path) in str(err.value)
+
+
+def test_a_system_prompt_with_the_chat_template_is_kept(tmp_path):
+    config = load_config(write(tmp_path, "model: {chat_template: true, system_prompt: ''}\n"))
+    assert config.model.system_prompt == ""
 
 
 def test_missing_config_file(tmp_path):

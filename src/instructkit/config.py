@@ -170,8 +170,7 @@ class ModelConfig(Section):
     truncation: Literal["left", "middle"] = Field(
         "left", description="Where to cut an over-long prompt: 'left' drops its start (keeping BOS), "
         "'middle' keeps both ends.")
-    trust_remote_code: bool = Field(
-        False, description="Run model code from the model folder (off: it is code).")
+    trust_remote_code: bool = Field(False, description="Run model code from the model folder (off: it is code).")
     allow_pickle: bool = Field(False, description="Allow loading .bin/.pt weights (pickle can run code).")
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3",
                                  "flex_attention"] = Field(
@@ -180,6 +179,13 @@ class ModelConfig(Section):
         "on CUDA flash_attention_2 when flash_attn is installed and the weights load in bf16/fp16, else sdpa "
         "with cuDNN attention switched off for the process (it builds a plan per new batch shape, ~0.5 s "
         "each). The choice is logged. Other values are passed as they are.")
+
+    @model_validator(mode="after")
+    def _system_prompt_needs_chat(self) -> ModelConfig:
+        if self.system_prompt is not None and not self.chat_template:  # else it would be silently unused
+            raise ValueError("model.system_prompt is sent only through the chat template: set "
+                             "model.chat_template: true, or drop model.system_prompt")
+        return self
 
 
 class LoraSettings(Section):
@@ -397,8 +403,7 @@ class ExportConfig(Section):
     @model_validator(mode="after")
     def _ollama_needs_gguf(self) -> ExportConfig:
         if self.ollama and self.gguf is None:
-            raise ValueError("export.ollama needs export.gguf (Ollama reads GGUF files), e.g. "
-                             "export.gguf=q8_0")
+            raise ValueError("export.ollama needs export.gguf (Ollama reads GGUF files), e.g. export.gguf=q8_0")
         return self
 
 
@@ -422,11 +427,10 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not value or "/" in value or "\\" in value or value in {".", ".."}:
-            raise ValueError(f"run name {value!r} must be a plain folder name")
-        if any(ord(c) < 32 for c in value) or len(value.encode("utf-8", "surrogatepass")) > 255:
-            raise ValueError(f"run name {value[:80]!r} must be a plain folder name (no control characters, "
-                             "at most 255 bytes)")
+        if (not value or "/" in value or "\\" in value or value in {".", ".."} or any(ord(c) < 32 for c in value)
+                or len(value.encode("utf-8", "surrogatepass")) > 255):
+            raise ValueError(f"run name {value[:80]!r} must be a plain folder name (no / or \\, no control "
+                             "characters, at most 255 bytes)")
         return value
 
     @field_validator("output_dir")

@@ -161,7 +161,8 @@ def test_deep_yaml_is_a_config_error(tmp_path):
     path.write_text("train: " + "[" * 3000 + "]" * 3000 + "\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=rf"{path}.*nested too deeply"):
         load_config(path)
-    config = load_config(None, ["model.system_prompt=" + "[" * 3000])  # unparsable as YAML: stays text
+    # unparsable as YAML: stays text
+    config = load_config(None, ["model.chat_template=true", "model.system_prompt=" + "[" * 3000])
     assert config.model.system_prompt.startswith("[[[")
 
 
