@@ -195,6 +195,48 @@ def figures(tuned: list[dict], base: list[dict] | None) -> dict[str, dict]:
     return out
 
 
+def versus(cells: dict[str, dict], reference: str) -> dict[str, dict]:
+    """Per recipe other than `reference`: the paired bootstrap difference (recipe minus `reference`, same
+    examples, 1,000 resamples) of each metric per dataset at every seed both have kept predictions for, and
+    `pooled`: those seeds' predictions stacked (resamples the examples; the seeds are held fixed, so it is
+    not a between-seed interval)."""
+    from instructkit.evaluate.bootstrap import paired_bootstrap_diff
+    from instructkit.evaluate.metric_registry import get_metric, macro_f1_classes, macro_f1_metric
+
+    out: dict[str, dict] = {}
+    for recipe in RECIPES:
+        seeds = sorted(c["seed"] for c in cells.values() if c["recipe"] == recipe
+                       and predictions(f"{recipe}-s{c['seed']}") and predictions(f"{reference}-s{c['seed']}"))
+        if recipe == reference or not seeds:
+            continue
+        pairs = {seed: (by_dataset(predictions(f"{reference}-s{seed}")), by_dataset(predictions(f"{recipe}-s{seed}")))
+                 for seed in seeds}
+        row: dict[str, Any] = {"seeds": seeds}
+        for dataset in DATASETS:
+            gold = [p["reference"] for p in pairs[seeds[0]][0][dataset]]
+            specs = {"accuracy": get_metric("accuracy"), "macro_f1": macro_f1_metric(macro_f1_classes(gold, STARS))}
+            stacked: dict[str, list] = {"ref": [], "new": [], "gold": []}
+            per: dict[str, dict] = {m: {} for m in specs}
+            for seed, (ref, new) in pairs.items():
+                a, b = ref[dataset], new[dataset]
+                if [p["source_id"] for p in a] != [p["source_id"] for p in b]:
+                    raise SystemExit(f"{dataset}: {reference} and {recipe} s{seed} are not on the same examples")
+                stacked["ref"] += [p["prediction"] for p in a]
+                stacked["new"] += [p["prediction"] for p in b]
+                stacked["gold"] += [p["reference"] for p in a]
+                for metric, spec in specs.items():
+                    diff = paired_bootstrap_diff(spec, [p["prediction"] for p in a], [p["prediction"] for p in b],
+                                                 [p["reference"] for p in a])
+                    per[metric][f"s{seed}"] = {k: round(float(diff[k]), 4) for k in ("delta", "low", "high")}
+            for metric, spec in specs.items():
+                if len(seeds) > 1:
+                    diff = paired_bootstrap_diff(spec, stacked["ref"], stacked["new"], stacked["gold"])
+                    per[metric]["pooled"] = {k: round(float(diff[k]), 4) for k in ("delta", "low", "high")}
+            row[dataset] = per
+        out[f"{recipe} - {reference}"] = row
+    return out
+
+
 def summarize(cells: dict[str, dict]) -> dict[str, dict]:
     """Per recipe: seeds, mean and sd of each metric per dataset, mean training seconds."""
     summary: dict[str, dict] = {}
@@ -280,6 +322,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for the prepared data, the base evaluation and the runs")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     p.add_argument("--force", action="store_true", help="redo cells already in --out")
+    p.add_argument("--report", action="store_true", help="only recompute the JSON from the kept predictions")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted instructkit cell from its latest checkpoint")
     p.add_argument("--no-base", action="store_true", help="skip the base model's evaluation (no gains yet)")
@@ -325,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             "base": {d: {m: v for m, v in row.items() if m in ("n", *METRICS)}
                      for d, row in figures(base, None).items()} if base is not None else None,
             "recipes": {r: " ".join(o) or kind for r, (kind, o) in RECIPES.items()},
-            "summary": summarize(cells), "cells": dict(sorted(cells.items()))})
+            "summary": summarize(cells),
+            "paired": {**versus(cells, "baseline"), **versus(cells, "trainer")},
+            "cells": dict(sorted(cells.items()))})
 
-    for seed in [int(s) for s in args.seeds.split(",") if s]:
+    for seed in [int(s) for s in args.seeds.split(",") if s] if not args.report else []:
         for recipe in recipes:
             key = f"{recipe}/s{seed}"
             if key in cells and not args.force:
