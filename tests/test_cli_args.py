@@ -17,6 +17,7 @@ from instructkit.cli import build_parser, parse
     (["run", "--force", "name=a"], "config", ["name=a"]),
     (["run", "c.yaml", "--force", "name=a", "eval.split=test"], "config", ["c.yaml", "name=a", "eval.split=test"]),
     (["generate", "--model", "m", "hello", "--max-new-tokens", "3", "world"], "prompt", ["hello", "world"]),
+    (["templates", "check", "a.yaml", "--data", "d.csv", "b.yaml"], "files", ["a.yaml", "b.yaml"]),
 ])
 def test_list_positionals_on_both_sides_of_options(argv, field, expected):
     args = parse(build_parser(), argv)

@@ -289,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`parser`'s arguments, with a command's list positional (config and overrides, a prompt's words) allowed
-    on both sides of its options: `train CONFIG --resume key=value` as its usage says. argparse alone stops
-    the list at the first option and rejects the rest. Exits 2 (argparse's error) on anything else unknown."""
+    """`parser`'s arguments, with a command's list positional (config and overrides, a prompt's words, files)
+    allowed on both sides of its options: `train CONFIG --resume key=value` as its usage says. argparse alone
+    stops the list at the first option and rejects the rest. Exits 2 (argparse's error) on anything else
+    unknown."""
     args, extra = parser.parse_known_args(argv)
-    listed = next((name for name in ("config", "prompt") if isinstance(getattr(args, name, None), list)), None)
+    listed = next((n for n in ("config", "prompt", "files") if isinstance(getattr(args, n, None), list)), None)
     if extra and (listed is None or any(item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
