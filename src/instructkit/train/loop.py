@@ -40,7 +40,13 @@ import torch
 
 from instructkit.config import TrainConfig
 from instructkit.data.batching import TokenTable
-from instructkit.data.sampler import BatchPlan, attention_tokens_of, example_weights, plan_eval
+from instructkit.data.sampler import (
+    BatchPlan,
+    attention_tokens_of,
+    example_weights,
+    one_row_attention,
+    plan_eval,
+)
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import TrainingError
 from instructkit.io import run_lock, write_json
@@ -189,7 +195,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
         max_tokens=cfg.max_tokens_per_batch or cfg.batch_size * options.settings.max_length,
         attention_tokens=attention_tokens_of(getattr(model, "config", None)),
         group_by_length=cfg.group_by_length, seed=cfg.seed,
-        pad_to_multiple_of=pad_multiple(cfg.pad_to_multiple_of, accelerator.device.type))
+        pad_to_multiple_of=pad_multiple(cfg.pad_to_multiple_of, accelerator.device.type),
+        one_row=one_row_attention(getattr(model, "config", None)))
     steps_per_epoch = math.ceil(len(table) / plan.group_size)
     if accelerator.is_main_process:
         check_disk_space(run_dir, model, cfg.keep_checkpoints, options.free_space_fn)
