@@ -23,7 +23,7 @@ from instructkit.train import loss as loss_module
 from instructkit.train.loop import TrainData, TrainOptions, train
 from instructkit.train.loss import batch_loss
 from instructkit.train.optim import lr_factor
-from instructkit.train.tracking import lower_is_better
+from instructkit.train.tracking import improved, lower_is_better
 
 
 def _run(model, tokenizer, dataset, settings, run_dir, cfg, **kwargs):
@@ -359,6 +359,12 @@ def test_validation_loss_is_token_weighted_and_best_by_val_loss_by_default(tiny_
 
 def test_metric_direction_and_schedule():
     assert lower_is_better("val_loss") and lower_is_better("val_ppl") and not lower_is_better("macro_f1")
+    # the direction comes from the metric's own name, not from a dataset or template id around it
+    names = ["apple_reviews/sentiment/macro_f1", "glossary_qa/accuracy", "dpplus/rougeL", "qa/val_loss",
+             "eval_news_loss", "val_perplexity"]
+    assert [lower_is_better(n) for n in names] == [False, False, False, True, True, True]
+    assert [improved(n, 0.9, 0.5) for n in names[:3]] == [True, True, True]
+    assert [improved(n, 0.9, 0.5) for n in names[3:]] == [False, False, False]
     assert [round(lr_factor(s, 100, 5, "linear"), 4) for s in (0, 4, 5, 99)] == [0.1667, 0.8333, 1.0, 0.0105]
     assert lr_factor(52, 100, 5, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
     assert lr_factor(99, 100, 0, "constant") == 1.0
