@@ -22,7 +22,7 @@ from instructkit.data.batching import TokenTable, collate
 from instructkit.train import loss as loss_module
 from instructkit.train.loop import TrainData, TrainOptions, train
 from instructkit.train.loss import batch_loss
-from instructkit.train.optim import lr_factor
+from instructkit.train.optim import lr_factor, warmup_steps
 from instructkit.train.tracking import improved, lower_is_better
 
 
@@ -368,6 +368,9 @@ def test_metric_direction_and_schedule():
     assert [round(lr_factor(s, 100, 5, "linear"), 4) for s in (0, 4, 5, 99)] == [0.1667, 0.8333, 1.0, 0.0105]
     assert lr_factor(52, 100, 5, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
     assert lr_factor(99, 100, 0, "constant") == 1.0
+    # a positive warmup_ratio keeps at least one warmup step (0.05 x 9 and 0.05 x 10 rounded to 0 before)
+    assert [warmup_steps(0.05, n) for n in (1, 9, 10, 264)] == [1, 1, 1, 13]
+    assert warmup_steps(0.0, 264) == 0
 
 
 def test_metrics_log_has_step_loss_lr_and_throughput(tiny_tokenizer, tmp_path):
