@@ -338,6 +338,25 @@ def test_early_stopping_after_patience_keeps_the_best_weights(tiny_tokenizer, tm
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
 
 
+@pytest.mark.parametrize("metric, validate", [("val_loss", None), (None, None), ("val_loss", "score")])
+def test_early_stopping_that_nothing_measures_is_refused_before_the_first_step(tiny_tokenizer, tmp_path, metric,
+                                                                                validate):
+    """No validation split: early stopping was silently ignored (8 steps, no error), or, with task metrics
+    only and metric val_loss, failed at the first validation after a whole epoch (8 steps)."""
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+
+    def measure(m):
+        return {validate: 1.0}
+
+    cfg = train_config(batch_size=2, epochs=1, early_stopping={"metric": metric, "patience": 2})
+    with pytest.raises(TrainingError, match="early_stopping"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, cfg,
+             validate=measure if validate else None)
+    log = tmp_path / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert [r for r in records if r["event"] == "train"] == [] and list_checkpoints(tmp_path) == []
+
+
 def test_validation_loss_is_token_weighted_and_best_by_val_loss_by_default(tiny_tokenizer, tmp_path):
     dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
     val, _ = tokenized(make_examples(5, seed=4), tiny_tokenizer)
