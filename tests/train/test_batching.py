@@ -24,6 +24,7 @@ from instructkit.data.sampler import (
     class_weights,
     example_weights,
     first_fit_decreasing,
+    one_row_attention,
     pack_group,
     plan_epoch,
     plan_eval,
@@ -253,6 +254,45 @@ def test_step_sees_the_same_examples_whatever_the_split(packing):
     assert sorted(len(step) for step in reference) == [5, 8, 8, 8, 8]  # 37 = 4 x 8 + 5
     for plan in configs[1:]:
         assert examples_per_step(plan) == reference
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_flash_attention_gets_one_packed_row_per_micro_batch(tiny_tokenizer, tiny_llama, world):
+    """FlashAttention separates a packed row's examples by position_ids only in a ONE-row batch
+    (transformers#39121, trl#3526): [R > 1, W] packed rows would attend across examples. With one_row each
+    micro-batch is one row of the same examples, so the step, the token budget and the loss are unchanged."""
+    from types import SimpleNamespace
+
+    assert [one_row_attention(SimpleNamespace(_attn_implementation=name)) for name in
+            ("flash_attention_2", "kernels-community/flash-attn3", "sdpa", "sdpa_varlen", None)] == \
+        [True, True, False, False, False]
+    lengths = np.random.default_rng(0).integers(5, 50, 512)
+    rows_plan = BatchPlan(16, 4, world, packing=True, max_tokens=16 * 64)
+    flash_plan = BatchPlan(16, 4, world, packing=True, max_tokens=16 * 64, one_row=True)
+
+    def micro_batches(plan):
+        return [mb for step in plan_epoch(lengths, plan, epoch=0) for rank in step for mb in rank if mb]
+
+    shared = [mb for mb in micro_batches(rows_plan) if len(mb) > 1 and max(len(row) for row in mb) > 1]
+    assert len(shared) >= 2  # without one_row: several rows of several examples in one tensor
+    flat = micro_batches(flash_plan)
+    assert {len(mb) for mb in flat} == {1}
+    assert max(int(lengths[mb[0]].sum()) for mb in flat) <= 16 * 64
+    steps = [[sorted(i for rank in step for mb in rank for row in mb for i in row) for step in plan_epoch(
+        lengths, plan, epoch=0)] for plan in (rows_plan, flash_plan)]
+    assert steps[0] == steps[1]
+    assert {len(mb) for mb in plan_eval(lengths, flash_plan)[0] if mb} == {1}
+    # the same examples as one row give the same summed loss (sdpa here: it separates rows of several too)
+    table, _, _ = _table([int(x) for x in lengths[:40]], n_labels=3)
+    mb = shared[0] if max(i for row in shared[0] for i in row) < 40 else [[0, 1, 2], [3, 4], [5, 6, 7]]
+    pad = tiny_tokenizer.pad_token_id
+    with torch.no_grad():
+        losses = []
+        for rows in (mb, [[i for row in mb for i in row]]):
+            batch = collate_packed(table, rows, pad)
+            logits = tiny_llama(**batch.inputs, use_cache=False).logits[batch.target_mask]
+            losses.append(torch.nn.functional.cross_entropy(logits, batch.targets, reduction="sum").item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_every_process_gets_the_same_number_of_micro_batches():

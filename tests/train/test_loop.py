@@ -22,8 +22,8 @@ from instructkit.data.batching import TokenTable, collate
 from instructkit.train import loss as loss_module
 from instructkit.train.loop import TrainData, TrainOptions, train
 from instructkit.train.loss import batch_loss
-from instructkit.train.optim import lr_factor
-from instructkit.train.tracking import lower_is_better
+from instructkit.train.optim import lr_factor, warmup_steps
+from instructkit.train.tracking import improved, lower_is_better
 
 
 def _run(model, tokenizer, dataset, settings, run_dir, cfg, **kwargs):
@@ -338,6 +338,25 @@ def test_early_stopping_after_patience_keeps_the_best_weights(tiny_tokenizer, tm
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
 
 
+@pytest.mark.parametrize("metric, validate", [("val_loss", None), (None, None), ("val_loss", "score")])
+def test_early_stopping_that_nothing_measures_is_refused_before_the_first_step(tiny_tokenizer, tmp_path, metric,
+                                                                                validate):
+    """No validation split: early stopping was silently ignored (8 steps, no error), or, with task metrics
+    only and metric val_loss, failed at the first validation after a whole epoch (8 steps)."""
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+
+    def measure(m):
+        return {validate: 1.0}
+
+    cfg = train_config(batch_size=2, epochs=1, early_stopping={"metric": metric, "patience": 2})
+    with pytest.raises(TrainingError, match="early_stopping"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, cfg,
+             validate=measure if validate else None)
+    log = tmp_path / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert [r for r in records if r["event"] == "train"] == [] and list_checkpoints(tmp_path) == []
+
+
 def test_validation_loss_is_token_weighted_and_best_by_val_loss_by_default(tiny_tokenizer, tmp_path):
     dataset, settings = tokenized(make_examples(8), tiny_tokenizer)
     val, _ = tokenized(make_examples(5, seed=4), tiny_tokenizer)
@@ -359,9 +378,18 @@ def test_validation_loss_is_token_weighted_and_best_by_val_loss_by_default(tiny_
 
 def test_metric_direction_and_schedule():
     assert lower_is_better("val_loss") and lower_is_better("val_ppl") and not lower_is_better("macro_f1")
+    # the direction comes from the metric's own name, not from a dataset or template id around it
+    names = ["apple_reviews/sentiment/macro_f1", "glossary_qa/accuracy", "dpplus/rougeL", "qa/val_loss",
+             "eval_news_loss", "val_perplexity"]
+    assert [lower_is_better(n) for n in names] == [False, False, False, True, True, True]
+    assert [improved(n, 0.9, 0.5) for n in names[:3]] == [True, True, True]
+    assert [improved(n, 0.9, 0.5) for n in names[3:]] == [False, False, False]
     assert [round(lr_factor(s, 100, 5, "linear"), 4) for s in (0, 4, 5, 99)] == [0.1667, 0.8333, 1.0, 0.0105]
     assert lr_factor(52, 100, 5, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
     assert lr_factor(99, 100, 0, "constant") == 1.0
+    # a positive warmup_ratio keeps at least one warmup step (0.05 x 9 and 0.05 x 10 rounded to 0 before)
+    assert [warmup_steps(0.05, n) for n in (1, 9, 10, 264)] == [1, 1, 1, 13]
+    assert warmup_steps(0.0, 264) == 0
 
 
 def test_metrics_log_has_step_loss_lr_and_throughput(tiny_tokenizer, tmp_path):

@@ -221,6 +221,15 @@ ATTENTION_OVERHEAD = 5.0
 VARLEN_ATTENTION = frozenset({"sdpa_varlen", "flash_attention_2", "flash_attention_3"})
 
 
+def one_row_attention(config: Any) -> bool:
+    """True when the model's attention is a FlashAttention kind ("flash_attention_2", "flash_attention_3", hub
+    kernels such as "kernels-community/flash-attn3"): transformers then finds the examples of a packed row from
+    `position_ids` only in a batch of ONE row (modeling_flash_attention_utils._is_packed_sequence needs batch
+    size 1; transformers#39121); [R > 1, W] rows without an attention mask get one causal attention over each
+    whole row, across its examples. `plan_step` then lays each packed micro-batch out as one row."""
+    return "flash" in str(getattr(config, "_attn_implementation", None) or "")
+
+
 def attention_tokens_of(config: Any, overhead: float = ATTENTION_OVERHEAD) -> float | None:
     """Row width at which attention costs as much per token as the rest of the model (see `pack_group`).
 
@@ -262,6 +271,7 @@ class BatchPlan:
     group_by_length: bool = True  # similar lengths per step (less padding; packing picks its row width)
     seed: int = 0
     pad_to_multiple_of: int = 1  # row widths rounded up to this; > 1 with packing: bucketed rows (below)
+    one_row: bool = False  # packed micro-batches laid out as one row each (FlashAttention: one_row_attention)
 
     @property
     def group_size(self) -> int:
@@ -279,7 +289,8 @@ def plan_step(group: Sequence[int], lengths: np.ndarray, plan: BatchPlan) -> lis
     different widths never share a tensor, so the shapes stay few: [1, multiple of m]).
     With several processes every one gets the same number of micro-batches (FSDP needs equal forward
     counts); a process short of data gets empty placeholders `[]`, run as zero-weight dummies.
-    With one process, empty micro-batches are dropped.
+    With one process, empty micro-batches are dropped. Packed with plan.one_row (FlashAttention), the rows
+    of each micro-batch are joined end to end into one row (no more tokens than the micro-batch had).
     """
     world = plan.world_size
     group = [int(i) for i in group]
@@ -297,6 +308,8 @@ def plan_step(group: Sequence[int], lengths: np.ndarray, plan: BatchPlan) -> lis
             mine = rows[r::world]
             ranks.append([[row] for row in mine] if bucketed
                          else [mine[i : i + per_batch] for i in range(0, len(mine), per_batch)])
+        if plan.one_row:
+            ranks = [[[[i for row in mb for i in row]] for mb in mbs] for mbs in ranks]
     else:
         ordered = sorted(group, key=lambda k: (-int(lengths[k]), k))
         chunks = np.array_split(np.array(ordered, dtype=np.int64), world * plan.grad_accum)
@@ -367,7 +380,7 @@ def plan_eval(lengths: np.ndarray, plan: BatchPlan) -> list[list[MicroBatch]]:
     size = plan.batch_size * plan.world_size
     per_rank: list[list[MicroBatch]] = [[] for _ in range(plan.world_size)]
     one = BatchPlan(plan.batch_size, 1, plan.world_size, plan.packing, plan.max_tokens, plan.attention_tokens,
-                    pad_to_multiple_of=plan.pad_to_multiple_of)
+                    pad_to_multiple_of=plan.pad_to_multiple_of, one_row=plan.one_row)
     for start in range(0, len(order), size):
         for r, mbs in enumerate(plan_step(order[start : start + size], lengths, one)):
             per_rank[r].extend(mbs)

@@ -40,7 +40,13 @@ import torch
 
 from instructkit.config import TrainConfig
 from instructkit.data.batching import TokenTable
-from instructkit.data.sampler import BatchPlan, attention_tokens_of, example_weights, plan_eval
+from instructkit.data.sampler import (
+    BatchPlan,
+    attention_tokens_of,
+    example_weights,
+    one_row_attention,
+    plan_eval,
+)
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import TrainingError
 from instructkit.io import run_lock, write_json
@@ -189,7 +195,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
         max_tokens=cfg.max_tokens_per_batch or cfg.batch_size * options.settings.max_length,
         attention_tokens=attention_tokens_of(getattr(model, "config", None)),
         group_by_length=cfg.group_by_length, seed=cfg.seed,
-        pad_to_multiple_of=pad_multiple(cfg.pad_to_multiple_of, accelerator.device.type))
+        pad_to_multiple_of=pad_multiple(cfg.pad_to_multiple_of, accelerator.device.type),
+        one_row=one_row_attention(getattr(model, "config", None)))
     steps_per_epoch = math.ceil(len(table) / plan.group_size)
     if accelerator.is_main_process:
         check_disk_space(run_dir, model, cfg.keep_checkpoints, options.free_space_fn)
@@ -208,6 +215,7 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     if sharding != "fsdp":
         model, optimizer = accelerator.prepare(model, optimizer)
     has_val = data.validation is not None and len(data.validation) > 0
+    _check_early_stopping(cfg, has_val, options.validate)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, table=table,
@@ -215,6 +223,21 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
                weights=weights, sample_labels=sample_labels, pad_id=pad_id, seq2seq=seq2seq,
                logits_at_labels=logits_at_labels, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                validate=options.validate, sharding=sharding)
+
+
+def _check_early_stopping(cfg: TrainConfig, has_val: bool, validate: Validate | None) -> None:
+    """Raise TrainingError before the first step when train.early_stopping cannot be measured: no validation
+    at all (it would be silently ignored), or a validation-loss metric without a validation split (it would
+    fail at the first validation, an epoch into the run by default)."""
+    early = cfg.early_stopping
+    if early is None:
+        return
+    if not has_val and validate is None:
+        raise TrainingError("train.early_stopping is set but this run has no validation split and no task metrics "
+                            "to measure it: give validation data, or remove train.early_stopping")
+    if early.metric in ("val_loss", "val_ppl") and not has_val:
+        raise TrainingError(f"train.early_stopping.metric={early.metric!r} needs a validation split; this run has "
+                            "none (only task metrics): give validation data, or pick a task metric")
 
 
 def _class_balance(cfg: TrainConfig, class_ids: Sequence[int] | None, train_data: Any

@@ -197,9 +197,15 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 1.0 - progress
 
 
+def warmup_steps(ratio: float, total: int) -> int:
+    """Optimizer steps of warmup: `ratio` x `total` rounded, and at least 1 when `ratio` > 0 (a short run must
+    not silently lose the warmup it asked for: 0.05 x 9 steps rounds to 0). 0.05 x 264 -> 13."""
+    return max(1, round(ratio * total)) if ratio > 0 else 0
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = round(cfg.warmup_ratio * total_steps)
+    warmup = warmup_steps(cfg.warmup_ratio, total_steps)
 
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup, cfg.schedule)

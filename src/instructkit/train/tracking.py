@@ -12,11 +12,11 @@ from typing import Any
 
 from instructkit.config import EarlyStopping
 from instructkit.errors import TrainingError
+from instructkit.io import read_jsonl, write_jsonl
 from instructkit.progress import ProgressBar
 from instructkit.train.checkpoint import best_dir, load_best, read_best, save_best
 from instructkit.train.sharding import full_weights, load_full_weights
 from instructkit.train.state import Run, TrainState
-from instructkit.io import read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,11 @@ class TrainMeter:
 
 
 def lower_is_better(metric: str) -> bool:
-    name = metric.lower()
-    return "loss" in name or "ppl" in name or "perplexity" in name
+    """True for a loss or a perplexity, judged on the metric's own name: the part after the last "/" (task
+    metrics come as "<dataset>/<template_id>/<metric>", and a dataset or template named "apple_reviews" or
+    "glossary_qa" says nothing of the direction) ending in "loss", "ppl" or "perplexity"."""
+    name = metric.rsplit("/", 1)[-1].lower()
+    return name.endswith(("loss", "ppl", "perplexity"))
 
 
 def choose_metric(early: EarlyStopping | None, record: dict[str, Any]) -> str | None:
