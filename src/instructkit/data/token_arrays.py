@@ -28,6 +28,7 @@ from instructkit.data.tokenize import (
     _eos_id,
     _training_rows,
     encode_batch,
+    prefix_token_id,
 )
 
 MAX_DROPPED_IDS = 20
@@ -111,6 +112,10 @@ def _causal_arrays(tokenizer: Any, settings: TokenizeSettings, examples: list[di
     # a causal prompt does not end with EOS (encode_prompts): drop a trailing one unless it is all there is
     ends_eos = (len_p > 1) & (flat_p[np.maximum(start_p + len_p - 1, 0)] == eos) if len(flat_p) else len_p < 0
     len_p = len_p - ends_eos
+    empty = len_p == 0  # an empty prompt is the prefix token (encode_prompts)
+    flat_p = np.insert(flat_p, start_p[empty], prefix_token_id(tokenizer))
+    start_p = start_p + np.cumsum(empty) - empty
+    len_p = np.where(empty, 1, len_p)
     flat_c = np.insert(flat_c, np.cumsum(len_c), eos)  # every completion ends with EOS
     len_c = len_c + 1
     start_c = np.cumsum(len_c) - len_c + len(flat_p)

@@ -3,6 +3,7 @@ and generation, so all three see the same tokens.
 
 Causal models: `input_ids = prompt_ids + completion_ids`, `labels = [-100] * len(prompt_ids) + completion_ids`,
 where the completion is tokenized on its own (`separator + completion`, default " ") and ends with EOS.
+An empty prompt is the prefix token, BOS (else EOS), so the completion's first token is predicted too.
 Labels never come from masking pad ids (SmolLM2's pad equals its EOS) nor from searching the token stream
 for a response string.
 
@@ -145,7 +146,18 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], settings: TokenizeSet
         eos = tokenizer.eos_token_id
         # A causal prompt must not end with EOS (some tokenizers append it): the completion follows.
         ids = [x[:-1] if x and eos is not None and x[-1] == eos and len(x) > 1 else x for x in ids]
+        # Nor be empty: no position would predict the answer's first token (lm-eval's prefix token).
+        ids = [x if x else [prefix_token_id(tokenizer)] for x in ids]
     return [list(x) for x in ids]
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+    """The token an empty causal prompt is encoded as: BOS, else EOS (lm-evaluation-harness's prefix token).
+
+    A tokenizer without BOS (GPT-2, SmolLM2, Qwen) encodes "" as no tokens; the answer's first token would
+    then have no position to be predicted from (scoring read a padding column or failed on an empty batch).
+    """
+    return int(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else _eos_id(tokenizer)
 
 
 def encode_completions(
@@ -341,7 +353,7 @@ def cache_fingerprint(tokenizer: Any, template_versions: Sequence[str], settings
             "templates": sorted(set(template_versions)),
             "settings": asdict(settings),
             "data": data_digest,
-            "format": 2,  # 2: chat examples rendered turn by turn
+            "format": 3,  # 2: chat examples rendered turn by turn; 3: an empty causal prompt is BOS (or EOS)
         },
         sort_keys=True,
     )

@@ -129,6 +129,14 @@ def _cap_per_template(examples: Sequence[dict], cap: int | None, seed: int) -> l
 # --------------------------------------------------------------------------------------------------
 
 
+def _demonstration_end(k_shot: int, settings: TokenizeSettings, is_seq2seq: bool) -> tuple[str, ...]:
+    """Where a generated k-shot answer ends: at the "\\n\\n" that ends every demonstration of a text prompt
+    (evaluate/fewshot.py; lm-evaluation-harness's `until`). A base model continues with the next made-up
+    demonstration, which ROUGE and BLEU would score as part of its answer. A chat turn ends at its
+    end-of-turn token and a seq2seq answer at EOS: no cut."""
+    return ("\n\n",) if k_shot and not settings.chat and not is_seq2seq else ()
+
+
 def _model_name(model: Any) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
 
@@ -200,7 +208,8 @@ def evaluate_examples(
     try:
         with torch.no_grad():
             scored = _score_templates(model, tokenizer, examples, chosen, prompts, settings, is_seq2seq, cfg,
-                                      max_new_tokens_by_task, seed, classify_by, with_perplexity)
+                                      max_new_tokens_by_task, seed, classify_by, with_perplexity,
+                                      stop_strings=_demonstration_end(k_shot, settings, is_seq2seq))
     finally:
         model.train(was_training)
 

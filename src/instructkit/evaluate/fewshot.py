@@ -3,7 +3,8 @@
 `k` examples of the same template drawn from `few_shot_pool` (seeded per example, never the same
 source row) are prepended as "prompt completion\\n\\n" blocks. The prompt is cut from the left like any
 prompt, so a long prompt can lose demonstrations: `truncated_prompts` counts the examples cut. A template
-with no example in the pool (a held-out one) is left out of a k-shot evaluation.
+with no example in the pool (a held-out one) is left out of a k-shot evaluation. A generated answer ends
+before its first "\\n\\n", the end of a demonstration (evaluator._demonstration_end; not for chat or seq2seq).
 """
 
 from __future__ import annotations

@@ -71,6 +71,12 @@ def _generation_config(model: Any, *, max_new_tokens: int, num_beams: int, do_sa
     return config
 
 
+def _cut_at_text(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` before the first occurrence of any of `stop_strings` (all of it when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return text[:min(ends)] if ends else text
+
+
 def _cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
     """The tokens before the first stop token."""
     out = []
@@ -102,6 +108,7 @@ def generate(
     num_beams: int = 1,
     do_sample: bool = False,
     seed: int = 0,
+    stop_strings: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Answers to `prompts`, longest first in batches: greedy by default, stopping at EOS / end-of-turn
@@ -114,7 +121,8 @@ def generate(
 
     Prompts are cut as in training so that prompt + answer fits `max_length`
     (`encode_for_generation`), left-padded for causal models. Only the new tokens are decoded (special
-    tokens skipped, whitespace stripped). Sampling is seeded: the same call gives the same answers, and the
+    tokens skipped, cut before the first of `stop_strings`, e.g. the "\\n\\n" that ends a k-shot
+    demonstration, whitespace stripped). Sampling is seeded: the same call gives the same answers, and the
     global torch random state is left as it was (samples depend on how the prompts are batched, as in any
     batched sampler: another batch_size or max_new_tokens draws others). `max_new_tokens` counts tokens.
 
@@ -122,7 +130,7 @@ def generate(
     """
     return generate_scoring(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,
-                            do_sample=do_sample, seed=seed, progress=progress)[0]
+                            do_sample=do_sample, seed=seed, stop_strings=stop_strings, progress=progress)[0]
 
 
 def generate_scoring(
@@ -138,6 +146,7 @@ def generate_scoring(
     num_beams: int = 1,
     do_sample: bool = False,
     seed: int = 0,
+    stop_strings: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[str], list[tuple[float, int] | None]]:
     """`generate`, and the summed NLL (nats) and label count of each given reference answer.
@@ -188,7 +197,8 @@ def generate_scoring(
             # Causal output = the (padded) prompt then the new tokens; seq2seq output = decoder start + new.
             new = out[:, ids.shape[1]:] if not is_seq2seq else out[:, 1:]
             for i, tokens in zip(batch, new.tolist()):
-                answers[i] = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True).strip()
+                text = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True)
+                answers[i] = _cut_at_text(text, stop_strings).strip()
             if progress is not None:  # a progress display: n prompts done
                 progress(len(batch))
     return answers, scored

@@ -11,8 +11,10 @@ two equally long, non-empty sequences of strings, one reference per example.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -32,12 +34,45 @@ ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # --------------------------------------------------------------------------- ROUGE
 
 
-@lru_cache(maxsize=None)
+# Scripts written without spaces between words: each character is a token (Thai, Lao, Myanmar, Khmer,
+# Japanese kana, CJK ideographs). Hangul is written with spaces and keeps its words.
+_UNSPACED_RE = re.compile("([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf"
+                          "\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f])")
+_ASCII_WORD_RE = re.compile(r"[a-z0-9]+")
+
+
+def _word_char(ch: str) -> bool:
+    """A letter, number or combining mark of any script (Devanagari vowel signs are marks)."""
+    return unicodedata.category(ch)[0] in "LNM"
+
+
+class _UnicodeTokenizer:
+    """rouge-score's tokenizer for every script: token for token the same on ASCII text.
+
+    rouge-score's own lowercases, turns everything outside ``[a-z0-9]`` into spaces and Porter-stems
+    words longer than 3 characters, so Cyrillic, Greek, Arabic, Devanagari, CJK text has no tokens (ROUGE
+    0 for identical texts) and "fährt" becomes "f", "hrt". Here any letter, number or combining mark is a
+    word character, a character of a script written without spaces is a token of its own, and only ASCII
+    words are stemmed (as before).
+    """
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer()  # what rouge-score's use_stemmer=True builds
+
+    def tokenize(self, text: str) -> list[str]:
+        text = "".join(ch if _word_char(ch) else " " for ch in text.lower())
+        tokens = _UNSPACED_RE.sub(r" \1 ", text).split()
+        return [self._stemmer.stem(t) if len(t) > 3 and _ASCII_WORD_RE.fullmatch(t) else t for t in tokens]
+
+
+@cache
 def _rouge_scorer(keys: tuple[str, ...]):  # -> rouge_score.rouge_scorer.RougeScorer
-    """A cached ``RougeScorer`` for ``keys`` with the Porter stemmer enabled."""
+    """A cached ``RougeScorer`` for ``keys``: Porter-stemmed, every script tokenized (`_UnicodeTokenizer`)."""
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    return rouge_scorer.RougeScorer(list(keys), tokenizer=_UnicodeTokenizer())
 
 
 def _rouge_per_example(
@@ -53,10 +88,13 @@ def _rouge_per_example(
 def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE F-measures (in [0, 1]) ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``.
 
-    Computed per example with ``rouge_score.rouge_scorer.RougeScorer(..., use_stemmer=True)``
-    and averaged over examples. That scorer's tokenizer lowercases, turns every
-    character outside ``[a-z0-9]`` into a space (so non-Latin text yields no tokens and
-    scores 0), and Porter-stems tokens longer than 3 characters ("running" -> "run").
+    Computed per example with ``rouge_score.rouge_scorer.RougeScorer`` and averaged over
+    examples. Its tokenizer (``_UnicodeTokenizer``) lowercases, turns every character that is
+    not a letter, number or combining mark into a space, makes each character of a script
+    written without spaces (CJK, kana, Thai) a token, and Porter-stems ASCII tokens longer
+    than 3 characters ("running" -> "run"): on ASCII text exactly rouge-score's default
+    (``use_stemmer=True``), which drops every non-ASCII character (identical Russian or
+    Chinese texts would score 0).
 
     * ``rouge1`` / ``rouge2``: unigram / bigram overlap F-measure (clipped counts).
     * ``rougeL``: longest common subsequence over the whole text; newlines are

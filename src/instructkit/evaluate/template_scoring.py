@@ -155,14 +155,14 @@ def _references(tokenizer: Any, exs: list[dict], prompts: list[str], fed: list[l
 def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
                          settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig, max_new_tokens: int,
                          seed: int, classify: bool, progress: Callable[[int], None] | None = None,
-                         with_perplexity: bool = False) -> _Scored:
+                         with_perplexity: bool = False, stop_strings: Sequence[str] = ()) -> _Scored:
     fed = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
     references = _references(tokenizer, exs, prompts, fed, settings) \
         if with_perplexity and not is_seq2seq and cfg.num_beams == 1 else None
     texts, reference_nll = generate_scoring(
         model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq, max_new_tokens=max_new_tokens,
         references=references, batch_size=cfg.batch_size, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
-        seed=seed, progress=progress)
+        seed=seed, stop_strings=stop_strings, progress=progress)
     full = encode_prompts(tokenizer, prompts, settings)
     preds, records, unparseable = [], [], 0
     for i, ex, prompt, text in zip(indices, exs, prompts, texts):
@@ -205,9 +205,9 @@ def _max_new_tokens(task: str, cfg: EvalConfig, override: dict[str, int] | None)
 def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chosen: list[int],
                      prompts: dict[int, str], settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig,
                      max_new_tokens_by_task: dict[str, int] | None, seed: int, classify_by: str,
-                     with_perplexity: bool) -> dict[str, _Scored]:
+                     with_perplexity: bool, stop_strings: Sequence[str] = ()) -> dict[str, _Scored]:
     """Score the chosen examples, (dataset, template) group by group (in first-seen order), keyed by
-    `instructkit.evaluate.groups.group_keys`."""
+    `instructkit.evaluate.groups.group_keys`; generated answers end before any of `stop_strings`."""
     by_template: dict[str, list[int]] = {}
     for i, key in zip(chosen, group_keys([examples[i] for i in chosen])):
         by_template.setdefault(key, []).append(i)
@@ -227,7 +227,8 @@ def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chose
             else:
                 result = _score_by_generation(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg,
                                               _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
-                                              classify=has_choices, progress=tick, with_perplexity=with_perplexity)
+                                              classify=has_choices, progress=tick, with_perplexity=with_perplexity,
+                                              stop_strings=stop_strings)
             if with_perplexity:
                 result.nll = _reference_nll(model, tokenizer, exs, texts, result.reference_nll, settings,
                                             is_seq2seq, cfg.batch_size)
