@@ -249,8 +249,7 @@ class TrainConfig(Section):
         "before each backward pass and, with optimizer_in_backward, before the largest parameter's update and after "
         "every 16 MB of gradients applied, so freed activations, gradients and temporaries do not stay resident at "
         "the peak. No effect on GPU or without glibc.")
-    lr: float = Field(
-        1e-4, gt=0, description="Peak learning rate, reached after warm-up; then `schedule` applies.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate, reached after warm-up; then `schedule` applies.")
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW decoupled weight decay of the weight matrices (biases and norms are "
         "never decayed).")
@@ -261,7 +260,8 @@ class TrainConfig(Section):
     schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="lr after warm-up: linear decay to 0, half a cosine to 0, or constant.")
     warmup_ratio: float = Field(
-        0.05, ge=0, lt=1, description="Fraction of the optimizer steps over which the lr rises linearly.")
+        0.05, ge=0, lt=1, description="Fraction of the optimizer steps over which the lr rises linearly, "
+        "rounded to the nearest step and at least 1 when above 0 (the HF Trainer rounds up).")
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm to this before each step (null: no clipping).")
     seed: int = Field(
@@ -298,8 +298,7 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32, or bf16/fp16 mixed precision through accelerate (GPUs); on CPU keep fp32 "
         "(bf16 measured 1.6x slower).")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations: less memory, ~30% slower.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
     sharding: Literal["none", "ddp", "fsdp"] | None = Field(
         None, description="Several processes (torchrun): 'ddp' (whole model per process), 'fsdp' (FSDP2: "
         "parameters, gradients and AdamW state split over the processes; sharded DCP checkpoints) or 'none' "

@@ -41,7 +41,7 @@ OTHER_TOOL_NAMES: dict[str, tuple[str, str | None, str]] = {
                                    "rows of the longest prompts; shorter ones batch more"),
     "gradient_accumulation_steps": (TRAINER, "train.grad_accum",
                                     "with packing, train.max_tokens_per_batch sizes the forward passes"),
-    "warmup_ratio": (TRAINER, "train.warmup_ratio", ""),
+    "warmup_ratio": (TRAINER, "train.warmup_ratio", "rounded to the nearest step (the Trainer rounds up)"),
     "warmup_steps": (TRAINER, "train.warmup_ratio", "a fraction of the steps, not a count"),
     "lr_scheduler_type": (TRAINER, "train.schedule",
                           "linear, cosine or constant, each after the warm-up"),

@@ -210,3 +210,42 @@ def test_paired_bootstrap_coverage_simulation_large():
     coverage = _paired_coverage(n_trials=2000, n_examples=300, n_resamples=1000, seed=1)
     # binomial s.e. at 2000 trials ~0.005
     assert 0.93 <= coverage <= 0.965
+
+
+# ------------------------------------------------------------------------ few units
+
+
+@pytest.mark.parametrize(("n", "floor"), [(1, 1.0), (2, 0.5), (3, 0.25), (5, 0.0625), (6, 0.03125), (7, 0.015625)])
+def test_a_paired_p_value_never_beats_the_sign_flip_test_on_few_examples(n, floor):
+    """Every example worse (or better) in b: the bootstrap alone said p 0.0 with an interval [-1, -1] on one
+    example; no test on n paired examples can go below 2 / 2**n."""
+    refs, a, b = ["y"] * n, ["y"] * n, ["n"] * n
+    out = bs.paired_bootstrap_diff("accuracy", a, b, refs, n_resamples=500)
+    assert out["delta"] == -1.0
+    assert out["p_value"] == pytest.approx(floor)
+    assert bs.sign_flip_floor(n) == pytest.approx(floor)
+
+
+def test_the_floor_counts_clusters_not_examples():
+    """Ten examples from two source rows: two units, so p is at least 2 / 2**2 (ten examples alone: 2 / 2**10)."""
+    refs, a, b = ["y"] * 10, ["y"] * 10, ["n"] * 10
+    out = bs.paired_bootstrap_diff("accuracy", a, b, refs, n_resamples=300, clusters=[0] * 5 + [1] * 5)
+    assert out["p_value"] == 0.5 and out["n_rows"] == 2
+
+
+def test_the_floor_leaves_large_samples_alone():
+    refs = ["yes"] * 100
+    a, b = ["no"] * 80 + ["yes"] * 20, ["yes"] * 95 + ["no"] * 5
+    out = bs.paired_bootstrap_diff("accuracy", a, b, refs, n_resamples=1000)
+    assert out["p_value"] == pytest.approx(2.0 ** -99)  # the bootstrap's 0.0 (below 2 / 1000), floored
+
+
+@pytest.mark.parametrize(("n", "significant"), [(1, False), (5, False), (6, True), (40, True)])
+def test_a_difference_on_five_or_fewer_examples_is_never_significant(n, significant):
+    from instructkit.evaluate.compare import _compare_metrics
+
+    refs = ["y"] * n
+    out = _compare_metrics(["accuracy"], None, refs, ["n"] * n, ["y"] * n, n_resamples=300, seed=0)
+    delta = out["accuracy"]["delta"]
+    assert (delta["low"], delta["high"]) == (1.0, 1.0)  # every resample: +1
+    assert delta["significant"] is significant

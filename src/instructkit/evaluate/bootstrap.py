@@ -29,6 +29,7 @@ __all__ = [
     "bootstrap_ci",
     "mcnemar_exact",
     "paired_bootstrap_diff",
+    "sign_flip_floor",
 ]
 
 MetricLike = Union[str, MetricSpec, MetricFn]
@@ -180,6 +181,14 @@ def _two_sided_p(delta: float, deltas: np.ndarray) -> float:
     return min(1.0, 2.0 * opposite)
 
 
+def sign_flip_floor(units: int) -> float:
+    """The smallest two-sided p-value a test of a paired difference can honestly claim on `units` independent
+    units (examples, or the clusters resampled): the exact sign-flip test's 2 / 2**units, reached when every
+    unit moves the same way; capped at 1. The bootstrap has too few distinct resamples on few units to know
+    better: with one example every resample is that example, and its deltas all sit on one side of 0."""
+    return min(1.0, 2.0 ** (1 - units))
+
+
 def paired_bootstrap_diff(
     name: MetricLike,
     preds_a: Sequence[str],
@@ -200,7 +209,8 @@ def paired_bootstrap_diff(
     ``high`` (percentile interval of the resampled deltas), ``p_value`` (two-sided:
     twice the fraction of resampled deltas on the other side of 0 from ``delta``,
     ties included, capped at 1; its resolution is ``2 / n_resamples``, so 0.0 means
-    below that), ``n`` (number of examples) and, with ``clusters`` (resample clusters, i.e. source
+    below that; never below :func:`sign_flip_floor` of the units resampled, so 1 example gives 1, not 0),
+    ``n`` (number of examples) and, with ``clusters`` (resample clusters, i.e. source
     rows, as in :func:`bootstrap_ci`), ``n_rows`` (number of clusters).
 
     Raises: as :func:`bootstrap_ci`, with ``preds_a``/``preds_b`` each checked against ``refs``.
@@ -223,7 +233,8 @@ def paired_bootstrap_diff(
         "delta": delta,
         "low": low,
         "high": high,
-        "p_value": _two_sided_p(delta, deltas),
+        "p_value": max(_two_sided_p(delta, deltas),
+                       sign_flip_floor(len(set(clusters)) if clusters is not None else len(refs))),
         "n": len(refs),
     }
     if clusters is not None:

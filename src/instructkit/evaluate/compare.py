@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from instructkit.evaluate.baselines import baseline_predictions, metric_spec, score_baselines
-from instructkit.evaluate.bootstrap import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff
+from instructkit.evaluate.bootstrap import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, sign_flip_floor
 from instructkit.evaluate.groups import cluster_ids, dataset_of
 from instructkit.evaluate.metric_registry import get_metric, macro_f1_classes
 from instructkit.evaluate.pairing import (
@@ -116,8 +116,10 @@ def _mcnemar(name: str, base_preds: Sequence[str], tuned_preds: Sequence[str], r
 
 
 def _significant(delta: dict[str, float]) -> bool:
-    """The paired CI excludes 0."""
-    return bool(delta["low"] > 0 or delta["high"] < 0)
+    """The paired CI excludes 0, on enough units for any test to reach 1 - CONFIDENCE (six or more: on five
+    or fewer the CI of a bootstrap can exclude 0 while no test could call the difference significant)."""
+    units = delta.get("n_rows", delta["n"])
+    return bool((delta["low"] > 0 or delta["high"] < 0) and sign_flip_floor(int(units)) < 1 - CONFIDENCE)
 
 
 def template_entry(
