@@ -73,6 +73,66 @@ def test_dedup_keeps_the_copy_in_the_evaluation_split():
     assert result.keep == [1, 2] and result.cross_split_dropped == 1
 
 
+def test_dedup_one_label_in_several_representations_is_no_conflict():
+    """fastai/fastai#1868: labels read as "1" from a CSV and as 1 from another source are one class. A row
+    and its copy with the label as 1 / "1" (or "01" / 1.0) were a "conflict" (['1', '1']) and both dropped."""
+    rows = [
+        {"text": "great", "label": "1"},  # CSV train
+        {"text": "great", "label": 1},  # the same row in a JSONL test file
+        {"text": "bad", "label": "01"},
+        {"text": "bad", "label": 1.0},
+        {"text": "meh", "label": "0"},
+        {"text": "meh", "label": 1},  # a real conflict still drops both
+    ]
+    result = deduplicate(rows, ["text", "label"], "label", given=["train", "test", "train", "train", "train", "test"])
+    assert result.keep == [1, 2]
+    assert (result.exact_groups, result.exact_dropped, result.cross_split_dropped) == (2, 2, 1)
+    assert (result.conflicting_groups, result.conflicting_dropped) == (1, 2)
+    assert result.to_dict()["conflicting_examples"] == [{"text": "meh", "label": ["0", "1"], "rows": 2}]
+
+
+SCHEMA_STR_LABEL = """
+schemas:
+  - name: rated
+    fields: {sentence: str, label: str}
+    label_field: label
+    label_map: {0: negative, 1: positive}
+    templates:
+      - id: rated.sentiment
+        name: Sentiment
+        task: sentiment
+        instruction: "{{ sentence }}\\nSentiment:"
+        completion: "{{ label_map[label] }}"
+        answer_choices: [negative, positive]
+        metrics: [accuracy]
+"""
+
+
+def test_planned_dedup_of_csv_and_jsonl_labels_in_memory_and_streamed(tmp_path):
+    """The same through plan_dataset and plan_streamed, a text label: train.csv writes "01", test.jsonl 1."""
+    import json
+
+    from instructkit.config import DatasetConfig, RunConfig
+    from instructkit.data.plan import plan_dataset
+    from instructkit.data.stream_plan import plan_streamed
+    from instructkit.templates.library import TemplateLibrary
+
+    texts = [f"sentence number {i}" for i in range(40)]
+    (tmp_path / "train.csv").write_text("sentence,label\n" + "".join(f"{t},0{i % 2}\n" for i, t in enumerate(texts)))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"sentence": t, "label": i % 2}) + "\n"
+                                                 for i, t in enumerate(texts[:10])))
+    (tmp_path / "schema.yaml").write_text(SCHEMA_STR_LABEL)
+    config = RunConfig(name="mixed", datasets=[DatasetConfig(
+        files={"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.jsonl")}, schema="rated",
+        templates=["rated.sentiment"])], split={"validation": 0.1})
+    library = TemplateLibrary.load([tmp_path / "schema.yaml"])
+    for plan in (plan_dataset(config.datasets[0], library, config),
+                 plan_streamed(config.datasets[0], library, config, chunk_rows=7)):
+        assert (plan.dedup.exact_dropped, plan.dedup.conflicting_dropped) == (10, 0)
+        assert (len(plan.split_rows("train")), len(plan.split_rows("validation"))) == (27, 3)
+        assert len(plan.split_rows("test")) == 10
+
+
 # --------------------------------------------------------------------------------------------------
 # Allocation arithmetic
 # --------------------------------------------------------------------------------------------------

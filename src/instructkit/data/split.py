@@ -5,7 +5,8 @@ it is rendered by several templates.
 
 Deduplication (`deduplicate`) groups rows by a key (default: the fields the chosen templates read).
 The label field is left out of the key, so that rows agreeing on everything but the label are found:
-  - exact duplicates (same key, same label): the first row is kept, the others dropped;
+  - exact duplicates (same key, same label; 1, 1.0, "1" and "01" are one label): the first row is kept,
+    the others dropped;
   - conflicting duplicates (same key, different labels, e.g. 5 sentences of SST-2 train): every row of
     the group is dropped. Keeping one would pick a label at random (noise), and keeping them all would
     train on contradictory targets and could put the same text in train and test (leakage).
@@ -38,6 +39,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from instructkit.templates.schema import label_key
+
 SPLITS = ("train", "validation", "test")
 _KEEP_PRIORITY = {"test": 0, "validation": 1, "train": 2, None: 3}
 
@@ -46,6 +49,13 @@ def _hashable(value: Any) -> Hashable:
     if isinstance(value, (list, dict)):
         return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
     return value
+
+
+def label_value(value: Any) -> Hashable:
+    """A label as deduplication compares it: 1, 1.0, "1" and "01" are one label (`label_key`, the rule
+    stratification and label maps use), so a row read from a CSV ("1") and its copy from a JSONL or Parquet
+    file (1) are duplicates, not a conflict; lists and dicts as their JSON."""
+    return _hashable(value) if isinstance(value, (list, dict)) else label_key(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +127,7 @@ def deduplicate(
             keep.append(members[0])
             continue
         if label_field is not None:
-            labels = {_hashable(rows[i].get(label_field)) for i in members}
+            labels = {label_value(rows[i].get(label_field)) for i in members}
             if len(labels) > 1:
                 result.conflicting_groups += 1
                 result.conflicting_dropped += len(members)

@@ -30,7 +30,7 @@ import numpy as np
 from instructkit.config import DatasetConfig
 from instructkit.data.rows import instruction_row
 from instructkit.data.sources import Source, file_parts, set_kind, source_fields, table_checker
-from instructkit.data.split import _hashable
+from instructkit.data.split import _hashable, label_value
 from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
 from instructkit.templates.schema import Schema
@@ -235,7 +235,7 @@ def scan_source(
                                 chunk.positions[j] if chunk.positions is not None else chunk.offset + j + 1)
                     keys += hash_values([row.get(f) for f in key_fields]) if key_fields else b"\0" * 8
                     if label is not None:
-                        value = _hashable(row.get(label))
+                        value = label_value(row.get(label))
                         code = label_codes.get(value)
                         if code is None:
                             code = label_codes[value] = len(label_codes)
