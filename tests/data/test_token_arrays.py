@@ -94,3 +94,25 @@ def test_chat_and_seq2seq_take_the_per_example_path(tiny_tokenizer, settings):
 def test_an_empty_chunk(tiny_tokenizer):
     got = encode_chunk(tiny_tokenizer, TokenizeSettings(), [])
     assert len(got["input_ids"]) == len(got["index"]) == 0 and got["stats"].examples == 0
+
+
+def test_a_prompt_that_starts_with_bos_text_gets_one_bos(tokenizer):
+    """trl#1400 (the double-BOS bug): text already rendered with its BOS ("<s>[INST] ..." templates,
+    `apply_chat_template(tokenize=False)`) tokenized with the tokenizer's own special tokens began
+    <s><s>; both encoding paths, training and generation, keep exactly one BOS."""
+    from instructkit.data.tokenize import encode_for_generation, encode_prompts
+
+    bos = tokenizer.bos_token_id
+    examples = [{"prompt": "<s>[INST] was the tea strong? [/INST]", "completion": "yes", "source_id": "a"},
+                {"prompt": "was the tea strong?", "completion": "yes", "source_id": "b"},
+                {"prompt": "<s><s> two on purpose", "completion": "no", "source_id": "c"}]
+    settings = TokenizeSettings(max_length=64)
+    got = encode_chunk(tokenizer, settings, examples)
+    want = _reference(tokenizer, settings, examples)
+    assert np.array_equal(got["input_ids"], want["input_ids"])
+    prompts = [e["prompt"] for e in examples]
+    ids = encode_prompts(tokenizer, prompts, settings)
+    assert encode_for_generation(tokenizer, prompts, settings, max_new_tokens=8) == ids
+    adds_bos = tokenizer("x")["input_ids"][0] == bos
+    assert [x[:3].count(bos) for x in ids] == [1, int(adds_bos), 2]  # the BOS tokens of the text, once each
+    assert ids[0][1:] == tokenizer(prompts[0], add_special_tokens=False)["input_ids"][1:]

@@ -29,6 +29,7 @@ from instructkit.data.tokenize import (
     _training_rows,
     encode_batch,
     prefix_token_id,
+    prompt_token_ids,
 )
 
 MAX_DROPPED_IDS = 20
@@ -81,9 +82,15 @@ def _count_dropped(stats: TokenizeStats, examples: list[dict], offsets: Any) -> 
 
 
 def _flat_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 ids, int64 length per text) of the distinct `texts`, in order."""
-    ids = tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"] if texts else []
+    """(flat int64 ids, int64 length per text) of the distinct `texts`, in order; with special tokens, as
+    prompts (`prompt_token_ids`: BOS once)."""
+    if not texts:
+        ids = []
+    elif add_special_tokens:
+        ids = prompt_token_ids(tokenizer, texts)
+    else:
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     return np.fromiter(chain.from_iterable(ids), np.int64, count=int(lengths.sum())), lengths
 

@@ -141,7 +141,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], settings: TokenizeSet
     """Prompt token ids (with the tokenizer's own special tokens, e.g. BOS), untruncated."""
     if settings.chat:
         return [chat_prompt_ids(tokenizer, *chat_messages(p, settings))[0] for p in prompts]
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    ids = prompt_token_ids(tokenizer, prompts)
     if not settings.seq2seq:
         eos = tokenizer.eos_token_id
         # A causal prompt must not end with EOS (some tokenizers append it): the completion follows.
@@ -149,6 +149,14 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], settings: TokenizeSet
         # Nor be empty: no position would predict the answer's first token (lm-eval's prefix token).
         ids = [x if x else [prefix_token_id(tokenizer)] for x in ids]
     return [list(x) for x in ids]
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt ids with the tokenizer's special tokens, BOS once: text starting with BOS gets no second (trl#1400)."""
+    ids = tokenizer(list(prompts), add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    bos, text = tokenizer.bos_token_id, tokenizer.bos_token or "\0"
+    adds = bos is not None and tokenizer("")["input_ids"][:1] == [bos]  # the tokenizer puts BOS in front
+    return [x[1:] if adds and x[:2] == [bos, bos] and p.startswith(text) else x for p, x in zip(prompts, ids)]
 
 
 def prefix_token_id(tokenizer: Any) -> int:
@@ -353,7 +361,7 @@ def cache_fingerprint(tokenizer: Any, template_versions: Sequence[str], settings
             "templates": sorted(set(template_versions)),
             "settings": asdict(settings),
             "data": data_digest,
-            "format": 3,  # 2: chat examples rendered turn by turn; 3: an empty causal prompt is BOS (or EOS)
+            "format": 4,  # 2: chat turn by turn; 3: an empty causal prompt is BOS (or EOS); 4: BOS once
         },
         sort_keys=True,
     )
