@@ -228,6 +228,27 @@ def test_weight_zero_turn_is_context_only_with_the_same_ids():
     assert [tokenizer.decode(marked.input_ids[a:b]) for a, b in label_spans(marked.labels)] == ["6<|im_end|>"]
 
 
+def test_assistant_turn_before_any_user_turn_is_context_not_a_template_error():
+    """axolotl#723 (ShareGPT with the assistant talking first): a greeting before the first user turn has no
+    prompt; turn by turn it rendered an empty conversation and every template failed (TemplateError "empty
+    conversation"). It is context now: the ids are apply_chat_template's, the later answers alone learned."""
+    greeting = [{"role": "assistant", "content": "Hello! How can I help?"}]
+    messages = greeting + [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                           {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]
+    tokenizer = build_tiny_tokenizer()
+    [row] = encode_conversation(tokenizer, messages, max_length=4096)
+    assert row.input_ids == render_ids(tokenizer, messages)[:-1]  # less the newline after the last <|im_end|>
+    assert [tokenizer.decode(row.input_ids[a:b]) for a, b in label_spans(row.labels)] == ["4<|im_end|>",
+                                                                                       "6<|im_end|>"]
+    [last] = encode_conversation(tokenizer, messages, max_length=4096, loss_on="last_assistant_turn")
+    assert [tokenizer.decode(last.input_ids[a:b]) for a, b in label_spans(last.labels)] == ["6<|im_end|>"]
+    # Not prefix-stable: one row per answer after a user turn, none for the greeting.
+    thinking = tiny_with_template(THINK_DROPPING_TEMPLATE)
+    rows = encode_conversation(thinking, messages, max_length=4096)
+    assert [thinking.decode(r.input_ids[a:b]) for r in rows for a, b in label_spans(r.labels)] == ["4<|im_end|>",
+                                                                                                "6<|im_end|>"]
+
+
 def test_template_whose_assistant_turn_does_not_follow_its_generation_prompt_is_an_error():
     template = CHATML.replace("{% if add_generation_prompt %}<|im_start|>assistant\n",
                               "{% if add_generation_prompt %}<|im_start|>model\n")

@@ -14,6 +14,7 @@ Every prompt is exactly what the model is sent at inference for that turn, and t
 user and tool turns, headers and the whitespace after an end-of-turn token are -100. An assistant turn
 marked `"weight": 0` (the OpenAI fine-tuning format's key; data/leakage.py sets it on a training
 conversation's earlier turn whose prompt is a validation or test prompt) is context only, never labelled;
+so is an assistant turn before the first user turn (a ShareGPT greeting: it has no prompt);
 the key itself never reaches the template. For a prefix-stable
 template the ids equal `apply_chat_template(messages, tokenize=True)` up to the whitespace the template writes
 after the final end-of-turn token.
@@ -98,6 +99,12 @@ def assistant_turns(messages: Sequence[Mapping[str, Any]]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
+def opening(messages: Sequence[Mapping[str, Any]], i: int) -> bool:
+    """Whether assistant turn `i` comes before any user turn (a ShareGPT greeting): context, never learned,
+    since it has no prompt to be learned on (and templates refuse to render an empty conversation)."""
+    return not any(m["role"] == "user" for m in messages[:i])
+
+
 def unlearned(messages: Sequence[Mapping[str, Any]]) -> set[int]:
     """Ordinals (0 = first) among the assistant turns of `messages` of those marked "weight": 0."""
     turns = [m for m in messages if m["role"] == "assistant"]
@@ -117,7 +124,7 @@ def _encode(tokenizer: Any, messages: list[dict], tools: list[dict] | None, loss
     if loss_on == "last_assistant_turn":
         turns = turns[-1:]
     else:
-        turns = [i for n, i in enumerate(turns) if n not in skip or n == len(turns) - 1]
+        turns = [i for n, i in enumerate(turns) if n == len(turns) - 1 or n not in skip and not opening(messages, i)]
     ids: list[int] = []
     labels: list[int] = []
     prompt_length = None
@@ -183,7 +190,7 @@ def encode_conversation(
         pieces = []
         turns = assistant_turns(messages)
         for i in turns if loss_on == "all_assistant_turns" else turns[-1:]:
-            if i != turns[-1] and messages[i].get("weight", 1) == 0:
+            if i != turns[-1] and (messages[i].get("weight", 1) == 0 or opening(messages, i)):
                 continue
             piece = messages[:i + 1]
             pieces.append((piece, "last_assistant_turn", encode(piece, "last_assistant_turn")))
