@@ -273,3 +273,12 @@ def test_loss_on_reaches_the_tokenize_settings():
     assert settings.loss_on == "last_assistant_turn" and settings.chat
     with pytest.raises(ValueError, match="loss_on"):
         RunConfig(train={"loss_on": "every_turn"})
+
+
+def test_a_conversation_the_template_refuses_names_its_example():
+    """Gemma's template requires user/assistant alternation: two user turns in a row is the data's fault,
+    and the error says which example (source row) it is, not only the roles."""
+    example = {"prompt": "Hi\nStill there?", "completion": "Yes.", "source_id": "chats:7",
+               "messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Still there?"}]}
+    with pytest.raises(TemplateError, match=r"^example chats:7: .*roles user/user: .*must alternate"):
+        tokenize_examples([example], tiny_gemma3(), chat_settings())

@@ -166,6 +166,7 @@ def encode_conversation(
     max_length: int,
     loss_on: LossOn = "all_assistant_turns",
     truncation: str = "left",
+    source: str | None = None,
 ) -> list[ChatEncoded | None]:
     """Training examples of one conversation (ending with an assistant turn), each within `max_length`.
 
@@ -175,14 +176,19 @@ def encode_conversation(
     every user content at its minimum: answers and tool results are never cut).
 
     Raises: TemplateError when the tokenizer has no chat template, the template cannot render the
-    conversation, or renders an assistant turn not after its generation prompt.
+    conversation, or renders an assistant turn not after its generation prompt; it names `source` (which
+    example: a conversation the template refuses, e.g. two user turns in a row for a template that
+    requires alternation, must be findable in the data).
     """
     messages = [dict(m) for m in messages]
     tools = list(tools) if tools else None
 
     def encode(msgs: list[dict], mode: LossOn) -> ChatEncoded:
-        adapted, tools_arg = adapt_messages(tokenizer, msgs, tools)  # assistant turns kept one to one
-        return _encode(tokenizer, adapted, tools_arg, mode, unlearned(msgs))
+        try:
+            adapted, tools_arg = adapt_messages(tokenizer, msgs, tools)  # assistant turns kept one to one
+            return _encode(tokenizer, adapted, tools_arg, mode, unlearned(msgs))
+        except TemplateError as exc:
+            raise TemplateError(f"{source}: {exc}" if source else str(exc)) from None
 
     try:
         pieces = [(messages, loss_on, encode(messages, loss_on))]

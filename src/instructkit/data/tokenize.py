@@ -435,8 +435,8 @@ def _training_rows(tokenizer: Any, example: dict, settings: TokenizeSettings) ->
     """The training rows of one example with a chat template (None: a row that does not fit)."""
     prompt = example_prompt(example)
     messages, tools = chat_messages(prompt, settings, example["completion"])
-    encoded = encode_conversation(tokenizer, messages, tools, max_length=settings.max_length,
-                                  loss_on=settings.loss_on, truncation=settings.truncation)
+    encoded = encode_conversation(tokenizer, messages, tools, max_length=settings.max_length, loss_on=settings.loss_on,
+                                  truncation=settings.truncation, source=f"example {example.get('source_id', '?')}")
     return [None if e is None else Encoded(e.input_ids, e.labels, e.prompt_length, e.truncated) for e in encoded]
 
 
