@@ -222,6 +222,8 @@ def load_adapter_folder(folder: Path, cfg: ModelConfig, *, cache_dir: str | os.P
     """
     from peft import PeftModel
 
+    from instructkit.models.lora import merge_lora
+
     check_weights(folder, cfg.allow_pickle, adapter=True)
     adapter_cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     saved_path = folder / CONFIG_FILE
@@ -231,7 +233,7 @@ def load_adapter_folder(folder: Path, cfg: ModelConfig, *, cache_dir: str | os.P
         raise ModelError(f"{folder}/adapter_config.json does not name its base model")
     base = load_model(cfg.model_copy(update={"name": base_name}), cache_dir=cache_dir, dtype=dtype)
     try:
-        merged = PeftModel.from_pretrained(base.model, folder).merge_and_unload()
+        merged = merge_lora(PeftModel.from_pretrained(base.model, folder))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot apply the adapter to {base_name}: {exc}") from None
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
