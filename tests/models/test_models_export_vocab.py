@@ -1,0 +1,49 @@
+"""models/export_vocab.py: the GGUF token table as llama.cpp's convert_hf_to_gguf.py writes it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gguf")
+
+from _export_helpers import build_gemma_tokenizer, gguf_fields
+from conftest import build_tiny_llama, build_tiny_tokenizer
+from tokenizers import AddedToken
+
+from instructkit.models.export import write_gguf
+
+CONTROL, USER_DEFINED = 3, 4  # gguf.TokenType
+
+
+def test_added_tokens_that_look_special_are_control_and_user_defined_spaces_are_bare(tmp_path):
+    """llama.cpp#8228 (convert_hf_to_gguf.py does_token_look_special): an added token that tokenizer.json
+    leaves non-special but spells like a control token (<|fim_pad|>, <pad>, <unused3>, as in Qwen2 and Gemma)
+    is CONTROL, else llama.cpp warns "control-looking token ... was not control-type" and prints it; a
+    user-defined token is written with bare spaces, not "▁", since llama.cpp matches it on the raw text."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken(t, special=False) for t in ("<|fim_pad|>", "<unused3>", "<think>",
+                                                                  "▁▁▁▁", "hello world")])
+    model = build_tiny_llama(tokenizer)
+    out = tmp_path / "m.gguf"
+    write_gguf(model, tokenizer, out, "f32")
+    fields = gguf_fields(out)
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|fim_pad|>", "<unused3>", "<think>", "▁▁▁▁",
+                                                           "hello world", "<|im_end|>")}
+    assert [types[ids[t]] for t in ("<|fim_pad|>", "<unused3>", "<|im_end|>")] == [CONTROL] * 3
+    assert [types[ids[t]] for t in ("<think>", "▁▁▁▁", "hello world")] == [USER_DEFINED] * 3
+    assert [tokens[ids[t]] for t in ("<|fim_pad|>", "<think>", "▁▁▁▁", "hello world")] == [
+        "<|fim_pad|>", "<think>", "    ", "hello world"]
+
+
+def test_gemma_user_defined_whitespace_token_is_written_with_spaces():
+    from instructkit.models.export_vocab import token_table
+
+    tokenizer = build_gemma_tokenizer()
+    tokenizer.add_tokens([AddedToken("▁▁", special=False, normalized=False)])
+    n = len(tokenizer)
+    tokens, types = token_table(tokenizer, n, "llama")
+    i = tokenizer.convert_tokens_to_ids("▁▁")
+    assert (tokens[i], types[i]) == ("  ", USER_DEFINED)
+    j = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert (tokens[j], types[j]) == ("<end_of_turn>", CONTROL)
