@@ -29,6 +29,22 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def unwrap_model(model: Any) -> Any:
+    """The model inside torch.compile's wrapper (`_orig_mod`) and DistributedDataParallel / DataParallel
+    (`module`), however nested. Saved wrapped, a compiled peft model was not recognised as one: its adapter
+    alone was written under a record saying merged (no config.json, no weights to load); a DDP model had no
+    config (pytorch#101107, nanoGPT#325: `_orig_mod.` / `module.` key prefixes)."""
+    import torch
+
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, card: dict[str, Any],
                         train_config: dict[str, Any] | None, merge_lora: bool = True) -> Path:
     """Save the tuned model to `out_dir` atomically (temporary folder beside it, then rename).
@@ -43,12 +59,14 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
     data_sources (list of {name, licence, path, rows}), seed (default: train_config["seed"]), metrics (rows
     {name, value, ci: [lo, hi]} or evaluate.compare.model_card_rows), tags.
 
+    A model wrapped by torch.compile or DDP is saved as the model inside (`unwrap_model`).
     A peft model with merge_lora=True is merged in place (`lora.merge_lora`): its base weights then hold the
     adapter, so it can be evaluated as the saved model but not trained further as LoRA. An adapter on a tied
     LM head or input embedding unties them (both saved, config tie_word_embeddings false).
     Raises: OSError when writing fails; `out_dir` then keeps its previous content.
     """
     out_dir = Path(out_dir)
+    model = unwrap_model(model)
     adapter_only = False
     if is_peft_model(model):
         if merge_lora:
