@@ -47,3 +47,20 @@ def test_gemma_user_defined_whitespace_token_is_written_with_spaces():
     assert (tokens[i], types[i]) == ("  ", USER_DEFINED)
     j = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert (tokens[j], types[j]) == ("<end_of_turn>", CONTROL)
+
+
+def test_several_named_chat_templates_are_written_as_llama_cpp_reads_them(tmp_path):
+    """A tokenizer with named chat templates (a dict, e.g. default + tool_use) stopped the export with
+    AttributeError "'str' object has no attribute 'get'"; they are now tokenizer.chat_template (the default)
+    and tokenizer.chat_template.tool_use, listed in tokenizer.chat_templates (gguf-py's list form)."""
+    from conftest import CHATML
+
+    tokenizer = build_tiny_tokenizer()
+    tools = CHATML + "{# tools #}"
+    tokenizer.chat_template = {"default": CHATML, "tool_use": tools}
+    out = tmp_path / "m.gguf"
+    write_gguf(build_tiny_llama(tokenizer), tokenizer, out, "f16")
+    fields = gguf_fields(out)
+    assert fields["tokenizer.chat_template"] == CHATML
+    assert fields["tokenizer.chat_template.tool_use"] == tools
+    assert fields["tokenizer.chat_templates"] == ["tool_use"]

@@ -158,7 +158,9 @@ def adds_special(tokenizer: Any) -> tuple[bool, bool]:
 
 def special_vocab(tokenizer: Any, config: Any, n_vocab: int) -> Any:
     """`gguf.SpecialVocab` read from the tokenizer saved to a scratch folder: merges, BOS/EOS/UNK/PAD ids,
-    the chat template; then the measured add_bos/add_eos and the end-of-turn id (eot) set over it."""
+    the chat template; then the measured add_bos/add_eos and the end-of-turn id (eot) set over it.
+    Several named chat templates (a dict) become tokenizer.chat_template (the "default" one) and
+    tokenizer.chat_template.<name>, as llama.cpp's converter writes them."""
     import gguf
 
     with tempfile.TemporaryDirectory(prefix="instructkit-vocab-") as scratch:
@@ -172,8 +174,11 @@ def special_vocab(tokenizer: Any, config: Any, n_vocab: int) -> Any:
     eot = end_of_turn_id(tokenizer, TokenizeSettings(chat_template=True))
     if eot is not None and eot != vocab.special_token_ids.get("eos"):
         vocab.special_token_ids["eot"] = eot
-    if getattr(tokenizer, "chat_template", None):
-        vocab.chat_template = tokenizer.chat_template
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: gguf-py's list form, as tokenizer_config.json
+        template = [{"name": name, "template": text} for name, text in template.items()]
+    if template:
+        vocab.chat_template = template
     return vocab
 
 
