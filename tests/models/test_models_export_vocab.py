@@ -1,4 +1,5 @@
-"""models/export_vocab.py: the GGUF token table as llama.cpp's convert_hf_to_gguf.py writes it."""
+"""models/export_vocab.py and ollama.py: the GGUF token table and chat templates as llama.cpp's
+convert_hf_to_gguf.py writes them; what a Modelfile cannot quote."""
 
 from __future__ import annotations
 
@@ -64,3 +65,22 @@ def test_several_named_chat_templates_are_written_as_llama_cpp_reads_them(tmp_pa
     assert fields["tokenizer.chat_template"] == CHATML
     assert fields["tokenizer.chat_template.tool_use"] == tools
     assert fields["tokenizer.chat_templates"] == ["tool_use"]
+
+
+def test_a_system_prompt_a_modelfile_cannot_quote_is_not_dropped_silently(tmp_path, caplog):
+    """Ollama's Modelfile parser has no escapes: a value ends at its first triple quote. A run system prompt
+    holding one was left out of the Modelfile without a word; it is still not written (it cannot be), but
+    the Modelfile says so in a comment and the export warns."""
+    import logging
+
+    from instructkit.models.ollama import render_modelfile
+
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_llama(tokenizer).config
+    with caplog.at_level(logging.WARNING, logger="instructkit.models.ollama"):
+        text = render_modelfile(tokenizer, config, tmp_path / "m.gguf", system_prompt='Quote as """x""".')
+    assert "SYSTEM" not in text.replace("system prompt", "")
+    assert '# the system prompt the model was tuned with holds """' in text
+    assert "cannot quote" in caplog.text
+    plain = render_modelfile(tokenizer, config, tmp_path / "m.gguf", system_prompt='Say "hi".')
+    assert 'SYSTEM """Say "hi"."""' in plain
