@@ -22,6 +22,29 @@ from instructkit.models.save import save_instruct_model
 # --------------------------------------------------------------------------------------------------
 
 
+def test_pad_token_past_the_embedding_falls_back_to_eos(tmp_path, caplog):
+    """llama-cookbook#189: a tokenizer given a new pad token without resizing the embedding (pad id 505,
+    505 rows) loaded as it was, and every padded batch indexed past the embedding. Padding now uses EOS,
+    so a padded row runs, and the saved generation_config says pad = EOS."""
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_llama(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with caplog.at_level(logging.WARNING, logger="instructkit.models.generation"):
+        loaded = load_model(ModelConfig(name=str(tmp_path / "m")))
+    rows = loaded.model.get_input_embeddings().num_embeddings
+    assert (tokenizer.pad_token_id, rows) == (505, 505)
+    assert loaded.tokenizer.pad_token_id == loaded.tokenizer.eos_token_id == 2
+    assert loaded.model.generation_config.pad_token_id == 2
+    assert "has 505 rows" in caplog.text
+    batch = loaded.tokenizer(["a", "a longer text"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert loaded.model(**batch).logits.shape[:2] == batch.input_ids.shape
+
+
 def test_load_folder_is_causal_fp32_with_provenance(tiny_model_dir):
     loaded = load_model(ModelConfig(name=str(tiny_model_dir)))
     assert not loaded.is_seq2seq

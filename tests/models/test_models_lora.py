@@ -159,3 +159,34 @@ def test_seq2seq_save_round_trip(tmp_path, tiny_t5_dir):
         b = reloaded(input_ids=ids, decoder_input_ids=decoder).logits
     assert torch.equal(a, b)
     assert card_front_matter(out)["pipeline_tag"] == "text2text-generation"
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_on_a_tied_head_or_embedding_saves_the_trained_model(target, merge, tmp_path, tiny_model_dir):
+    """peft#2018: merging an adapter on a tied LM head (or input embedding) wrote it into the shared
+    weight, so the saved model was not the trained one (lm_head: logits off by 19). Merged at save time
+    or from the adapter saved alone, the reload now gives the trained logits, the head and embedding apart."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir)))
+    assert loaded.model.config.tie_word_embeddings
+    wrapped = wrap_lora(loaded.model, LoraSettings(enabled=True, r=4, target_modules=["q_proj", target]), seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name and not param.any():  # B of a linear, A of an embedding start at zero
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    tuned_logits = logits_of(wrapped.eval(), loaded.tokenizer)
+    out = save_instruct_model(wrapped, loaded.tokenizer, tmp_path / "model", card={"provenance": loaded.provenance},
+                              train_config=None, merge_lora=merge)
+    if merge:
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+        with safe_open(str(out / "model.safetensors"), "pt") as handle:
+            assert "lm_head.weight" in handle.keys()  # noqa: SIM118 - safe_open has no __contains__
+        assert reloaded.config.tie_word_embeddings is False
+    else:
+        reloaded = load_model(ModelConfig(name=str(out))).model
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.model.embed_tokens.weight.data_ptr()
+    assert torch.allclose(logits_of(reloaded, loaded.tokenizer), tuned_logits, atol=1e-5)

@@ -38,6 +38,33 @@ def test_saved_model_reloads_with_plain_transformers_identical_logits(tmp_path, 
     assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0700
 
 
+@pytest.mark.parametrize("wrapper", ["compiled_lora", "data_parallel_compiled"])
+def test_a_compiled_or_ddp_wrapped_model_is_saved_as_the_model_inside(wrapper, tmp_path, tiny_llama, tiny_tokenizer):
+    """pytorch#101107 / nanoGPT#325: a wrapped model saved as it is. A torch.compile'd peft model was not
+    recognised as peft: its adapter alone was written under a record saying merged (no config.json, no
+    model.safetensors); a DataParallel / DDP model had no config. Both now save the plain merged model."""
+    from _model_helpers import lora_with_nonzero_update
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    if wrapper == "compiled_lora":
+        model = lora_with_nonzero_update(tiny_llama)
+        wrapped = torch.compile(model, backend="eager")
+    else:
+        model = tiny_llama
+        wrapped = torch.nn.DataParallel(torch.compile(model, backend="eager"))
+    tuned_logits = logits_of(model, tiny_tokenizer)
+    out = save_instruct_model(wrapped, tiny_tokenizer, tmp_path / "m", card={}, train_config=None)
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "adapter_config.json").exists()
+    assert json.loads((out / "instructkit_config.json").read_text())["adapter_only"] is False
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert keys and not any(k.startswith(("_orig_mod.", "module.")) or "lora" in k for k in keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(logits_of(reloaded, tiny_tokenizer), tuned_logits, atol=1e-5)
+
+
 def test_saving_twice_replaces_the_folder(tmp_path, tiny_tokenizer):
     from conftest import build_tiny_llama
     from transformers import AutoModelForCausalLM

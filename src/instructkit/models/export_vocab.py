@@ -8,7 +8,8 @@ Two kinds of vocabulary, both BPE (`tokenizer.ggml.model`):
   scores (minus the rank of the merge that makes a token: llama.cpp merges the best-scored pair first, which
   is BPE's merge order) and the merges too (transformers' GGUF loader reads them).
 
-Token types: CONTROL for special added tokens, USER_DEFINED for other added tokens, UNKNOWN, BYTE, and
+Token types: CONTROL for special added tokens and those that look special (`looks_special`), USER_DEFINED
+for other added tokens (their "▁" written as spaces, as llama.cpp reads them), UNKNOWN, BYTE, and
 UNUSED for embedding rows the tokenizer has no token for (`[PAD<id>]`, as llama.cpp writes them).
 Whether BOS/EOS are added is measured by encoding a text, not read from a flag, so llama.cpp tokenizes
 as the tokenizer used in training did.
@@ -89,6 +90,17 @@ def pre_tokenizer_name(spec: dict[str, Any]) -> str:
                      f"({json.dumps(spec.get('pre_tokenizer'))[:200]})")
 
 
+def looks_special(token: str) -> bool:
+    """An added token that tokenizer.json leaves non-special but llama.cpp's converter makes a control token
+    (convert_hf_to_gguf.py `does_token_look_special`, llama.cpp#8228): <|...|>, <｜...｜>, <unused...>,
+    <pad>, <mask>, <2mass>, [@BOS@]. Written USER_DEFINED, llama.cpp warns "control-looking token ... was
+    not control-type" at load and prints the token's text in the output (Qwen2's <|fim_pad|> ...)."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
 def token_table(tokenizer: Any, n_vocab: int, kind: str) -> tuple[list[str], list[int]]:
     """(tokens, token types) for ids 0..n_vocab-1.
 
@@ -111,9 +123,12 @@ def token_table(tokenizer: Any, n_vocab: int, kind: str) -> tuple[list[str], lis
         elif kind == "llama" and i == unk:
             tokens.append(token)
             types.append(TokenType.UNKNOWN)
-        elif i in added:
+        elif i in added and (added[i].special or looks_special(token)):
             tokens.append(token)
-            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+            types.append(TokenType.CONTROL)
+        elif i in added:  # llama.cpp matches user-defined tokens on the raw text: spaces, not "▁"
+            tokens.append(token.replace("\u2581", " "))
+            types.append(TokenType.USER_DEFINED)
         else:
             tokens.append(token)
             if kind == "llama" and BYTE_TOKEN.fullmatch(token):
@@ -143,7 +158,9 @@ def adds_special(tokenizer: Any) -> tuple[bool, bool]:
 
 def special_vocab(tokenizer: Any, config: Any, n_vocab: int) -> Any:
     """`gguf.SpecialVocab` read from the tokenizer saved to a scratch folder: merges, BOS/EOS/UNK/PAD ids,
-    the chat template; then the measured add_bos/add_eos and the end-of-turn id (eot) set over it."""
+    the chat template; then the measured add_bos/add_eos and the end-of-turn id (eot) set over it.
+    Several named chat templates (a dict) become tokenizer.chat_template (the "default" one) and
+    tokenizer.chat_template.<name>, as llama.cpp's converter writes them."""
     import gguf
 
     with tempfile.TemporaryDirectory(prefix="instructkit-vocab-") as scratch:
@@ -157,8 +174,11 @@ def special_vocab(tokenizer: Any, config: Any, n_vocab: int) -> Any:
     eot = end_of_turn_id(tokenizer, TokenizeSettings(chat_template=True))
     if eot is not None and eot != vocab.special_token_ids.get("eos"):
         vocab.special_token_ids["eot"] = eot
-    if getattr(tokenizer, "chat_template", None):
-        vocab.chat_template = tokenizer.chat_template
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: gguf-py's list form, as tokenizer_config.json
+        template = [{"name": name, "template": text} for name, text in template.items()]
+    if template:
+        vocab.chat_template = template
     return vocab
 
 

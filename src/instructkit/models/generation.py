@@ -10,9 +10,18 @@ from instructkit.data.tokenize import TokenizeSettings, stop_token_ids
 logger = logging.getLogger(__name__)
 
 
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Batching needs a pad token; when the tokenizer has none, use EOS (labels never come from pad ids)."""
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+def ensure_pad_token(tokenizer: Any, rows: int | None = None) -> None:
+    """Batching needs a pad token; when the tokenizer has none, use EOS (labels never come from pad ids).
+
+    `rows`: the model's input embedding rows. A pad token past them (one added to the tokenizer without
+    resizing the embedding, llama-cookbook#189) is replaced by EOS too: every padded batch would index past
+    the embedding (IndexError on the CPU, a device-side assert on CUDA)."""
+    pad = tokenizer.pad_token_id
+    if pad is not None and rows is not None and pad >= rows and tokenizer.eos_token is not None:
+        logger.warning("the tokenizer's pad token %r has id %d but the model's embedding has %d rows; using "
+                       "its EOS %r for padding", tokenizer.pad_token, pad, rows, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer.pad_token is None and tokenizer.eos_token is not None:
         logger.info("tokenizer has no pad token; using its EOS %r for padding", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -178,6 +178,12 @@ def load_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
                          "tokenizer.save_pretrained(folder)") from None
 
 
+def embedding_rows(model: Any) -> int | None:
+    """Rows of the model's input embedding (the token ids it can take), None when it has none."""
+    embedding = model.get_input_embeddings()
+    return getattr(embedding, "num_embeddings", None)
+
+
 def load_folder(folder: Path, cfg: ModelConfig, provenance: dict[str, Any] | None = None, *,
                 dtype: str = "fp32") -> LoadedModel:
     """Load a Hugging Face model folder (config.json + weights + tokenizer).
@@ -206,7 +212,7 @@ def load_folder(folder: Path, cfg: ModelConfig, provenance: dict[str, Any] | Non
         raise ModelError(f"{folder}: cannot load the model: {exc}") from None
     clear_quantizer(model)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
-    ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer, embedding_rows(model))
     configure_generation(model, tokenizer)
     prov = provenance if provenance is not None else read_provenance(folder, cfg.name)
     prov = {**prov, "kind": "seq2seq" if seq2seq else "causal"}
@@ -222,6 +228,8 @@ def load_adapter_folder(folder: Path, cfg: ModelConfig, *, cache_dir: str | os.P
     """
     from peft import PeftModel
 
+    from instructkit.models.lora import merge_lora
+
     check_weights(folder, cfg.allow_pickle, adapter=True)
     adapter_cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     saved_path = folder / CONFIG_FILE
@@ -231,12 +239,12 @@ def load_adapter_folder(folder: Path, cfg: ModelConfig, *, cache_dir: str | os.P
         raise ModelError(f"{folder}/adapter_config.json does not name its base model")
     base = load_model(cfg.model_copy(update={"name": base_name}), cache_dir=cache_dir, dtype=dtype)
     try:
-        merged = PeftModel.from_pretrained(base.model, folder).merge_and_unload()
+        merged = merge_lora(PeftModel.from_pretrained(base.model, folder))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot apply the adapter to {base_name}: {exc}") from None
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code) if has_tokenizer else base.tokenizer
-    ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer, embedding_rows(merged))
     configure_generation(merged, tokenizer)
     prov = {**base.provenance, "adapter": str(folder)}
     return LoadedModel(merged, tokenizer, base.is_seq2seq, str(folder), prov)

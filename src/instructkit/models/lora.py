@@ -47,3 +47,28 @@ def is_peft_model(model: Any) -> bool:
     model save of a full fine-tune)."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def merge_lora(model: Any) -> Any:
+    """`model.merge_and_unload()` that keeps the model the adapter was trained as, tied embeddings included.
+
+    With tied embeddings (tie_word_embeddings: the LM head and the input embedding share one weight), an
+    adapter on either of them (target_modules naming lm_head or embed_tokens) would be merged into the
+    shared weight and so change the other one too: the saved model differed from the trained one
+    (peft#2018; a tiny Llama with LoRA on lm_head: logits off by 19). The adapted layer gets its own copy
+    of the weight first and the config says the embeddings are untied, so both are saved and reload apart.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if inputs is not None and outputs is not None and inputs.weight is outputs.weight:
+        adapted = [m for m in (outputs, inputs) if isinstance(m, LoraLayer)]
+        if adapted:
+            layer = adapted[0].get_base_layer()
+            layer.weight = torch.nn.Parameter(layer.weight.detach().clone(),
+                                              requires_grad=layer.weight.requires_grad)
+            for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+                config.tie_word_embeddings = False
+    return model.merge_and_unload()

@@ -162,6 +162,11 @@ def render_modelfile(tokenizer: Any, config: Any, gguf_path: str | Path,
         system = system_prompt if system_prompt is not None else fmt.default_system
         if system and _quoted(system):
             lines.append(f"SYSTEM {_quoted(system)}")
+        elif system:  # Ollama's parser has no escapes: the value would end at its first triple quote
+            logger.warning('Modelfile: the system prompt holds """, which a Modelfile cannot quote; no SYSTEM '
+                           "written: give it with each request")
+            lines.append('# the system prompt the model was tuned with holds """, which a Modelfile cannot '
+                         "quote: give it as the system message of each request")
         elif system_prompt == "":  # trained with an empty system turn: not the template's default text
             lines.append("# trained with an empty system prompt: no SYSTEM (the template then writes none)")
     else:

@@ -16,6 +16,7 @@ from instructkit.io import atomic_open, fsync_dir, replace_folder, temp_folder_b
 from instructkit.models.card import CONFIG_FILE, card_provenance, render_model_card
 from instructkit.models.generation import configure_generation
 from instructkit.models.lora import is_peft_model
+from instructkit.models.lora import merge_lora as merge_adapter
 
 
 def library_versions() -> dict[str, str]:
@@ -26,6 +27,22 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model inside torch.compile's wrapper (`_orig_mod`) and DistributedDataParallel / DataParallel
+    (`module`), however nested. Saved wrapped, a compiled peft model was not recognised as one: its adapter
+    alone was written under a record saying merged (no config.json, no weights to load); a DDP model had no
+    config (pytorch#101107, nanoGPT#325: `_orig_mod.` / `module.` key prefixes)."""
+    import torch
+
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, card: dict[str, Any],
@@ -42,15 +59,18 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
     data_sources (list of {name, licence, path, rows}), seed (default: train_config["seed"]), metrics (rows
     {name, value, ci: [lo, hi]} or evaluate.compare.model_card_rows), tags.
 
-    A peft model with merge_lora=True is merged in place (merge_and_unload): its base weights then hold the
-    adapter, so it can be evaluated as the saved model but not trained further as LoRA.
+    A model wrapped by torch.compile or DDP is saved as the model inside (`unwrap_model`).
+    A peft model with merge_lora=True is merged in place (`lora.merge_lora`): its base weights then hold the
+    adapter, so it can be evaluated as the saved model but not trained further as LoRA. An adapter on a tied
+    LM head or input embedding unties them (both saved, config tie_word_embeddings false).
     Raises: OSError when writing fails; `out_dir` then keeps its previous content.
     """
     out_dir = Path(out_dir)
+    model = unwrap_model(model)
     adapter_only = False
     if is_peft_model(model):
         if merge_lora:
-            model = model.merge_and_unload()
+            model = merge_adapter(model)
         else:
             adapter_only = True
     configure_generation(model, tokenizer)
