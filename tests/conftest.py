@@ -91,6 +91,31 @@ def build_tiny_llama(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def overfit_causal(model, tokenizer, prompts, completions, settings, steps: int) -> float:
+    """Plain AdamW (lr 1e-2, seed 0) on the prompt + completion + EOS encodings (`encode_batch`: labels -100
+    on the prompt), right-padded into one batch, `steps` full-batch steps; the model is left in eval mode.
+    Returns the last step's loss."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    from instructkit.data.tokenize import encode_batch
+
+    encoded = encode_batch(tokenizer, list(prompts), list(completions), settings)
+    ids = pad_sequence([torch.tensor(e.input_ids) for e in encoded], batch_first=True, padding_value=0)
+    labels = pad_sequence([torch.tensor(e.labels) for e in encoded], batch_first=True, padding_value=-100)
+    mask = pad_sequence([torch.ones(len(e.input_ids), dtype=torch.long) for e in encoded], batch_first=True)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return float(loss.detach())
+
+
 def build_tiny_t5(tokenizer, seed: int = 0):
     import torch
     from transformers import T5Config, T5ForConditionalGeneration

@@ -8,10 +8,9 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from instructkit.config import EvalConfig, ModelConfig
-from instructkit.data.tokenize import TokenizeSettings, encode_batch
+from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import DataError, InstructkitError, TemplateError
 from instructkit.evaluate.evaluator import evaluate_examples, evaluate_run, make_validation_fn
 
@@ -54,25 +53,13 @@ SHORT = {"summarization": 6}
 @pytest.fixture(scope="module")
 def learned_llama(tiny_tokenizer):
     """A tiny Llama overfitted on the 8 examples (both templates) with plain AdamW, prompt labels masked."""
-    from conftest import build_tiny_llama
-    from torch.nn.utils.rnn import pad_sequence
+    from conftest import build_tiny_llama, overfit_causal
 
     model = build_tiny_llama(tiny_tokenizer, seed=2)
     exs = examples()
-    enc = encode_batch(tiny_tokenizer, [e["prompt"] for e in exs], [e["completion"] for e in exs], SETTINGS)
-    ids = pad_sequence([torch.tensor(e.input_ids) for e in enc], batch_first=True, padding_value=0)
-    labels = pad_sequence([torch.tensor(e.labels) for e in enc], batch_first=True, padding_value=-100)
-    mask = pad_sequence([torch.ones(len(e.input_ids), dtype=torch.long) for e in enc], batch_first=True)
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(80):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    assert float(loss.detach()) < 0.05
+    loss = overfit_causal(model, tiny_tokenizer, [e["prompt"] for e in exs], [e["completion"] for e in exs],
+                          SETTINGS, steps=80)
+    assert loss < 0.05
     return model
 
 

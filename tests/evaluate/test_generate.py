@@ -10,7 +10,6 @@ import torch
 
 from instructkit.data.tokenize import (
     TokenizeSettings,
-    encode_batch,
     encode_for_generation,
     encode_prompts,
     stop_token_ids,
@@ -40,22 +39,10 @@ TRAIN_PAIRS = [
 
 def overfit(model, tokenizer, settings, steps=80):
     """Plain AdamW on prompt + completion + EOS, labels -100 on the prompt, until it recites the answers."""
-    from torch.nn.utils.rnn import pad_sequence
+    from conftest import overfit_causal
 
-    encoded = encode_batch(tokenizer, [p for p, _ in TRAIN_PAIRS], [c for _, c in TRAIN_PAIRS], settings)
-    ids = pad_sequence([torch.tensor(e.input_ids) for e in encoded], batch_first=True, padding_value=0)
-    labels = pad_sequence([torch.tensor(e.labels) for e in encoded], batch_first=True, padding_value=-100)
-    mask = pad_sequence([torch.ones(len(e.input_ids), dtype=torch.long) for e in encoded], batch_first=True)
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return float(loss.detach())
+    return overfit_causal(model, tokenizer, [p for p, _ in TRAIN_PAIRS], [c for _, c in TRAIN_PAIRS], settings,
+                          steps)
 
 
 @pytest.fixture(scope="module")

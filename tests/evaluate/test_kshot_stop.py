@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from instructkit.config import EvalConfig
-from instructkit.data.tokenize import TokenizeSettings, encode_batch
+from instructkit.data.tokenize import TokenizeSettings
 from instructkit.evaluate.evaluator import evaluate_examples
 from instructkit.evaluate.generate import generate
 
@@ -30,21 +29,10 @@ RAMBLE = "a bike\n\nDescribe the review: great coffee."  # the answer, then a ma
 @pytest.fixture(scope="module")
 def rambling_llama(tiny_tokenizer):
     """A tiny Llama overfitted to answer the 1-shot prompt with RAMBLE."""
-    from conftest import build_tiny_llama
+    from conftest import build_tiny_llama, overfit_causal
 
     model = build_tiny_llama(tiny_tokenizer, seed=3)
-    [enc] = encode_batch(tiny_tokenizer, [K_SHOT_PROMPT], [RAMBLE], SETTINGS)
-    ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(60):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    assert float(loss.detach()) < 0.05
+    assert overfit_causal(model, tiny_tokenizer, [K_SHOT_PROMPT], [RAMBLE], SETTINGS, steps=60) < 0.05
     return model
 
 
