@@ -30,19 +30,16 @@ def library_versions() -> dict[str, str]:
 
 
 def unwrap_model(model: Any) -> Any:
-    """The model inside torch.compile's wrapper (`_orig_mod`) and DistributedDataParallel / DataParallel
-    (`module`), however nested. Saved wrapped, a compiled peft model was not recognised as one: its adapter
-    alone was written under a record saying merged (no config.json, no weights to load); a DDP model had no
-    config (pytorch#101107, nanoGPT#325: `_orig_mod.` / `module.` key prefixes)."""
-    import torch
+    """The model inside torch.compile's wrapper (`_orig_mod`) and DDP / DataParallel / FSDP (`module`), however
+    nested (accelerate's `extract_model_from_parallel`, repeated until nothing is left to unwrap; one call
+    leaves a compiled model inside DataParallel). Saved wrapped, a compiled peft model was not recognised as
+    one: its adapter alone was written under a record saying merged (no config.json, no weights to load); a
+    DDP model had no config (pytorch#101107, nanoGPT#325: `_orig_mod.` / `module.` key prefixes)."""
+    from accelerate.utils import extract_model_from_parallel
 
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    while (inner := extract_model_from_parallel(model, keep_torch_compile=False)) is not model:
+        model = inner
+    return model
 
 
 def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, card: dict[str, Any],
