@@ -202,6 +202,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
         check_disk_space(run_dir, model, cfg.keep_checkpoints, options.free_space_fn)
 
     check_processes(cfg, accelerator.num_processes)
+    has_val = data.validation is not None and len(data.validation) > 0
+    _check_early_stopping(cfg, has_val, options.validate)
     sharding = resolve_sharding(cfg, accelerator.num_processes, str(accelerator.distributed_type))
     model.train()
     if cfg.gradient_checkpointing:  # per decoder layer, before FSDP2 wraps the layers
@@ -214,8 +216,6 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     if sharding != "fsdp":
         model, optimizer = accelerator.prepare(model, optimizer)
-    has_val = data.validation is not None and len(data.validation) > 0
-    _check_early_stopping(cfg, has_val, options.validate)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, table=table,
