@@ -26,8 +26,9 @@ Recipes (`--list`):
                       running forward and backward twice): the memory-lean settings as a user gets them
 
 Every (recipe, seed) cell is saved to the JSON as soon as it ends and skipped on the next start (`--force`
-redoes it), so the grid (CPU hours) can run in pieces; `--resume` continues an interrupted instructkit cell
-from its latest checkpoint (its time = the interrupted run's logged training time to that step + the rest):
+redoes it), so the grid (CPU hours) can run in pieces; `--resume` continues an interrupted cell from its
+latest checkpoint (every 10 minutes of training, in both kinds; its time = the interrupted run's training
+time to that step + the rest):
   python benchmarks/bench_quality.py                                   # every recipe, seeds 0 1 2
   python benchmarks/bench_quality.py --recipes baseline,lean --seeds 0
 The work folder keeps the prepared data, the base evaluation and each cell's run (delete it when done).
@@ -41,6 +42,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,11 +108,24 @@ def instructkit(*args: str, cwd: Path, log: Path) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_hf(data: Path, out: Path, seed: int, threads: int) -> dict:
-    """BASELINES.md's Trainer run on instructkit's tokenization of the same train split; saves `out`."""
+SAVE_EVERY_SECONDS = 600.0  # the Trainer cell's checkpoints, as instructkit's train.save_every_minutes: 10
+
+
+def trainer_checkpoint(out: Path) -> Path | None:
+    """The Trainer cell's newest complete checkpoint (one whose `elapsed.json` was written last), or None."""
+    done = [c for c in (out / "trainer").glob("checkpoint-*") if (c / "elapsed.json").is_file()]
+    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def train_hf(data: Path, out: Path, seed: int, threads: int, resume: bool = False) -> dict:
+    """BASELINES.md's Trainer run on instructkit's tokenization of the same train split; saves `out`.
+
+    A checkpoint (Trainer's own: weights, optimizer, scheduler, RNG states) every SAVE_EVERY_SECONDS of
+    training, with the training seconds so far in its `elapsed.json`; `resume` continues from the newest
+    (Trainer skips the batches already seen), and `train_seconds` is then the sum of both parts."""
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from instructkit.config import ModelConfig
     from instructkit.data.build import load_examples
@@ -127,15 +142,40 @@ def train_hf(data: Path, out: Path, seed: int, threads: int) -> dict:
     args = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=8, num_train_epochs=3, learning_rate=1e-4,
         optim="adamw_torch_fused", seed=seed, data_seed=seed, save_strategy="no", eval_strategy="no",
-        report_to="none", use_cpu=True, logging_steps=20, disable_tqdm=True, remove_unused_columns=False)
-    collator = DataCollatorForSeq2Seq(loaded.tokenizer, model=None, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=loaded.model, args=args, train_dataset=rows, data_collator=collator)
+        report_to="none", use_cpu=True, logging_steps=20, disable_tqdm=True, remove_unused_columns=False,
+        save_total_limit=1, save_only_model=False)
+    checkpoint = trainer_checkpoint(out) if resume else None
+    before = json.loads((checkpoint / "elapsed.json").read_text(encoding="utf-8"))["train_seconds"] \
+        if checkpoint else 0.0
     start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+
+    class EveryTenMinutes(TrainerCallback):
+        """Asks for a checkpoint when SAVE_EVERY_SECONDS passed since the last one, then records in it the
+        training seconds so far (after Trainer wrote it: its presence marks the checkpoint complete)."""
+
+        last = start
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.perf_counter() - self.last >= SAVE_EVERY_SECONDS and state.global_step < state.max_steps:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / "elapsed.json").write_text(json.dumps(
+                {"step": state.global_step, "train_seconds": before + self.last - start}), encoding="utf-8")
+
+    collator = DataCollatorForSeq2Seq(loaded.tokenizer, model=None, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=loaded.model, args=args, train_dataset=rows, data_collator=collator,
+                      callbacks=[EveryTenMinutes()])
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = before + time.perf_counter() - start
     loaded.model.save_pretrained(out / "model", safe_serialization=True)
     loaded.tokenizer.save_pretrained(out / "model")
-    return {"train_seconds": round(seconds, 1), "steps": trainer.state.global_step}
+    shutil.rmtree(out / "trainer", ignore_errors=True)  # its checkpoint (1.6 GB): the cell is complete
+    resumed = {"resumed_from_step": int(checkpoint.name.split("-")[1]), "train_wall_seconds_before_resume":
+               round(before, 1)} if checkpoint else {}
+    return {"train_seconds": round(seconds, 1), "steps": trainer.state.global_step, **resumed}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,10 +334,10 @@ def run_cell(recipe: str, seed: int, work: Path, config: Path, threads: int, res
         run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--child-trainer", str(run_dir), "--seeds", str(seed),
-                        "--threads", str(threads), "--work", str(work)], check=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        wall = time.perf_counter() - start
+                        "--threads", str(threads), "--work", str(work), *(["--resume"] if resume else [])],
+                       check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         trained = json.loads((run_dir / "trainer_result.json").read_text(encoding="utf-8"))
+        wall = time.perf_counter() - start + trained.get("train_wall_seconds_before_resume", 0.0)
     else:
         wall = instructkit("train", str(config), *(["--resume"] if before else []), f"name={name}",
                            f"train.seed={seed}", f"train.threads={threads}", *overrides, cwd=work, log=log)
@@ -324,7 +364,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo cells already in --out")
     p.add_argument("--report", action="store_true", help="only recompute the JSON from the kept predictions")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted instructkit cell from its latest checkpoint")
+                   help="continue an interrupted cell from its latest checkpoint")
     p.add_argument("--no-base", action="store_true", help="skip the base model's evaluation (no gains yet)")
     p.add_argument("--list", action="store_true", help="print the recipes and exit")
     p.add_argument("--child-trainer", type=Path, help=argparse.SUPPRESS)
@@ -338,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:20} {kind:12} {' '.join(overrides)}")
         return 0
     if args.child_trainer:
-        result = train_hf(args.work / "runs" / "data", args.child_trainer, int(args.seeds), args.threads)
+        result = train_hf(args.work / "runs" / "data", args.child_trainer, int(args.seeds), args.threads,
+                          args.resume)
         (args.child_trainer / "trainer_result.json").write_text(json.dumps(result), encoding="utf-8")
         return 0
     recipes = [r for r in args.recipes.split(",") if r]
