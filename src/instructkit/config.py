@@ -58,9 +58,8 @@ class DatasetConfig(Section):
     columns: dict[str, str | list[str]] = Field(
         default_factory=dict, description="Schema field -> column of this file, e.g. {review_body: Text}; a "
         "list gives candidates tried in order (SST-2 train calls its text `sentence`, its dev `content`).")
-    parallel: dict[str, str] | None = Field(
-        None, description="Line-aligned text files per field for translation data, e.g. {en: train.en.gz, "
-        "de: train.de.gz}.")
+    parallel: dict[str, str] | None = Field(None, description="Line-aligned text files per field for "
+        "translation data, e.g. {en: train.en.gz, de: train.de.gz}.")
     templates: list[str] | Literal["all"] = Field(
         "all", description="Template ids to render, or 'all' of the schema's templates.")
     templates_per_row: int | None = Field(
@@ -74,9 +73,8 @@ class DatasetConfig(Section):
         False, description="Keep this whole dataset out of training: all its rows go to test (evaluation on an "
         "unseen dataset); validation loss and early stopping never see it.")
     weight: float = Field(
-        1.0, gt=0, description="Relative share of the training examples in a mixture (1 and 1: half and "
-        "half; a dataset short of its share is repeated, one over it subsampled). No effect with one "
-        "dataset.")
+        1.0, gt=0, description="Relative share of the training examples in a mixture (1 and 1: half and half; "
+        "a dataset short of its share is repeated, one over it subsampled). No effect with one dataset.")
     max_rows: int | None = Field(
         None, ge=1, description="Cap on source rows per file (after deduplication): a seeded random sample, "
         "so a dataset's own test file is not sampled away.")
@@ -126,6 +124,9 @@ class SplitConfig(Section):
         "auto", description="Prepare in bounded memory: read each file twice in chunks (rows hashed for "
         "dedup, then rendered) and shuffle train on disk; the same split and files as in memory. 'auto': "
         "when the data files pass 64 MB.")
+    text_match: Literal["exact", "normalized"] = Field(
+        "exact", description="How dedup keys and the leakage guard's prompts compare: 'exact', or 'normalized' "
+        "(Unicode NFKC, casefolded, whitespace runs one space, stripped: 'Great product!' = 'great  product! ').")
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:

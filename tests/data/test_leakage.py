@@ -90,6 +90,7 @@ def test_reposted_reviews_leak_no_rating_test_prompt_into_train(tmp_path, librar
     dropped = Counter(ex["template_id"] for ex in kept_examples["train"] if ex["prompt"] in held)
     assert stats["prompt_leakage"] == {
         "policy": "drop",
+        "text_match": "exact",
         "train_examples_dropped": sum(dropped.values()),
         "train_examples_dropped_by_template": dict(sorted(dropped.items())),
         "train_turns_unlabelled": 0,

@@ -16,7 +16,7 @@ datasets of a mixture can share texts). Validation and test are rendered first; 
 prompt is one of theirs (any template, any dataset) is left out (`split.prompt_leakage: drop`, counted per
 template in stats.json "prompt_leakage"), so the split itself stays exactly as seeded, stratified and
 grouped. stats.json "leaked_prompts" counts the validation and test examples whose prompt is in the
-written training set: 0 unless `prompt_leakage: report`.
+written training set: 0 unless `prompt_leakage: report`. Prompts compare as `split.text_match` says.
 Rendering failures (an undefined field, a prompt or completion that renders empty, a completion that is
 not among the answer choices) stop with an error naming file, line and template, or with
 `skip_bad_rows` are skipped and counted per reason in stats.json ("examples_skipped_by_reason").
@@ -39,7 +39,7 @@ from typing import Any
 from instructkit.config import RunConfig, dump_config
 from instructkit.data.chat import CHAT_METRICS
 from instructkit.data.examples import Example, LineEncoder, example_line
-from instructkit.data.leakage import PromptLedger, earlier_turn_digests
+from instructkit.data.leakage import PromptLedger
 from instructkit.data.plan import DatasetPlan, mix, plan_dataset, train_jobs
 from instructkit.data.sources import dataset_name
 from instructkit.data.split import SPLITS
@@ -173,7 +173,7 @@ def _write_jobs(
         made = example_text(plan, rows[r], ids[r], t, templates, parts, encoder, r)
         if made is None or not ledger.keep(split, made[1], plan.name, made[2]):
             continue
-        turns = earlier_turn_digests(rows[r].get("messages")) if split == "train" and t < 0 else []
+        turns = ledger.turn_digests(rows[r].get("messages")) if split == "train" and t < 0 else []
         buffer.append(ledger.guard_turns(made[0], turns, plan.name, made[2]))
         count[made[2]] += 1
         if len(buffer) >= _WRITE_BATCH:
@@ -250,7 +250,7 @@ def prepare(
     random.Random(f"shuffle:{seed}").shuffle(train_order)
 
     encoder = LineEncoder()
-    ledger = PromptLedger(drop=config.split.prompt_leakage == "drop")
+    ledger = PromptLedger.of(config.split)
     counts: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     written: dict[str, int] = {}
     files = {s: run_dir / f"{s}.jsonl" for s in SPLITS}

@@ -8,7 +8,9 @@ OpenAI fine-tuning format's key for an assistant turn not to learn; data/chat_en
 unlabelled, as context only) and counted in stats.json "prompt_leakage" "train_turns_unlabelled".
 
 Prompts are kept as 16-byte BLAKE2b digests (a run of a million examples holds some 100 MB less than the
-texts); two different prompts share a digest with probability about n^2 / 2^129.
+texts); two different prompts share a digest with probability about n^2 / 2^129. With `split.text_match:
+normalized` a prompt is digested as split.normalized_text writes it (NFKC, casefolded, whitespace collapsed),
+so a training prompt that differs from a test prompt only in case or whitespace is a test prompt too.
 """
 
 from __future__ import annotations
@@ -19,24 +21,29 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from instructkit.config import SplitConfig
 from instructkit.data.chat import chat_prompt
+from instructkit.data.split import normalized_text
 
 NOTE_SHARE = 0.1
 """A dataset note is added when the guard leaves out more than this share of a template's training examples."""
 
 
-def prompt_digest(prompt: str) -> bytes:
-    """The 16-byte BLAKE2b digest a prompt is kept as."""
+def prompt_digest(prompt: str, normalize: bool = False) -> bytes:
+    """The 16-byte BLAKE2b digest a prompt is kept as (of its `normalized_text` with `normalize`)."""
+    if normalize:
+        prompt = normalized_text(prompt)
     return hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def earlier_turn_digests(messages: Sequence[Mapping[str, Any]] | None) -> list[tuple[int, bytes]]:
+def earlier_turn_digests(messages: Sequence[Mapping[str, Any]] | None, normalize: bool = False
+                         ) -> list[tuple[int, bytes]]:
     """(index, prompt digest) of each assistant turn in `messages` (a chat example's turns before its final
     one) that follows a user turn: the prompts it is learned on with all_assistant_turns."""
     out = []
     for i, message in enumerate(messages or ()):
         if message["role"] == "assistant" and any(m["role"] == "user" for m in messages[:i]):
-            out.append((i, prompt_digest(chat_prompt(messages[:i]))))
+            out.append((i, prompt_digest(chat_prompt(messages[:i]), normalize)))
     return out
 
 
@@ -53,11 +60,12 @@ class PromptLedger:
 
     With `drop` a training example whose prompt is a validation or test prompt, of any template or
     dataset, is left out and counted per (dataset, template); without it, it is kept and only counted in
-    `leaked`.
+    `leaked`. With `normalize` prompts are compared as `normalized_text` writes them.
     """
 
-    def __init__(self, drop: bool):
+    def __init__(self, drop: bool, normalize: bool = False):
         self.drop = drop
+        self.normalize = normalize
         self.held: dict[str, Counter[bytes]] = {"validation": Counter(), "test": Counter()}
         self.held_any: set[bytes] = set()
         self.train: set[bytes] = set()
@@ -66,12 +74,25 @@ class PromptLedger:
         self.unlabelled: Counter[tuple[str, str]] = Counter()
         """Earlier assistant turns of kept training conversations marked not to learn, by (dataset, template)."""
 
+    @classmethod
+    def of(cls, split: SplitConfig) -> PromptLedger:
+        """The ledger of `split.prompt_leakage` and `split.text_match`."""
+        return cls(drop=split.prompt_leakage == "drop", normalize=split.text_match == "normalized")
+
+    def digest(self, prompt: str) -> bytes:
+        """The digest `prompt` is recorded as."""
+        return prompt_digest(prompt, self.normalize)
+
+    def turn_digests(self, messages: Sequence[Mapping[str, Any]] | None) -> list[tuple[int, bytes]]:
+        """`earlier_turn_digests` as this ledger compares prompts."""
+        return earlier_turn_digests(messages, self.normalize)
+
     def keep(self, split: str, prompt: str, dataset: str, template_id: str) -> bool:
         """Record `prompt` of `split`; False for a training example to leave out.
 
         Validation and test examples must all be recorded before the first training one.
         """
-        return self.keep_digest(split, prompt_digest(prompt), dataset, template_id)
+        return self.keep_digest(split, self.digest(prompt), dataset, template_id)
 
     def keep_digest(self, split: str, digest: bytes, dataset: str, template_id: str) -> bool:
         """`keep` for a prompt known by its `prompt_digest`."""
@@ -111,6 +132,7 @@ class PromptLedger:
             by_template[template_id] += n
         return {
             "policy": policy,
+            "text_match": "normalized" if self.normalize else "exact",
             "train_examples_dropped": self.dropped.total(),
             "train_examples_dropped_by_template": dict(sorted(by_template.items())),
             "train_turns_unlabelled": self.unlabelled.total(),

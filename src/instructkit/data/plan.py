@@ -174,7 +174,8 @@ def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunCo
             reads |= t.fields_read
         key = sorted(reads & set(schema.fields)) if schema.fields else sorted(reads)
     label_field = source.label_field
-    dedup = deduplicate(source.rows, key, label_field, source.given)
+    dedup = deduplicate(source.rows, key, label_field, source.given, normalize=split_cfg.text_match == "normalized",
+                        where=source.where)
     answers = instruction_answers(dataset, source, dedup, schema, name)
     rows, capped = cap_rows(dedup.keep, source.given, dataset.max_rows, f"cap:{split_cfg.seed}:{name}")
     all_rows = source.rows

@@ -13,6 +13,9 @@ The label field is left out of the key, so that rows agreeing on everything but 
 When files give their own splits, a duplicate group spanning them keeps its row in the most
 evaluation-side split (test, then validation, then train), so published test sets stay whole and the
 training copies of test rows go.
+Key texts are compared as written, or with `split.text_match: normalized` as `normalized_text` writes them
+(Unicode NFKC, casefolded, whitespace runs as one space, stripped: "Great product!" and "great  product! "
+plus a newline are one row); the leakage guard (leakage.py) compares prompts the same way.
 
 Splitting (`split_rows`):
   - seeded: the same rows, seed and fractions give the same split;
@@ -34,8 +37,9 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +52,19 @@ _KEEP_PRIORITY = {"test": 0, "validation": 1, "train": 2, None: 3}
 def _hashable(value: Any) -> Hashable:
     if isinstance(value, (list, dict)):
         return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return value
+
+
+def normalized_text(value: Any) -> Any:
+    """`value` as `split.text_match: normalized` compares it: a text in Unicode NFKC, casefolded, with every
+    run of whitespace one space and none at either end; the texts inside lists and dicts (chat `messages`)
+    likewise; other values unchanged."""
+    if isinstance(value, str):
+        return " ".join(unicodedata.normalize("NFKC", value).casefold().split())
+    if isinstance(value, list):
+        return [normalized_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalized_text(v) for k, v in value.items()}
     return value
 
 
@@ -81,6 +98,10 @@ class DedupResult:
     cross_split_dropped: int = 0
     """Of the dropped rows, those whose kept copy is in another given split."""
     conflicting_examples: list[dict] = field(default_factory=list)
+    """The first row of the first few conflicting groups: its key fields, the labels, the group's size and
+    where the row is (file and line)."""
+    normalized: bool = False
+    """Key texts compared as `normalized_text` writes them (`split.text_match: normalized`)."""
 
     def to_dict(self) -> dict:
         return {
@@ -95,6 +116,7 @@ class DedupResult:
             "conflicting_label_rows_dropped": self.conflicting_dropped,
             "cross_split_duplicates_dropped": self.cross_split_dropped,
             "conflicting_examples": self.conflicting_examples,
+            "text_match": "normalized" if self.normalized else "exact",
             "policy": "exact duplicates: keep the first (in test, then validation, then train); "
             "conflicting labels: drop every row of the group",
         }
@@ -106,21 +128,27 @@ def deduplicate(
     label_field: str | None = None,
     given: Sequence[str | None] | None = None,
     max_examples: int = 5,
+    *,
+    normalize: bool = False,
+    where: Callable[[int], str] | None = None,
 ) -> DedupResult:
-    """Group rows by `key` (minus `label_field`) and drop duplicates as the module docstring says."""
+    """Group rows by `key` (minus `label_field`) and drop duplicates as the module docstring says; with
+    `normalize` the key values are compared as `normalized_text` writes them. `where(i)` names row i (file
+    and line) in `conflicting_examples`."""
     fields = [f for f in key if f != label_field]
     if not fields:  # the key is the label alone: nothing sensible to deduplicate on
-        return DedupResult(keep=list(range(len(rows))), key=list(key), rows_in=len(rows))
+        return DedupResult(keep=list(range(len(rows))), key=list(key), rows_in=len(rows), normalized=normalize)
     groups: dict[Hashable, list[int]] = defaultdict(list)
     if len(fields) == 1:
         (only,) = fields
-        for i, row in enumerate(rows):
-            value = row.get(only)
+        values = (row.get(only) for row in rows)
+        for i, value in enumerate(map(normalized_text, values) if normalize else values):
             groups[value if not isinstance(value, (list, dict)) else _hashable(value)].append(i)
     else:
         for i, row in enumerate(rows):
-            groups[tuple(_hashable(row.get(f)) for f in fields)].append(i)
-    result = DedupResult(keep=[], key=list(key), rows_in=len(rows))
+            values = [row.get(f) for f in fields]
+            groups[tuple(_hashable(normalized_text(v) if normalize else v) for v in values)].append(i)
+    result = DedupResult(keep=[], key=list(key), rows_in=len(rows), normalized=normalize)
     keep = result.keep
     for members in groups.values():
         if len(members) == 1:
@@ -138,6 +166,7 @@ def deduplicate(
                             **{f: first.get(f) for f in fields},
                             label_field: sorted(map(str, labels)),
                             "rows": len(members),
+                            **({"where": where(members[0])} if where is not None else {}),
                         }
                     )
                 continue

@@ -30,7 +30,7 @@ from instructkit.config import RunConfig
 from instructkit.data.build import PrepareResult, _stats, example_text, template_parts
 from instructkit.data.chunks import CHUNK_ROWS
 from instructkit.data.examples import LineEncoder
-from instructkit.data.leakage import PromptLedger, earlier_turn_digests, prompt_digest
+from instructkit.data.leakage import PromptLedger
 from instructkit.data.plan import DatasetPlan, mix
 from instructkit.data.split import SPLITS
 from instructkit.data.stream_plan import plan_streamed
@@ -136,8 +136,8 @@ def _render_dataset(k: int, plan: DatasetPlan, jobs: tuple[np.ndarray, ...], han
         while j < n_jobs and job_rows[j] == p:
             t = int(job_templates[j])
             made = example_text(plan, row, source_id, t, train_templates, train_parts, encoder, p)
-            turns = ",".join(f"{i}:{d.hex()}" for i, d in earlier_turn_digests(row.get("messages"))) if t < 0 else ""
-            head = (f"{k}\t{made[2]}\t{prompt_digest(made[1]).hex()}\t{turns or '-'}\t"
+            turns = ",".join(f"{i}:{d.hex()}" for i, d in ledger.turn_digests(row.get("messages"))) if t < 0 else ""
+            head = (f"{k}\t{made[2]}\t{ledger.digest(made[1]).hex()}\t{turns or '-'}\t"
                     if made is not None else "")
             while j < n_jobs and job_rows[j] == p and job_templates[j] == t:
                 if made is not None:
@@ -201,7 +201,7 @@ def _prepare_in(config: RunConfig, run_dir: Path, library: TemplateLibrary, star
     seed = config.split.seed
     jobs, mixture, total = train_places(plans, seed)
     encoder = LineEncoder()
-    ledger = PromptLedger(drop=config.split.prompt_leakage == "drop")
+    ledger = PromptLedger.of(config.split)
     counts: dict[str, dict[str, Counter]] = {s: defaultdict(Counter) for s in SPLITS}
     written: dict[str, int] = {"validation": 0, "test": 0}
     files = {s: run_dir / f"{s}.jsonl" for s in SPLITS}

@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def dedup_hashed(source: StreamSource, key: list[str], max_examples: int = 5) -> tuple[DedupResult, list[int]]:
-    """`split.deduplicate` on the key hashes of `source`; and the first row of each conflicting group
-    reported in `conflicting_examples` (its key fields are filled in during rendering)."""
+    """`split.deduplicate` on the key hashes of `source` (normalised texts when `source.normalized`); and the
+    first row of each conflicting group reported in `conflicting_examples` (its key fields are filled in
+    during rendering)."""
     n = len(source)
     label_field = source.label_field
-    result = DedupResult(keep=[], key=list(key), rows_in=n)
+    result = DedupResult(keep=[], key=list(key), rows_in=n, normalized=source.normalized)
     if not [f for f in key if f != label_field]:
         result.keep = list(range(n))
         return result, []
@@ -74,7 +75,8 @@ def dedup_hashed(source: StreamSource, key: list[str], max_examples: int = 5) ->
         for g in chosen:
             codes = pairs[pairs // width == g] % width  # type: ignore[index,operator]
             labels = sorted(str(source.label_values[int(c)]) for c in codes)
-            result.conflicting_examples.append({label_field: labels, "rows": int(counts[g])})
+            result.conflicting_examples.append({label_field: labels, "rows": int(counts[g]),
+                                                "where": source.where(int(first[g]))})
             firsts.append(int(first[g]))
     return result, firsts
 
@@ -137,7 +139,7 @@ def plan_streamed(dataset: DatasetConfig, library: TemplateLibrary, config: RunC
 
     source = scan_source(dataset, schema, templates=eval_templates, required=required, name=name,
                          schemas=library.schemas.values(), key_for=key_for, group_by=group_by,
-                         chunk_rows=chunk_rows, spill=spill)
+                         chunk_rows=chunk_rows, spill=spill, normalize=split_cfg.text_match == "normalized")
     key = key_for(source.kind, source.label_field)
     dedup, firsts = dedup_hashed(source, key)
     answers = streamed_answers(dataset, source, dedup, name) if schema is None else None

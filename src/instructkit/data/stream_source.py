@@ -7,8 +7,9 @@ the rows asked for.
 Pass 1 (`scan_source`) reads every file in chunks (data/chunks.py), checks each row exactly as
 sources.load_source does (the same RowChecker, the same messages naming file and line), and keeps for each
 kept row: where it came from (file, index for the source id, line for messages), an 8-byte BLAKE2b hash of
-its dedup key, a small code of its label, a hash of its group and, for prompt/completion data, a hash of
-its completion (with the text of short ones, for the answer choices). A million rows hold some 40 MB.
+its dedup key (of its split.normalized_text with `split.text_match: normalized`), a small code of its
+label, a hash of its group and, for prompt/completion data, a hash of its completion (with the text of
+short ones, for the answer choices). A million rows hold some 40 MB.
 Two different keys share a hash with probability about n^2 / 2^65 (3e-8 for a million rows).
 
 Pass 2 (`walk`) reads the files again and checks only the rows asked for.
@@ -30,7 +31,7 @@ import numpy as np
 from instructkit.config import DatasetConfig
 from instructkit.data.rows import instruction_row
 from instructkit.data.sources import Source, file_parts, set_kind, source_fields, table_checker
-from instructkit.data.split import _hashable, label_value
+from instructkit.data.split import _hashable, label_value, normalized_text
 from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
 from instructkit.templates.schema import Schema
@@ -85,6 +86,7 @@ class StreamSource(Source):
     index: Any = None  # int64 [n]: the row's index in its part (the number in its source id)
     line: Any = None  # int64 [n]: the line (or row, record) number messages name
     keys: Any = None  # uint64 [n]: hash of the dedup key without the label
+    normalized: bool = False  # the key texts were hashed as split.normalized_text writes them
     labels: Any = None  # int32 [n]: label code (label_values[code]); None: no label field
     label_values: list = field(default_factory=list)
     groups: Any = None  # uint64 [n]: hash of the group value; None: no group_by
@@ -171,10 +173,12 @@ def scan_source(
     group_by: str | None = None,
     chunk_rows: int = 20_000,
     spill: Path | None = None,
+    normalize: bool = False,
 ) -> StreamSource:
     """Pass 1 over every file of `dataset` (see the module docstring); the checks and errors of
-    sources.load_source. `key_for(kind, label_field)` gives the dedup key fields without the label. With
-`spill`, the kept rows are also written to that file for pass 2 (`StreamSource.spill`).
+    sources.load_source. `key_for(kind, label_field)` gives the dedup key fields without the label; with
+    `normalize` their values are hashed as `normalized_text` writes them. With `spill`, the kept rows are
+    also written to that file for pass 2 (`StreamSource.spill`).
 
     Raises: what load_source raises.
     """
@@ -182,7 +186,7 @@ def scan_source(
     columns: Mapping[str, Any] = dataset.columns or {}
     fields, required_set, label = source_fields(dataset, schema, templates, required, name)
     source = StreamSource(name=name, kind="schema" if schema is not None else "", schema=schema, rows=[], ids=[],
-                          given=None, label_field=None, chunk_rows=chunk_rows, spill=spill)
+                          given=None, label_field=None, chunk_rows=chunk_rows, spill=spill, normalized=normalize)
     spill_handle = open(spill, "wb") if spill is not None else None  # noqa: SIM115 - closed below
     source._walk = {"args": (schema, fields, required_set, columns, templates), "label": label}
     origin, index, line = [], [], []
@@ -233,7 +237,12 @@ def scan_source(
                     index.append(base + j)
                     line.append(lines[j] if lines is not None else
                                 chunk.positions[j] if chunk.positions is not None else chunk.offset + j + 1)
-                    keys += hash_values([row.get(f) for f in key_fields]) if key_fields else b"\0" * 8
+                    if not key_fields:
+                        keys += b"\0" * 8
+                    elif normalize:
+                        keys += hash_values([normalized_text(row.get(f)) for f in key_fields])
+                    else:
+                        keys += hash_values([row.get(f) for f in key_fields])
                     if label is not None:
                         value = label_value(row.get(label))
                         code = label_codes.get(value)
