@@ -36,12 +36,26 @@ class EarlyStopping(Section):
     """Stop training when the validation metric stops improving (the best weights are kept either way)."""
 
     metric: str | None = Field(
-        None, description="Metric that picks the best weights and stops training (default: macro_f1 when the "
-        "task metrics have it, else validation loss).")
+        None, description="Metric that picks the best weights and stops training: val_loss, val_ppl, a task "
+        "metric (macro_f1, rougeL, ...: the mean over templates) or '<template_id>/<metric>'; a name validation "
+        "does not produce is an error before training (default: macro_f1 when the task metrics have it, else "
+        "validation loss).")
+    greater_is_better: bool | None = Field(
+        None, description="Direction of `metric`: true when a higher value is better, false when a lower one "
+        "is (an error rate such as TER, WER or MAE). null: the metric's own definition (task metrics, val_loss, "
+        "val_ppl), else its name: ending in loss, ppl or perplexity is lower-is-better, any other higher. "
+        "Needs `metric`.")
     patience: int = Field(3, ge=1, description="Validations without improvement before stopping.")
     min_delta: float = Field(
         0.0, description="Smallest change of the metric that counts as an improvement, in the metric's own "
         "units.")
+
+    @model_validator(mode="after")
+    def _direction_needs_metric(self) -> EarlyStopping:
+        if self.greater_is_better is not None and self.metric is None:  # else it would be silently unused
+            raise ValueError("train.early_stopping.greater_is_better needs train.early_stopping.metric, the "
+                             "metric whose direction it gives (the default metric's direction is known)")
+        return self
 
 
 class TrainConfig(Section):
