@@ -164,6 +164,18 @@ def test_bad_inputs_exit_2_naming_the_culprit(tmp_path, capsys):
     assert str(tmp_path) in capsys.readouterr().err
 
 
+def test_early_stopping_on_a_metric_validation_never_produces_exits_2_before_training(tmp_path, tiny_model_dir,
+                                                                                          capsys):
+    """The validation built from the run's templates declares its metrics: a misspelt one (here with a
+    direction, greater_is_better: false) is named before the first step, not an epoch into training."""
+    config = write_config(tmp_path, tiny_model_dir, "misspelt",
+                          early_stopping={"metric": "macro_f2", "greater_is_better": False})
+    assert main(["train", str(config)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.early_stopping.metric='macro_f2' is not a metric validation produces (did you mean 'macro_f1'?)" in err
+    assert not (tmp_path / "runs" / "misspelt" / "metrics.jsonl").exists()
+
+
 def test_few_shot_baseline_runs_only_where_the_train_split_has_the_template(caplog):
     from instructkit.config import RunConfig
     from instructkit.run_steps import few_shot_ks

@@ -62,6 +62,7 @@ OTHER_TOOL_NAMES: dict[str, tuple[str, str | None, str]] = {
     "metric_for_best_model": (TRAINER, "train.early_stopping.metric",
                               "it also turns early stopping on"),
     "early_stopping_patience": (TRAINER, "train.early_stopping.patience", ""),
+    "greater_is_better": (TRAINER, "train.early_stopping.greater_is_better", ""),
     "bf16": (TRAINER, "train.precision=bf16", ""),
     "fp16": (TRAINER, "train.precision=fp16", ""),
     "gradient_checkpointing": (TRAINER, "train.gradient_checkpointing", ""),

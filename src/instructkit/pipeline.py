@@ -313,7 +313,7 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
     class_ids = train_ds.class_ids if config.train.class_balance != "none" else None  # from the token store
     result = train(model, loaded.tokenizer, TrainData(train_ds, val_ds, class_ids), config.train, run_dir,
                    TrainOptions(settings=settings, is_seq2seq=loaded.is_seq2seq, validate=validate, resume=resume,
-                                show_progress=True))
+                                show_progress=True, validate_metrics=validate.metrics if validate else None))
     card = {**getattr(loaded, "provenance", {}), "data_sources": data_sources(config.datasets),
             "seed": config.train.seed, "run": config.name}
     final = getattr(result, "model", None)

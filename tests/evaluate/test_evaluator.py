@@ -13,6 +13,7 @@ from instructkit.config import EvalConfig, ModelConfig
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import DataError, InstructkitError, TemplateError
 from instructkit.evaluate.evaluator import evaluate_examples, evaluate_run, make_validation_fn
+from instructkit.evaluate.metric_registry import METRICS
 
 RATING = "shop.rating"
 DESCRIBE = "shop.describe"
@@ -228,6 +229,10 @@ def test_validation_fn_fixed_subset_flat_keys_and_mode_restored(learned_llama, t
     assert first["rougeL"] == first[f"{DESCRIBE}/rougeL"]  # the subset (seed 3) holds both templates
     per_template = [v for k, v in first.items() if k.endswith("/accuracy")]
     assert first["accuracy"] == pytest.approx(sum(per_template) / len(per_template))
+    # declared before any validation (the loop checks train.early_stopping.metric against them), each with
+    # its MetricSpec's direction
+    assert set(validate.metrics) == set(first)
+    assert all(higher is METRICS[key.rsplit("/", 1)[-1]].higher_is_better for key, higher in validate.metrics.items())
 
 
 def test_validation_includes_generation_metrics(learned_llama, tiny_tokenizer):

@@ -459,3 +459,49 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     assert data.startswith(PNG_MAGIC)
     assert len(data) > 50_000  # a blank page compresses to a few kB
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+# ------------------------------------------------------------------ direction of a metric
+
+
+def test_report_names_the_kept_checkpoint_with_its_direction(tmp_path, evaluation):
+    """train_result.json beside the log says which weights training kept and in which direction it judged
+    their metric (a lower-is-better "ter" set by train.early_stopping.greater_is_better=false)."""
+    log = _metrics_log(tmp_path / "metrics.jsonl")
+    (tmp_path / "train_result.json").write_text(json.dumps(
+        {"best_metric": "ter", "best_step": 20, "best_value": 0.31, "greater_is_better": False}))
+    build_report(**evaluation, metrics_log=log, out_dir=tmp_path, n_resamples=N_RESAMPLES)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["training"]["best_checkpoint"] == {"metric": "ter", "step": 20.0, "value": 0.31,
+                                                     "greater_is_better": False}
+    assert report["training"]["best_val_loss"]["step"] == 40  # the lowest validation loss, as before
+    text = "weights kept: the best checkpoint, ter 0.310 at step 20, lower is better"
+    assert text in (tmp_path / "report.md").read_text()
+    assert text in (tmp_path / "report.html").read_text().lower()
+
+
+@pytest.mark.parametrize("metric, higher", [("val_loss", False), ("macro_f1", True), ("t/val_ppl", False)])
+def test_kept_checkpoint_of_an_older_run_takes_the_metric_definition(tmp_path, metric, higher):
+    from instructkit.evaluate.training_log import best_checkpoint
+
+    (tmp_path / "train_result.json").write_text(json.dumps({"best_metric": metric, "best_step": 3, "best_value": 1}))
+    assert best_checkpoint(tmp_path / "metrics.jsonl")["greater_is_better"] is higher
+    (tmp_path / "train_result.json").write_text(json.dumps({"best_metric": None, "best_step": None}))
+    assert best_checkpoint(tmp_path / "metrics.jsonl") is None
+
+
+def test_a_significant_change_is_coloured_by_the_metric_direction(monkeypatch):
+    """Green for a change for the better, red for the worse, in the metric's own direction: a registered
+    lower-is-better metric (its MetricSpec says so) that falls is an improvement."""
+    from instructkit.evaluate import plots, render
+    from instructkit.evaluate.metric_registry import HIGHER_IS_BETTER
+    from instructkit.evaluate.pairing import SEEN
+
+    monkeypatch.setitem(HIGHER_IS_BETTER, "ter", False)
+    assert render._delta_class("ter", True, -0.1) == "num up" and render._delta_class("ter", True, 0.1) == "num down"
+    assert render._delta_class("accuracy", True, -0.1) == "num down"
+    assert render._delta_class("accuracy", True, 0.1) == "num up" and render._delta_class("ter", False, -0.1) == "num"
+    delta = {"delta": -0.1, "low": -0.2, "high": -0.05, "significant": True}
+    report = {"templates": {"t": {"metrics": {"ter": {"delta": delta}, "accuracy": {"delta": delta}},
+                                  "task": "translation", "labels": [], "section": SEEN}}}
+    assert [row[5] for row in plots._delta_rows(report, main_only=False)] == [True, False]

@@ -15,15 +15,17 @@ from _train_helpers import make_examples, tokenized, train_config, trainable_ten
 from conftest import build_tiny_llama, build_tiny_t5
 from safetensors.torch import load_file
 
+from instructkit.config_load import load_config
 from instructkit.data.sampler import example_weights
-from instructkit.errors import TrainingError
+from instructkit.errors import ConfigError, TrainingError
+from instructkit.metric_direction import lower_is_better
 from instructkit.train.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint
 from instructkit.data.batching import TokenTable, collate
 from instructkit.train import loss as loss_module
 from instructkit.train.loop import TrainData, TrainOptions, train
 from instructkit.train.loss import batch_loss
 from instructkit.train.optim import lr_factor, warmup_steps
-from instructkit.train.tracking import improved, lower_is_better
+from instructkit.train.tracking import improved
 
 
 def _run(model, tokenizer, dataset, settings, run_dir, cfg, **kwargs):
@@ -315,27 +317,90 @@ def test_disk_space_check_uses_the_substituted_reading(tiny_tokenizer, tmp_path)
 # --------------------------------------------------------------------------------------------------
 
 
-def test_early_stopping_after_patience_keeps_the_best_weights(tiny_tokenizer, tmp_path):
-    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
-    val, _ = tokenized(make_examples(4, seed=3), tiny_tokenizer)
-    scores = iter([0.2, 0.5, 0.4, 0.45, 0.9, 0.9])
-    snapshots = {}
-    model = build_tiny_llama(tiny_tokenizer)
+def _early_stop_on(tokenizer, run_dir, metric: str, values: list[float], early: dict, **kwargs):
+    """Train 8 steps validating after each: `validate` returns the next of `values` under `metric` and keeps
+    the weights it saw (snapshots[i]: at the i-th validation, step i). Returns (result, model, snapshots)."""
+    dataset, settings = tokenized(make_examples(16), tokenizer)
+    val, _ = tokenized(make_examples(4, seed=3), tokenizer)
+    scripted, snapshots = iter(values), {}
+    model = build_tiny_llama(tokenizer)
 
     def validate(m):
         snapshots[len(snapshots) + 1] = trainable_tensors(m)
-        return {"score": next(scores)}
+        return {metric: next(scripted)}
 
-    cfg = train_config(batch_size=2, epochs=1, eval_every=1, early_stopping={"metric": "score", "patience": 2})
-    result = _run(model, tiny_tokenizer, dataset, settings, tmp_path, cfg, val_data=val, validate=validate)
+    cfg = train_config(batch_size=2, epochs=1, eval_every=1, early_stopping={"metric": metric, **early})
+    result = _run(model, tokenizer, dataset, settings, run_dir, cfg, val_data=val, validate=validate, **kwargs)
+    return result, model, snapshots
+
+
+def _assert_kept(result, model, snapshot: dict) -> None:
+    """checkpoints/best holds `snapshot`'s weights, and the model ends with them (restored)."""
+    best = load_file(str(result.best_path / "model.safetensors"))
+    assert all(torch.equal(best[k], snapshot[k]) for k in best)
+    assert all(torch.equal(p, snapshot[n]) for n, p in trainable_tensors(model).items())
+
+
+def test_early_stopping_after_patience_keeps_the_best_weights(tiny_tokenizer, tmp_path):
+    result, model, snapshots = _early_stop_on(tiny_tokenizer, tmp_path, "score", [0.2, 0.5, 0.4, 0.45, 0.9, 0.9],
+                                              {"patience": 2})
     assert result.stopped_early and result.steps == 4  # best at 2, then 0.4 and 0.45: 2 without improvement
     assert (result.best_step, result.best_metric, result.best_value) == (2, "score", 0.5)
-    best = load_file(str(result.best_path / "model.safetensors"))
-    assert all(torch.equal(best[k], snapshots[2][k]) for k in best)
-    assert all(torch.equal(p, snapshots[2][n]) for n, p in trainable_tensors(model).items())  # restored
+    _assert_kept(result, model, snapshots[2])
     evals = [r for r in result.history if r["event"] == "eval"]
     assert [r["score"] for r in evals] == [0.2, 0.5, 0.4, 0.45]
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+
+
+@pytest.mark.parametrize("greater_is_better, declared, best_step, steps", [
+    (False, None, 2, 4),  # best 0.5 at step 2, then 0.6 and 0.7: 2 validations without improvement
+    (None, {"ter": False}, 2, 4),  # the direction validate declares (a metric's definition)
+    (None, None, 1, 3),  # by its name "ter" is higher-is-better: 0.8 at step 1 kept, the worst weights
+])
+def test_lower_is_better_custom_metric_keeps_the_lowest_step_and_stops_on_rising_values(
+        tiny_tokenizer, tmp_path, greater_is_better, declared, best_step, steps):
+    """"ter" says nothing of its direction by name: train.early_stopping.greater_is_better=false, or the
+    direction validate declares, makes the lowest value the best and rising values no improvement."""
+    values = [0.8, 0.5, 0.6, 0.7, 0.1, 0.1]
+    result, model, snapshots = _early_stop_on(tiny_tokenizer, tmp_path, "ter", values,
+                                              {"patience": 2, "greater_is_better": greater_is_better},
+                                              validate_metrics=declared)
+    assert result.stopped_early and result.steps == steps
+    assert (result.best_step, result.best_metric, result.best_value) == (best_step, "ter", values[best_step - 1])
+    _assert_kept(result, model, snapshots[best_step])
+    recorded = json.loads((tmp_path / "train_result.json").read_text())
+    assert recorded["best_metric"] == "ter" and recorded["greater_is_better"] is (best_step == 1)
+
+
+def test_direction_without_a_metric_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train\.early_stopping\.greater_is_better needs train\.early_stopping"
+                                          r"\.metric") as info:
+        load_config(None, ["train.early_stopping.greater_is_better=false"])
+    assert info.value.exit_code == 2
+    config = load_config(None, ["train.early_stopping.metric=ter", "train.early_stopping.greater_is_better=false"])
+    assert config.train.early_stopping.greater_is_better is False
+    with pytest.raises(ConfigError, match="use train.early_stopping.greater_is_better"):  # the Trainer's place
+        load_config(None, ["train.greater_is_better=false"])
+
+
+@pytest.mark.parametrize("metric, declared, hint", [
+    ("macro_f1", None, "it produces val_loss, val_ppl"),  # no task metrics at all
+    ("scor", {"score": True, "t/score": True}, "did you mean 'score'"),
+    ("t2/score", {"score": True, "t/score": True}, "per template e.g. 't/score'"),
+])
+def test_early_stopping_metric_validation_never_produces_is_a_config_error_before_the_first_step(
+        tiny_tokenizer, tmp_path, metric, declared, hint):
+    dataset, settings = tokenized(make_examples(16), tiny_tokenizer)
+    val, _ = tokenized(make_examples(4, seed=3), tiny_tokenizer)
+    cfg = train_config(batch_size=2, epochs=1, early_stopping={"metric": metric, "greater_is_better": False})
+    with pytest.raises(ConfigError, match=rf"train\.early_stopping\.metric='{re.escape(metric)}' is not a metric "
+                                          rf"validation produces.*{re.escape(hint)}") as info:
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, cfg, val_data=val,
+             validate=(lambda m: dict.fromkeys(declared, 1.0)) if declared else None, validate_metrics=declared)
+    assert info.value.exit_code == 2
+    log = tmp_path / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert records == [] and list_checkpoints(tmp_path) == []
 
 
 @pytest.mark.parametrize("metric, validate", [("val_loss", None), (None, None), ("val_loss", "score")])
@@ -382,8 +447,11 @@ def test_metric_direction_and_schedule():
     names = ["apple_reviews/sentiment/macro_f1", "glossary_qa/accuracy", "dpplus/rougeL", "qa/val_loss",
              "eval_news_loss", "val_perplexity"]
     assert [lower_is_better(n) for n in names] == [False, False, False, True, True, True]
-    assert [improved(n, 0.9, 0.5) for n in names[:3]] == [True, True, True]
-    assert [improved(n, 0.9, 0.5) for n in names[3:]] == [False, False, False]
+    assert [improved(0.9, 0.5, lower_is_better(n)) for n in names[:3]] == [True, True, True]
+    assert [improved(0.9, 0.5, lower_is_better(n)) for n in names[3:]] == [False, False, False]
+    # an explicit direction wins over the name, then a declared one (the metric's definition) over the name
+    assert lower_is_better("ter", greater_is_better=False) and not lower_is_better("val_loss", greater_is_better=True)
+    assert lower_is_better("t/ter", declared={"ter": False}) and not lower_is_better("mae", declared={"x": False})
     assert [round(lr_factor(s, 100, 5, "linear"), 4) for s in (0, 4, 5, 99)] == [0.1667, 0.8333, 1.0, 0.0105]
     assert lr_factor(52, 100, 5, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
     assert lr_factor(99, 100, 0, "constant") == 1.0

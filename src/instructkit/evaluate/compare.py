@@ -31,7 +31,7 @@ from typing import Any
 from instructkit.evaluate.baselines import baseline_predictions, metric_spec, score_baselines
 from instructkit.evaluate.bootstrap import bootstrap_ci, mcnemar_exact, paired_bootstrap_diff, sign_flip_floor
 from instructkit.evaluate.groups import cluster_ids, dataset_of
-from instructkit.evaluate.metric_registry import get_metric, macro_f1_classes
+from instructkit.evaluate.metric_registry import HIGHER_IS_BETTER, get_metric, macro_f1_classes
 from instructkit.evaluate.pairing import (
     SECTIONS,
     UNSEEN,
@@ -41,12 +41,14 @@ from instructkit.evaluate.pairing import (
     as_text,
     texts,
 )
+from instructkit.metric_direction import lower_is_better
 
 __all__ = [
     "CONFIDENCE",
     "compare_baselines",
     "few_shot_rows",
     "headline",
+    "improvement",
     "main_metric",
     "model_card_rows",
     "task_entry",
@@ -113,6 +115,12 @@ def _mcnemar(name: str, base_preds: Sequence[str], tuned_preds: Sequence[str], r
     per_example = get_metric(name).per_example
     test = mcnemar_exact(per_example(base_preds, refs) > 0.5, per_example(tuned_preds, refs) > 0.5)
     return {"mcnemar_p": test["p_value"], "base_only": test["a_only"], "tuned_only": test["b_only"]}
+
+
+def improvement(metric: str, delta: float) -> bool:
+    """True when `delta` (tuned - base) of `metric` is a change for the better: up for accuracy or ROUGE, down
+    for a lower-is-better metric (instructkit.metric_direction, from the metric's MetricSpec)."""
+    return delta < 0 if lower_is_better(metric, declared=HIGHER_IS_BETTER) else delta > 0
 
 
 def _significant(delta: dict[str, float]) -> bool:

@@ -34,6 +34,7 @@ from instructkit.errors import ConfigError, DataError, TemplateError
 from instructkit.evaluate.chat import eval_prompt
 from instructkit.evaluate.fewshot import _demonstrations
 from instructkit.evaluate.groups import group_keys
+from instructkit.evaluate.metric_registry import HIGHER_IS_BETTER
 from instructkit.evaluate.summary import (
     _metric_names_by_template,
     _metric_values,
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EvalResult",
+    "ValidationFn",
     "evaluate_examples",
     "evaluate_run",
     "make_validation_fn",
@@ -237,6 +239,19 @@ def evaluate_examples(
     )
 
 
+@dataclass(frozen=True)
+class ValidationFn:
+    """`validate(model) -> {metric: value}` for the training loop, and `metrics`: every key it returns, True
+    where higher is better (the metric's MetricSpec), known before the first validation so that training
+    checks train.early_stopping.metric up front (`TrainOptions(validate=fn, validate_metrics=fn.metrics)`)."""
+
+    run: Callable[[Any], dict[str, float]]
+    metrics: dict[str, bool]
+
+    def __call__(self, model: Any) -> dict[str, float]:
+        return self.run(model)
+
+
 def make_validation_fn(
     tokenizer: Any,
     examples: list[dict],
@@ -249,8 +264,9 @@ def make_validation_fn(
     max_new_tokens_by_task: dict[str, int] | None = None,
     choice_end: Literal["eos", "none"] = "eos",
     length_normalized: bool = False,
-) -> Callable[[Any], dict[str, float]]:
-    """A `validate(model) -> {metric: value}` for the training loop, on a FIXED seeded subset.
+) -> ValidationFn:
+    """A `validate(model) -> {metric: value}` for the training loop, on a FIXED seeded subset; its
+    `metrics` name every key it returns, with the metric's direction (`ValidationFn`).
 
     The subset (at most `max_examples`, drawn once here) is the same at every validation, so successive
     values are comparable. Returned keys: each metric averaged over the templates that report it
@@ -294,7 +310,9 @@ def make_validation_fn(
         out.update({name: float(np.mean(values)) for name, values in per_metric.items()})
         return out
 
-    return validate
+    directions = {key: HIGHER_IS_BETTER[name] for tid, metric_names in names.items() for name in metric_names
+                  for key in (f"{tid}/{name}", name)}
+    return ValidationFn(validate, directions)
 
 
 # --------------------------------------------------------------------------------------------------

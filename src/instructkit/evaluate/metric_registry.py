@@ -39,6 +39,7 @@ from instructkit.evaluate.metrics import (
 )
 
 __all__ = [
+    "HIGHER_IS_BETTER",
     "METRICS",
     "MetricSpec",
     "compute",
@@ -59,7 +60,8 @@ class MetricSpec:
             is ``fn``; ``None`` for corpus-level metrics.
         corpus: True when the metric is not a mean of per-example scores
             (BLEU, chrF, macro-F1); exactly one of ``corpus`` and ``per_example`` is set.
-        higher_is_better: direction of improvement.
+        higher_is_better: direction of improvement (False for an error rate such as TER): the one
+            place a registered metric's direction is written (``HIGHER_IS_BETTER``).
         scale: 1 for fractions in [0, 1], 100 for 0-100 scores.
         resampler: optional fast path for the bootstrap of a corpus metric:
             ``(preds, refs) -> (index matrix (R, n) -> R scores)``. Without it the
@@ -139,6 +141,10 @@ def _build_registry() -> dict[str, MetricSpec]:
 
 
 METRICS: dict[str, MetricSpec] = _build_registry()
+
+HIGHER_IS_BETTER: dict[str, bool] = {name: spec.higher_is_better for name, spec in METRICS.items()}
+"""Each registered metric's direction, as its spec declares it: the `declared` directions that
+``instructkit.metric_direction.lower_is_better`` takes (validation, early stopping, the report)."""
 
 
 def get_metric(name: str) -> MetricSpec:

@@ -11,7 +11,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from instructkit.evaluate.compare import main_metric
+from instructkit.evaluate.compare import improvement, main_metric
 from instructkit.evaluate.metric_registry import METRICS
 from instructkit.evaluate.pairing import SEEN
 from instructkit.evaluate.training_log import series, task_metric_keys
@@ -45,8 +45,9 @@ def _points(metric: str) -> float:
     return 1.0 if spec is not None and spec.scale == 100 else 100.0
 
 
-def _delta_rows(report: dict[str, Any], main_only: bool) -> list[tuple[str, float, float, float, bool]]:
-    """(label, delta, low, high, significant) in points for the delta chart."""
+def _delta_rows(report: dict[str, Any], main_only: bool) -> list[tuple[str, float, float, float, bool, bool]]:
+    """(label, delta, low, high, significant, better) in points for the delta chart; `better`: the change is
+    for the better in the metric's direction (compare.improvement)."""
     rows = []
     for tid, entry in report["templates"].items():
         names = list(entry["metrics"])
@@ -58,15 +59,16 @@ def _delta_rows(report: dict[str, Any], main_only: bool) -> list[tuple[str, floa
             k = _points(name)
             marker = "" if entry["section"] == SEEN else " †"
             label = f"{tid} · {name}{marker}"
-            rows.append((label, d["delta"] * k, d["low"] * k, d["high"] * k, d["significant"]))
+            rows.append((label, d["delta"] * k, d["low"] * k, d["high"] * k, d["significant"],
+                         improvement(name, d["delta"])))
     return rows
 
 
 def plot_deltas(report: dict[str, Any]) -> bytes | None:
     """Horizontal bars: delta (tuned - base) per template and metric, with the paired 95% CI.
 
-    Green / red when the CI excludes 0 (better / worse), grey otherwise. With more than 40 bars
-    only each template's main metric is drawn.
+    Green / red when the CI excludes 0 (better / worse in the metric's direction), grey otherwise. With
+    more than 40 bars only each template's main metric is drawn.
     """
     rows = _delta_rows(report, main_only=False)
     if len(rows) > 40:
@@ -78,7 +80,7 @@ def plot_deltas(report: dict[str, Any]) -> bytes | None:
     ys = list(range(len(rows)))[::-1]
     deltas = [r[1] for r in rows]
     err = [[max(0.0, r[1] - r[2]) for r in rows], [max(0.0, r[3] - r[1]) for r in rows]]
-    colours = ["#2e7d32" if r[4] and r[1] > 0 else "#c62828" if r[4] else "#9e9e9e" for r in rows]
+    colours = ["#2e7d32" if r[4] and r[5] else "#c62828" if r[4] else "#9e9e9e" for r in rows]
     ax.barh(ys, deltas, xerr=err, color=colours, ecolor="#333333", capsize=3, height=0.6)
     ax.set_yticks(ys, [r[0] for r in rows], fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)

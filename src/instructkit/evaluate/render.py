@@ -19,7 +19,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from instructkit.evaluate.compare import main_metric
+from instructkit.evaluate.compare import improvement, main_metric
 from instructkit.evaluate.examples import PROMPT_CHARS
 from instructkit.evaluate.metric_registry import METRICS
 from instructkit.evaluate.pairing import SECTIONS, SEEN, UNSEEN, UNSEEN_DATASET, UNTRAINED
@@ -239,19 +239,26 @@ def _common(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _training(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The training summary as text: log size, last step, final loss, best validation loss, and the best
+    checkpoint with the direction its metric was judged in ("macro_f1 0.512 at step 40, higher is better")."""
+    t = report.get("training")
+    if not t:
+        return None
+    best, kept = t.get("best_val_loss"), t.get("best_checkpoint")
+    return {
+        "n_records": t.get("n_records", 0),
+        "last_step": _fmt(t.get("last_step"), digits=0),
+        "final_loss": _fmt(t.get("final_loss")),
+        "best": {"value": _fmt(best["value"]), "step": f"{best['step']:.0f}"} if best else None,
+        "checkpoint": f"{kept['metric']} {_fmt(kept['value'], kept['metric'])} at step {kept['step']:.0f}, "
+                      f"{'higher' if kept['greater_is_better'] else 'lower'} is better" if kept else None,
+    }
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the report's tables in Markdown (for the README and the model card)."""
     resamples = report["settings"]["n_resamples"]
-    training = None
-    if report["training"]:
-        t = report["training"]
-        best = t.get("best_val_loss")
-        training = {
-            "n_records": t.get("n_records", 0),
-            "last_step": _fmt(t.get("last_step"), digits=0),
-            "final_loss": _fmt(t.get("final_loss")),
-            "best": {"value": _fmt(best["value"]), "step": f"{best['step']:.0f}"} if best else None,
-        }
     return _TEMPLATES.get_template("report.md.j2").render(
         **_common(report),
         headline_rows=_headline_rows(report),
@@ -259,16 +266,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                    "rows": _comparison_rows(entries, resamples)}
                   for section, entries in _sections_in(report, "templates")],
         task_rows=_comparison_rows(report["tasks"], resamples, second="section"),
-        training=training,
+        training=_training(report),
     )
 
 
 # ============================================================================= html
 
 
-def _delta_class(significant: bool, delta: float) -> str:
-    """CSS class of a delta cell: coloured when its CI excludes 0."""
-    return "num up" if significant and delta > 0 else "num down" if significant else "num"
+def _delta_class(metric: str, significant: bool, delta: float) -> str:
+    """CSS class of a delta cell, coloured when its CI excludes 0: "up" (green) for a change for the better in
+    the metric's direction, "down" (red) for one for the worse (compare.improvement)."""
+    if not significant:
+        return "num"
+    return "num up" if improvement(metric, delta) else "num down"
 
 
 def _cells(row: Sequence[Any]) -> list[tuple[Any, str]]:
@@ -281,7 +291,7 @@ def _styled_comparison(entries: dict[str, dict], n_resamples: int, second: str =
     rows = []
     for raw, (name, entry) in zip(_comparison_rows(entries, n_resamples, second), _flat_metrics(entries)):
         d = entry["delta"]
-        cls = _delta_class(d["significant"], d["delta"])
+        cls = _delta_class(raw[2], d["significant"], d["delta"])
         rows.append(_cells([raw[0], raw[1], raw[2], (raw[3], "num"), (raw[4], "num"), (raw[5], "num"),
                             (raw[6], cls), (raw[7], "num"), (raw[8], "num")]))
     return rows
@@ -314,7 +324,7 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes | None]) -> str:
     resamples = report["settings"]["n_resamples"]
     headline = []
     for raw, h in zip(_headline_rows(report), report["headline"]):
-        cls = _delta_class(h["significant"], h["delta"])
+        cls = _delta_class(h["metric"], h["significant"], h["delta"])
         headline.append(_cells([raw[0], raw[1], raw[2], (raw[3], "num"), (raw[4], "num"), (raw[5], cls),
                                 (raw[6], "num"), (raw[7], "num"), (raw[8], "num"), raw[9]]))
     common = _common(report)
@@ -330,6 +340,7 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes | None]) -> str:
                   for section, entries in _sections_in(report, "templates")],
         task_rows=_styled_comparison(report["tasks"], resamples, second="section"),
         plots={name: plots.get(name) for name in ("deltas", "systems", "training")},
+        training=_training(report),
         confusions=[(tid, plots[f"confusion:{tid}"]) for tid in report["confusion"]
                     if plots.get(f"confusion:{tid}")],
         examples=_example_tables(report),

@@ -1,4 +1,5 @@
-"""Read the training run's ``metrics.jsonl`` for the report: records, per-key series and a summary.
+"""Read the training run's ``metrics.jsonl`` for the report: records, per-key series and a summary (with
+the best checkpoint that ``train_result.json`` beside the log names).
 
 A record counts when it has a numeric ``step``; a line that is not JSON (a crash mid-write) is skipped.
 Validation task metrics are the flat keys that name a metric ("macro_f1", "rougeL") or start with
@@ -8,16 +9,19 @@ not plotted.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from instructkit.evaluate.metric_registry import METRICS
+from instructkit.evaluate.metric_registry import HIGHER_IS_BETTER, METRICS
 from instructkit.io import iter_jsonl
+from instructkit.metric_direction import lower_is_better
 
-__all__ = ["is_counter", "read_metrics_log", "series", "task_metric_keys", "training_summary"]
+__all__ = ["best_checkpoint", "best_value", "is_counter", "read_metrics_log", "series", "task_metric_keys",
+           "training_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +76,36 @@ def task_metric_keys(records: Sequence[dict]) -> list[str]:
     return keys
 
 
+def best_value(records: Sequence[dict], key: str, lower: bool) -> dict[str, float] | None:
+    """{"step", "value"} of the best logged value of `key` (`lower`: lower is better; the first of equals)."""
+    steps, values = series(records, key)
+    if not values:
+        return None
+    best = (min if lower else max)(range(len(values)), key=lambda i: values[i])
+    return {"step": steps[best], "value": values[best]}
+
+
+def best_checkpoint(path: Path | None) -> dict[str, Any] | None:
+    """The weights training kept, from ``train_result.json`` beside the log: {"metric", "step", "value",
+    "greater_is_better"} (the direction training judged the metric in; for a file written before training
+    recorded it, the metric's own: instructkit.metric_direction). None without a readable best."""
+    try:
+        result = json.loads((Path(path).parent / "train_result.json").read_text(encoding="utf-8"))
+        metric, step, value = str(result["best_metric"]), float(result["best_step"]), float(result["best_value"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    higher = result.get("greater_is_better")
+    if not isinstance(higher, bool):
+        higher = not lower_is_better(metric, declared=HIGHER_IS_BETTER)
+    return {"metric": metric, "step": step, "value": value, "greater_is_better": higher}
+
+
 def training_summary(records: Sequence[dict], path: Path | None) -> dict[str, Any] | None:
-    """Last step, final training loss, best validation loss (step and value)."""
+    """Last step, final training loss, best validation loss (step and value), and the best checkpoint
+    (`best_checkpoint`) when training recorded one."""
     if not records:
         return None if path is None else {"path": str(path), "n_records": 0}
     _, losses = series(records, "loss")
-    vsteps, vlosses = series(records, "val_loss")
     summary: dict[str, Any] = {
         "path": str(path),
         "n_records": len(records),
@@ -85,7 +113,10 @@ def training_summary(records: Sequence[dict], path: Path | None) -> dict[str, An
         "final_loss": losses[-1] if losses else None,
         "task_metrics": task_metric_keys(records),
     }
-    if vlosses:
-        best = min(range(len(vlosses)), key=lambda i: vlosses[i])
-        summary["best_val_loss"] = {"step": vsteps[best], "value": vlosses[best]}
+    best_loss = best_value(records, "val_loss", lower_is_better("val_loss", declared=HIGHER_IS_BETTER))
+    if best_loss:
+        summary["best_val_loss"] = best_loss
+    checkpoint = best_checkpoint(path) if path is not None else None
+    if checkpoint:
+        summary["best_checkpoint"] = checkpoint
     return summary

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,15 @@ from instructkit.train.saving import checkpoint_due, save
 from instructkit.train.sharding import check_processes, consolidated_model, resolve_sharding, shard_model
 from instructkit.train.state import Run, TrainState, Validate
 from instructkit.train.step import train_step
-from instructkit.train.tracking import MetricsLog, TrainMeter, keep_best, reload_best, track_best
+from instructkit.train.tracking import (
+    MetricsLog,
+    TrainMeter,
+    check_early_stopping,
+    keep_best,
+    metric_lower_is_better,
+    reload_best,
+    track_best,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +94,7 @@ class TrainOptions:
     settings: TokenizeSettings  # max_length sets the default token budget of a micro-batch
     is_seq2seq: bool
     validate: Validate | None = None  # task metrics of the unwrapped model, on the main process (fsdp: on all)
+    validate_metrics: Mapping[str, bool] | None = None  # its keys, True where higher is better (checked up front)
     resume: bool = False  # continue from the newest verified checkpoint (fresh start, with a warning, if none)
     accelerator: Any = None  # default: make_accelerator(cfg)
     show_progress: bool = True
@@ -112,6 +121,7 @@ class TrainResult:
     history: list[dict[str, Any]]  # the records of metrics.jsonl
     train_seconds: float  # wall time of this call's optimizer steps (validation excluded)
     model: Any = None  # fsdp: the trained weights gathered into a plain module (main process; else None)
+    greater_is_better: bool | None = None  # the direction best_metric was judged in (None: no best metric)
 
     @property
     def model_path(self) -> Path | None:
@@ -124,7 +134,8 @@ def train(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     """Fine-tune `model` on `data.train`; return what was done (the model is trained in place).
 
     Raises TrainingError when the run cannot start (no examples, lock held by a live run, not enough disk,
-    a checkpoint that cannot be resumed exactly) or must stop (NaN/Inf loss: the step is not applied).
+    a checkpoint that cannot be resumed exactly) or must stop (NaN/Inf loss: the step is not applied);
+    ConfigError when train.early_stopping.metric is not among the metrics validation produces.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +183,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
           options: TrainOptions) -> Run:
     """Build the batch plan, the optimizer and schedule, and prepare model + optimizer with the accelerator.
 
-    Raises TrainingError for an empty train split, missing class ids, or too little free disk.
+    Raises TrainingError for an empty train split, missing class ids, or too little free disk, and
+    TrainingError / ConfigError for early stopping that validation cannot measure (tracking.check_early_stopping).
     """
     import random
 
@@ -203,7 +215,7 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
 
     check_processes(cfg, accelerator.num_processes)
     has_val = data.validation is not None and len(data.validation) > 0
-    _check_early_stopping(cfg, has_val, options.validate)
+    check_early_stopping(cfg, has_val, options.validate, options.validate_metrics)
     sharding = resolve_sharding(cfg, accelerator.num_processes, str(accelerator.distributed_type))
     model.train()
     if cfg.gradient_checkpointing:  # per decoder layer, before FSDP2 wraps the layers
@@ -222,22 +234,7 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
                val_table=TokenTable.from_dataset(data.validation) if has_val else None, plan=plan,
                weights=weights, sample_labels=sample_labels, pad_id=pad_id, seq2seq=seq2seq,
                logits_at_labels=logits_at_labels, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               validate=options.validate, sharding=sharding)
-
-
-def _check_early_stopping(cfg: TrainConfig, has_val: bool, validate: Validate | None) -> None:
-    """Raise TrainingError before the first step when train.early_stopping cannot be measured: no validation
-    at all (it would be silently ignored), or a validation-loss metric without a validation split (it would
-    fail at the first validation, an epoch into the run by default)."""
-    early = cfg.early_stopping
-    if early is None:
-        return
-    if not has_val and validate is None:
-        raise TrainingError("train.early_stopping is set but this run has no validation split and no task metrics "
-                            "to measure it: give validation data, or remove train.early_stopping")
-    if early.metric in ("val_loss", "val_ppl") and not has_val:
-        raise TrainingError(f"train.early_stopping.metric={early.metric!r} needs a validation split; this run has "
-                            "none (only task metrics): give validation data, or pick a task metric")
+               validate=options.validate, sharding=sharding, validate_metrics=options.validate_metrics)
 
 
 def _class_balance(cfg: TrainConfig, class_ids: Sequence[int] | None, train_data: Any
@@ -333,12 +330,13 @@ def _finish(run: Run, state: TrainState, log: MetricsLog, last_checkpoint: Path 
         reload_best(run, best)
         logger.info("restored the best weights (step %d, %s = %.4g)", state.best_step, state.best_metric,
                     state.best_value)
+    higher = None if state.best_metric is None else not metric_lower_is_better(run, state.best_metric)
     result = TrainResult(
         run_dir=run.run_dir, steps=state.step, total_steps=run.total_steps,
         epochs=state.step / run.steps_per_epoch, tokens=state.tokens, stopped_early=state.stopped_early,
         best_path=best, best_metric=state.best_metric, best_value=state.best_value, best_step=state.best_step,
         last_checkpoint=last_checkpoint, history=log.history, train_seconds=train_seconds,
-        model=consolidated_model(run.model, run.main) if run.sharded else None)
+        model=consolidated_model(run.model, run.main) if run.sharded else None, greater_is_better=higher)
     if run.main:
         write_json(run.run_dir / "train_result.json",
                    {k: v for k, v in asdict(dataclasses.replace(result, model=None)).items() if k != "history"})

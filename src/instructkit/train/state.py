@@ -4,7 +4,7 @@ and `Run` (what `loop.setup` built and every helper only reads).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ class Run:
     total_steps: int
     validate: Validate | None
     sharding: str = "none"  # train.sharding as resolved: none, ddp or fsdp (train/sharding.py)
+    validate_metrics: Mapping[str, bool] | None = None  # the keys `validate` returns, True where higher is better
 
     @property
     def main(self) -> bool:

@@ -1,24 +1,30 @@
 """Tracking a run: the metrics log (JSONL, TensorBoard), throughput and the progress display (`TrainMeter`),
-and the choice of the best checkpoint with early stopping.
+and the choice of the best checkpoint with early stopping (its set-up check, the metric's direction).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from instructkit.config import EarlyStopping
-from instructkit.errors import TrainingError
+from instructkit.config import EarlyStopping, TrainConfig
+from instructkit.errors import ConfigError, TrainingError
 from instructkit.io import read_jsonl, write_jsonl
+from instructkit.metric_direction import declared_direction, lower_is_better
 from instructkit.progress import ProgressBar
 from instructkit.train.checkpoint import best_dir, load_best, read_best, save_best
 from instructkit.train.sharding import full_weights, load_full_weights
-from instructkit.train.state import Run, TrainState
+from instructkit.train.state import Run, TrainState, Validate
 
 logger = logging.getLogger(__name__)
+
+LOOP_METRICS = {"val_loss": False, "val_ppl": False}
+"""The validation metrics the loop computes itself (loop.py `_validate`), True where higher is better."""
 
 
 class MetricsLog:
@@ -97,14 +103,6 @@ class TrainMeter:
         self.bar.close()
 
 
-def lower_is_better(metric: str) -> bool:
-    """True for a loss or a perplexity, judged on the metric's own name: the part after the last "/" (task
-    metrics come as "<dataset>/<template_id>/<metric>", and a dataset or template named "apple_reviews" or
-    "glossary_qa" says nothing of the direction) ending in "loss", "ppl" or "perplexity"."""
-    name = metric.rsplit("/", 1)[-1].lower()
-    return name.endswith(("loss", "ppl", "perplexity"))
-
-
 def choose_metric(early: EarlyStopping | None, record: dict[str, Any]) -> str | None:
     """The metric that picks the best checkpoint: the configured one, else macro_f1 when the task
     metrics have it, else validation loss."""
@@ -116,14 +114,56 @@ def choose_metric(early: EarlyStopping | None, record: dict[str, Any]) -> str | 
     return None
 
 
-def improved(metric: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:
-    """True when `value` beats `best` by more than `min_delta` in the metric's direction (the first finite
-    value always does): loss and perplexity go down, task metrics go up."""
+def metric_lower_is_better(run: Run, metric: str) -> bool:
+    """The direction `metric` is judged in (instructkit.metric_direction): train.early_stopping.greater_is_better
+    for the metric it names, else the direction `validate` declares (its `validate_metrics`) or the loop's own
+    (`LOOP_METRICS`), else the metric's name."""
+    early = run.cfg.early_stopping
+    setting = early.greater_is_better if early is not None and early.metric == metric else None
+    return lower_is_better(metric, setting, {**LOOP_METRICS, **(run.validate_metrics or {})})
+
+
+def improved(value: float, best: float | None, lower: bool, min_delta: float = 0.0) -> bool:
+    """True when `value` beats `best` by more than `min_delta` in the metric's direction (`lower`: lower is
+    better; `metric_lower_is_better`); the first finite value always does."""
     if best is None:
         return math.isfinite(value)
-    if lower_is_better(metric):
+    if lower:
         return value < best - min_delta
     return value > best + min_delta
+
+
+def check_early_stopping(cfg: TrainConfig, has_val: bool, validate: Validate | None,
+                         validate_metrics: Mapping[str, bool] | None) -> None:
+    """Raise before the first step when train.early_stopping cannot be measured, which would otherwise be
+    silently ignored (no validation at all) or fail at the first validation, an epoch into the run by
+    default: TrainingError for a validation-loss metric without a validation split, ConfigError for a
+    metric that validation does not produce. Validation's metrics are known without `validate` (val_loss,
+    val_ppl) or when it declares them (`validate_metrics`; make_validation_fn does); a plain callable's are
+    checked at the first validation."""
+    early = cfg.early_stopping
+    if early is None:
+        return
+    if not has_val and validate is None:
+        raise TrainingError("train.early_stopping is set but this run has no validation split and no task metrics "
+                            "to measure it: give validation data, or remove train.early_stopping")
+    if early.metric in LOOP_METRICS and not has_val:
+        raise TrainingError(f"train.early_stopping.metric={early.metric!r} needs a validation split; this run has "
+                            "none (only task metrics): give validation data, or pick a task metric")
+    if early.metric is None or (validate is not None and validate_metrics is None):
+        return
+    known = {**(LOOP_METRICS if has_val else {}), **(validate_metrics or {})}
+    if early.metric not in known:
+        close = difflib.get_close_matches(early.metric, list(known), n=1)
+        per_template = next((k for k in known if "/" in k), None)
+        raise ConfigError(f"train.early_stopping.metric={early.metric!r} is not a metric validation produces"
+                          + (f" (did you mean {close[0]!r}?)" if close else "") + ": it produces "
+                          + (", ".join(sorted(k for k in known if "/" not in k)) or "no metric of that kind")
+                          + (f", and per template e.g. {per_template!r}" if per_template else ""))
+    declared = declared_direction(early.metric, known)
+    if early.greater_is_better is not None and declared is not None and early.greater_is_better != declared:
+        logger.warning("train.early_stopping.greater_is_better=%s for %s, whose definition says the opposite: "
+                       "the setting wins", early.greater_is_better, early.metric)
 
 
 def keep_best(run: Run, state: TrainState, checkpoint: Path | None) -> None:
@@ -168,7 +208,7 @@ def track_best(run: Run, state: TrainState, record: dict[str, Any]) -> None:
     state.best_metric = metric
     value = float(record[metric])
     early = run.cfg.early_stopping
-    if improved(metric, value, state.best_value, early.min_delta if early else 0.0):
+    if improved(value, state.best_value, metric_lower_is_better(run, metric), early.min_delta if early else 0.0):
         state.best_value, state.best_step, state.bad_evals = value, state.step, 0
         return  # the weights are written by keep_best, after this step's checkpoint (whose weights it links)
     state.bad_evals += 1
