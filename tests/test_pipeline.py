@@ -176,6 +176,23 @@ def test_early_stopping_on_a_metric_validation_never_produces_exits_2_before_tra
     assert not (tmp_path / "runs" / "misspelt" / "metrics.jsonl").exists()
 
 
+def test_eval_max_examples_0_validates_the_loss_only(tmp_path, tiny_model_dir, capsys):
+    """train.eval_max_examples: 0 keeps the validation loss and runs no task metrics (no generation, no rank
+    scoring); early stopping on a task metric then has nothing to measure: exit 2 naming the setting."""
+    config = write_config(tmp_path, tiny_model_dir, "loss-only", eval_max_examples=0, eval_every=3)
+    assert main(["train", str(config)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "runs" / "loss-only" / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if "val_loss" in r]
+    assert validations and all(r["val_loss"] > 0 for r in validations)
+    tasks = {k for r in validations for k in r if "/" in k or k in ("macro_f1", "rougeL", "accuracy")}
+    assert tasks == set()
+    capsys.readouterr()
+    config = write_config(tmp_path, tiny_model_dir, "loss-only-es", eval_max_examples=0,
+                          early_stopping={"metric": "macro_f1"})
+    assert main(["train", str(config)]) == 2
+    assert "train.eval_max_examples is 0: no task metrics" in " ".join(capsys.readouterr().err.split())
+
+
 def test_few_shot_baseline_runs_only_where_the_train_split_has_the_template(caplog):
     from instructkit.config import RunConfig
     from instructkit.run_steps import few_shot_ks

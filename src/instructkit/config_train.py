@@ -160,8 +160,8 @@ class TrainConfig(Section):
         None, ge=1, description="Validate (loss + task metrics) every N optimizer steps and at the end "
         "(default: each epoch end).")
     eval_max_examples: int = Field(
-        200, ge=1, description="Cap on the fixed validation subset for task metrics: more is steadier, "
-        "slower to validate.")
+        200, ge=0, description="Cap on the fixed validation subset for task metrics: more is steadier, "
+        "slower to validate (0: no task metrics, validation loss only).")
     save_every: int | None = Field(
         None, ge=1, description="Checkpoint every N steps (default: at each validation).")
     save_every_minutes: float | None = Field(

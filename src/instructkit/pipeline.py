@@ -306,7 +306,7 @@ def train_step(config: RunConfig, resume: bool = False, preloaded: Any = None) -
                                   max_new_tokens_by_task=config.eval.max_new_tokens or None,
                                   choice_end=config.eval.choice_end,
                                   length_normalized=config.eval.length_normalized) \
-        if val_examples else None
+        if val_examples and config.train.eval_max_examples else None  # 0: validation loss only
     model = loaded.model
     if config.train.lora.enabled:
         model = wrap_lora(model, config.train.lora, seed=config.train.seed)  # adapters drawn from train.seed

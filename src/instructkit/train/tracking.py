@@ -159,7 +159,8 @@ def check_early_stopping(cfg: TrainConfig, has_val: bool, validate: Validate | N
         raise ConfigError(f"train.early_stopping.metric={early.metric!r} is not a metric validation produces"
                           + (f" (did you mean {close[0]!r}?)" if close else "") + ": it produces "
                           + (", ".join(sorted(k for k in known if "/" not in k)) or "no metric of that kind")
-                          + (f", and per template e.g. {per_template!r}" if per_template else ""))
+                          + (f", and per template e.g. {per_template!r}" if per_template else "")
+                          + ("; train.eval_max_examples is 0: no task metrics" if not cfg.eval_max_examples else ""))
     declared = declared_direction(early.metric, known)
     if early.greater_is_better is not None and declared is not None and early.greater_is_better != declared:
         logger.warning("train.early_stopping.greater_is_better=%s for %s, whose definition says the opposite: "
