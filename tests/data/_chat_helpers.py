@@ -50,6 +50,20 @@ ROLE_CONTENT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
+# Phi-3-mini-4k-instruct's chat template: <|end|> closes every turn, and EOS follows the last message when no
+# generation prompt is asked for (the end of the conversation).
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def tiny_phi3():
+    return tiny_with_template(PHI3_TEMPLATE, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
 # ChatML with tools in the Qwen2.5 manner: specs in the system turn, calls as <tool_call>, answers as
 # <tool_response> in a user turn.
 TOOLS_CHATML_TEMPLATE = (

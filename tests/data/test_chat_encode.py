@@ -19,6 +19,7 @@ from _chat_helpers import (
     label_spans,
     real_tokenizer,
     tiny_gemma3,
+    tiny_phi3,
     tiny_with_template,
 )
 from conftest import CHATML, build_tiny_tokenizer
@@ -190,6 +191,34 @@ def test_role_content_template_ends_answers_with_eos_and_stops_only_at_special_t
                                                                add_generation_prompt=True)
         assert tokenizer.decode(row.input_ids[row.prompt_length:]) == f" {TWO_EXCHANGES[i]['content']}</s>"
         assert label_spans(row.labels) == [(row.prompt_length, len(row.input_ids))]
+
+
+def test_eos_the_template_writes_only_after_the_last_message_is_not_learned_with_every_answer():
+    """trl#5526 (Phi-3's training template: the generation span is `content<|end|>`, the EOS outside it). Phi-3's
+    template writes EOS after the last message when no generation prompt is asked for. Each turn rendered as
+    the last one glued "\n</s>" to every answer ("Hello<|end|>\n</s>"), and as the next prompt has no </s>,
+    the conversation fell apart into one row per answer. The answers end at <|end|>, in one row whose
+    prompts are apply_chat_template's, and generation stops at <|end|>."""
+    tokenizer = tiny_phi3()
+    rows = encode_conversation(tokenizer, TWO_EXCHANGES, max_length=4096)
+    assert len(rows) == 1
+    [row] = rows
+    assert [tokenizer.decode(row.input_ids[a:b]) for a, b in label_spans(row.labels)] == [
+        "I am Vicuna, a language model trained by researchers from LMSYS.<|end|>", "You too!<|end|>"]
+    for (start, _), i in zip(label_spans(row.labels), (1, 3)):
+        assert row.input_ids[:start] == render_ids(tokenizer, TWO_EXCHANGES[:i], add_generation_prompt=True)
+    full = render_ids(tokenizer, TWO_EXCHANGES)
+    assert tokenizer.decode(full[len(row.input_ids):]) == "\n</s>"  # the end of the conversation, unlearned
+    assert row.input_ids == full[:len(row.input_ids)]
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end_of_turn_id(tokenizer, chat_settings()) == end and end in stop_token_ids(tokenizer, chat_settings())
+    # A template that ends each assistant turn with EOS (Llama-2) keeps it: it is the turn's own end.
+    llama2 = tiny_with_template("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + "
+                                "m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}"
+                                "{% endif %}{% endfor %}")
+    [row] = encode_conversation(llama2, TWO_EXCHANGES, max_length=4096)
+    assert row.input_ids == render_ids(llama2, TWO_EXCHANGES)
+    assert [llama2.decode(row.input_ids[a:b]) for a, b in label_spans(row.labels)][1] == " You too! </s>"
 
 
 def test_template_that_is_not_prefix_stable_gives_one_row_per_assistant_turn():
