@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from _chat_helpers import TOOLS_CHATML_TEMPLATE, label_spans, real_tokenizer, tiny_gemma3, tiny_with_template
 from conftest import CHATML, build_tiny_tokenizer
 
@@ -146,3 +147,54 @@ def test_function_call_turn_without_a_final_answer_is_trained():
     tokenizer = build_tiny_tokenizer()
     [encoded] = encode_conversation(tokenizer, CONVERSATION[:2], TOOLS, max_length=4096)
     assert learned(tokenizer, encoded) == [f"{CALL_JSON}<|im_end|>"]
+
+
+# DeepSeek-V3's way with tool calls: the arguments are concatenated as a string (its template fails on an
+# object), between its own call markers.
+DEEPSEEK_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{ '<tools>' }}{% for t in tools %}{{ t | tojson }}{% endfor %}{{ '</tools>' }}{% endif %}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{ '<|User|>' + m['content'] }}"
+    "{%- elif m['role'] == 'assistant' and m['tool_calls'] -%}{{ '<|Assistant|>' }}{%- for tool in m['tool_calls'] -%}"
+    "{{ '<|tool_call_begin|>' + tool['type'] + '<|tool_sep|>' + tool['function']['name'] + '\\n```json\\n' + "
+    "tool['function']['arguments'] + '\\n```<|tool_call_end|>' }}{%- endfor -%}{{ '<|end_of_sentence|>' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ '<|Assistant|>' + m['content'] + '<|end_of_sentence|>' }}"
+    "{%- elif m['role'] == 'tool' -%}{{ '<|tool_output_begin|>' + m['content'] + '<|tool_output_end|>' }}"
+    "{%- endif -%}{%- endfor -%}{% if add_generation_prompt %}{{ '<|Assistant|>' }}{% endif %}")
+DEEPSEEK_SPECIAL = ("<|User|>", "<|Assistant|>", "<|tool_call_begin|>", "<|tool_sep|>", "<|tool_call_end|>",
+                    "<|end_of_sentence|>", "<|tool_output_begin|>", "<|tool_output_end|>")
+
+
+@pytest.mark.parametrize("printed", [False, True], ids=["concatenated", "printed"])
+def test_template_that_takes_arguments_as_json_text_gets_them_so(printed):
+    """transformers#45419, Qwen3-Coder#444: templates disagree on a call's arguments, an object or its JSON
+    text (OpenAI's wire form). A template that concatenates them as a string failed on the object, so its
+    tool calls were taken as unsupported and trained as bare JSON; one that prints them as they are wrote
+    {'city': 'Paris'}, a Python dict, and trained that. Each now gets the JSON text, and the ids are
+    apply_chat_template's on the conversation in OpenAI's form."""
+    template = DEEPSEEK_TOOLS_TEMPLATE
+    if printed:
+        template = template.replace("+ tool['function']['arguments'] +", "}}{{ tool['function']['arguments'] }}{{")
+    tokenizer = tiny_with_template(template, *DEEPSEEK_SPECIAL)
+    features = template_features(tokenizer)
+    assert features.native_tools and features.arguments_text
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    wire = [CONVERSATION[0], {**CONVERSATION[1], "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}, *CONVERSATION[2:]]
+    assert encoded.input_ids == render_ids(tokenizer, wire, tools=TOOLS)
+    call = '<|tool_call_begin|>function<|tool_sep|>get_weather\n```json\n{"city": "Paris"}\n```<|tool_call_end|>'
+    assert learned(tokenizer, encoded) == [f"{call}<|end_of_sentence|>", "It is 21 degrees in Paris.<|end_of_sentence|>"]
+
+
+def test_templates_that_render_an_object_get_the_object():
+    """`| tojson` (Qwen2.5, Hermes) and iterating `| items` (Qwen3-Coder's XML parameters) take the object."""
+    assert not template_features(tiny_with_template(TOOLS_CHATML_TEMPLATE)).arguments_text
+    items = TOOLS_CHATML_TEMPLATE.replace(
+        "{{ c['function'] | tojson }}",
+        "{{ c['function']['name'] }}{% for k, v in c['function']['arguments'] | items %}<{{ k }}>{{ v }}</{{ k }}>"
+        "{% endfor %}")
+    tokenizer = tiny_with_template(items)
+    features = template_features(tokenizer)
+    assert features.native_tools and not features.arguments_text
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    assert learned(tokenizer, encoded)[0] == "<tool_call>get_weather<city>Paris</city></tool_call><|im_end|>"

@@ -4,11 +4,17 @@
 
     system       a system turn's content appears (Gemma-3 folds it into the first user turn: still yes)
     tools        `apply_chat_template(..., tools=[...])` writes the function specs
-    tool_calls   an assistant turn's `tool_calls` are written
+    tool_calls   an assistant turn's `tool_calls` are written, with their arguments
+    arguments_text  ... only when the arguments are their JSON text (OpenAI's wire form: DeepSeek-V3's
+                 template concatenates them as a string and fails on an object, a template that prints
+                 them as they are writes an object as a Python dict, {'city': 'Paris'}); an object is
+                 passed wherever it renders as such (`| tojson`, `| items`), as most templates expect
+                 (transformers#45419: templates disagree on the form)
     tool_role    a `tool` turn renders (no error, content written)
 
 `adapt_messages` gives the messages and `tools` argument to render. A template with tools, tool_calls and
-the tool role gets the conversation as it is (`tools=` passed through). Any other template gets the
+the tool role gets the conversation as it is (`tools=` passed through; call arguments as their JSON text
+for a template that needs that form). Any other template gets the
 documented plain rendering instead, never silence:
 
     * the function specs go into the system turn (one is added first when there is none) as
@@ -44,6 +50,7 @@ FUNCTION_RESULT = "Function result:\n"
 _PROBE_SYSTEM = "zq7 system probe"
 _PROBE_FUNCTION = "zq7_probe_function"
 _PROBE_TOOL = "zq7 tool probe"
+_PROBE_ARGUMENTS = {"zq7_arg": "zq7 value"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class TemplateFeatures:
     tools: bool
     tool_calls: bool
     tool_role: bool
+    arguments_text: bool = False
 
     @property
     def native_tools(self) -> bool:
@@ -97,20 +105,31 @@ def template_features(tokenizer: Any) -> TemplateFeatures:
     user = {"role": "user", "content": "hi"}
     spec = {"type": "function", "function": {"name": _PROBE_FUNCTION, "description": "probe",
                                              "parameters": {"type": "object", "properties": {}}}}
-    call = {"role": "assistant", "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": {}}}]}
 
-    def shows(messages: list[dict], needle: str, tools: list[dict] | None = None) -> bool:
+    def call(arguments: Any) -> dict:
+        return {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": arguments}}]}
+
+    def text(messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            return needle in render(tokenizer, messages, tools, False, tokenize=False)
+            return render(tokenizer, messages, tools, False, tokenize=False)
         except TemplateError:
-            return False
+            return ""
 
+    # An object renders as such when its key and value are written, not as a Python dict ('zq7_arg'); its
+    # JSON text when written once ("zq7_arg"), not JSON-encoded again (\"zq7_arg).
+    as_object = text([user, call(_PROBE_ARGUMENTS)])
+    as_object = _PROBE_FUNCTION in as_object and all(v in as_object for v in ("zq7_arg", "zq7 value")) \
+        and "'zq7_arg'" not in as_object
+    as_text = text([user, call(json.dumps(_PROBE_ARGUMENTS))])
+    as_text = not as_object and '"zq7_arg"' in as_text and '\\"zq7_arg' not in as_text
+    probe_call = call(json.dumps(_PROBE_ARGUMENTS) if as_text else _PROBE_ARGUMENTS)
     found = TemplateFeatures(
-        system=shows([{"role": "system", "content": _PROBE_SYSTEM}, user], _PROBE_SYSTEM),
-        tools=shows([user], _PROBE_FUNCTION, [spec]),
-        tool_calls=shows([user, call], _PROBE_FUNCTION),
-        tool_role=shows([user, call, {"role": "tool", "content": _PROBE_TOOL}], _PROBE_TOOL),
+        system=_PROBE_SYSTEM in text([{"role": "system", "content": _PROBE_SYSTEM}, user]),
+        tools=_PROBE_FUNCTION in text([user], [spec]),
+        tool_calls=as_object or as_text,
+        tool_role=_PROBE_TOOL in text([user, probe_call, {"role": "tool", "content": _PROBE_TOOL}]),
+        arguments_text=as_text,
     )
     _FEATURES[key] = found
     return found
@@ -131,7 +150,8 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         out = [_plain(m) for m in messages]
         return (out if features.system else _merge_system(out)), None
     if features.native_tools:
-        return [_plain(m) for m in messages], list(tools) if tools else None
+        out = [_plain(m) for m in messages]
+        return (_arguments_as_text(out) if features.arguments_text else out), list(tools) if tools else None
     if _warn_once(tokenizer):
         log.warning("%s does not render tools itself: function specs go into the system turn and tool calls "
                     "are written as JSON (instructkit.data.chat_template)", template_name(tokenizer))
@@ -158,6 +178,19 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
 def _plain(message: Mapping[str, Any]) -> dict:
     """A copy of `message` without instructkit's training marks ("weight": data/chat_encode.py)."""
     return {k: v for k, v in message.items() if k != "weight"}
+
+
+def _arguments_as_text(messages: list[dict]) -> list[dict]:
+    """`messages` with every tool call's arguments as their JSON text (OpenAI's wire form)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                                  ensure_ascii=False)}}
+                     for c in m["tool_calls"]]
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
 
 
 _WARNED: set[tuple] = set()

@@ -361,7 +361,7 @@ def cache_fingerprint(tokenizer: Any, template_versions: Sequence[str], settings
             "templates": sorted(set(template_versions)),
             "settings": asdict(settings),
             "data": data_digest,
-            "format": 5,  # 2: chat turn by turn; 3: empty prompt = BOS/EOS; 4: BOS once; 5: no end-of-chat EOS
+            "format": 6,  # 2: chat by turn; 3: empty prompt BOS/EOS; 4: BOS once; 5: no chat-end EOS; 6: args
         },
         sort_keys=True,
     )
