@@ -20,6 +20,7 @@ from _chat_helpers import (
     real_tokenizer,
     tiny_gemma3,
     tiny_phi3,
+    tiny_qwen3,
     tiny_with_template,
 )
 from conftest import CHATML, build_tiny_tokenizer
@@ -219,6 +220,32 @@ def test_eos_the_template_writes_only_after_the_last_message_is_not_learned_with
     [row] = encode_conversation(llama2, TWO_EXCHANGES, max_length=4096)
     assert row.input_ids == render_ids(llama2, TWO_EXCHANGES)
     assert [llama2.decode(row.input_ids[a:b]) for a, b in label_spans(row.labels)][1] == " You too! </s>"
+
+
+def test_reasoning_content_is_learned_as_the_reasoning_template_renders_it(tmp_path):
+    """fw-ai/cookbook#378, minimind#737: an assistant turn's `reasoning_content` (DeepSeek's and vLLM's API
+    field) was dropped when the row was read, so Qwen3's template wrote an empty <think></think> block and
+    the model learned never to reason. It is the turn's <think> block now, which Qwen3's template reads back:
+    every row is apply_chat_template's on the messages with the field, the reasoning learned."""
+    original = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "reasoning_content": "Two and two make four.", "content": "4"},
+                {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "reasoning": "Three and three make six.", "content": "6"}]
+    [example] = prepared(tmp_path, [{"messages": original}])
+    assert example["messages"][1]["content"] == "<think>\nTwo and two make four.\n</think>\n\n4"
+    assert example["completion"] == "<think>\nThree and three make six.\n</think>\n\n6"
+    tokenizer = tiny_qwen3()
+    dataset, _ = tokenize_examples([example], tokenizer, chat_settings())
+    native = [{**m, "reasoning_content": m.pop("reasoning")} if "reasoning" in m else m
+              for m in (dict(m) for m in original)]
+    assert len(dataset) == 2  # Qwen3 drops the reasoning of earlier turns: one row per answer
+    answers = [example["messages"][1]["content"], example["completion"]]
+    for row, i, answer in zip(dataset, (1, 3), answers):
+        assert row["input_ids"] == render_ids(tokenizer, native[:i + 1])[:-1]  # less the last "\n"
+        assert row["input_ids"][:row["prompt_length"]] == render_ids(tokenizer, native[:i], add_generation_prompt=True)
+        [(a, b)] = label_spans(row["labels"])
+        assert tokenizer.decode(row["input_ids"][a:b]) == answer + "<|im_end|>"
+    assert "Two and two" not in tokenizer.decode(dataset[1]["input_ids"])  # the history, as Qwen3 sends it
 
 
 def test_template_that_is_not_prefix_stable_gives_one_row_per_assistant_turn():

@@ -2,8 +2,12 @@
 
     messages        [{role: system|user|assistant|tool, content}, ...]; an assistant turn may carry
                     `tool_calls` ([{type: function, function: {name, arguments}}], arguments an object or
-                    its JSON text, as OpenAI's API writes it) instead of content, and `weight: 0` (OpenAI's
-                    fine-tuning format: context only, not learned; not on the final turn)
+                    its JSON text, as OpenAI's API writes it) instead of content, `weight: 0` (OpenAI's
+                    fine-tuning format: context only, not learned; not on the final turn) and its reasoning
+                    (`reasoning_content`, or `reasoning`: the fields of DeepSeek's and vLLM's APIs), which
+                    becomes part of the turn's text as "<think>\n{reasoning}\n</think>\n\n{content}": the
+                    form reasoning templates (Qwen3, DeepSeek-R1) read back into their reasoning field and
+                    render as they would the field; any other template shows it as text, so it is learned
     conversations   ShareGPT: [{from, value}, ...] with from = human | gpt | system | function_call |
                     observation (also user, assistant, tool); an optional `system` column is a first
                     system turn. A function_call turn is the assistant calling a tool (its value is the
@@ -105,6 +109,8 @@ def _from_messages(value: list, where: str) -> list[dict]:
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         if role == "assistant" and calls and content is None:
             content = ""
+        if role == "assistant" and isinstance(content, str):
+            content = _with_reasoning(message, content, f"{where}: column 'messages': turn {j + 1}")
         if role not in CHAT_ROLES or not isinstance(content, str):
             raise _Bad("bad messages", f"{where}: column 'messages': turn {j + 1} must be "
                        "{role: system|user|assistant|tool, content: text}, "
@@ -120,6 +126,21 @@ def _from_messages(value: list, where: str) -> list[dict]:
             turn["weight"] = 0
         turns.append(turn)
     return turns
+
+
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def _with_reasoning(message: dict, content: str, where: str) -> str:
+    """`content` with the turn's reasoning before it as a <think> block (module docstring); as it is without."""
+    found = [(k, message[k]) for k in REASONING_FIELDS if message.get(k) not in (None, "")]
+    if not found:
+        return content
+    key, reasoning = found[0]
+    if not isinstance(reasoning, str) or len(found) > 1 or "</think>" in content:
+        raise _Bad("bad reasoning", f"{where}: {key!r} must be text, alone, and the content must not hold a "
+                   f"<think> block of its own, got {str(reasoning)[:120]}")
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.strip()}" if reasoning.strip() else content
 
 
 def _from_sharegpt(value: list, system: Any, where: str) -> list[dict]:
