@@ -1,8 +1,9 @@
 """Reading one chat row: `messages` (role/content) or ShareGPT `conversations` (from/value), and `tools`.
 
     messages        [{role: system|user|assistant|tool, content}, ...]; an assistant turn may carry
-                    `tool_calls` ([{type: function, function: {name, arguments}}], arguments an object or
-                    its JSON text, as OpenAI's API writes it) instead of content, `weight: 0` (OpenAI's
+                    `tool_calls` ([{id, type: function, function: {name, arguments}}], arguments an object
+                    or its JSON text, as OpenAI's API writes it) instead of content (a tool turn's
+                    `tool_call_id` and `name` are kept), `weight: 0` (OpenAI's
                     fine-tuning format: context only, not learned; not on the final turn) and its reasoning
                     (`reasoning_content`, or `reasoning`: the fields of DeepSeek's and vLLM's APIs), which
                     becomes part of the turn's text as "<think>\n{reasoning}\n</think>\n\n{content}": the
@@ -76,7 +77,9 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
         if not isinstance(arguments, dict):
             raise _Bad("bad function call", f"{where}: the arguments of function call {name!r} must be a JSON "
                        f"object, got {str(arguments)[:120]}")
-        calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+        call_id = item.get("id") if isinstance(item, dict) else None
+        calls.append({**({"id": call_id} if isinstance(call_id, str) and call_id else {}),
+                      "type": "function", "function": {"name": name, "arguments": arguments}})
     if not calls:
         raise _Bad("bad function call", f"{where}: an empty function call")
     return calls
@@ -116,6 +119,8 @@ def _from_messages(value: list, where: str) -> list[dict]:
                        "{role: system|user|assistant|tool, content: text}, "
                        f"got {str(message)[:120]}")
         turn: dict = {"role": role, "content": content}
+        if role == "tool":  # which call it answers, for templates that write it (chat_template.py)
+            turn.update({k: message[k] for k in ("tool_call_id", "name") if isinstance(message.get(k), str)})
         if role == "assistant" and calls:
             turn["tool_calls"] = _tool_calls(calls, f"{where}: column 'messages': turn {j + 1}")
         weight = message.get("weight", 1)

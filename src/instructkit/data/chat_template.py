@@ -10,6 +10,13 @@
                  them as they are writes an object as a Python dict, {'city': 'Paris'}); an object is
                  passed wherever it renders as such (`| tojson`, `| items`), as most templates expect
                  (transformers#45419: templates disagree on the form)
+    call_ids     ... only when every call has an `id` (Mistral's template: 9 letters and digits)
+
+A template that renders tools natively gets each tool answer linked to the call it answers (the k-th answer
+after an assistant turn, its k-th call): the answer's `name` (the function's, which templates write with
+the result) and `tool_call_id` are the call's unless the data gives them. Calls without an `id` get
+"call00001", "call00002", ... in the conversation when the template requires ids (vllm#9019: Mistral's
+template refuses other ids), so data without ids (ShareGPT) still gets the template's own format.
     tool_role    a `tool` turn renders (no error, content written)
 
 `adapt_messages` gives the messages and `tools` argument to render. A template with tools, tool_calls and
@@ -51,6 +58,7 @@ _PROBE_SYSTEM = "zq7 system probe"
 _PROBE_FUNCTION = "zq7_probe_function"
 _PROBE_TOOL = "zq7 tool probe"
 _PROBE_ARGUMENTS = {"zq7_arg": "zq7 value"}
+_PROBE_ID = "zq7probe1"  # 9 letters and digits, as Mistral's template requires
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class TemplateFeatures:
     tool_calls: bool
     tool_role: bool
     arguments_text: bool = False
+    call_ids: bool = False
 
     @property
     def native_tools(self) -> bool:
@@ -106,9 +115,9 @@ def template_features(tokenizer: Any) -> TemplateFeatures:
     spec = {"type": "function", "function": {"name": _PROBE_FUNCTION, "description": "probe",
                                              "parameters": {"type": "object", "properties": {}}}}
 
-    def call(arguments: Any) -> dict:
-        return {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": arguments}}]}
+    def call(arguments: Any, ids: bool = True) -> dict:
+        function = {"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": arguments}}
+        return {"role": "assistant", "content": "", "tool_calls": [{"id": _PROBE_ID, **function} if ids else function]}
 
     def text(messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
@@ -123,13 +132,15 @@ def template_features(tokenizer: Any) -> TemplateFeatures:
         and "'zq7_arg'" not in as_object
     as_text = text([user, call(json.dumps(_PROBE_ARGUMENTS))])
     as_text = not as_object and '"zq7_arg"' in as_text and '\\"zq7_arg' not in as_text
-    probe_call = call(json.dumps(_PROBE_ARGUMENTS) if as_text else _PROBE_ARGUMENTS)
+    arguments = json.dumps(_PROBE_ARGUMENTS) if as_text else _PROBE_ARGUMENTS
+    answer = {"role": "tool", "content": _PROBE_TOOL, "tool_call_id": _PROBE_ID, "name": _PROBE_FUNCTION}
     found = TemplateFeatures(
         system=_PROBE_SYSTEM in text([{"role": "system", "content": _PROBE_SYSTEM}, user]),
         tools=_PROBE_FUNCTION in text([user], [spec]),
         tool_calls=as_object or as_text,
-        tool_role=_PROBE_TOOL in text([user, probe_call, {"role": "tool", "content": _PROBE_TOOL}]),
+        tool_role=_PROBE_TOOL in text([user, call(arguments), answer]),
         arguments_text=as_text,
+        call_ids=(as_object or as_text) and _PROBE_FUNCTION not in text([user, call(arguments, ids=False)]),
     )
     _FEATURES[key] = found
     return found
@@ -149,14 +160,14 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     if not uses_tools:
         out = [_plain(m) for m in messages]
         return (out if features.system else _merge_system(out)), None
+    linked = _link_tool_answers([_plain(m) for m in messages], features.call_ids)
     if features.native_tools:
-        out = [_plain(m) for m in messages]
-        return (_arguments_as_text(out) if features.arguments_text else out), list(tools) if tools else None
+        return (_arguments_as_text(linked) if features.arguments_text else linked), list(tools) if tools else None
     if _warn_once(tokenizer):
         log.warning("%s does not render tools itself: function specs go into the system turn and tool calls "
                     "are written as JSON (instructkit.data.chat_template)", template_name(tokenizer))
     out = []
-    for m in messages:
+    for m in linked:
         if m["role"] == "assistant" and m.get("tool_calls"):
             out.append({"role": "assistant", "content": message_text(m)})
         elif m["role"] == "tool" and not features.tool_role:
@@ -165,8 +176,8 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
                 out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n{FUNCTION_RESULT}{m['content']}"}
             else:
                 out.append({"role": "user", "content": FUNCTION_RESULT + m["content"]})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
+        else:  # a tool turn keeps the call it answers (`_link_tool_answers`), for templates that write it
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "name", "tool_call_id")})
     if tools:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tools_text(tools)}"}
@@ -178,6 +189,30 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
 def _plain(message: Mapping[str, Any]) -> dict:
     """A copy of `message` without instructkit's training marks ("weight": data/chat_encode.py)."""
     return {k: v for k, v in message.items() if k != "weight"}
+
+
+def _link_tool_answers(messages: list[dict], need_ids: bool) -> list[dict]:
+    """Tool answers with the `name` and `tool_call_id` of the call each answers; calls given ids when the
+    template needs them (module docstring)."""
+    out: list[dict] = []
+    pending: list[dict] = []
+    made = 0
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                if need_ids and not c.get("id"):
+                    made += 1
+                    c = {"id": f"call{made:05d}", **c}
+                calls.append(c)
+            m = {**m, "tool_calls": calls}
+            pending = list(calls)
+        elif m["role"] == "tool" and pending:
+            c = pending.pop(0)
+            link = {"name": c["function"]["name"], **({"tool_call_id": c["id"]} if c.get("id") else {})}
+            m = {**link, **m}
+        out.append(m)
+    return out
 
 
 def _arguments_as_text(messages: list[dict]) -> list[dict]:
