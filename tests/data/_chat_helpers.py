@@ -50,6 +50,20 @@ ROLE_CONTENT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
+# Phi-3-mini-4k-instruct's chat template: <|end|> closes every turn, and EOS follows the last message when no
+# generation prompt is asked for (the end of the conversation).
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def tiny_phi3():
+    return tiny_with_template(PHI3_TEMPLATE, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
 # ChatML with tools in the Qwen2.5 manner: specs in the system turn, calls as <tool_call>, answers as
 # <tool_response> in a user turn.
 TOOLS_CHATML_TEMPLATE = (
@@ -86,6 +100,61 @@ THINK_DROPPING_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+
+
+# Qwen3's chat template, its tool parts left out: an assistant turn's reasoning (`reasoning_content`, or a
+# <think> block at the start of its content) is written as <think>...</think> for the turns after the last
+# user turn and dropped from earlier ones; the last turn without reasoning gets an empty <think> block.
+QWEN3_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}\n"
+    '{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}\n'
+    '{%- for message in messages[::-1] %}\n'
+    '    {%- set index = (messages|length - 1) - loop.index0 %}\n'
+    '    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith(\'<tool_response>\') and message.content.endswith(\'</tool_response>\')) %}\n'
+    '        {%- set ns.multi_step_tool = false %}\n'
+    '        {%- set ns.last_query_index = index %}\n'
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+    '{%- for message in messages %}\n'
+    "    {%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}{%- endif %}\n"
+    '    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}\n'
+    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
+    '    {%- elif message.role == "assistant" %}\n'
+    "        {%- set reasoning_content = '' %}\n"
+    '        {%- if message.reasoning_content is string %}\n'
+    '            {%- set reasoning_content = message.reasoning_content %}\n'
+    '        {%- else %}\n'
+    "            {%- if '</think>' in content %}\n"
+    "                {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}\n"
+    "                {%- set content = content.split('</think>')[-1].lstrip('\\n') %}\n"
+    '            {%- endif %}\n'
+    '        {%- endif %}\n'
+    '        {%- if loop.index0 > ns.last_query_index %}\n'
+    '            {%- if loop.last or (not loop.last and reasoning_content) %}\n'
+    "                {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}\n"
+    '            {%- else %}\n'
+    "                {{- '<|im_start|>' + message.role + '\\n' + content }}\n"
+    '            {%- endif %}\n'
+    '        {%- else %}\n'
+    "            {{- '<|im_start|>' + message.role + '\\n' + content }}\n"
+    '        {%- endif %}\n'
+    "        {{- '<|im_end|>\\n' }}\n"
+    '    {%- endif %}\n'
+    '{%- endfor %}\n'
+    '{%- if add_generation_prompt %}\n'
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    '    {%- if enable_thinking is defined and enable_thinking is false %}\n'
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    '    {%- endif %}\n'
+    '{%- endif %}'
+)
+
+
+def tiny_qwen3():
+    """The tiny tokenizer with Qwen3's template; <think> and </think> are added tokens, not special, as in Qwen3."""
+    tokenizer = tiny_with_template(QWEN3_TEMPLATE)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
 
 
 def tiny_with_template(template: str, *extra_special: str):

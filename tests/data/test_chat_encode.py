@@ -19,6 +19,8 @@ from _chat_helpers import (
     label_spans,
     real_tokenizer,
     tiny_gemma3,
+    tiny_phi3,
+    tiny_qwen3,
     tiny_with_template,
 )
 from conftest import CHATML, build_tiny_tokenizer
@@ -190,6 +192,60 @@ def test_role_content_template_ends_answers_with_eos_and_stops_only_at_special_t
                                                                add_generation_prompt=True)
         assert tokenizer.decode(row.input_ids[row.prompt_length:]) == f" {TWO_EXCHANGES[i]['content']}</s>"
         assert label_spans(row.labels) == [(row.prompt_length, len(row.input_ids))]
+
+
+def test_eos_the_template_writes_only_after_the_last_message_is_not_learned_with_every_answer():
+    """trl#5526 (Phi-3's training template: the generation span is `content<|end|>`, the EOS outside it). Phi-3's
+    template writes EOS after the last message when no generation prompt is asked for. Each turn rendered as
+    the last one glued "\n</s>" to every answer ("Hello<|end|>\n</s>"), and as the next prompt has no </s>,
+    the conversation fell apart into one row per answer. The answers end at <|end|>, in one row whose
+    prompts are apply_chat_template's, and generation stops at <|end|>."""
+    tokenizer = tiny_phi3()
+    rows = encode_conversation(tokenizer, TWO_EXCHANGES, max_length=4096)
+    assert len(rows) == 1
+    [row] = rows
+    assert [tokenizer.decode(row.input_ids[a:b]) for a, b in label_spans(row.labels)] == [
+        "I am Vicuna, a language model trained by researchers from LMSYS.<|end|>", "You too!<|end|>"]
+    for (start, _), i in zip(label_spans(row.labels), (1, 3)):
+        assert row.input_ids[:start] == render_ids(tokenizer, TWO_EXCHANGES[:i], add_generation_prompt=True)
+    full = render_ids(tokenizer, TWO_EXCHANGES)
+    assert tokenizer.decode(full[len(row.input_ids):]) == "\n</s>"  # the end of the conversation, unlearned
+    assert row.input_ids == full[:len(row.input_ids)]
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end_of_turn_id(tokenizer, chat_settings()) == end and end in stop_token_ids(tokenizer, chat_settings())
+    # A template that ends each assistant turn with EOS (Llama-2) keeps it: it is the turn's own end.
+    llama2 = tiny_with_template("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + "
+                                "m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}"
+                                "{% endif %}{% endfor %}")
+    [row] = encode_conversation(llama2, TWO_EXCHANGES, max_length=4096)
+    assert row.input_ids == render_ids(llama2, TWO_EXCHANGES)
+    assert [llama2.decode(row.input_ids[a:b]) for a, b in label_spans(row.labels)][1] == " You too! </s>"
+
+
+def test_reasoning_content_is_learned_as_the_reasoning_template_renders_it(tmp_path):
+    """fw-ai/cookbook#378, minimind#737: an assistant turn's `reasoning_content` (DeepSeek's and vLLM's API
+    field) was dropped when the row was read, so Qwen3's template wrote an empty <think></think> block and
+    the model learned never to reason. It is the turn's <think> block now, which Qwen3's template reads back:
+    every row is apply_chat_template's on the messages with the field, the reasoning learned."""
+    original = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "reasoning_content": "Two and two make four.", "content": "4"},
+                {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "reasoning": "Three and three make six.", "content": "6"}]
+    [example] = prepared(tmp_path, [{"messages": original}])
+    assert example["messages"][1]["content"] == "<think>\nTwo and two make four.\n</think>\n\n4"
+    assert example["completion"] == "<think>\nThree and three make six.\n</think>\n\n6"
+    tokenizer = tiny_qwen3()
+    dataset, _ = tokenize_examples([example], tokenizer, chat_settings())
+    native = [{**m, "reasoning_content": m.pop("reasoning")} if "reasoning" in m else m
+              for m in (dict(m) for m in original)]
+    assert len(dataset) == 2  # Qwen3 drops the reasoning of earlier turns: one row per answer
+    answers = [example["messages"][1]["content"], example["completion"]]
+    for row, i, answer in zip(dataset, (1, 3), answers):
+        assert row["input_ids"] == render_ids(tokenizer, native[:i + 1])[:-1]  # less the last "\n"
+        assert row["input_ids"][:row["prompt_length"]] == render_ids(tokenizer, native[:i], add_generation_prompt=True)
+        [(a, b)] = label_spans(row["labels"])
+        assert tokenizer.decode(row["input_ids"][a:b]) == answer + "<|im_end|>"
+    assert "Two and two" not in tokenizer.decode(dataset[1]["input_ids"])  # the history, as Qwen3 sends it
 
 
 def test_template_that_is_not_prefix_stable_gives_one_row_per_assistant_turn():

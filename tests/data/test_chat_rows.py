@@ -140,6 +140,8 @@ def _m(*turns: tuple) -> dict:
                         {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye."}]},
      "column 'conversations': turn 2 (assistant) is empty"),
     (_m(("user", "Hi"), ("assistant", "Hello.", {"weight": 0})), "the final assistant turn has weight 0"),
+    (_m(("user", "Hi"), ("assistant", "Hello.", {"reasoning_content": ["a"]})), "'reasoning_content' must be text"),
+    (_m(("user", "Hi"), ("assistant", "<think>x</think>Hello.", {"reasoning": "y"})), "must not hold a <think>"),
     (_m(("user", "Hi"), ("assistant", "Hello.", {"weight": 0.5}), ("user", "x"), ("assistant", "y")),
      "turn 2: weight must be 0"),
 ])

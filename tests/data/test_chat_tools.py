@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from _chat_helpers import TOOLS_CHATML_TEMPLATE, label_spans, real_tokenizer, tiny_gemma3, tiny_with_template
 from conftest import CHATML, build_tiny_tokenizer
 
@@ -146,3 +147,121 @@ def test_function_call_turn_without_a_final_answer_is_trained():
     tokenizer = build_tiny_tokenizer()
     [encoded] = encode_conversation(tokenizer, CONVERSATION[:2], TOOLS, max_length=4096)
     assert learned(tokenizer, encoded) == [f"{CALL_JSON}<|im_end|>"]
+
+
+# DeepSeek-V3's way with tool calls: the arguments are concatenated as a string (its template fails on an
+# object), between its own call markers.
+DEEPSEEK_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{ '<tools>' }}{% for t in tools %}{{ t | tojson }}{% endfor %}{{ '</tools>' }}{% endif %}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{ '<|User|>' + m['content'] }}"
+    "{%- elif m['role'] == 'assistant' and m['tool_calls'] -%}{{ '<|Assistant|>' }}{%- for tool in m['tool_calls'] -%}"
+    "{{ '<|tool_call_begin|>' + tool['type'] + '<|tool_sep|>' + tool['function']['name'] + '\\n```json\\n' + "
+    "tool['function']['arguments'] + '\\n```<|tool_call_end|>' }}{%- endfor -%}{{ '<|end_of_sentence|>' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ '<|Assistant|>' + m['content'] + '<|end_of_sentence|>' }}"
+    "{%- elif m['role'] == 'tool' -%}{{ '<|tool_output_begin|>' + m['content'] + '<|tool_output_end|>' }}"
+    "{%- endif -%}{%- endfor -%}{% if add_generation_prompt %}{{ '<|Assistant|>' }}{% endif %}")
+DEEPSEEK_SPECIAL = ("<|User|>", "<|Assistant|>", "<|tool_call_begin|>", "<|tool_sep|>", "<|tool_call_end|>",
+                    "<|end_of_sentence|>", "<|tool_output_begin|>", "<|tool_output_end|>")
+
+
+@pytest.mark.parametrize("printed", [False, True], ids=["concatenated", "printed"])
+def test_template_that_takes_arguments_as_json_text_gets_them_so(printed):
+    """transformers#45419, Qwen3-Coder#444: templates disagree on a call's arguments, an object or its JSON
+    text (OpenAI's wire form). A template that concatenates them as a string failed on the object, so its
+    tool calls were taken as unsupported and trained as bare JSON; one that prints them as they are wrote
+    {'city': 'Paris'}, a Python dict, and trained that. Each now gets the JSON text, and the ids are
+    apply_chat_template's on the conversation in OpenAI's form."""
+    template = DEEPSEEK_TOOLS_TEMPLATE
+    if printed:
+        template = template.replace("+ tool['function']['arguments'] +", "}}{{ tool['function']['arguments'] }}{{")
+    tokenizer = tiny_with_template(template, *DEEPSEEK_SPECIAL)
+    features = template_features(tokenizer)
+    assert features.native_tools and features.arguments_text
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    wire = [CONVERSATION[0], {**CONVERSATION[1], "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}, *CONVERSATION[2:]]
+    assert encoded.input_ids == render_ids(tokenizer, wire, tools=TOOLS)
+    call = '<|tool_call_begin|>function<|tool_sep|>get_weather\n```json\n{"city": "Paris"}\n```<|tool_call_end|>'
+    assert learned(tokenizer, encoded) == [f"{call}<|end_of_sentence|>", "It is 21 degrees in Paris.<|end_of_sentence|>"]
+
+
+def test_templates_that_render_an_object_get_the_object():
+    """`| tojson` (Qwen2.5, Hermes) and iterating `| items` (Qwen3-Coder's XML parameters) take the object."""
+    assert not template_features(tiny_with_template(TOOLS_CHATML_TEMPLATE)).arguments_text
+    items = TOOLS_CHATML_TEMPLATE.replace(
+        "{{ c['function'] | tojson }}",
+        "{{ c['function']['name'] }}{% for k, v in c['function']['arguments'] | items %}<{{ k }}>{{ v }}</{{ k }}>"
+        "{% endfor %}")
+    tokenizer = tiny_with_template(items)
+    features = template_features(tokenizer)
+    assert features.native_tools and not features.arguments_text
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    assert learned(tokenizer, encoded)[0] == "<tool_call>get_weather<city>Paris</city></tool_call><|im_end|>"
+
+
+# Mistral-7B-Instruct-v0.3's way with tool calls: every call and every result carries an id of 9 letters and
+# digits, or the template raises.
+MISTRAL_TOOLS_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}{{ '[AVAILABLE_TOOLS] ' + (tools | tojson) + '[/AVAILABLE_TOOLS]' }}{% endif %}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '[INST] ' + message['content'] + '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined -%}{{ '[TOOL_CALLS] [' }}"
+    "{%- for tool_call in message['tool_calls'] -%}{%- set out = tool_call['function'] | tojson -%}{{ out[:-1] }}"
+    "{%- if tool_call['id'] is not defined or tool_call['id'] | length != 9 -%}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif -%}"
+    "{{ ', \"id\": \"' + tool_call['id'] + '\"}' }}{%- if not loop.last -%}{{ ', ' }}{%- endif -%}{%- endfor -%}"
+    "{{ ']' + eos_token }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + eos_token }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if message['tool_call_id'] is not defined or message['tool_call_id'] | length != 9 -%}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif -%}"
+    "{{ '[TOOL_RESULTS] {\"content\": ' + message['content'] + ', \"call_id\": \"' + message['tool_call_id'] + "
+    "'\"}[/TOOL_RESULTS]' }}{%- endif -%}{%- endfor -%}")
+MISTRAL_SPECIAL = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                   "[/TOOL_RESULTS]")
+
+
+def test_call_ids_and_tool_names_reach_the_template():
+    """vllm#9019, transformers#30621 (review: a call carries its id, the tool message its tool_call_id): the
+    ids and names of OpenAI-form data were dropped when the row was read, so Mistral's template, which
+    requires them, was taken as not rendering tool calls and trained bare JSON. They are kept; the ids are
+    apply_chat_template's on the data as written."""
+    from collections import Counter
+
+    from instructkit.data.chat_rows import parse_chat
+
+    tokenizer = tiny_with_template(MISTRAL_TOOLS_TEMPLATE, *MISTRAL_SPECIAL)
+    features = template_features(tokenizer)
+    assert features.native_tools and features.call_ids
+    data = [CONVERSATION[0], {**CONVERSATION[1], "tool_calls": [{"id": "abcDEF123", **CALL}]},
+            {**CONVERSATION[2], "tool_call_id": "abcDEF123", "name": "get_weather"}, CONVERSATION[3]]
+    turns, tools = parse_chat({"messages": data, "tools": TOOLS}, "chat.jsonl: line 1", Counter())
+    assert turns[1]["tool_calls"][0]["id"] == "abcDEF123" and turns[2]["tool_call_id"] == "abcDEF123"
+    [encoded] = encode_conversation(tokenizer, turns, tools, max_length=4096)
+    assert encoded.input_ids == render_ids(tokenizer, data, tools=TOOLS)
+    assert learned(tokenizer, encoded) == [
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcDEF123"}]</s>',
+        " It is 21 degrees in Paris.</s>"]
+    # Data without ids (ShareGPT) gets ids the template accepts, each result the id of its call.
+    [encoded] = encode_conversation(tokenizer, CONVERSATION, TOOLS, max_length=4096)
+    text = tokenizer.decode(encoded.input_ids)
+    assert '"id": "call00001"}]</s>[TOOL_RESULTS] {"content": {"temperature": 21}, "call_id": "call00001"}' in text
+
+
+def test_a_tool_answer_gets_the_name_of_the_call_it_answers():
+    """Templates that write the function's name with its result get it from the call when the data (ShareGPT
+    observations) has none; parallel calls' answers each get their own call's name."""
+    template = TOOLS_CHATML_TEMPLATE.replace("'<|im_start|>user\\n<tool_response>' + m['content']",
+                                             "'<|im_start|>user\\n<tool_response>' + m['name'] + ': ' + m['content']")
+    tokenizer = tiny_with_template(template)
+    assert template_features(tokenizer).native_tools
+    rome = {"type": "function", "function": {"name": "get_time", "arguments": {"city": "Rome"}}}
+    conversation = [CONVERSATION[0], {"role": "assistant", "content": "", "tool_calls": [CALL, rome]},
+                    {"role": "tool", "content": "21"}, {"role": "tool", "content": "noon"},
+                    {"role": "assistant", "content": "21 degrees; it is noon in Rome."}]
+    tools = [*TOOLS, {"type": "function", "function": {**SPEC, "name": "get_time"}}]
+    [encoded] = encode_conversation(tokenizer, conversation, tools, max_length=4096)
+    text = tokenizer.decode(encoded.input_ids)
+    assert "<tool_response>get_weather: 21</tool_response>" in text
+    assert "<tool_response>get_time: noon</tool_response>" in text

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import math
 
-from conftest import build_tiny_llama, build_tiny_tokenizer
+import pytest
+from conftest import build_tiny_llama, build_tiny_tokenizer, overfit_causal
 
 from instructkit.config import EvalConfig
 from instructkit.data.chat import ChatPrompt
 from instructkit.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_batch, encode_for_generation
 from instructkit.evaluate.chat import eval_prompt
 from instructkit.evaluate.evaluator import evaluate_examples, make_validation_fn
+from instructkit.evaluate.generate import final_answer
 
 MESSAGES = [
     {"role": "system", "content": "You are a terse support bot for Acme kettles."},
@@ -78,3 +80,48 @@ def test_evaluate_chat_examples_generates_the_last_turn_and_scores_rouge_and_tok
                                   max_new_tokens_by_task={"instruction_following": 4})
     values = validate(model)
     assert set(values) >= {"rougeL", "token_f1", "kettles.chat/rougeL"} and not math.isnan(values["rougeL"])
+
+
+# ChatML that writes an assistant turn as Qwen3's template writes the last one: a <think> block (empty when
+# the turn has no reasoning) before the answer.
+THINKING_CHATML = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' "
+    "+ m['content'] + '<|im_end|>\\n' }}{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_generated_reasoning_block_is_not_scored_as_the_answer():
+    """lighteval#869, AutoRAG#1133: a model tuned with a reasoning template answers "<think>\\n\\n</think>\\n\\n
+    Replace the seal." (the template writes the block before every answer); scored as it was, ROUGE-L of the
+    exact answer was 0.75. The block is left out of the scored prediction (predictions.jsonl keeps what was
+    generated), and out of a reference that has one."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])  # as in Qwen3: added tokens, not special ones
+    tokenizer.chat_template = THINKING_CHATML
+    settings = TokenizeSettings(max_length=256, chat_template=True)
+    model = build_tiny_llama(tokenizer)
+    example = chat_example(0, "Replace the seal.")
+    overfit_causal(model, tokenizer, [eval_prompt(example, [], " ")], [example["completion"]], settings, steps=120)
+    result = evaluate_examples(model, tokenizer, [example], settings, is_seq2seq=False,
+                               cfg=EvalConfig(max_new_tokens={"instruction_following": 24}, bootstrap_resamples=100))
+    [record] = result.predictions
+    assert record["prediction"] == "Replace the seal."
+    assert record["generated"] == "<think>\n\n</think>\n\nReplace the seal."
+    metrics = result.templates["kettles.chat"]["metrics"]
+    assert metrics["rougeL"]["value"] == 1.0 and metrics["token_f1"]["value"] == 1.0
+    reasoned = chat_example(0, "<think>\nThe seal is worn.\n</think>\n\nReplace the seal.")  # reasoning_content
+    result = evaluate_examples(model, tokenizer, [reasoned], settings, is_seq2seq=False,
+                               cfg=EvalConfig(max_new_tokens={"instruction_following": 24}, bootstrap_resamples=100))
+    assert result.templates["kettles.chat"]["metrics"]["rougeL"]["value"] == 1.0
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("<think>\nTwo and two.\n</think>\n\n4", "4"),
+    ("  <think></think>4", "4"),
+    ("Two and two.\n</think>\n\n4", "4"),  # the generation prompt opened the block
+    ("<think>\nTwo and", ""),  # never closed: no answer reached
+    ("4, not <think> nor </think>", "4, not <think> nor </think>"),
+    ("Replace the seal.", "Replace the seal."),
+])
+def test_final_answer_leaves_out_the_reasoning_block(text, answer):
+    assert final_answer(text) == answer

@@ -9,6 +9,14 @@ For assistant turns at indices i1 < i2 < ... of `messages`, the example is built
                          a template that ends the turn with ordinary text (a plain `role: content` template)
                          gets the tokenizer's EOS inserted after the answer's text, so the model learns to stop
 
+A template that writes something only after the LAST message (Phi-3's `{% else %}{{ eos_token }}`, when no
+generation prompt is asked for) would glue it to every answer, since each turn is rendered as the last one:
+the answer would learn "<|end|>\n</s>" and the next turn's prompt (which has no </s>) would not follow it. Those
+end-of-conversation tokens (`conversation_end`: special or blank tokens the template writes after a final
+assistant turn but not before a following user turn) are left off every turn's rendering, as in the middle
+of a conversation; the answer ends at the template's own end-of-turn token (trl#5526: Phi-3's training
+template's generation span is `content<|end|>`, the EOS outside it).
+
 Every prompt is exactly what the model is sent at inference for that turn, and the labels are the answers
 (`train.loss_on: all_assistant_turns`, the default) or the last one alone (`last_assistant_turn`); system,
 user and tool turns, headers and the whitespace after an end-of-turn token are -100. An assistant turn
@@ -16,8 +24,8 @@ marked `"weight": 0` (the OpenAI fine-tuning format's key; data/leakage.py sets 
 conversation's earlier turn whose prompt is a validation or test prompt) is context only, never labelled;
 so is an assistant turn before the first user turn (a ShareGPT greeting: it has no prompt);
 the key itself never reaches the template. For a prefix-stable
-template the ids equal `apply_chat_template(messages, tokenize=True)` up to the whitespace the template writes
-after the final end-of-turn token.
+template the ids equal `apply_chat_template(messages, tokenize=True)` up to the whitespace (and the
+end-of-conversation tokens) the template writes after the final end-of-turn token.
 
 A template that is NOT prefix-stable (the prompt of a turn does not start with the conversation rendered
 so far, e.g. one that drops the reasoning of earlier assistant turns) gives one example per assistant
@@ -72,6 +80,45 @@ def special_ids(tokenizer: Any) -> set[int]:
         ids = set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
         found = _SPECIAL[id(tokenizer)] = (tokenizer, ids)
     return found[1]
+
+
+_END: dict[int, tuple[Any, list[int]]] = {}
+
+
+def conversation_end(tokenizer: Any) -> list[int]:
+    """The tokens the chat template writes after a final assistant turn but not when a user turn follows it
+    (Phi-3: [EOS]); [] for most templates. Only special or blank tokens count: a template that renders the
+    last turn otherwise (Qwen3's empty <think> block) has no such end. Probed once per tokenizer."""
+    found = _END.get(id(tokenizer))
+    if found is not None and found[0] is tokenizer:
+        return found[1]
+    user, answer = {"role": "user", "content": "zq7 question"}, {"role": "assistant", "content": "zq7 answer"}
+    try:
+        last = list(render(tokenizer, [user, answer], None, False))
+        more = list(render(tokenizer, [user, answer, {"role": "user", "content": "zq7 again"}], None, False))
+    except TemplateError:
+        last, more = [], []
+    k = 0
+    while k < min(len(last), len(more)) and last[k] == more[k]:
+        k += 1
+    end = last[k:]
+    special = special_ids(tokenizer)
+    if not any(t in special for t in end) or any(t not in special and tokenizer.decode([t]).strip() for t in end):
+        end = []
+    _END[id(tokenizer)] = (tokenizer, end)
+    return end
+
+
+def render_turn(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: list[dict] | None,
+                start: int) -> list[int]:
+    """Ids of `messages` (ending with an assistant turn, whose tokens begin at `start`) as the template renders
+    them in the middle of a conversation: less the `conversation_end` tokens, when the turn keeps an
+    end-of-turn token of its own."""
+    ids = list(render(tokenizer, messages, tools, False))
+    end = conversation_end(tokenizer)
+    if end and ids[-len(end):] == end and any(t in special_ids(tokenizer) for t in ids[start:-len(end)]):
+        return ids[:-len(end)]
+    return ids
 
 
 def split_answer(tokenizer: Any, part: list[int]) -> tuple[list[int], list[int]]:
@@ -134,7 +181,7 @@ def _encode(tokenizer: Any, messages: list[dict], tools: list[dict] | None, loss
             raise NotPrefixStable(f"turn {i + 1}")
         labels += [IGNORE_INDEX] * (len(head) - len(ids))
         ids = head
-        full = list(render(tokenizer, messages[:i + 1], tools, False))
+        full = render_turn(tokenizer, messages[:i + 1], tools, len(head))
         if full[:len(head)] != head:
             raise TemplateError(f"{template_name(tokenizer)} renders assistant turn {i + 1} not as a continuation "
                                 "of its generation prompt (add_generation_prompt=True): the turn cannot be "

@@ -1,9 +1,14 @@
 """Reading one chat row: `messages` (role/content) or ShareGPT `conversations` (from/value), and `tools`.
 
     messages        [{role: system|user|assistant|tool, content}, ...]; an assistant turn may carry
-                    `tool_calls` ([{type: function, function: {name, arguments}}], arguments an object or
-                    its JSON text, as OpenAI's API writes it) instead of content, and `weight: 0` (OpenAI's
-                    fine-tuning format: context only, not learned; not on the final turn)
+                    `tool_calls` ([{id, type: function, function: {name, arguments}}], arguments an object
+                    or its JSON text, as OpenAI's API writes it) instead of content (a tool turn's
+                    `tool_call_id` and `name` are kept), `weight: 0` (OpenAI's
+                    fine-tuning format: context only, not learned; not on the final turn) and its reasoning
+                    (`reasoning_content`, or `reasoning`: the fields of DeepSeek's and vLLM's APIs), which
+                    becomes part of the turn's text as "<think>\n{reasoning}\n</think>\n\n{content}": the
+                    form reasoning templates (Qwen3, DeepSeek-R1) read back into their reasoning field and
+                    render as they would the field; any other template shows it as text, so it is learned
     conversations   ShareGPT: [{from, value}, ...] with from = human | gpt | system | function_call |
                     observation (also user, assistant, tool); an optional `system` column is a first
                     system turn. A function_call turn is the assistant calling a tool (its value is the
@@ -72,7 +77,9 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
         if not isinstance(arguments, dict):
             raise _Bad("bad function call", f"{where}: the arguments of function call {name!r} must be a JSON "
                        f"object, got {str(arguments)[:120]}")
-        calls.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+        call_id = item.get("id") if isinstance(item, dict) else None
+        calls.append({**({"id": call_id} if isinstance(call_id, str) and call_id else {}),
+                      "type": "function", "function": {"name": name, "arguments": arguments}})
     if not calls:
         raise _Bad("bad function call", f"{where}: an empty function call")
     return calls
@@ -105,11 +112,15 @@ def _from_messages(value: list, where: str) -> list[dict]:
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         if role == "assistant" and calls and content is None:
             content = ""
+        if role == "assistant" and isinstance(content, str):
+            content = _with_reasoning(message, content, f"{where}: column 'messages': turn {j + 1}")
         if role not in CHAT_ROLES or not isinstance(content, str):
             raise _Bad("bad messages", f"{where}: column 'messages': turn {j + 1} must be "
                        "{role: system|user|assistant|tool, content: text}, "
                        f"got {str(message)[:120]}")
         turn: dict = {"role": role, "content": content}
+        if role == "tool":  # which call it answers, for templates that write it (chat_template.py)
+            turn.update({k: message[k] for k in ("tool_call_id", "name") if isinstance(message.get(k), str)})
         if role == "assistant" and calls:
             turn["tool_calls"] = _tool_calls(calls, f"{where}: column 'messages': turn {j + 1}")
         weight = message.get("weight", 1)
@@ -120,6 +131,21 @@ def _from_messages(value: list, where: str) -> list[dict]:
             turn["weight"] = 0
         turns.append(turn)
     return turns
+
+
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def _with_reasoning(message: dict, content: str, where: str) -> str:
+    """`content` with the turn's reasoning before it as a <think> block (module docstring); as it is without."""
+    found = [(k, message[k]) for k in REASONING_FIELDS if message.get(k) not in (None, "")]
+    if not found:
+        return content
+    key, reasoning = found[0]
+    if not isinstance(reasoning, str) or len(found) > 1 or "</think>" in content:
+        raise _Bad("bad reasoning", f"{where}: {key!r} must be text, alone, and the content must not hold a "
+                   f"<think> block of its own, got {str(reasoning)[:120]}")
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.strip()}" if reasoning.strip() else content
 
 
 def _from_sharegpt(value: list, system: Any, where: str) -> list[dict]:

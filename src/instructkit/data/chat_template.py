@@ -4,11 +4,24 @@
 
     system       a system turn's content appears (Gemma-3 folds it into the first user turn: still yes)
     tools        `apply_chat_template(..., tools=[...])` writes the function specs
-    tool_calls   an assistant turn's `tool_calls` are written
+    tool_calls   an assistant turn's `tool_calls` are written, with their arguments
+    arguments_text  ... only when the arguments are their JSON text (OpenAI's wire form: DeepSeek-V3's
+                 template concatenates them as a string and fails on an object, a template that prints
+                 them as they are writes an object as a Python dict, {'city': 'Paris'}); an object is
+                 passed wherever it renders as such (`| tojson`, `| items`), as most templates expect
+                 (transformers#45419: templates disagree on the form)
+    call_ids     ... only when every call has an `id` (Mistral's template: 9 letters and digits)
+
+A template that renders tools natively gets each tool answer linked to the call it answers (the k-th answer
+after an assistant turn, its k-th call): the answer's `name` (the function's, which templates write with
+the result) and `tool_call_id` are the call's unless the data gives them. Calls without an `id` get
+"call00001", "call00002", ... in the conversation when the template requires ids (vllm#9019: Mistral's
+template refuses other ids), so data without ids (ShareGPT) still gets the template's own format.
     tool_role    a `tool` turn renders (no error, content written)
 
 `adapt_messages` gives the messages and `tools` argument to render. A template with tools, tool_calls and
-the tool role gets the conversation as it is (`tools=` passed through). Any other template gets the
+the tool role gets the conversation as it is (`tools=` passed through; call arguments as their JSON text
+for a template that needs that form). Any other template gets the
 documented plain rendering instead, never silence:
 
     * the function specs go into the system turn (one is added first when there is none) as
@@ -44,6 +57,8 @@ FUNCTION_RESULT = "Function result:\n"
 _PROBE_SYSTEM = "zq7 system probe"
 _PROBE_FUNCTION = "zq7_probe_function"
 _PROBE_TOOL = "zq7 tool probe"
+_PROBE_ARGUMENTS = {"zq7_arg": "zq7 value"}
+_PROBE_ID = "zq7probe1"  # 9 letters and digits, as Mistral's template requires
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,8 @@ class TemplateFeatures:
     tools: bool
     tool_calls: bool
     tool_role: bool
+    arguments_text: bool = False
+    call_ids: bool = False
 
     @property
     def native_tools(self) -> bool:
@@ -97,20 +114,33 @@ def template_features(tokenizer: Any) -> TemplateFeatures:
     user = {"role": "user", "content": "hi"}
     spec = {"type": "function", "function": {"name": _PROBE_FUNCTION, "description": "probe",
                                              "parameters": {"type": "object", "properties": {}}}}
-    call = {"role": "assistant", "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": {}}}]}
 
-    def shows(messages: list[dict], needle: str, tools: list[dict] | None = None) -> bool:
+    def call(arguments: Any, ids: bool = True) -> dict:
+        function = {"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": arguments}}
+        return {"role": "assistant", "content": "", "tool_calls": [{"id": _PROBE_ID, **function} if ids else function]}
+
+    def text(messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            return needle in render(tokenizer, messages, tools, False, tokenize=False)
+            return render(tokenizer, messages, tools, False, tokenize=False)
         except TemplateError:
-            return False
+            return ""
 
+    # An object renders as such when its key and value are written, not as a Python dict ('zq7_arg'); its
+    # JSON text when written once ("zq7_arg"), not JSON-encoded again (\"zq7_arg).
+    as_object = text([user, call(_PROBE_ARGUMENTS)])
+    as_object = _PROBE_FUNCTION in as_object and all(v in as_object for v in ("zq7_arg", "zq7 value")) \
+        and "'zq7_arg'" not in as_object
+    as_text = text([user, call(json.dumps(_PROBE_ARGUMENTS))])
+    as_text = not as_object and '"zq7_arg"' in as_text and '\\"zq7_arg' not in as_text
+    arguments = json.dumps(_PROBE_ARGUMENTS) if as_text else _PROBE_ARGUMENTS
+    answer = {"role": "tool", "content": _PROBE_TOOL, "tool_call_id": _PROBE_ID, "name": _PROBE_FUNCTION}
     found = TemplateFeatures(
-        system=shows([{"role": "system", "content": _PROBE_SYSTEM}, user], _PROBE_SYSTEM),
-        tools=shows([user], _PROBE_FUNCTION, [spec]),
-        tool_calls=shows([user, call], _PROBE_FUNCTION),
-        tool_role=shows([user, call, {"role": "tool", "content": _PROBE_TOOL}], _PROBE_TOOL),
+        system=_PROBE_SYSTEM in text([{"role": "system", "content": _PROBE_SYSTEM}, user]),
+        tools=_PROBE_FUNCTION in text([user], [spec]),
+        tool_calls=as_object or as_text,
+        tool_role=_PROBE_TOOL in text([user, call(arguments), answer]),
+        arguments_text=as_text,
+        call_ids=(as_object or as_text) and _PROBE_FUNCTION not in text([user, call(arguments, ids=False)]),
     )
     _FEATURES[key] = found
     return found
@@ -130,13 +160,14 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     if not uses_tools:
         out = [_plain(m) for m in messages]
         return (out if features.system else _merge_system(out)), None
+    linked = _link_tool_answers([_plain(m) for m in messages], features.call_ids)
     if features.native_tools:
-        return [_plain(m) for m in messages], list(tools) if tools else None
+        return (_arguments_as_text(linked) if features.arguments_text else linked), list(tools) if tools else None
     if _warn_once(tokenizer):
         log.warning("%s does not render tools itself: function specs go into the system turn and tool calls "
                     "are written as JSON (instructkit.data.chat_template)", template_name(tokenizer))
     out = []
-    for m in messages:
+    for m in linked:
         if m["role"] == "assistant" and m.get("tool_calls"):
             out.append({"role": "assistant", "content": message_text(m)})
         elif m["role"] == "tool" and not features.tool_role:
@@ -145,8 +176,8 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
                 out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n{FUNCTION_RESULT}{m['content']}"}
             else:
                 out.append({"role": "user", "content": FUNCTION_RESULT + m["content"]})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
+        else:  # a tool turn keeps the call it answers (`_link_tool_answers`), for templates that write it
+            out.append({k: v for k, v in m.items() if k in ("role", "content", "name", "tool_call_id")})
     if tools:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tools_text(tools)}"}
@@ -158,6 +189,43 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
 def _plain(message: Mapping[str, Any]) -> dict:
     """A copy of `message` without instructkit's training marks ("weight": data/chat_encode.py)."""
     return {k: v for k, v in message.items() if k != "weight"}
+
+
+def _link_tool_answers(messages: list[dict], need_ids: bool) -> list[dict]:
+    """Tool answers with the `name` and `tool_call_id` of the call each answers; calls given ids when the
+    template needs them (module docstring)."""
+    out: list[dict] = []
+    pending: list[dict] = []
+    made = 0
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                if need_ids and not c.get("id"):
+                    made += 1
+                    c = {"id": f"call{made:05d}", **c}
+                calls.append(c)
+            m = {**m, "tool_calls": calls}
+            pending = list(calls)
+        elif m["role"] == "tool" and pending:
+            c = pending.pop(0)
+            link = {"name": c["function"]["name"], **({"tool_call_id": c["id"]} if c.get("id") else {})}
+            m = {**link, **m}
+        out.append(m)
+    return out
+
+
+def _arguments_as_text(messages: list[dict]) -> list[dict]:
+    """`messages` with every tool call's arguments as their JSON text (OpenAI's wire form)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                                  ensure_ascii=False)}}
+                     for c in m["tool_calls"]]
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
 
 
 _WARNED: set[tuple] = set()

@@ -361,7 +361,7 @@ def cache_fingerprint(tokenizer: Any, template_versions: Sequence[str], settings
             "templates": sorted(set(template_versions)),
             "settings": asdict(settings),
             "data": data_digest,
-            "format": 4,  # 2: chat turn by turn; 3: an empty causal prompt is BOS (or EOS); 4: BOS once
+            "format": 7,  # 2: chat by turn; 3: empty prompt BOS; 4: BOS once; 5: no chat-end EOS; 6+: tools
         },
         sort_keys=True,
     )

@@ -29,6 +29,7 @@ from instructkit.evaluate.model_inputs import (
 
 __all__ = [
     "Reference",
+    "final_answer",
     "generate",
     "generate_scoring",
     "map_to_choice",
@@ -247,6 +248,21 @@ _EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}*"
 
 def _norm(text: str) -> str:
     return text.strip().strip(_EDGE_PUNCT).casefold()
+
+
+def final_answer(text: str) -> str:
+    """`text` without the reasoning before its answer: what follows the last "</think>" when the text opens
+    with "<think>" or holds a "</think>" alone (the generation prompt opened the block); "" when a "<think>"
+    block never closes (the answer was never reached). Other text comes back as it is.
+
+    Reasoning templates (Qwen3) write a <think> block, empty or not, before every answer, so a tuned model
+    generates one; scored as it is, ROUGE and token F1 count "think" as answer words and a choice is not
+    found (lighteval#869: remove thinking from all evals; AutoRAG#1133: ROUGE drops on <think> tags).
+    """
+    stripped = text.lstrip()
+    if "</think>" in text and (stripped.startswith("<think>") or "<think>" not in text):
+        return text.rsplit("</think>", 1)[1].strip()
+    return "" if stripped.startswith("<think>") else text
 
 
 def map_to_choice(text: str, choices: Sequence[str]) -> str | None:

@@ -40,7 +40,7 @@ from instructkit.data.tokenize import (
     encode_prompts,
 )
 from instructkit.errors import DataError
-from instructkit.evaluate.generate import Reference, generate_scoring, map_to_choice
+from instructkit.evaluate.generate import Reference, final_answer, generate_scoring, map_to_choice
 from instructkit.evaluate.groups import dataset_of, group_keys
 from instructkit.evaluate.scoring import completion_nll, rank_choices
 from instructkit.progress import ProgressBar
@@ -165,17 +165,18 @@ def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: l
         seed=seed, stop_strings=stop_strings, progress=progress)
     full = encode_prompts(tokenizer, prompts, settings)
     preds, records, unparseable = [], [], 0
-    for i, ex, prompt, text in zip(indices, exs, prompts, texts):
+    for i, ex, prompt, generated in zip(indices, exs, prompts, texts):
+        text = final_answer(generated)  # scored without a reasoning block; predictions.jsonl keeps it
         if classify:
             mapped = map_to_choice(text, ex["choices"])
             unparseable += mapped is None
             pred = text if mapped is None else mapped
             preds.append(pred)
-            records.append(_record(i, ex, prompt, pred, generated=text, correct=mapped == ex["completion"]))
+            records.append(_record(i, ex, prompt, pred, generated=generated, correct=mapped == ex["completion"]))
         else:
             preds.append(text)
-            records.append(_record(i, ex, prompt, text))
-    return _Scored(exs[0]["template_id"], indices, preds, [ex["completion"] for ex in exs],
+            records.append(_record(i, ex, prompt, text, **({"generated": generated} if text != generated else {})))
+    return _Scored(exs[0]["template_id"], indices, preds, [final_answer(ex["completion"]) for ex in exs],
                    _class_labels(exs) if classify else None, records, [len(x) for x in fed],
                    sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable, reference_nll=reference_nll)
 
