@@ -205,10 +205,10 @@ class EvalConfig(Section):
     length_normalized: bool = Field(
         False, description="Rank choices by mean instead of summed log-probability.")
     choice_end: Literal["eos", "none"] = Field(
-        "eos", description="What follows each answer choice in rank classification (evaluation, validation, "
-        "early stopping, best checkpoint): 'eos' scores the end of the answer the model was trained to "
-        "produce (EOS, or the chat template's end-of-turn token), so a choice that is a prefix of another "
-        "(\"1\" of \"10\") can win; 'none' scores the choice text alone, as lm-evaluation-harness's `acc`.")
+        "eos", description="What follows each choice in rank classification (evaluation, validation, early "
+        "stopping): 'eos' scores the end of an answer, so a prefix of another choice (\"1\" of \"10\") can win: "
+        "EOS or the chat end-of-turn token as trained; k-shot, what ends each demonstration's answer, the blank "
+        "line \"\\n\\n\" (with a chat template its end-of-turn token). 'none': the text alone (lm-eval's acc).")
     max_new_tokens: dict[str, int] = Field(
         default_factory=dict, description="Task family -> generation length in tokens, over the defaults "
         "(rating 8, summarization 64, ...).")

@@ -14,7 +14,10 @@ choice followed by the trained end of the answer unless `eval.choice_end: none`;
 others). Each group's metrics, and those of the examples of each task pooled, get bootstrap intervals
 over source rows (`instructkit.evaluate.summary`).
 k-shot demonstrations are drawn and prepended by `instructkit.evaluate.fewshot`; a template with no
-example in the pool (a held-out one) is left out of a k-shot evaluation.
+example in the pool (a held-out one) is left out of a k-shot evaluation. An answer ends there as every
+demonstration's answer does (`fewshot.answer_end`): in a text prompt at "\\n\\n", where generation stops
+and which each ranked choice is scored with instead of EOS; with a chat template (demonstrations are
+earlier turns) and for seq2seq models as trained.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from instructkit.config import EvalConfig, ModelConfig
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import ConfigError, DataError, TemplateError
 from instructkit.evaluate.chat import eval_prompt
-from instructkit.evaluate.fewshot import _demonstrations
+from instructkit.evaluate.fewshot import _demonstrations, answer_end
 from instructkit.evaluate.groups import group_keys
 from instructkit.evaluate.metric_registry import HIGHER_IS_BETTER
 from instructkit.evaluate.summary import (
@@ -131,14 +134,6 @@ def _cap_per_template(examples: Sequence[dict], cap: int | None, seed: int) -> l
 # --------------------------------------------------------------------------------------------------
 
 
-def _demonstration_end(k_shot: int, settings: TokenizeSettings, is_seq2seq: bool) -> tuple[str, ...]:
-    """Where a generated k-shot answer ends: at the "\\n\\n" that ends every demonstration of a text prompt
-    (evaluate/fewshot.py; lm-evaluation-harness's `until`). A base model continues with the next made-up
-    demonstration, which ROUGE and BLEU would score as part of its answer. A chat turn ends at its
-    end-of-turn token and a seq2seq answer at EOS: no cut."""
-    return ("\n\n",) if k_shot and not settings.chat and not is_seq2seq else ()
-
-
 def _model_name(model: Any) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
 
@@ -211,7 +206,7 @@ def evaluate_examples(
         with torch.no_grad():
             scored = _score_templates(model, tokenizer, examples, chosen, prompts, settings, is_seq2seq, cfg,
                                       max_new_tokens_by_task, seed, classify_by, with_perplexity,
-                                      stop_strings=_demonstration_end(k_shot, settings, is_seq2seq))
+                                      answer_end=answer_end(k_shot, settings.chat, is_seq2seq))
     finally:
         model.train(was_training)
 

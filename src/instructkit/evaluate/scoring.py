@@ -36,6 +36,13 @@ answers "10" makes small. `include_eos=False` (`eval.choice_end: none`) scores t
 sum of log-probabilities of the continuation given the context, lm-evaluation-harness's `acc`. With EOS the
 " 1" .. " 5" choices have two tokens of their own (digit, EOS), so they take the second pass below.
 
+k-shot text prompts end the answer differently: every demonstration's answer in the prompt is followed by
+the demonstration separator "\\n\\n", never by EOS, so there the end scored is the separator
+(`demonstration_end`, evaluate/fewshot.py `answer_end`), tokenized as the demonstrations have it
+(`fewshot.demonstration_answer_ids`). A chat template's demonstrations are earlier turns, each closed by
+the end-of-turn token: there, as in zero-shot, the end is that token. `include_eos=False` scores the choice
+text alone whatever the prompt.
+
 Reference completions (`completion_nll`): the summed NLL (nats) of each completion given its prompt,
 encoded exactly as for training, so that perplexity = exp(total / tokens) is the training loss's measure.
 
@@ -59,6 +66,7 @@ from instructkit.data.tokenize import (
     encode_completions,
     encode_prompts,
 )
+from instructkit.evaluate.fewshot import demonstration_answer_ids
 from instructkit.evaluate.model_inputs import (
     ROW_GROWTH,
     index_chunks,
@@ -129,15 +137,30 @@ class _RankItem:
     truncated: bool
 
 
+def _choice_ids(tokenizer: Any, choices: list[str], prompts: list[str], settings: TokenizeSettings,
+                include_eos: bool, demonstration_end: str | None) -> list[list[int]]:
+    """Each choice's tokens: `separator + choice`, then the end of the answer when `include_eos`: EOS or the
+    chat end-of-turn token as trained, or `demonstration_end` tokenized as the prompt's demonstrations have
+    it (module docstring)."""
+    if not include_eos or demonstration_end is None:
+        return encode_completions(tokenizer, choices, settings, prompts, add_eos=include_eos)
+    if settings.chat or settings.seq2seq:
+        raise ValueError("demonstration_end is the end of an answer in a text prompt of a causal model; a chat "
+                         "or seq2seq answer ends with its end-of-turn token or EOS")
+    return demonstration_answer_ids(tokenizer, [settings.separator + c for c in choices], demonstration_end,
+                                    prompts)
+
+
 def _rank_items(tokenizer: Any, prompts: Sequence[str], choices_per_prompt: Sequence[Sequence[str]],
-                settings: TokenizeSettings, include_eos: bool) -> list[_RankItem]:
+                settings: TokenizeSettings, include_eos: bool,
+                demonstration_end: str | None = None) -> list[_RankItem]:
     """Tokenize prompts once and every choice once; cut each prompt to fit its longest choice."""
     if len(prompts) != len(choices_per_prompt):
         raise ValueError(f"{len(prompts)} prompts but {len(choices_per_prompt)} choice lists")
     prompt_ids = encode_prompts(tokenizer, prompts, settings)
     flat_choices = [c for choices in choices_per_prompt for c in choices]
     flat_prompts = [p for p, choices in zip(prompts, choices_per_prompt) for _ in choices]
-    flat_ids = encode_completions(tokenizer, flat_choices, settings, flat_prompts, add_eos=include_eos)
+    flat_ids = _choice_ids(tokenizer, flat_choices, flat_prompts, settings, include_eos, demonstration_end)
     items, start = [], 0
     for i, (ids, choices) in enumerate(zip(prompt_ids, choices_per_prompt)):
         if not choices:
@@ -264,6 +287,7 @@ def rank_choices(
     batch_size: int = 16,
     length_normalized: bool = False,
     include_eos: bool = True,
+    demonstration_end: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ChoiceScores]:
     """Score every choice of every prompt by its log-probability; the prompt is encoded once per example.
@@ -275,14 +299,16 @@ def rank_choices(
     Returns one `ChoiceScores` per prompt, in the order given (log-probabilities in nats).
     `include_eos` (default True): score each choice followed by the end of the answer as trained (EOS, or the
     chat end-of-turn token; see the module docstring); False scores the choice text alone (lm-eval's `acc`).
+    `demonstration_end` (k-shot text prompts: `fewshot.answer_end`, "\\n\\n"): the end scored instead of
+    EOS, what follows every demonstration's answer in the prompt; ignored when `include_eos` is False.
     `progress(n)` is called after each batch of n prompts (a progress display).
 
     Raises: ValueError when `prompts` and `choices_per_prompt` differ in length, an example has no choices
-    or a choice with no tokens, a choice leaves no room for the prompt within `settings.max_length`, or the
-    tokenizer has neither a pad nor an EOS token.
+    or a choice with no tokens, a choice leaves no room for the prompt within `settings.max_length`, the
+    tokenizer has neither a pad nor an EOS token, or `demonstration_end` is given for a chat or seq2seq model.
     """
     settings = settings_for_model(settings, is_seq2seq)
-    items = _rank_items(tokenizer, prompts, choices_per_prompt, settings, include_eos)
+    items = _rank_items(tokenizer, prompts, choices_per_prompt, settings, include_eos, demonstration_end)
     pad_id = tokenizer_pad_id(tokenizer)
     score_batch = _score_seq2seq if is_seq2seq else _score_causal
     sums: list[list[float]] = [[] for _ in items]

@@ -4,18 +4,19 @@ How each template is scored (examples are grouped by dataset and `template_id`, 
 `instructkit.evaluate.groups`):
 
 * a template whose examples carry `choices` -> rank classification: every choice scored by its summed
-  log-probability (mean per token with `cfg.length_normalized`), followed by the end of the answer as
-  trained (EOS or the chat end-of-turn token) unless `cfg.choice_end` is "none"; the prediction is the best
-  choice's text.
+  log-probability (mean per token with `cfg.length_normalized`), followed by the end of the answer unless
+  `cfg.choice_end` is "none": as trained (EOS or the chat end-of-turn token), or in k-shot text prompts
+  what follows every demonstration's answer, "\\n\\n" (`answer_end`, evaluate/fewshot.py); the prediction is
+  the best choice's text.
 * any other template -> greedy generation (beam / sampling per `cfg`), `max_new_tokens` by task family
   (`DEFAULT_MAX_NEW_TOKENS`, overridden by `cfg.max_new_tokens`, then by the `max_new_tokens_by_task`
-  argument).
+  argument); a k-shot answer ends before the same `answer_end`.
 * `classify_by="generate"` scores choice templates by generation instead, mapping the answer to a choice
   with `map_to_choice`; answers that name no choice count as wrong and are reported as `unparseable`.
 
 Perplexity, when asked for, is that of the reference completions (+ EOS, as trained) given the prompts.
-A rank-scored example whose reference is one of its choices, scored with the end of the answer and with
-its whole prompt (not cut), already has it: the reference choice's summed log-probability is the same
+A rank-scored example whose reference is one of its choices, scored with EOS (or the end-of-turn token) and
+with its whole prompt (not cut), already has it: the reference choice's summed log-probability is the same
 tokens (prompt, separator + completion + EOS) as the training encoding, so its NLL is reused and only
 the other examples go through `completion_nll` (a second forward pass over the whole template otherwise;
 equal within float32 summation order, tested). Likewise a generated example whose prompt is fed whole
@@ -111,23 +112,24 @@ def _class_labels(exs: Sequence[dict]) -> list[str]:
 
 def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[int], prompts: list[str],
                    settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig,
-                   progress: Callable[[int], None] | None = None) -> _Scored:
+                   progress: Callable[[int], None] | None = None, answer_end: str | None = None) -> _Scored:
     try:
         scores = rank_choices(model, tokenizer, prompts, [ex["choices"] for ex in exs], settings,
                               is_seq2seq=is_seq2seq, batch_size=cfg.batch_size,
                               length_normalized=cfg.length_normalized, include_eos=cfg.choice_end == "eos",
-                              progress=progress)
+                              demonstration_end=answer_end, progress=progress)
     except ValueError as exc:  # a choice too long for max_length, an empty choice list
         # "example 3" counts within this template's batch: name the example of the input instead.
         message = re.sub(r"example (\d+)", lambda m: f"example {indices[int(m.group(1))] + 1}", str(exc))
         raise DataError(f"template {exs[0]['template_id']!r}: {message}") from None
+    trained_end = cfg.choice_end == "eos" and answer_end is None  # the choice ends as in the training encoding
     preds, records, reference_nll = [], [], []
     for i, ex, prompt, s in zip(indices, exs, prompts, scores):
         pred = ex["choices"][s.predicted]
         preds.append(pred)
         records.append(_record(i, ex, prompt, pred, correct=pred == ex["completion"],
                                choice_logprobs=dict(zip(ex["choices"], s.logprobs))))
-        if cfg.choice_end == "eos" and not s.truncated and ex["completion"] in ex["choices"]:
+        if trained_end and not s.truncated and ex["completion"] in ex["choices"]:
             j = ex["choices"].index(ex["completion"])
             reference_nll.append((-s.logprobs[j], s.n_tokens[j]))
         else:
@@ -206,9 +208,10 @@ def _max_new_tokens(task: str, cfg: EvalConfig, override: dict[str, int] | None)
 def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chosen: list[int],
                      prompts: dict[int, str], settings: TokenizeSettings, is_seq2seq: bool, cfg: EvalConfig,
                      max_new_tokens_by_task: dict[str, int] | None, seed: int, classify_by: str,
-                     with_perplexity: bool, stop_strings: Sequence[str] = ()) -> dict[str, _Scored]:
+                     with_perplexity: bool, answer_end: str | None = None) -> dict[str, _Scored]:
     """Score the chosen examples, (dataset, template) group by group (in first-seen order), keyed by
-    `instructkit.evaluate.groups.group_keys`; generated answers end before any of `stop_strings`."""
+    `instructkit.evaluate.groups.group_keys`. `answer_end` (k-shot text prompts, `fewshot.answer_end`):
+    generated answers end before it and ranked choices are scored followed by it instead of EOS."""
     by_template: dict[str, list[int]] = {}
     for i, key in zip(chosen, group_keys([examples[i] for i in chosen])):
         by_template.setdefault(key, []).append(i)
@@ -224,12 +227,13 @@ def _score_templates(model: Any, tokenizer: Any, examples: Sequence[dict], chose
                         "rank" if has_choices and classify_by == "rank" else "generation")
             bar.update(info=tid)
             if has_choices and classify_by == "rank":
-                result = _score_by_rank(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg, tick)
+                result = _score_by_rank(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg, tick,
+                                        answer_end)
             else:
                 result = _score_by_generation(model, tokenizer, exs, indices, texts, settings, is_seq2seq, cfg,
                                               _max_new_tokens(exs[0]["task"], cfg, max_new_tokens_by_task), seed,
                                               classify=has_choices, progress=tick, with_perplexity=with_perplexity,
-                                              stop_strings=stop_strings)
+                                              stop_strings=(answer_end,) if answer_end else ())
             if with_perplexity:
                 result.nll = _reference_nll(model, tokenizer, exs, texts, result.reference_nll, settings,
                                             is_seq2seq, cfg.batch_size)
