@@ -265,3 +265,95 @@ def test_a_tool_answer_gets_the_name_of_the_call_it_answers():
     text = tokenizer.decode(encoded.input_ids)
     assert "<tool_response>get_weather: 21</tool_response>" in text
     assert "<tool_response>get_time: noon</tool_response>" in text
+
+
+# OpenAI's tool-call ids ("call_" + 24 letters and digits), which Mistral's template refuses, and the
+# 9-character digests they are replaced by (blake2b in base 36: the same in every run, whatever the hash seed).
+PARIS_ID, ROME_ID = "call_Vq3bN8xZkT2mLp4RwY7dHc1F", "call_Jf6sA0uEoG9iKx2QyB5nMr8W"
+PARIS_SHORT, ROME_SHORT = "zofuejcg0", "3zg1p9ogp"
+ROME = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}
+
+
+def openai_conversation(paris_id: str, rome_id: str) -> list[dict]:
+    """Two parallel calls with their ids, each answered with its `tool_call_id` (OpenAI's chat format)."""
+    return [CONVERSATION[0], {"role": "assistant", "content": "",
+                              "tool_calls": [{"id": paris_id, **CALL}, {"id": rome_id, **ROME}]},
+            {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": paris_id, "name": "get_weather"},
+            {"role": "tool", "content": '{"temperature": 25}', "tool_call_id": rome_id, "name": "get_weather"},
+            {"role": "assistant", "content": "21 degrees in Paris, 25 in Rome."}]
+
+
+def test_call_ids_the_template_refuses_are_replaced_by_ones_it_accepts(caplog, monkeypatch):
+    """vllm#9019: Mistral's template raises unless every id is 9 letters and digits, so an OpenAI-format tool
+    dataset (ids "call_" + 24 characters) stopped training at its first example. Each id is replaced by a
+    9-character digest of it, the same in the call and its answer, distinct for distinct calls; the ids are
+    apply_chat_template's on the conversation with those ids, in training and in evaluation prompts."""
+    from collections import Counter
+
+    from instructkit.data import chat_template
+    from instructkit.data.chat_encode import prompt_ids
+    from instructkit.data.chat_rows import parse_chat
+    from instructkit.data.chat_template import short_call_id, template_name
+
+    assert (short_call_id(PARIS_ID), short_call_id(ROME_ID)) == (PARIS_SHORT, ROME_SHORT)
+    monkeypatch.setattr(chat_template, "_WARNED", set())  # whichever test warned first
+    tokenizer = tiny_with_template(MISTRAL_TOOLS_TEMPLATE, *MISTRAL_SPECIAL)
+    assert template_features(tokenizer).call_ids
+    data = openai_conversation(PARIS_ID, ROME_ID)
+    wire = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"][
+        "arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in data]
+    turns, tools = parse_chat({"messages": wire, "tools": TOOLS}, "chat.jsonl: line 1", Counter())
+    with caplog.at_level("WARNING", logger="instructkit.data.chat_template"):
+        [encoded] = encode_conversation(tokenizer, turns, tools, max_length=4096, source="chat.jsonl: line 1")
+        [again] = encode_conversation(tokenizer, turns, tools, max_length=4096, source="chat.jsonl: line 1")
+    expected = openai_conversation(PARIS_SHORT, ROME_SHORT)
+    assert encoded.input_ids == again.input_ids == render_ids(tokenizer, expected, tools=TOOLS)
+    text = tokenizer.decode(encoded.input_ids)
+    for short, answer in ((PARIS_SHORT, 21), (ROME_SHORT, 25)):
+        assert f'"id": "{short}"}}' in text
+        assert f'[TOOL_RESULTS] {{"content": {{"temperature": {answer}}}, "call_id": "{short}"}}' in text
+    warned = [r.getMessage() for r in caplog.records if "ids" in r.getMessage()]
+    assert len(warned) == 1 and template_name(tokenizer) in warned[0] and "digest" in warned[0]
+    # Evaluation and generation prompts: the same ids.
+    ids, _ = prompt_ids(tokenizer, turns[:-1], tools)
+    assert ids == render_ids(tokenizer, expected[:-1], tools=TOOLS, add_generation_prompt=True)
+
+
+def test_call_ids_the_template_accepts_are_kept():
+    """An id of the form the template renders stays as the data has it, beside one replaced."""
+    tokenizer = tiny_with_template(MISTRAL_TOOLS_TEMPLATE, *MISTRAL_SPECIAL)
+    for paris in ("abcDEF123", PARIS_ID):
+        [encoded] = encode_conversation(tokenizer, openai_conversation(paris, "XyZ987abc"), TOOLS, max_length=4096)
+        expected = openai_conversation(PARIS_SHORT if paris == PARIS_ID else paris, "XyZ987abc")
+        assert encoded.input_ids == render_ids(tokenizer, expected, tools=TOOLS)
+
+
+def test_replaced_call_ids_that_collide_stay_distinct(monkeypatch):
+    """Two ids whose digests coincide: the later one (in order of appearance) takes its next digest."""
+    from instructkit.data import chat_template
+
+    digest = chat_template.short_call_id
+    monkeypatch.setattr(chat_template, "short_call_id", lambda i, salt=0: "same00000" if salt == 0 else digest(i, salt))
+    tokenizer = tiny_with_template(MISTRAL_TOOLS_TEMPLATE, *MISTRAL_SPECIAL)
+    [encoded] = encode_conversation(tokenizer, openai_conversation(PARIS_ID, ROME_ID), TOOLS, max_length=4096)
+    expected = openai_conversation("same00000", digest(ROME_ID, 1))
+    assert encoded.input_ids == render_ids(tokenizer, expected, tools=TOOLS)
+
+
+def test_a_template_error_besides_the_ids_still_names_the_example():
+    """A conversation the template refuses for another reason (two user turns in a row) is not trained with
+    replaced ids: the template's own error, naming the example."""
+    from instructkit.errors import TemplateError
+
+    alternating = MISTRAL_TOOLS_TEMPLATE.replace(
+        "{%- if message['role'] == 'user' -%}",
+        "{%- if message['role'] == 'user' and loop.previtem is defined and loop.previtem['role'] == 'user' -%}"
+        "{{ raise_exception('Conversation roles must alternate') }}{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}", 1)
+    tokenizer = tiny_with_template(alternating, *MISTRAL_SPECIAL)
+    assert template_features(tokenizer).call_ids
+    conversation = openai_conversation(PARIS_ID, ROME_ID)
+    assert encode_conversation(tokenizer, conversation, TOOLS, max_length=4096)[0] is not None  # alternating
+    with pytest.raises(TemplateError, match=r"chat\.jsonl: line 7: .*roles must alternate"):
+        encode_conversation(tokenizer, [{"role": "user", "content": "Hello."}, *conversation], TOOLS,
+                            max_length=4096, source="chat.jsonl: line 7")

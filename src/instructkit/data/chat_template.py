@@ -16,7 +16,12 @@ A template that renders tools natively gets each tool answer linked to the call 
 after an assistant turn, its k-th call): the answer's `name` (the function's, which templates write with
 the result) and `tool_call_id` are the call's unless the data gives them. Calls without an `id` get
 "call00001", "call00002", ... in the conversation when the template requires ids (vllm#9019: Mistral's
-template refuses other ids), so data without ids (ShareGPT) still gets the template's own format.
+template refuses other ids), so data without ids (ShareGPT) still gets the template's own format. Data whose
+ids such a template refuses (OpenAI's "call_" + 24 characters, for Mistral's) gets, in every path that renders
+a conversation, each id not of the probe's form (9 letters and digits) replaced by a 9-character base-36
+digest of it (`call_ids_for`), the same in a call and in its answers, distinct ids staying distinct, so the
+same data always gives the same tokens; logged once per template. The data's ids are kept wherever the
+template renders them; a conversation that fails with the replaced ids too fails for another reason.
     tool_role    a `tool` turn renders (no error, content written)
 
 `adapt_messages` gives the messages and `tools` argument to render. A template with tools, tool_calls and
@@ -38,8 +43,10 @@ documented plain rendering instead, never silence:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +66,8 @@ _PROBE_FUNCTION = "zq7_probe_function"
 _PROBE_TOOL = "zq7 tool probe"
 _PROBE_ARGUMENTS = {"zq7_arg": "zq7 value"}
 _PROBE_ID = "zq7probe1"  # 9 letters and digits, as Mistral's template requires
+_ID_FORM = re.compile(r"[A-Za-z0-9]{9}")  # the form of _PROBE_ID: ids a template with `call_ids` renders
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True)
@@ -162,8 +171,10 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         return (out if features.system else _merge_system(out)), None
     linked = _link_tool_answers([_plain(m) for m in messages], features.call_ids)
     if features.native_tools:
-        return (_arguments_as_text(linked) if features.arguments_text else linked), list(tools) if tools else None
-    if _warn_once(tokenizer):
+        out = _arguments_as_text(linked) if features.arguments_text else linked
+        tools_arg = list(tools) if tools else None
+        return (call_ids_for(tokenizer, out, tools_arg) if features.call_ids else out), tools_arg
+    if _warn_once(tokenizer, "tools"):
         log.warning("%s does not render tools itself: function specs go into the system turn and tool calls "
                     "are written as JSON (instructkit.data.chat_template)", template_name(tokenizer))
     out = []
@@ -183,7 +194,74 @@ def adapt_messages(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{tools_text(tools)}"}
         else:
             out.insert(0, {"role": "system", "content": tools_text(tools)})
-    return (out if features.system else _merge_system(out)), None
+    out = out if features.system else _merge_system(out)
+    return (call_ids_for(tokenizer, out, None) if features.call_ids else out), None
+
+
+def call_ids_for(tokenizer: Any, messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """`messages` (adapted to a template that requires call ids) with ids the template renders: the data's
+    when it renders them, else each id not of the probe's form replaced by `short_call_id` of it in every
+    call and tool answer (module docstring). A conversation the template refuses with the replaced ids too
+    comes back with them, so that rendering it raises the template's other fault."""
+    ids = list(dict.fromkeys(str(i) for i in _ids_in(messages)))
+    if all(_ID_FORM.fullmatch(i) for i in ids):
+        return messages
+    try:
+        render(tokenizer, messages, tools, False, tokenize=False)
+        return messages
+    except TemplateError:
+        pass
+    used = {i for i in ids if _ID_FORM.fullmatch(i)}
+    new: dict[str, str] = {}
+    for i in ids:
+        if i not in used:
+            salt = 0
+            while (short := short_call_id(i, salt)) in used:  # a collision: the next digest, in order of appearance
+                salt += 1
+            new[i] = short
+            used.add(short)
+    replaced = [_with_ids(m, new) for m in messages]
+    try:
+        render(tokenizer, replaced, tools, False, tokenize=False)
+    except TemplateError:
+        return replaced
+    if _warn_once(tokenizer, "call ids"):
+        log.warning("%s refuses the tool-call ids of the data (it renders ids of 9 letters and digits): the ids it "
+                    "refuses are replaced by a 9-character digest of each, in every call and its tool answers "
+                    "(instructkit.data.chat_template)", template_name(tokenizer))
+    return replaced
+
+
+def short_call_id(call_id: str, salt: int = 0) -> str:
+    """9 letters and digits (base 36) digested from `call_id` (and `salt`, > 0 after a collision)."""
+    data = (call_id if salt == 0 else f"{salt}:{call_id}").encode("utf-8", "surrogatepass")
+    n = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    digits = []
+    for _ in range(9):
+        n, r = divmod(n, 36)
+        digits.append(_DIGITS[r])
+    return "".join(digits)
+
+
+def _ids_in(messages: list[dict]) -> list[Any]:
+    """The call ids of `messages` in order of appearance: each call's `id`, each tool answer's `tool_call_id`."""
+    found = []
+    for m in messages:
+        found += [c["id"] for c in m.get("tool_calls") or () if c.get("id") is not None]
+        if m["role"] == "tool" and m.get("tool_call_id") is not None:
+            found.append(m["tool_call_id"])
+    return found
+
+
+def _with_ids(message: dict, new: dict[str, str]) -> dict:
+    """`message` with its calls' ids and its `tool_call_id` replaced as `new` maps them (by their text)."""
+    if message.get("tool_calls"):
+        calls = [{**c, "id": new.get(str(c["id"]), c["id"])} if c.get("id") is not None else c
+                 for c in message["tool_calls"]]
+        message = {**message, "tool_calls": calls}
+    if message["role"] == "tool" and message.get("tool_call_id") is not None:
+        message = {**message, "tool_call_id": new.get(str(message["tool_call_id"]), message["tool_call_id"])}
+    return message
 
 
 def _plain(message: Mapping[str, Any]) -> dict:
@@ -231,8 +309,8 @@ def _arguments_as_text(messages: list[dict]) -> list[dict]:
 _WARNED: set[tuple] = set()
 
 
-def _warn_once(tokenizer: Any) -> bool:
-    key = (tokenizer.chat_template,)
+def _warn_once(tokenizer: Any, what: str) -> bool:
+    key = (tokenizer.chat_template, what)
     if key in _WARNED:
         return False
     _WARNED.add(key)
