@@ -42,6 +42,7 @@ LINE_CODECS_EXCLUDED = ("utf-16", "utf-32")
 """Encodings whose line ends are not the byte 0x0a: such files are decoded whole."""
 
 Chunks = Callable[[], Iterator[Table]]
+_AFTER_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
 
 
 def line_safe(encoding: str) -> bool:
@@ -53,8 +54,10 @@ def line_safe(encoding: str) -> bool:
     return not name.startswith(LINE_CODECS_EXCLUDED)
 
 
-def text_lines(path: Path, encoding: str) -> Iterator[str]:
-    """The decoded lines of a text file (with their line ends), a `.gz` decompressed on the fly.
+def text_lines(path: Path, encoding: str, lone_cr: bool = False) -> Iterator[str]:
+    """The decoded lines of a text file (with their line ends), a `.gz` decompressed on the fly. With `lone_cr`
+    a carriage return not followed by a line feed ends a line too (classic Mac files, a CR inside a quoted
+    CSV field), as `io.StringIO(text, newline="")` splits the whole text for the csv module.
 
     Raises: DataError as `decode_text` does (the line, byte offset and byte of the line of a bad byte),
     for a missing or unreadable file, or an empty one.
@@ -77,7 +80,10 @@ def text_lines(path: Path, encoding: str) -> Iterator[str]:
                 text = text.removeprefix("\ufeff")
             offset += len(raw)
             any_text = any_text or not text.isspace() and bool(text)
-            yield text
+            if lone_cr and "\r" in text and text.count("\r") != text.endswith("\r\n"):
+                yield from (part for part in _AFTER_LONE_CR.split(text) if part)
+            else:
+                yield text
     if not any_text:
         raise DataError(f"{path}: the file is empty")
 
@@ -103,8 +109,8 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
             yield table
             return
         lines: object = text.split("\n") if fmt == "jsonl" else __import__("io").StringIO(text, newline="")
-    else:
-        lines = text_lines(path, encoding)
+    else:  # JSON lines end at a line feed only, as parse_jsonl splits them
+        lines = text_lines(path, encoding, lone_cr=fmt != "jsonl")
     if fmt == "jsonl":
         yield from iter_jsonl_rows(lines, str(path), problems, chunk_rows)  # type: ignore[arg-type]
     else:

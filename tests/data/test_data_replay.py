@@ -1,0 +1,89 @@
+"""Other tools' public data-loading bug reports, replayed against instructkit (one section per report).
+
+Every input is prepared in memory and streamed (`split.streaming: on`, chunks of 3 rows): the two must write
+the same files byte for byte, or fail with the same message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from instructkit.config import DatasetConfig, RunConfig, SplitConfig
+from instructkit.data import stream_build
+from instructkit.data.build import prepare
+from instructkit.errors import InstructkitError
+
+SPLITS = ("train", "validation", "test")
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(stream_build, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(stream_build, "BUCKET_LINES", 5)
+
+
+def _config(datasets: list[dict], **kw) -> RunConfig:
+    split = {"validation": 0.2, "test": 0.2, **kw.pop("split", {})}
+    return RunConfig(name="replay", datasets=[DatasetConfig(**d) for d in datasets], split=SplitConfig(**split), **kw)
+
+
+def prepare_both(tmp_path: Path, datasets: list[dict], **kw) -> dict[str, list[dict]]:
+    """The examples of each split, after checking that both paths wrote the same bytes."""
+    written = {}
+    for mode in ("off", "on"):
+        config = _config(datasets, **kw)
+        config = config.model_copy(update={"split": config.split.model_copy(update={"streaming": mode})})
+        out = tmp_path / f"prepared-{mode}"
+        prepare(config, out)
+        written[mode] = {s: (out / f"{s}.jsonl").read_bytes() for s in SPLITS}
+    assert written["off"] == written["on"]
+    return {s: [json.loads(line) for line in written["off"][s].splitlines()] for s in SPLITS}
+
+
+def error_of_both(tmp_path: Path, datasets: list[dict], **kw) -> str:
+    """The message both paths fail with (the same one)."""
+    messages = []
+    for mode in ("off", "on"):
+        config = _config(datasets, **kw)
+        config = config.model_copy(update={"split": config.split.model_copy(update={"streaming": mode})})
+        with pytest.raises(InstructkitError) as caught:
+            prepare(config, tmp_path / f"prepared-{mode}")
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    return messages[0]
+
+
+def _sst2(path: Path, **kw) -> list[dict]:
+    return [{"path": str(path), "schema": "sst2", "templates": ["sst2.sentiment_with_options"], **kw}]
+
+
+SST2_ROWS = [(i % 2, f"{'good' if i % 2 else 'bad'} film number {i}") for i in range(20)]
+
+
+# --------------------------------------------------------------------------------------------------
+# huggingface/datasets#622: a file whose lines end with a lone carriage return (classic Mac, some Excel
+# exports) or holds one inside a quoted field. The in-memory reader split lines at CR (io.StringIO, newline="")
+# but the streamed reader only at LF: `split.streaming: on` failed with "new-line character seen in unquoted
+# field" on a file the in-memory path read.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_csv_with_lone_carriage_returns_reads_alike_in_memory_and_streamed(tmp_path):
+    body = "".join(f'{label},"{text}"\r' for label, text in SST2_ROWS)
+    body = body.replace("number 3", "number\r3")  # a lone CR inside a quoted field stays in the text
+    path = tmp_path / "mac.csv"
+    path.write_bytes(("label,sentence\r" + body).encode())
+    examples = prepare_both(tmp_path, _sst2(path))
+    assert sum(len(v) for v in examples.values()) == 20
+    prompts = [e["prompt"] for split in examples.values() for e in split]
+    assert any("number\r3" in p for p in prompts)
+
+
+def test_a_ragged_row_after_lone_carriage_returns_is_named_by_the_same_line(tmp_path):
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b'label,sentence\r1,"a\rb"\r0,fine\r1,one,too many\r0,ok\r')
+    message = error_of_both(tmp_path, _sst2(path))
+    assert "mac.csv: line 5: 3 fields, but the header (line 1) has 2" in message
