@@ -87,3 +87,28 @@ def test_a_ragged_row_after_lone_carriage_returns_is_named_by_the_same_line(tmp_
     path.write_bytes(b'label,sentence\r1,"a\rb"\r0,fine\r1,one,too many\r0,ok\r')
     message = error_of_both(tmp_path, _sst2(path))
     assert "mac.csv: line 5: 3 fields, but the header (line 1) has 2" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# pandas-dev/pandas#4793: a UTF-8 byte-order mark glued to the first column name. With `encoding: utf-8`
+# it was dropped, but with another declared encoding (cp1252, latin-1) it was decoded as "ï»¿label"; and
+# with utf-8, a bad byte in such a file was named by its position after the BOM, in memory only ("byte 0x63
+# at byte offset 27" for the 0xe9 at offset 30).
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "latin-1", "utf-8-sig"])
+def test_a_utf8_bom_is_dropped_whatever_encoding_is_declared(tmp_path, encoding):
+    text = "label,sentence\r\n" + "".join(f'{label},"{text} caf\u00e9"\r\n' for label, text in SST2_ROWS)
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8" if encoding == "utf-8-sig" else encoding))
+    examples = prepare_both(tmp_path, _sst2(path, encoding=encoding))
+    prompts = [e["prompt"] for split in examples.values() for e in split]
+    assert len(prompts) == 20 and all("caf\u00e9" in p for p in prompts)
+
+
+def test_a_bad_byte_after_a_bom_is_named_by_its_place_in_the_file(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_bytes(b"\xef\xbb\xbflabel,sentence\n1,good\n0,caf\xe9\n")
+    message = error_of_both(tmp_path, _sst2(path))
+    assert "b.csv: line 3: not valid utf-8 text: byte 0xe9 at byte offset 30 (byte 6 of the line)" in message

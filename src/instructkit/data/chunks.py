@@ -25,11 +25,13 @@ from pathlib import Path
 
 from instructkit.data.readers_text import (
     NotStreamable,
+    bom_bytes,
     decode_text,
     iter_delimited,
     iter_json_array,
     iter_jsonl_rows,
     parse_json,
+    text_codec,
     undecodable,
 )
 from instructkit.data.table import Problems, Table
@@ -64,16 +66,16 @@ def text_lines(path: Path, encoding: str, lone_cr: bool = False) -> Iterator[str
     """
     from instructkit.data.readers import open_binary
 
-    codec = codecs.lookup(encoding).name
-    decode = codecs.getdecoder("utf-8" if codec == "utf-8" else encoding)
+    decode = codecs.getdecoder(text_codec(encoding))
     offset, any_text = 0, False
     with open_binary(path) as handle:
         for lineno, raw in enumerate(handle, 1):
+            skip = bom_bytes(raw, encoding) if lineno == 1 else 0
             try:
-                text = decode(raw)[0]
+                text = decode(raw[skip:] if skip else raw)[0]
             except UnicodeDecodeError as exc:
-                raise undecodable(path, encoding, lineno, raw[exc.start], offset + exc.start,
-                                  exc.start + 1) from None
+                start = skip + exc.start
+                raise undecodable(path, encoding, lineno, raw[start], offset + start, start + 1) from None
             except (OSError, EOFError) as exc:  # a damaged gzip stream
                 raise DataError(f"{path}: not a valid gzip file ({exc})") from None
             if lineno == 1:

@@ -35,23 +35,39 @@ def undecodable(path: Path | str, encoding: str, line: int, byte: int, offset: i
                      "(e.g. latin-1 or cp1252)")
 
 
+def bom_bytes(head: bytes, encoding: str) -> int:
+    """How many bytes of a UTF-8 byte-order mark start `head` and are dropped before decoding: 3 whatever
+    `encoding:` says (a cp1252 or latin-1 reading would glue "ï»¿" to the first column name), 0 without one
+    or for UTF-16/32, whose own BOM their codec reads."""
+    if not head.startswith(codecs.BOM_UTF8) or codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        return 0
+    return len(codecs.BOM_UTF8)
+
+
+def text_codec(encoding: str) -> str:
+    """The codec that decodes text after `bom_bytes`: utf-8 for utf-8 and utf-8-sig, else `encoding`."""
+    return "utf-8" if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig") else encoding
+
+
 def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
     """Decode `data`, dropping a byte-order mark; an undecodable byte is named by offset and line.
 
     Raises: DataError when the encoding is unknown, a byte does not decode, or the text is empty.
     """
     try:
-        codec = codecs.lookup(encoding).name
+        codecs.lookup(encoding)
     except LookupError:
         raise DataError(
             f"{path}: unknown text encoding {encoding!r} (set `encoding:`, e.g. utf-8 or latin-1)"
         ) from None
+    skip = bom_bytes(data, encoding)
     try:
-        text = data.decode("utf-8-sig" if codec == "utf-8" else encoding)
+        text = data[skip:].decode(text_codec(encoding))
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise undecodable(path, encoding, line, data[exc.start], exc.start, column) from None
+        start = skip + exc.start  # positions in the file, the BOM counted
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise undecodable(path, encoding, line, data[start], start, column) from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
