@@ -112,3 +112,43 @@ def test_a_bad_byte_after_a_bom_is_named_by_its_place_in_the_file(tmp_path):
     path.write_bytes(b"\xef\xbb\xbflabel,sentence\n1,good\n0,caf\xe9\n")
     message = error_of_both(tmp_path, _sst2(path))
     assert "b.csv: line 3: not valid utf-8 text: byte 0xe9 at byte offset 30 (byte 6 of the line)" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# huggingface/datasets#4963 (and #6891): JSON lines vs a JSON array. A .json file of JSON lines was read,
+# but a .jsonl file holding one array (`json.dump(rows, f)`, pretty-printed or not) failed: "line 1: malformed
+# JSON at column 2" in memory and "column 1" streamed (a streamed line kept its "\n").
+# --------------------------------------------------------------------------------------------------
+
+QA = [{"prompt": f"Question {i}?", "completion": f"Answer number {i}"} for i in range(20)]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_jsonl_file_holding_one_json_array_is_read_as_the_array(tmp_path, indent):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n" + json.dumps(QA, indent=indent) + "\n", encoding="utf-8")
+    examples = prepare_both(tmp_path, [{"path": str(path)}])
+    assert sorted(e["prompt"] for split in examples.values() for e in split) == sorted(r["prompt"] for r in QA)
+
+
+def test_a_jsonl_array_with_a_non_object_names_its_record(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps([*QA[:4], "oops", *QA[4:]]), encoding="utf-8")
+    assert "rows.jsonl: record 5: expected an object, found str" in error_of_both(tmp_path, [{"path": str(path)}])
+
+
+def test_json_lines_that_are_not_one_array_are_still_read_line_by_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('["a list line"]\n' + "\n".join(json.dumps(r) for r in QA), encoding="utf-8")
+    message = error_of_both(tmp_path, [{"path": str(path)}])
+    assert "rows.jsonl: line 1: expected a JSON object, found list" in message
+    examples = prepare_both(tmp_path, [{"path": str(path), "skip_bad_rows": True}])
+    assert sum(len(v) for v in examples.values()) == 20
+
+
+def test_a_truncated_json_line_is_named_by_its_own_column(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in QA[:5]) + '\n{"prompt": "cut", "completion": \n',
+                    encoding="utf-8")
+    assert "rows.jsonl: line 6: malformed JSON at column 33: Expecting value" in \
+        error_of_both(tmp_path, [{"path": str(path)}])

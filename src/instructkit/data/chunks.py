@@ -7,6 +7,7 @@ twice (plan, then render) without holding its rows. The parsing and the messages
 readers (readers_text.py): a problem names the file and the 1-based line (or row).
 
     .csv .tsv .jsonl (.gz too)   decoded line by line (a bad byte names its line and byte offset)
+                                 (a .jsonl that is one JSON array is parsed whole)
     .json                        a top-level array decoded record by record (any other top level, or
                                  malformed JSON, is parsed whole for parse_json's message)
     .parquet                     record batches through pyarrow
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from instructkit.data.readers_text import (
+    OPENS_ARRAY,
     NotStreamable,
     bom_bytes,
     decode_text,
@@ -31,6 +33,7 @@ from instructkit.data.readers_text import (
     iter_json_array,
     iter_jsonl_rows,
     parse_json,
+    parse_jsonl,
     text_codec,
     undecodable,
 )
@@ -94,6 +97,8 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
     from instructkit.data.readers import read_bytes
 
     yielded = 0
+    # a .jsonl file that is one JSON array is parsed whole, as parse_jsonl reads it in memory
+    whole = fmt == "jsonl" and line_safe(encoding) and _opens_array(path, encoding)
     if fmt == "json" and line_safe(encoding):
         try:
             for table in iter_json_array(text_lines(path, encoding), str(path), problems, chunk_rows):
@@ -102,13 +107,16 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
             return
         except NotStreamable:
             pass  # parse_json on the whole text names what is wrong (or reads {"data": [...]}, JSONL)
-    if fmt == "json" or not line_safe(encoding):
+    if fmt == "json" or whole or not line_safe(encoding):
         text = decode_text(read_bytes(path), path, encoding)
         if fmt == "json":
             table = parse_json(text, str(path), problems)  # after streamed records: raises (malformed)
             if yielded:
                 raise DataError(f"{path}: the JSON array could not be read record by record")
             yield table
+            return
+        if fmt == "jsonl" and OPENS_ARRAY.match(text):
+            yield parse_jsonl(text, str(path), problems)
             return
         lines: object = text.split("\n") if fmt == "jsonl" else __import__("io").StringIO(text, newline="")
     else:  # JSON lines end at a line feed only, as parse_jsonl splits them
@@ -118,6 +126,14 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
     else:
         yield from iter_delimited(lines, str(path), "\t" if fmt == "tsv" else ",", problems,  # type: ignore[arg-type]
                                   chunk_rows)
+
+
+def _opens_array(path: Path, encoding: str) -> bool:
+    """Whether the text's first character other than whitespace is "[" (a JSON array)."""
+    for line in text_lines(path, encoding):
+        if line.strip():
+            return line.lstrip().startswith("[")
+    return False
 
 
 def _batches_to_tables(batches: Iterator, where: str, fmt: str, chunk_rows: int, offset: int = 0

@@ -4,7 +4,8 @@
     .tsv        tab-separated with a header row, no quoting (the GLUE convention: a quote is text)
     .json       an array of objects, or {"data": [...]}; a .json file holding one object per line
                 (e.g. the Amazon 2018 `*_5.json` files) is read as JSONL
-    .jsonl      one object per line (.ndjson too)
+    .jsonl      one object per line (.ndjson too); a .jsonl file that is one JSON array (`json.dump` of a
+                list) is read as the array
 
 Text formats are parsed here rather than by `datasets.load_dataset("csv"/"json")`: that route builds an
 Arrow cache (seconds for SST-2's 67k rows, plus a cache folder to manage) and its errors name neither the
@@ -18,6 +19,7 @@ import codecs
 import csv
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -164,10 +166,32 @@ def _columns_of(rows: Iterable[dict]) -> list[str]:
     return order
 
 
+OPENS_ARRAY = re.compile(r"[ \t\r\n]*\[")
+"""The start of a text that is a JSON array (JSON whitespace, then "[")."""
+
+
 def parse_jsonl(text: str, path: str, problems: Problems) -> Table:
-    """One JSON object per line, all rows in one Table (see `iter_jsonl_rows`)."""
+    """One JSON object per line, all rows in one Table (see `iter_jsonl_rows`); a text that is one JSON
+    array of objects (`json.dump` of a list under a .jsonl name) is read as the array it is."""
+    if OPENS_ARRAY.match(text):
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            data = None  # not one array: line by line, each malformed line named
+        if isinstance(data, list):
+            return _records_table(data, path, problems)
     # split("\n"), not splitlines(): U+2028 and friends may sit raw inside JSON strings
     return merge_tables(list(iter_jsonl_rows(text.split("\n"), path, problems)))
+
+
+def _line_error(line: str, exc: json.JSONDecodeError) -> json.JSONDecodeError:
+    """The error of `line` without its line end (a streamed line keeps its "\n": "Expecting value" was
+    then placed at column 1 of the next line)."""
+    try:
+        json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as bare:
+        return bare
+    return exc
 
 
 def iter_jsonl_rows(lines: Iterable[str], path: str, problems: Problems,
@@ -188,6 +212,7 @@ def iter_jsonl_rows(lines: Iterable[str], path: str, problems: Problems,
         try:
             record = loads(line)
         except json.JSONDecodeError as exc:
+            exc = _line_error(line, exc)
             problems.bad(
                 "malformed JSON line",
                 f"{path}: line {lineno}: malformed JSON at column {exc.colno}: {exc.msg}",
@@ -331,6 +356,13 @@ def parse_json(text: str, path: str, problems: Problems) -> Table:
     else:
         found = f"an object with keys {sorted(data)[:10]}" if isinstance(data, dict) else type(data).__name__
         raise DataError(f'{path}: expected a JSON array of objects or {{"data": [...]}}, found {found}')
+    return _records_table(records, path, problems)
+
+
+def _records_table(records: list, path: str, problems: Problems) -> Table:
+    """The objects of a JSON array as a Table of records; a record that is not an object goes to `problems`.
+
+    Raises: DataError for an empty array."""
     rows: list[dict] = []
     for i, record in enumerate(records):
         if isinstance(record, dict):
