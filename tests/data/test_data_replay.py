@@ -152,3 +152,92 @@ def test_a_truncated_json_line_is_named_by_its_own_column(tmp_path):
                     encoding="utf-8")
     assert "rows.jsonl: line 6: malformed JSON at column 33: Expecting value" in \
         error_of_both(tmp_path, [{"path": str(path)}])
+
+
+# --------------------------------------------------------------------------------------------------
+# huggingface/datasets#2207: a ClassLabel column holds ids (0, 1, ...) whose names are in the features. The
+# Hub's AG News names ids 0-3 World, Sports, Business, Sci/Tech; the ag_news schema codes them 1-4. A saved
+# copy stopped at "label=0 is outside the label map", and with skip_bad_rows trained every Sports story as
+# World, Business as Sports, Sci/Tech as Business.
+# --------------------------------------------------------------------------------------------------
+
+AG_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _ag_dataset(names=AG_NAMES, n=40, start=0):
+    import datasets
+
+    features = datasets.Features({"label": datasets.ClassLabel(names=names), "title": datasets.Value("string"),
+                                  "description": datasets.Value("large_string")})
+    ids = range(start, start + n)
+    rows = {"label": [i % 4 for i in ids], "title": [f"Title {i}" for i in ids],
+            "description": [f"A story about {AG_NAMES[i % 4]}, number {i}" for i in ids]}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def _ag(path: Path, **kw) -> list[dict]:
+    return [{"path": str(path), "schema": "ag_news", "templates": ["ag_news.topic_no_options"], **kw}]
+
+
+def _topic_matches_story(examples: dict[str, list[dict]]) -> None:
+    for split in examples.values():
+        for example in split:
+            assert f"A story about {example['completion']}," in example["prompt"], example
+
+
+@pytest.mark.parametrize("form", ["save_to_disk", "parquet"])
+def test_classlabel_ids_are_read_by_their_names(tmp_path, form):
+    import datasets
+
+    dataset = _ag_dataset()
+    if form == "save_to_disk":
+        path = tmp_path / "ag_news_saved"
+        datasets.DatasetDict({"train": dataset, "test": _ag_dataset(n=8, start=40)}).save_to_disk(str(path),
+                                                                                      max_shard_size="1KB")
+    else:
+        path = tmp_path / "ag_news.parquet"
+        dataset.to_parquet(str(path))
+    examples = prepare_both(tmp_path, _ag(path))
+    assert sum(len(v) for v in examples.values()) == (48 if form == "save_to_disk" else 40)
+    _topic_matches_story(examples)
+    assert {e["completion"] for split in examples.values() for e in split} == set(AG_NAMES)
+
+
+def test_classlabel_ids_that_are_the_codes_stay(tmp_path):
+    import datasets
+
+    features = datasets.Features({"label": datasets.ClassLabel(names=["negative", "positive"]),
+                                  "sentence": datasets.Value("string")})
+    rows = {"label": [i % 2 for i in range(20)], "sentence": [f"{['bad', 'good'][i % 2]} film {i}" for i in range(20)]}
+    path = tmp_path / "sst2.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    examples = prepare_both(tmp_path, _sst2(path))
+    for example in [e for split in examples.values() for e in split]:
+        assert ("good" in example["prompt"]) == (example["completion"] == "positive")
+
+
+def test_classlabel_names_only_partly_in_the_label_map_are_an_error(tmp_path):
+    path = tmp_path / "ag_news.parquet"
+    _ag_dataset(names=["World", "Sports", "Business", "Science"]).to_parquet(str(path))
+    message = error_of_both(tmp_path, _ag(path))
+    assert "ag_news.parquet: column 'label' is a ClassLabel named ['World', 'Sports', 'Business', 'Science']" in message
+    assert "['Science'] are not names in the label map of schema 'ag_news'" in message
+
+
+def test_an_unlabelled_classlabel_row_is_named_with_what_minus_one_means(tmp_path):
+    dataset = _ag_dataset().map(lambda row, i: {"label": -1 if i == 2 else row["label"]}, with_indices=True)
+    path = tmp_path / "ag_news.parquet"
+    dataset.to_parquet(str(path))
+    message = error_of_both(tmp_path, _ag(path))
+    assert "ag_news.parquet: row 3: column 'label': label label=-1 is outside the label map" in message
+    assert "(-1 is a ClassLabel's 'no label'" in message
+
+
+def test_templates_check_rows_carry_the_schema_codes(tmp_path):
+    from instructkit.data.sources import rows_for_check
+    from instructkit.templates.library import TemplateLibrary
+
+    path = tmp_path / "ag_news.parquet"
+    _ag_dataset().to_parquet(str(path))
+    rows = rows_for_check(path, TemplateLibrary.load().schema("ag_news"), limit=4)
+    assert [r["label"] for r in rows] == [1, 2, 3, 4]

@@ -141,16 +141,30 @@ def _batches_to_tables(batches: Iterator, where: str, fmt: str, chunk_rows: int,
     """Arrow record batches -> Tables of at most `chunk_rows` rows named `row N` (counting from `offset`)."""
     rows: list[dict] = []
     columns: list[str] = []
+    labels: dict[str, tuple[str, ...]] = {}
     for batch in batches:
         columns = list(batch.schema.names)
+        labels = labels or class_labels(batch.schema)
         for start in range(0, batch.num_rows, chunk_rows):
             rows.extend(batch.slice(start, chunk_rows).to_pylist())
             while len(rows) >= chunk_rows:
-                yield Table(where, columns, rows[:chunk_rows], None, format=fmt, offset=offset)
+                yield Table(where, columns, rows[:chunk_rows], None, format=fmt, offset=offset, class_labels=labels)
                 offset += chunk_rows
                 rows = rows[chunk_rows:]
     if rows:
-        yield Table(where, columns, rows, None, format=fmt, offset=offset)
+        yield Table(where, columns, rows, None, format=fmt, offset=offset, class_labels=labels)
+
+
+def class_labels(schema) -> dict[str, tuple[str, ...]]:
+    """Column -> ClassLabel names, from the features `datasets` writes into an Arrow or Parquet schema's
+    metadata (`huggingface` key); {} without them."""
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+        return {name: tuple(str(n) for n in feature["names"]) for name, feature in features.items()
+                if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"
+                and isinstance(feature.get("names"), list)}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
 
 
 def parquet_chunks(path: Path, chunk_rows: int) -> Iterator[Table]:

@@ -150,7 +150,8 @@ def merge_tables(chunks: Sequence[Table]) -> Table:
     rows = [row for chunk in chunks for row in chunk.rows]
     lines = None if first.lines is None else [n for chunk in chunks for n in chunk.lines or []]
     columns = list(dict.fromkeys(c for chunk in chunks for c in chunk.columns))
-    return Table(first.path, columns, rows, lines, unit=first.unit, format=first.format)
+    return Table(first.path, columns, rows, lines, unit=first.unit, format=first.format,
+                 class_labels=first.class_labels)
 
 
 def _columns_of(rows: Iterable[dict]) -> list[str]:

@@ -328,8 +328,8 @@ def rows_for_check(
 ) -> list[dict]:
     """The first `limit` rows of a data file mapped to `schema`'s fields, for `instructkit templates check`.
 
-    Values are not converted: the template check converts them itself and reports a bad value or a label
-    outside the map as a problem of that row. A missing column is a DataError naming the file, the
+    Values are not converted (but for ClassLabel ids, named as the label map names them): the template check
+    converts them itself and reports a bad value or a label outside the map as a problem of that row. A missing column is a DataError naming the file, the
     columns it has and the closest match. Required are the fields `templates` read (default: all the
     schema's fields). A saved DatasetDict gives its train split (else its first).
 
@@ -347,11 +347,14 @@ def rows_for_check(
     required = set(fields)
     if templates:
         required = set().union(*(t.fields_read for t in templates)) & set(fields)
-    checker = RowChecker(table, schema, fields, required, dict(columns or {}), templates, problems, None)
+    checker = RowChecker(table, schema, fields, required, dict(columns or {}), templates, problems,
+                         schema.label_field)
     rows = table.rows if limit is None else table.rows[:limit]
     for row in rows:
         for name, col in checker.renames:
             row[name] = row.get(col)
+        if checker.label_codes is not None:
+            checker.recode(row)
     return rows
 
 
