@@ -241,3 +241,41 @@ def test_templates_check_rows_carry_the_schema_codes(tmp_path):
     _ag_dataset().to_parquet(str(path))
     rows = rows_for_check(path, TemplateLibrary.load().schema("ag_news"), limit=4)
     assert [r["label"] for r in rows] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------------------------------
+# pandas-dev/pandas#48170: integers read from text went through float, so 1234567890123456789 became
+# ...768. An `int` field of a CSV row was float(text) rounded (9007199254740993 rendered ...992, its JSON copy
+# ...993), and label keys likewise: two labels differing past the 16th digit were one class, so rows that
+# disagreed only there were kept as exact duplicates instead of dropped as conflicting.
+# --------------------------------------------------------------------------------------------------
+
+TICKETS = """schemas:
+  - name: tickets
+    fields: {text: str, id: int, queue: str}
+    label_field: queue
+    samples:
+      - {text: "printer jams", id: 1, queue: "100"}
+      - {text: "vpn drops", id: 2, queue: "200"}
+    templates:
+      - id: tickets.queue
+        name: queue
+        task: generation
+        instruction: "Ticket {{ id }}: {{ text }}\\nQueue:"
+        completion: "{{ queue }}"
+"""
+
+
+def test_integers_past_2_53_in_csv_text_stay_exact(tmp_path):
+    (tmp_path / "tickets.yaml").write_text(TICKETS, encoding="utf-8")
+    big = 9007199254740993  # 2**53 + 1: float() makes it ...992
+    rows = [(big + i, f"issue {i}", str(12345678901234567800 + i % 3)) for i in range(12)]
+    rows += [(7, "same words", "12345678901234567891"), (7, "same words", "12345678901234567892")]
+    path = tmp_path / "tickets.csv"
+    path.write_text("id,text,queue\n" + "".join(f"{i},{t},{q}\n" for i, t, q in rows), encoding="utf-8")
+    examples = prepare_both(tmp_path, [{"path": str(path), "schema": "tickets", "templates": ["tickets.queue"]}],
+                            templates={"files": [str(tmp_path / "tickets.yaml")]})
+    prompts = sorted(e["prompt"] for split in examples.values() for e in split)
+    assert prompts == sorted(f"Ticket {big + i}: issue {i}\nQueue:" for i in range(12))  # the 2 conflicting gone
+    stats = json.loads((tmp_path / "prepared-off" / "stats.json").read_text())
+    assert stats["datasets"]["tickets"]["duplicates"]["conflicting_label_groups"] == 1
