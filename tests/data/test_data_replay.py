@@ -279,3 +279,20 @@ def test_integers_past_2_53_in_csv_text_stay_exact(tmp_path):
     assert prompts == sorted(f"Ticket {big + i}: issue {i}\nQueue:" for i in range(12))  # the 2 conflicting gone
     stats = json.loads((tmp_path / "prepared-off" / "stats.json").read_text())
     assert stats["datasets"]["tickets"]["duplicates"]["conflicting_label_groups"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The YAML "Norway problem" (rugk/crops-parser#48, alibaba/nacos#12969): YAML 1.1 reads a bare `on` / `off` as
+# true / false, so the documented `split: {streaming: off}` (or `split.streaming=off` on the command line) was
+# refused: "split.streaming: Input should be 'auto', 'on' or 'off' (got False)".
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("word", ["on", "off", "auto"])
+def test_streaming_on_and_off_are_read_as_written(tmp_path, word):
+    from instructkit.config_load import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"name: t\ndatasets:\n  - path: demo\nsplit: {{streaming: {word}}}\n", encoding="utf-8")
+    assert load_config(path, []).split.streaming == word
+    assert load_config(path, [f"split.streaming={word}"]).split.streaming == word
