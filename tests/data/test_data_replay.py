@@ -296,3 +296,47 @@ def test_streaming_on_and_off_are_read_as_written(tmp_path, word):
     path.write_text(f"name: t\ndatasets:\n  - path: demo\nsplit: {{streaming: {word}}}\n", encoding="utf-8")
     assert load_config(path, []).split.streaming == word
     assert load_config(path, [f"split.streaming={word}"]).split.streaming == word
+
+
+# --------------------------------------------------------------------------------------------------
+# EleutherAI/lm-evaluation-harness#2346 (and #508): targets carry a leading space (" yes"), the delimiter
+# between prompt and answer. A list `answer_choices: [" yes", " no"]` written that way was kept as is, while
+# completions and `|||` choices are stripped: every row failed "completion 'yes' is not one of the answer
+# choices [' yes', ' no']".
+# --------------------------------------------------------------------------------------------------
+
+SPACED = """schemas:
+  - name: spaced
+    fields: {text: str, answer: str}
+    samples:
+      - {text: "is water wet", answer: "yes"}
+      - {text: "is fire cold", answer: "no"}
+    templates:
+      - id: spaced.yes_no
+        name: yes or no
+        task: yes_no_qa
+        instruction: "{{ text }}?\\nAnswer:"
+        completion: "{{ answer }}"
+        answer_choices: CHOICES
+"""
+
+
+def test_list_answer_choices_are_compared_without_surrounding_spaces(tmp_path):
+    (tmp_path / "spaced.yaml").write_text(SPACED.replace("CHOICES", '[" yes", " no "]'), encoding="utf-8")
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"question {i}", "answer": ["yes", "no"][i % 2]}) for i in range(12)),
+                    encoding="utf-8")
+    examples = prepare_both(tmp_path, [{"path": str(path), "schema": "spaced", "templates": ["spaced.yes_no"]}],
+                            templates={"files": [str(tmp_path / "spaced.yaml")]})
+    assert all(e["choices"] == ["yes", "no"] for split in examples.values() for e in split)
+
+
+@pytest.mark.parametrize("choices", ['["yes", " yes", "no"]', '["yes", "  ", "no"]'])
+def test_list_answer_choices_equal_or_empty_once_stripped_are_refused(tmp_path, choices):
+    from instructkit.errors import TemplateError
+    from instructkit.templates.collection import load_collection
+
+    path = tmp_path / "spaced.yaml"
+    path.write_text(SPACED.replace("CHOICES", choices), encoding="utf-8")
+    with pytest.raises(TemplateError, match=r"spaced.yaml.*`answer_choices` .* has an empty or repeated choice"):
+        load_collection(path)
