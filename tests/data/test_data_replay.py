@@ -340,3 +340,39 @@ def test_list_answer_choices_equal_or_empty_once_stripped_are_refused(tmp_path, 
     path.write_text(SPACED.replace("CHOICES", choices), encoding="utf-8")
     with pytest.raises(TemplateError, match=r"spaced.yaml.*`answer_choices` .* has an empty or repeated choice"):
         load_collection(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Jinja's `default` fires only for an undefined value, never for None (pallets/jinja#2144, ansible/ansible#48592,
+# home-assistant/core#65913). A field every template guards with `default` is optional, and a missing value
+# (no key, null, NaN, empty text) reaches it as "" or None: `{{ votes | default('unknown') }}` trained
+# "votes None" and `{{ hint | default('none given') }}` an empty hint.
+# --------------------------------------------------------------------------------------------------
+
+DEFAULTS = """schemas:
+  - name: hinted
+    fields: {text: str, hint: str, votes: int, answer: str}
+    samples:
+      - {text: "2 + 2", hint: "small", votes: 3, answer: "4"}
+      - {text: "3 + 3", hint: "even", votes: 1, answer: "6"}
+    templates:
+      - id: hinted.solve
+        name: solve
+        task: generation
+        instruction: "{{ text }} (hint: {{ hint | default('none given') }}; votes: {{ votes | d('unknown') }})"
+        completion: "{{ answer }}"
+"""
+
+
+def test_default_replaces_a_missing_value_of_any_kind(tmp_path):
+    (tmp_path / "hinted.yaml").write_text(DEFAULTS, encoding="utf-8")
+    missing = [{}, {"hint": None, "votes": None}, {"hint": "  ", "votes": float("nan")}, {"hint": ""}]
+    rows = [{"text": f"sum {i}", "answer": str(i), **missing[i % 4]} if i % 5 else
+            {"text": f"sum {i}", "answer": str(i), "hint": "think", "votes": 0} for i in range(16)]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    examples = prepare_both(tmp_path, [{"path": str(path), "schema": "hinted", "templates": ["hinted.solve"]}],
+                            templates={"files": [str(tmp_path / "hinted.yaml")]})
+    prompts = {e["prompt"] for split in examples.values() for e in split}
+    assert prompts == {f"sum {i} (hint: think; votes: 0)" if i % 5 == 0 else
+                       f"sum {i} (hint: none given; votes: unknown)" for i in range(16)}
