@@ -376,3 +376,27 @@ def test_default_replaces_a_missing_value_of_any_kind(tmp_path):
     prompts = {e["prompt"] for split in examples.values() for e in split}
     assert prompts == {f"sum {i} (hint: think; votes: 0)" if i % 5 == 0 else
                        f"sum {i} (hint: none given; votes: unknown)" for i in range(16)}
+
+
+# --------------------------------------------------------------------------------------------------
+# pandas-dev/pandas#53035: delimiter sniffing guesses (wrong on one-column files). instructkit does not guess,
+# but a semicolon CSV (European Excel) or a tab-separated .csv was refused with "no column 'sentence' ...
+# did you mean 'label;sentence'? (map it with `columns: ...`)", advice that cannot work.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix, separator, says", [
+    (".csv", ";", "the file looks ';'-separated, but CSV is read comma-separated: save it comma-separated"),
+    (".csv", "\t", "the file looks '\\t'-separated, but CSV is read comma-separated: set `format: tsv`"),
+    (".tsv", ",", "the file looks ','-separated, but TSV is read tab-separated: set `format: csv`"),
+])
+def test_a_header_split_by_another_separator_is_named(tmp_path, suffix, separator, says):
+    path = tmp_path / f"reviews{suffix}"
+    path.write_text(f"label{separator}sentence\n" + "".join(f"{a}{separator}{b}\n" for a, b in SST2_ROWS),
+                    encoding="utf-8")
+    message = error_of_both(tmp_path, _sst2(path))
+    assert says in message and "map it with" not in message and "did you mean" not in message
+    plain = tmp_path / f"qa{suffix}"
+    plain.write_text(f"prompt{separator}completion\n" + "".join(f"q {i}{separator}a {i}\n" for i in range(9)),
+                     encoding="utf-8")
+    assert says in error_of_both(tmp_path, [{"path": str(plain)}])

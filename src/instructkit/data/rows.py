@@ -161,11 +161,15 @@ class RowChecker:
             close += difflib.get_close_matches(candidate, cols, n=1, cutoff=0.6)
         close = list(dict.fromkeys(close))
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        advice = f" (map it with `columns: {{{name}: <column>}}`)"
+        separator = delimiter_hint(self.table)
+        if separator:
+            hint, advice = "", separator
         of_schema = f" of schema {schema.name!r}" if schema is not None else ""
         what = " or ".join(repr(c) for c in wanted)
         return (
             f"{self.table.path}: no column {what} for field {name!r}{of_schema}{self._readers(name)}; "
-            f"the file has columns: {', '.join(cols)}{hint} (map it with `columns: {{{name}: <column>}}`)"
+            f"the file has columns: {', '.join(cols)}{hint}{advice}"
         )
 
     def column(self, name: str) -> str:
@@ -243,6 +247,22 @@ class RowChecker:
                 except ValueError:
                     return name
         return "?"
+
+
+def delimiter_hint(table: Table) -> str:
+    """Why a CSV/TSV header is one column holding another separator (a semicolon CSV from a European Excel,
+    a tab-separated .csv): the separator is fixed by the format, not guessed (sniffing guesses wrong,
+    pandas-dev/pandas#53035)."""
+    if table.format not in ("csv", "tsv") or len(table.columns) != 1:
+        return ""
+    own, name = (",", "comma") if table.format == "csv" else ("\t", "tab")
+    counts = {d: table.columns[0].count(d) for d in (",", ";", "\t", "|") if d != own}
+    found = max(counts, key=counts.get)  # type: ignore[arg-type]
+    if not counts[found]:
+        return ""
+    fix = {",": "set `format: csv`", "\t": "set `format: tsv`"}.get(found, f"save it {name}-separated")
+    return (f" (one column holding {found!r}: the file looks {found!r}-separated, but {table.format.upper()} is "
+            f"read {name}-separated: {fix})")
 
 
 def strip_eos(text: str) -> tuple[str, str | None]:

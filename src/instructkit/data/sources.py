@@ -22,7 +22,13 @@ from instructkit.config import DatasetConfig
 from instructkit.data.chat_rows import chat_column
 from instructkit.data.chunks import read_chunks
 from instructkit.data.readers import SUFFIX_FORMATS, detect_format, iter_parallel, read_parallel, read_tables
-from instructkit.data.rows import RowChecker, column_candidates, instruction_kind, instruction_row
+from instructkit.data.rows import (
+    RowChecker,
+    column_candidates,
+    delimiter_hint,
+    instruction_kind,
+    instruction_row,
+)
 from instructkit.data.table import Problems, Table
 from instructkit.errors import ConfigError, DataError
 from instructkit.templates.schema import Schema
@@ -241,7 +247,7 @@ def set_kind(source: Source, table: Table, columns: Mapping[str, Any], schemas: 
         raise DataError(
             f"{table.path}: dataset {source.name!r} has no `schema:` and the file has neither "
             f"prompt/completion columns nor chat `messages` (columns: {', '.join(table.columns)})"
-            + _schema_hint(table.columns, schemas)
+            + (delimiter_hint(table) or _schema_hint(table.columns, schemas))
         )
     source.kind = kind
 
