@@ -400,3 +400,25 @@ def test_a_header_split_by_another_separator_is_named(tmp_path, suffix, separato
     plain.write_text(f"prompt{separator}completion\n" + "".join(f"q {i}{separator}a {i}\n" for i in range(9)),
                      encoding="utf-8")
     assert says in error_of_both(tmp_path, [{"path": str(plain)}])
+
+
+# --------------------------------------------------------------------------------------------------
+# Ghadjeres/DeepBach#25, v7labs/darwin-py#657: on a tiny dataset a split fraction rounds to zero rows. Here an
+# empty train split already stops `prepare`, but validation or test went empty without a word (`run` then
+# stopped at the base evaluation: "the 'test' split has no examples"); the split sizes stay exact, and
+# stats.json notes (and the log warns) which split a positive fraction left empty.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, empty", [(1, ["validation", "test"]), (3, ["validation"]), (10, [])])
+def test_a_split_a_fraction_leaves_empty_is_noted(tmp_path, n, empty):
+    path = tmp_path / "few.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in QA[:n]), encoding="utf-8")
+    examples = prepare_both(tmp_path, [{"path": str(path)}], split={"validation": 0.1, "test": 0.2})
+    notes = [json.loads((tmp_path / f"prepared-{m}" / "stats.json").read_text())["datasets"]["few"]["notes"]
+             for m in ("off", "on")]
+    assert notes[0] == notes[1]
+    assert [note.split(":")[0] for note in notes[0]] == empty
+    assert [s for s in ("validation", "test") if not examples[s]] == empty
+    if n == 3:
+        assert notes[0] == ["validation: no rows: 0.1 of 3 rows rounds to none (add rows, or raise split.validation)"]
