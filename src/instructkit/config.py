@@ -19,7 +19,7 @@ field (`python -m instructkit.config_docs`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -127,6 +127,12 @@ class SplitConfig(Section):
     text_match: Literal["exact", "normalized"] = Field(
         "exact", description="How dedup keys and the leakage guard's prompts compare: 'exact', or 'normalized' "
         "(Unicode NFKC, casefolded, whitespace runs one space, stripped: 'Great product!' = 'great  product! ').")
+
+    @field_validator("streaming", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `on` / `off` as true / false: `streaming: off` is meant
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:

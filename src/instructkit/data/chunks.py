@@ -7,6 +7,7 @@ twice (plan, then render) without holding its rows. The parsing and the messages
 readers (readers_text.py): a problem names the file and the 1-based line (or row).
 
     .csv .tsv .jsonl (.gz too)   decoded line by line (a bad byte names its line and byte offset)
+                                 (a .jsonl that is one JSON array is parsed whole)
     .json                        a top-level array decoded record by record (any other top level, or
                                  malformed JSON, is parsed whole for parse_json's message)
     .parquet                     record batches through pyarrow
@@ -24,12 +25,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from instructkit.data.readers_text import (
+    OPENS_ARRAY,
     NotStreamable,
+    bom_bytes,
     decode_text,
     iter_delimited,
     iter_json_array,
     iter_jsonl_rows,
     parse_json,
+    parse_jsonl,
+    text_codec,
     undecodable,
 )
 from instructkit.data.table import Problems, Table
@@ -42,6 +47,7 @@ LINE_CODECS_EXCLUDED = ("utf-16", "utf-32")
 """Encodings whose line ends are not the byte 0x0a: such files are decoded whole."""
 
 Chunks = Callable[[], Iterator[Table]]
+_AFTER_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
 
 
 def line_safe(encoding: str) -> bool:
@@ -53,31 +59,36 @@ def line_safe(encoding: str) -> bool:
     return not name.startswith(LINE_CODECS_EXCLUDED)
 
 
-def text_lines(path: Path, encoding: str) -> Iterator[str]:
-    """The decoded lines of a text file (with their line ends), a `.gz` decompressed on the fly.
+def text_lines(path: Path, encoding: str, lone_cr: bool = False) -> Iterator[str]:
+    """The decoded lines of a text file (with their line ends), a `.gz` decompressed on the fly. With `lone_cr`
+    a carriage return not followed by a line feed ends a line too (classic Mac files, a CR inside a quoted
+    CSV field), as `io.StringIO(text, newline="")` splits the whole text for the csv module.
 
     Raises: DataError as `decode_text` does (the line, byte offset and byte of the line of a bad byte),
     for a missing or unreadable file, or an empty one.
     """
     from instructkit.data.readers import open_binary
 
-    codec = codecs.lookup(encoding).name
-    decode = codecs.getdecoder("utf-8" if codec == "utf-8" else encoding)
+    decode = codecs.getdecoder(text_codec(encoding))
     offset, any_text = 0, False
     with open_binary(path) as handle:
         for lineno, raw in enumerate(handle, 1):
+            skip = bom_bytes(raw, encoding) if lineno == 1 else 0
             try:
-                text = decode(raw)[0]
+                text = decode(raw[skip:] if skip else raw)[0]
             except UnicodeDecodeError as exc:
-                raise undecodable(path, encoding, lineno, raw[exc.start], offset + exc.start,
-                                  exc.start + 1) from None
+                start = skip + exc.start
+                raise undecodable(path, encoding, lineno, raw[start], offset + start, start + 1) from None
             except (OSError, EOFError) as exc:  # a damaged gzip stream
                 raise DataError(f"{path}: not a valid gzip file ({exc})") from None
             if lineno == 1:
                 text = text.removeprefix("\ufeff")
             offset += len(raw)
             any_text = any_text or not text.isspace() and bool(text)
-            yield text
+            if lone_cr and "\r" in text and text.count("\r") != text.endswith("\r\n"):
+                yield from (part for part in _AFTER_LONE_CR.split(text) if part)
+            else:
+                yield text
     if not any_text:
         raise DataError(f"{path}: the file is empty")
 
@@ -86,6 +97,8 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
     from instructkit.data.readers import read_bytes
 
     yielded = 0
+    # a .jsonl file that is one JSON array is parsed whole, as parse_jsonl reads it in memory
+    whole = fmt == "jsonl" and line_safe(encoding) and _opens_array(path, encoding)
     if fmt == "json" and line_safe(encoding):
         try:
             for table in iter_json_array(text_lines(path, encoding), str(path), problems, chunk_rows):
@@ -94,7 +107,7 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
             return
         except NotStreamable:
             pass  # parse_json on the whole text names what is wrong (or reads {"data": [...]}, JSONL)
-    if fmt == "json" or not line_safe(encoding):
+    if fmt == "json" or whole or not line_safe(encoding):
         text = decode_text(read_bytes(path), path, encoding)
         if fmt == "json":
             table = parse_json(text, str(path), problems)  # after streamed records: raises (malformed)
@@ -102,9 +115,12 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
                 raise DataError(f"{path}: the JSON array could not be read record by record")
             yield table
             return
+        if fmt == "jsonl" and OPENS_ARRAY.match(text):
+            yield parse_jsonl(text, str(path), problems)
+            return
         lines: object = text.split("\n") if fmt == "jsonl" else __import__("io").StringIO(text, newline="")
-    else:
-        lines = text_lines(path, encoding)
+    else:  # JSON lines end at a line feed only, as parse_jsonl splits them
+        lines = text_lines(path, encoding, lone_cr=fmt != "jsonl")
     if fmt == "jsonl":
         yield from iter_jsonl_rows(lines, str(path), problems, chunk_rows)  # type: ignore[arg-type]
     else:
@@ -112,21 +128,43 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
                                   chunk_rows)
 
 
+def _opens_array(path: Path, encoding: str) -> bool:
+    """Whether the text's first character other than whitespace is "[" (a JSON array)."""
+    for line in text_lines(path, encoding):
+        if line.strip():
+            return line.lstrip().startswith("[")
+    return False
+
+
 def _batches_to_tables(batches: Iterator, where: str, fmt: str, chunk_rows: int, offset: int = 0
                        ) -> Iterator[Table]:
     """Arrow record batches -> Tables of at most `chunk_rows` rows named `row N` (counting from `offset`)."""
     rows: list[dict] = []
     columns: list[str] = []
+    labels: dict[str, tuple[str, ...]] = {}
     for batch in batches:
         columns = list(batch.schema.names)
+        labels = labels or class_labels(batch.schema)
         for start in range(0, batch.num_rows, chunk_rows):
             rows.extend(batch.slice(start, chunk_rows).to_pylist())
             while len(rows) >= chunk_rows:
-                yield Table(where, columns, rows[:chunk_rows], None, format=fmt, offset=offset)
+                yield Table(where, columns, rows[:chunk_rows], None, format=fmt, offset=offset, class_labels=labels)
                 offset += chunk_rows
                 rows = rows[chunk_rows:]
     if rows:
-        yield Table(where, columns, rows, None, format=fmt, offset=offset)
+        yield Table(where, columns, rows, None, format=fmt, offset=offset, class_labels=labels)
+
+
+def class_labels(schema) -> dict[str, tuple[str, ...]]:
+    """Column -> ClassLabel names, from the features `datasets` writes into an Arrow or Parquet schema's
+    metadata (`huggingface` key); {} without them."""
+    try:
+        features = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]
+        return {name: tuple(str(n) for n in feature["names"]) for name, feature in features.items()
+                if isinstance(feature, dict) and feature.get("_type") == "ClassLabel"
+                and isinstance(feature.get("names"), list)}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
 
 
 def parquet_chunks(path: Path, chunk_rows: int) -> Iterator[Table]:

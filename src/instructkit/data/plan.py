@@ -134,6 +134,21 @@ def dataset_templates(dataset: DatasetConfig, library: TemplateLibrary
             held_ids)
 
 
+def split_notes(result: SplitResult) -> list[str]:
+    """Notes (and warnings) for a split that a positive fraction left empty: 0.2 of 3 rows is 0.6, which
+    the exact split sizes round to none (a tiny dataset: there is nothing to evaluate on, or to validate)."""
+    report, notes = result.report, []
+    for split in ("validation", "test"):
+        fraction = report["carved_fractions"][split]
+        if fraction > 0 and split not in report["given_splits"] and report["sizes"][split] == 0:
+            given = [s for s in report["given_splits"] if s != "train"]  # given train rows are the pool
+            pool = sum(report["sizes"].values()) - sum(report["sizes"][s] for s in given)
+            notes.append(f"{split}: no rows: {fraction:g} of {pool} rows rounds to none (add rows, or raise "
+                         f"split.{split})")
+            log.warning("%s", notes[-1])
+    return notes
+
+
 def template_notes(dataset: DatasetConfig, train_templates: list[Template]) -> list[str]:
     """Notes for stats.json when the template settings leave nothing to choose."""
     notes = []
@@ -199,7 +214,7 @@ def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunCo
         stratify=split_cfg.stratify,
         held_out=dataset.held_out,
     )
-    notes += template_notes(dataset, train_templates)
+    notes += template_notes(dataset, train_templates) + split_notes(result)
     return DatasetPlan(
         config=dataset,
         name=name,

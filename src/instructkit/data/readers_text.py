@@ -4,7 +4,8 @@
     .tsv        tab-separated with a header row, no quoting (the GLUE convention: a quote is text)
     .json       an array of objects, or {"data": [...]}; a .json file holding one object per line
                 (e.g. the Amazon 2018 `*_5.json` files) is read as JSONL
-    .jsonl      one object per line (.ndjson too)
+    .jsonl      one object per line (.ndjson too); a .jsonl file that is one JSON array (`json.dump` of a
+                list) is read as the array
 
 Text formats are parsed here rather than by `datasets.load_dataset("csv"/"json")`: that route builds an
 Arrow cache (seconds for SST-2's 67k rows, plus a cache folder to manage) and its errors name neither the
@@ -18,6 +19,7 @@ import codecs
 import csv
 import io
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,23 +37,39 @@ def undecodable(path: Path | str, encoding: str, line: int, byte: int, offset: i
                      "(e.g. latin-1 or cp1252)")
 
 
+def bom_bytes(head: bytes, encoding: str) -> int:
+    """How many bytes of a UTF-8 byte-order mark start `head` and are dropped before decoding: 3 whatever
+    `encoding:` says (a cp1252 or latin-1 reading would glue "ï»¿" to the first column name), 0 without one
+    or for UTF-16/32, whose own BOM their codec reads."""
+    if not head.startswith(codecs.BOM_UTF8) or codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        return 0
+    return len(codecs.BOM_UTF8)
+
+
+def text_codec(encoding: str) -> str:
+    """The codec that decodes text after `bom_bytes`: utf-8 for utf-8 and utf-8-sig, else `encoding`."""
+    return "utf-8" if codecs.lookup(encoding).name in ("utf-8", "utf-8-sig") else encoding
+
+
 def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
     """Decode `data`, dropping a byte-order mark; an undecodable byte is named by offset and line.
 
     Raises: DataError when the encoding is unknown, a byte does not decode, or the text is empty.
     """
     try:
-        codec = codecs.lookup(encoding).name
+        codecs.lookup(encoding)
     except LookupError:
         raise DataError(
             f"{path}: unknown text encoding {encoding!r} (set `encoding:`, e.g. utf-8 or latin-1)"
         ) from None
+    skip = bom_bytes(data, encoding)
     try:
-        text = data.decode("utf-8-sig" if codec == "utf-8" else encoding)
+        text = data[skip:].decode(text_codec(encoding))
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise undecodable(path, encoding, line, data[exc.start], exc.start, column) from None
+        start = skip + exc.start  # positions in the file, the BOM counted
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise undecodable(path, encoding, line, data[start], start, column) from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
@@ -132,7 +150,8 @@ def merge_tables(chunks: Sequence[Table]) -> Table:
     rows = [row for chunk in chunks for row in chunk.rows]
     lines = None if first.lines is None else [n for chunk in chunks for n in chunk.lines or []]
     columns = list(dict.fromkeys(c for chunk in chunks for c in chunk.columns))
-    return Table(first.path, columns, rows, lines, unit=first.unit, format=first.format)
+    return Table(first.path, columns, rows, lines, unit=first.unit, format=first.format,
+                 class_labels=first.class_labels)
 
 
 def _columns_of(rows: Iterable[dict]) -> list[str]:
@@ -148,10 +167,32 @@ def _columns_of(rows: Iterable[dict]) -> list[str]:
     return order
 
 
+OPENS_ARRAY = re.compile(r"[ \t\r\n]*\[")
+"""The start of a text that is a JSON array (JSON whitespace, then "[")."""
+
+
 def parse_jsonl(text: str, path: str, problems: Problems) -> Table:
-    """One JSON object per line, all rows in one Table (see `iter_jsonl_rows`)."""
+    """One JSON object per line, all rows in one Table (see `iter_jsonl_rows`); a text that is one JSON
+    array of objects (`json.dump` of a list under a .jsonl name) is read as the array it is."""
+    if OPENS_ARRAY.match(text):
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            data = None  # not one array: line by line, each malformed line named
+        if isinstance(data, list):
+            return _records_table(data, path, problems)
     # split("\n"), not splitlines(): U+2028 and friends may sit raw inside JSON strings
     return merge_tables(list(iter_jsonl_rows(text.split("\n"), path, problems)))
+
+
+def _line_error(line: str, exc: json.JSONDecodeError) -> json.JSONDecodeError:
+    """The error of `line` without its line end (a streamed line keeps its "\n": "Expecting value" was
+    then placed at column 1 of the next line)."""
+    try:
+        json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as bare:
+        return bare
+    return exc
 
 
 def iter_jsonl_rows(lines: Iterable[str], path: str, problems: Problems,
@@ -172,6 +213,7 @@ def iter_jsonl_rows(lines: Iterable[str], path: str, problems: Problems,
         try:
             record = loads(line)
         except json.JSONDecodeError as exc:
+            exc = _line_error(line, exc)
             problems.bad(
                 "malformed JSON line",
                 f"{path}: line {lineno}: malformed JSON at column {exc.colno}: {exc.msg}",
@@ -315,6 +357,13 @@ def parse_json(text: str, path: str, problems: Problems) -> Table:
     else:
         found = f"an object with keys {sorted(data)[:10]}" if isinstance(data, dict) else type(data).__name__
         raise DataError(f'{path}: expected a JSON array of objects or {{"data": [...]}}, found {found}')
+    return _records_table(records, path, problems)
+
+
+def _records_table(records: list, path: str, problems: Problems) -> Table:
+    """The objects of a JSON array as a Table of records; a record that is not an object goes to `problems`.
+
+    Raises: DataError for an empty array."""
     rows: list[dict] = []
     for i, record in enumerate(records):
         if isinstance(record, dict):

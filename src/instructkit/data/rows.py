@@ -4,8 +4,9 @@ Each file's columns are mapped to schema fields (`columns: {field: column}`; a l
 takes the first one the file has, so one mapping serves split files whose headers differ, e.g. SST-2
 `sentence` in train.tsv and `content` in dev.tsv), values are converted with `Schema.coerce` (a 2018
 Amazon `overall: 5.0` becomes 5 when the schema says int) and the label is checked against the schema's
-label map. A bad row stops reading with a DataError naming file, line, column and the templates that read
-the column, unless `skip_bad_rows` is on: then it is skipped and counted by reason.
+label map (a Hugging Face ClassLabel id through its name: `RowChecker.label_codes`). A bad row stops
+reading with a DataError naming file, line, column and the templates that read the column, unless
+`skip_bad_rows` is on: then it is skipped and counted by reason.
 
 What counts as missing is one rule for every format (`missing_kind`): null (JSON null, a Parquet or
 Arrow null, None), a float NaN (a bare `NaN` written by `json.dumps`, a NaN cell pandas wrote to Parquet)
@@ -37,7 +38,7 @@ from typing import Any
 from instructkit.data.chat_rows import chat_row
 from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
-from instructkit.templates.schema import Schema
+from instructkit.templates.schema import Schema, label_key
 from instructkit.templates.template import Template
 
 KNOWN_EOS_MARKERS = (
@@ -105,6 +106,7 @@ class RowChecker:
         self.renames = [(f, c) for f, c in self.mapping.items() if f != c]
         self.coerce = schema.coerce if schema is not None and schema.fields else None
         self.label = label if label in self.mapping else None
+        self.label_codes = self._class_label_codes(label) if label in self.mapping else None
         # fields every template that reads them tests first (`{% if input %}`) may be missing
         optional = {
             f for f in self.mapping
@@ -118,6 +120,31 @@ class RowChecker:
         # the other mapped fields: a missing value becomes "" (optional text a template tests) or None
         self.blank = [(f, "" if f in optional and f not in non_text else None)
                       for f in self.mapping if f not in self.required]
+
+    def _class_label_codes(self, label: str) -> dict[int, Any] | None:
+        """ClassLabel id -> the schema's label code of the same name, when the label column is a Hugging Face
+        ClassLabel whose names are the label map's (AG News: ids 0-3 named World..Sci/Tech, the schema's codes
+        1-4 with those names); None when the ids are the codes already or its names are none of the map's.
+
+        Raises: DataError when only some of its names are the label map's (the ids cannot be placed)."""
+        names = self.table.class_labels.get(self.mapping[label])
+        label_map = self.schema.label_map if self.schema is not None else None
+        if not names or not label_map:
+            return None
+        by_name: dict[str, Any] = {}
+        for code, name in label_map.items():
+            by_name.setdefault(str(name).strip().casefold(), code)
+        codes = {i: by_name.get(name.strip().casefold()) for i, name in enumerate(names)}
+        unknown = [names[i] for i, code in codes.items() if code is None]
+        if len(unknown) == len(names) or all(label_key(code) == str(i) for i, code in codes.items()):
+            return None
+        if unknown:
+            raise DataError(
+                f"{self.table.path}: {self.column(label)} is a ClassLabel named {list(names)}, but "
+                f"{unknown} are not names in the label map of schema {self.schema.name!r} "  # type: ignore[union-attr]
+                f"({', '.join(map(str, label_map.values()))}): its ids cannot be matched to the schema's labels"
+            )
+        return codes
 
     def _readers(self, name: str) -> str:
         ids = [t.id for t in self.templates if name in t.fields_read]
@@ -134,11 +161,15 @@ class RowChecker:
             close += difflib.get_close_matches(candidate, cols, n=1, cutoff=0.6)
         close = list(dict.fromkeys(close))
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        advice = f" (map it with `columns: {{{name}: <column>}}`)"
+        separator = delimiter_hint(self.table)
+        if separator:
+            hint, advice = "", separator
         of_schema = f" of schema {schema.name!r}" if schema is not None else ""
         what = " or ".join(repr(c) for c in wanted)
         return (
             f"{self.table.path}: no column {what} for field {name!r}{of_schema}{self._readers(name)}; "
-            f"the file has columns: {', '.join(cols)}{hint} (map it with `columns: {{{name}: <column>}}`)"
+            f"the file has columns: {', '.join(cols)}{hint}{advice}"
         )
 
     def column(self, name: str) -> str:
@@ -152,6 +183,8 @@ class RowChecker:
         """
         for name, col in self.renames:
             row[name] = row.get(col)
+        if self.label_codes is not None:
+            self.recode(row)
         for name in self.required:
             kind = missing_kind(row.get(name))
             if kind is not None:
@@ -178,6 +211,8 @@ class RowChecker:
             if self.label is not None:
                 problem = self.schema.check_label(row)  # type: ignore[union-attr]
                 if problem:
+                    if row[self.label] == -1 and self.mapping[self.label] in self.table.class_labels:
+                        problem += " (-1 is a ClassLabel's 'no label', as in an unlabelled test split)"
                     self.problems.bad(
                         "label outside the label map",
                         f"{self.table.path}: {self.table.where(i)}: {self.column(self.label)}: {problem} "
@@ -191,10 +226,18 @@ class RowChecker:
         blanks filled, converted; nothing checked again."""
         for name, col in self.renames:
             row[name] = row.get(col)
+        if self.label_codes is not None:
+            self.recode(row)
         for name, empty in self.blank:
             if missing_kind(row.get(name)) is not None:
                 row[name] = empty
         return self.coerce(row) if self.coerce is not None else row
+
+    def recode(self, row: dict) -> None:
+        """A ClassLabel id in the label field -> the schema's code of its name (`label_codes`)."""
+        value = row.get(self.label)  # type: ignore[arg-type]
+        if type(value) is int and value in self.label_codes:  # type: ignore[operator]
+            row[self.label] = self.label_codes[value]  # type: ignore[index]
 
     def _failing_field(self, row: dict) -> str:
         for name in self.schema.fields:  # type: ignore[union-attr]
@@ -204,6 +247,22 @@ class RowChecker:
                 except ValueError:
                     return name
         return "?"
+
+
+def delimiter_hint(table: Table) -> str:
+    """Why a CSV/TSV header is one column holding another separator (a semicolon CSV from a European Excel,
+    a tab-separated .csv): the separator is fixed by the format, not guessed (sniffing guesses wrong,
+    pandas-dev/pandas#53035)."""
+    if table.format not in ("csv", "tsv") or len(table.columns) != 1:
+        return ""
+    own, name = (",", "comma") if table.format == "csv" else ("\t", "tab")
+    counts = {d: table.columns[0].count(d) for d in (",", ";", "\t", "|") if d != own}
+    found = max(counts, key=counts.get)  # type: ignore[arg-type]
+    if not counts[found]:
+        return ""
+    fix = {",": "set `format: csv`", "\t": "set `format: tsv`"}.get(found, f"save it {name}-separated")
+    return (f" (one column holding {found!r}: the file looks {found!r}-separated, but {table.format.upper()} is "
+            f"read {name}-separated: {fix})")
 
 
 def strip_eos(text: str) -> tuple[str, str | None]:

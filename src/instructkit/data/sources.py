@@ -22,7 +22,13 @@ from instructkit.config import DatasetConfig
 from instructkit.data.chat_rows import chat_column
 from instructkit.data.chunks import read_chunks
 from instructkit.data.readers import SUFFIX_FORMATS, detect_format, iter_parallel, read_parallel, read_tables
-from instructkit.data.rows import RowChecker, column_candidates, instruction_kind, instruction_row
+from instructkit.data.rows import (
+    RowChecker,
+    column_candidates,
+    delimiter_hint,
+    instruction_kind,
+    instruction_row,
+)
 from instructkit.data.table import Problems, Table
 from instructkit.errors import ConfigError, DataError
 from instructkit.templates.schema import Schema
@@ -241,7 +247,7 @@ def set_kind(source: Source, table: Table, columns: Mapping[str, Any], schemas: 
         raise DataError(
             f"{table.path}: dataset {source.name!r} has no `schema:` and the file has neither "
             f"prompt/completion columns nor chat `messages` (columns: {', '.join(table.columns)})"
-            + _schema_hint(table.columns, schemas)
+            + (delimiter_hint(table) or _schema_hint(table.columns, schemas))
         )
     source.kind = kind
 
@@ -328,8 +334,8 @@ def rows_for_check(
 ) -> list[dict]:
     """The first `limit` rows of a data file mapped to `schema`'s fields, for `instructkit templates check`.
 
-    Values are not converted: the template check converts them itself and reports a bad value or a label
-    outside the map as a problem of that row. A missing column is a DataError naming the file, the
+    Values are not converted (but for ClassLabel ids, named as the label map names them): the template check
+    converts them itself and reports a bad value or a label outside the map as a problem of that row. A missing column is a DataError naming the file, the
     columns it has and the closest match. Required are the fields `templates` read (default: all the
     schema's fields). A saved DatasetDict gives its train split (else its first).
 
@@ -347,11 +353,14 @@ def rows_for_check(
     required = set(fields)
     if templates:
         required = set().union(*(t.fields_read for t in templates)) & set(fields)
-    checker = RowChecker(table, schema, fields, required, dict(columns or {}), templates, problems, None)
+    checker = RowChecker(table, schema, fields, required, dict(columns or {}), templates, problems,
+                         schema.label_field)
     rows = table.rows if limit is None else table.rows[:limit]
     for row in rows:
         for name, col in checker.renames:
             row[name] = row.get(col)
+        if checker.label_codes is not None:
+            checker.recode(row)
     return rows
 
 

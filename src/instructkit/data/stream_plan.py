@@ -21,7 +21,7 @@ import numpy as np
 from instructkit.config import DatasetConfig, RunConfig
 from instructkit.data.answers import OUTSIDE_DETECTED, Answers, decide_counts
 from instructkit.data.chunks import CHUNK_ROWS
-from instructkit.data.plan import DatasetPlan, cap_rows, dataset_templates, template_notes
+from instructkit.data.plan import DatasetPlan, cap_rows, dataset_templates, split_notes, template_notes
 from instructkit.data.sources import dataset_name
 from instructkit.data.split import DedupResult, split_rows
 from instructkit.data.stream_source import GIVEN_NAMES, StreamSource, hash_values, scan_source
@@ -159,7 +159,7 @@ def plan_streamed(dataset: DatasetConfig, library: TemplateLibrary, config: RunC
     result = split_rows(len(rows), validation=split_cfg.validation, test=split_cfg.test, seed=split_cfg.seed,
                         labels=labels, groups=groups, given=given, stratify=split_cfg.stratify,
                         held_out=dataset.held_out)
-    notes = list(source.notes) + template_notes(dataset, train_templates)
+    notes = list(source.notes) + template_notes(dataset, train_templates) + split_notes(result)
     plan = DatasetPlan(config=dataset, name=name, schema=schema, source=source, train_templates=train_templates,
                        eval_templates=eval_templates, held_out_ids=held_ids, dedup=dedup, split=result, rows=rows,
                        rows_capped=capped, problems=Problems(dataset.skip_bad_rows), answers=answers, notes=notes)

@@ -7,7 +7,7 @@ skipped and counted by reason, and the first `MAX_SAMPLES` messages are kept for
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from instructkit.errors import DataError, InstructkitError
 
@@ -64,6 +64,9 @@ class Table:
     """1-based `unit` numbers when rows were skipped while parsing (else the row's index + 1)."""
     offset: int = 0
     """Rows of the same file before this Table (a chunk of a file read in parts): row i is row offset + i."""
+    class_labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Column -> the names of its Hugging Face `ClassLabel` feature (ids 0, 1, ... name names[id]), from the
+    features a saved dataset or a Parquet file written by `datasets` carries."""
 
     def where(self, index: int) -> str:
         """`line 12` / `record 3` / `row 7`: how row `index` (0-based) is named in messages."""

@@ -134,7 +134,12 @@ def _native_template(raw: Any, schema: Schema, where: str) -> Template:
             raise TemplateError(f"{where}: missing `{key}`")
     choices = raw.get("answer_choices")
     if isinstance(choices, list):
-        choices = tuple(str(c) for c in choices)
+        # stripped as rendered completions and `|||` choices are: [" yes", " no"] (a leading space, as
+        # lm-evaluation-harness writes targets) is yes / no, never a list no completion can match
+        choices = tuple(str(c).strip() for c in choices)
+        if "" in choices or len(set(choices)) < len(choices):
+            raise TemplateError(f"{where}: `answer_choices` {list(raw['answer_choices'])} has an empty or repeated "
+                                "choice (choices are compared without surrounding whitespace)")
     elif choices is not None and not isinstance(choices, str):
         raise TemplateError(f"{where}: `answer_choices` must be a list or a Jinja string with |||")
     metrics = raw.get("metrics") or ()

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,4000}")
+"""Integer text int() reads exactly (float() rounds past 2**53: 12345678901234567891 -> ...568), within
+Python's 4,300-digit limit on converting text to int."""
 
 
 def label_key(value: Any) -> str:
@@ -20,6 +25,8 @@ def label_key(value: Any) -> str:
         return str(int(value))
     if isinstance(value, str):
         text = value.strip()
+        if _INTEGER_TEXT.fullmatch(text):
+            return str(int(text))
         try:
             number = float(text)
         except ValueError:
@@ -87,6 +94,10 @@ def _coerce_value(value: Any, type_name: str, name: str) -> Any:
             return int(value)
         if isinstance(value, int):
             return value
+        if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+            return int(value)  # exact, as JSON and Parquet give it
+        if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+            return int(value)
         try:
             number = float(value)
         except (TypeError, ValueError):
