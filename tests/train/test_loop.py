@@ -263,6 +263,43 @@ def test_resume_refuses_changed_batch_settings(tiny_tokenizer, tmp_path):
              train_config(batch_size=2, max_steps=4), resume=True)
 
 
+@pytest.mark.parametrize("layout", [{"batch_size": 2, "grad_accum": 4}, {"batch_size": 8, "grad_accum": 1}],
+                         ids=["batch2_accum4", "batch8_accum1"])
+def test_resume_with_the_same_global_batch_split_otherwise_continues_the_same_steps(tiny_tokenizer, tmp_path,
+                                                                                     layout, caplog):
+    """transformers#43708: a checkpoint of (batch 4, accum 2) resumed with another split of the same 8 examples
+    per step trains the same steps (equal up to rounding), instead of being refused as changed data."""
+    dataset, settings = tokenized(make_examples(24), tiny_tokenizer)
+    base = {"max_steps": 3, "packing": False, "group_by_length": False, "save_every": 1}
+    full = build_tiny_llama(tiny_tokenizer)
+    reference = _run(full, tiny_tokenizer, dataset, settings, tmp_path / "full",
+                     train_config(batch_size=4, grad_accum=2, **base))
+    cut = tmp_path / "cut"
+
+    calls = []
+
+    def stop_after_one(model):  # the validation of step 2 stops the run: checkpoint 1 is the newest
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Interrupt()
+        return {}
+
+    with pytest.raises(_Interrupt):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, cut,
+             train_config(batch_size=4, grad_accum=2, eval_every=1, **base), validate=stop_after_one)
+    assert latest_good_checkpoint(cut).name == "step-000001"
+    model = build_tiny_llama(tiny_tokenizer, seed=5)
+    resumed = _run(model, tiny_tokenizer, dataset, settings, cut, train_config(**layout, **base), resume=True)
+    assert resumed.steps == 3 and "grad_accum was 2" in caplog.text
+    np.testing.assert_allclose(_losses(resumed), _losses(reference), rtol=0, atol=1e-5)
+    _assert_same_weights(trainable_tensors(model), trainable_tensors(full), atol=1e-5)
+    # other data of as many examples is still refused, whatever the split
+    other, _ = tokenized(make_examples(24, seed=3), tiny_tokenizer)
+    with pytest.raises(TrainingError, match="lengths in tokens differ"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, other, settings, cut, train_config(**layout, **base),
+             resume=True)
+
+
 def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(tiny_tokenizer, tmp_path, caplog):
     dataset, settings = tokenized(make_examples(4), tiny_tokenizer)
     other = subprocess.Popen(["sleep", "60"])
