@@ -196,3 +196,18 @@ def test_sigkilled_run_resumes_to_bitwise_equal_weights(tmp_path):
     differing = [k for k in reference if not torch.equal(reference[k], resumed[k])]
     assert not differing, f"not bitwise equal: {differing[:5]}"
     assert not (cut / ".lock").exists()
+
+
+def test_fp16_loss_scale_is_resumed(tmp_path):
+    """transformers#11323 / #34053: the fp16 GradScaler's state (scale, growth tracker) is checkpointed. Without
+    it the resumed run restarts at the initial scale, overflows where the uninterrupted run did not, skips that
+    step and ends elsewhere; with it the resumed run ends bitwise equal."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(HERE / "_fp16_scaler_worker.py"), str(tmp_path)], env=env, cwd=HERE,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["reference_norms"][1] == float("inf")  # step 2 was skipped, the scale halved
+    assert out["resumed"] == out["reference"]
+    assert out["resumed_norms"] == out["reference_norms"]  # no overflow of its own after the resume
+    assert out["worst"] == 0.0

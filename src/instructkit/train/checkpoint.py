@@ -8,7 +8,8 @@ DCP shards instead, train/dcp_checkpoint.py):
     optimizer.json          param_groups, non-tensor state, and the parameter name of every index
     rng.safetensors         torch RNG state (uint8) of every process: "torch.<rank>" (+ "cuda.<rank>.<device>")
     state.json              step, scheduler state, data position (epoch, step in epoch, sampler seed, plan
-                            digest), python and numpy RNG state per process, caller extras
+                            digest), python and numpy RNG state per process, caller extras (the loop: its
+                            TrainState and the fp16 loss scale)
     manifest.json           sha256 and size of every file above; written last
 
 It is written to `checkpoints/.tmp-step-000123-<pid>/`, every file fsynced, then the folder is renamed into

@@ -16,7 +16,7 @@ from instructkit.data.sampler import plan_digest, plan_epoch
 from instructkit.errors import TrainingError
 from instructkit.train.checkpoint import checkpoints_dir, latest_good_checkpoint, load_checkpoint
 from instructkit.train.dcp_checkpoint import is_sharded_checkpoint, load_sharded
-from instructkit.train.distributed import broadcast
+from instructkit.train.distributed import broadcast, restore_grad_scaler
 from instructkit.train.state import Run, TrainState
 from instructkit.train.tracking import best_step_on_disk, keep_best
 
@@ -38,6 +38,7 @@ def resume_point(run: Run, resume: bool) -> tuple[TrainState, Path | None]:
             last_checkpoint = Path(found)
             saved = _load(run, last_checkpoint)
             state = TrainState(**saved["extra"]["state"])
+            restore_grad_scaler(run.accelerator, saved["extra"].get("grad_scaler"), str(last_checkpoint))
             check_position(run, saved["sampler"], last_checkpoint)
             if state.best_step == state.step and best_step_on_disk(run) != state.step:
                 keep_best(run, state, last_checkpoint)  # killed between this checkpoint and its best weights

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from instructkit.train.checkpoint import checkpoints_dir, save_checkpoint
 from instructkit.train.dcp_checkpoint import save_sharded
-from instructkit.train.distributed import gather_rng
+from instructkit.train.distributed import gather_rng, grad_scaler_state
 from instructkit.train.resume import data_position
 from instructkit.train.state import Run, TrainState
 
@@ -23,7 +23,8 @@ def checkpoint_due(run: Run, state: TrainState, last: bool, validated: bool) -> 
 def save(run: Run, state: TrainState, epoch_plan: list) -> Path:
     """Checkpoint this step (every process's RNG state included); every process calls it and returns
     once the checkpoint is complete."""
-    position, extra = data_position(run, state, epoch_plan), {"state": asdict(state)}
+    position = data_position(run, state, epoch_plan)
+    extra = {"state": asdict(state), "grad_scaler": grad_scaler_state(run.accelerator)}
     if run.sharded:
         return save_sharded(run, state.step, position, extra)
     rng = gather_rng(run.accelerator)
