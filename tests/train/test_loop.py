@@ -389,6 +389,38 @@ def test_early_stopping_after_patience_keeps_the_best_weights(tiny_tokenizer, tm
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
 
 
+def test_resume_keeps_the_best_its_checkpoint_knows_not_a_lost_later_one(tiny_tokenizer, tmp_path):
+    """transformers#22172 (PR#26739) family, best-model bookkeeping across a resume: checkpoints every 4 steps,
+    validation every 2. Step 2 is the best when checkpoint 4 is written; step 6 writes a better best, then the
+    run dies at step 8. Resumed from checkpoint 4 to step 5 (a shortened run), the best it knows is step 2: it
+    must end on step 2's weights, not on step 6's from steps it never trained."""
+    dataset, settings = tokenized(make_examples(32), tiny_tokenizer)
+    scores, snapshots, calls = {2: 0.5, 4: 0.4, 6: 0.9}, {}, []
+
+    def validate(m):  # run 1 validates at steps 2, 4, 6 and dies at 8; the resumed run at its last step, 5
+        calls.append(1)
+        step = [2, 4, 6, 8, 5][len(calls) - 1]
+        if step == 8:
+            raise _Interrupt()
+        snapshots[step] = trainable_tensors(m)
+        return {"score": scores.get(step, 0.2)}
+
+    def cfg(steps):
+        return train_config(batch_size=2, max_steps=steps, eval_every=2, save_every=4, packing=False,
+                            early_stopping={"metric": "score", "patience": 10, "greater_is_better": True})
+
+    with pytest.raises(_Interrupt):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, cfg(8), validate=validate)
+    assert latest_good_checkpoint(tmp_path).name == "step-000004"
+    assert json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())["step"] == 6  # the lost step's
+    model = build_tiny_llama(tiny_tokenizer, seed=5)
+    result = _run(model, tiny_tokenizer, dataset, settings, tmp_path, cfg(5), validate=validate, resume=True)
+    assert sorted(snapshots) == [2, 4, 5, 6] and result.steps == 5
+    assert (result.best_step, result.best_value) == (2, 0.5)
+    assert json.loads((result.best_path / "best.json").read_text())["step"] == 2
+    _assert_kept(result, model, snapshots[2])
+
+
 @pytest.mark.parametrize("greater_is_better, declared, best_step, steps", [
     (False, None, 2, 4),  # best 0.5 at step 2, then 0.6 and 0.7: 2 validations without improvement
     (None, {"ter": False}, 2, 4),  # the direction validate declares (a metric's definition)

@@ -14,7 +14,14 @@ import numpy as np
 
 from instructkit.data.sampler import plan_digest, plan_epoch
 from instructkit.errors import TrainingError
-from instructkit.train.checkpoint import checkpoints_dir, latest_good_checkpoint, load_checkpoint
+from instructkit.train.checkpoint import (
+    BEST_WEIGHTS,
+    best_dir,
+    checkpoints_dir,
+    latest_good_checkpoint,
+    load_checkpoint,
+    save_best,
+)
 from instructkit.train.dcp_checkpoint import is_sharded_checkpoint, load_sharded
 from instructkit.train.distributed import broadcast, restore_grad_scaler
 from instructkit.train.state import Run, TrainState
@@ -40,14 +47,37 @@ def resume_point(run: Run, resume: bool) -> tuple[TrainState, Path | None]:
             state = TrainState(**saved["extra"]["state"])
             restore_grad_scaler(run.accelerator, saved["extra"].get("grad_scaler"), str(last_checkpoint))
             check_position(run, saved["sampler"], last_checkpoint)
-            if state.best_step == state.step and best_step_on_disk(run) != state.step:
-                keep_best(run, state, last_checkpoint)  # killed between this checkpoint and its best weights
+            _restore_best(run, state, last_checkpoint)
             logger.info("resumed from %s (step %d of %d)", last_checkpoint, state.step, run.total_steps)
     if last_checkpoint is None and run.main and checkpoints_dir(run.run_dir).exists():
         logger.warning("starting fresh: removing the earlier run's checkpoints in %s", checkpoints_dir(run.run_dir))
         shutil.rmtree(checkpoints_dir(run.run_dir))
     run.accelerator.wait_for_everyone()
     return state, last_checkpoint
+
+
+def _restore_best(run: Run, state: TrainState, checkpoint: Path) -> None:
+    """Make checkpoints/best the best this checkpoint's state knows. It may hold another step's weights: the run
+    was killed between the checkpoint and its best weights (written now, from the checkpoint), or a step after
+    the checkpoint wrote a new best and was lost with the run (the checkpoint's best.safetensors goes back; no
+    best: the folder goes). Otherwise the resumed run would end on weights of steps it never trained."""
+    on_disk = broadcast(run.accelerator, best_step_on_disk(run) if run.main else None)  # one answer for all
+    if on_disk == state.best_step:
+        return
+    if state.best_step == state.step:
+        keep_best(run, state, checkpoint)
+        return
+    if run.main:
+        if state.best_step is None:
+            shutil.rmtree(best_dir(run.run_dir), ignore_errors=True)
+        elif (checkpoint / BEST_WEIGHTS).is_file():
+            save_best(run.run_dir, run.unwrapped, {"step": state.best_step, "metric": state.best_metric,
+                                                   "value": state.best_value}, weights_from=checkpoint / BEST_WEIGHTS)
+        else:
+            logger.warning("resume: checkpoints/best holds step %s, but %s has step %s as the best and does not "
+                           "keep its weights (an older checkpoint); checkpoints/best stays as it is", on_disk,
+                           checkpoint, state.best_step)
+    run.accelerator.wait_for_everyone()
 
 
 def _load(run: Run, path: Path) -> dict[str, Any]:
