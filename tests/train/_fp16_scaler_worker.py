@@ -4,9 +4,10 @@
 
 Accelerate runs CPU fp16 unscaled; here it gets what it does on CUDA, fp16 autocast and a GradScaler
 (growth every 2 good steps, so the scale moves within a few steps). Step 2's gradient is made Inf once: the
-scaler skips it and halves its scale. Three runs: 6 steps; 3 steps; that run resumed from its step-3
-checkpoint to step 6 with a fresh scaler (as a new process has). Prints JSON: both final scaler
-states, the largest weight difference, both runs' gradient norms.
+scaler skips it and halves its scale. Two runs of 6 steps (linear schedule, a checkpoint every step): one
+uninterrupted, one stopped in step 4's backward and resumed from checkpoint 3 with a fresh scaler (as a
+new process has). Prints JSON: both final scaler states, the largest weight difference, both runs' gradient
+norms and learning rates.
 """
 
 from __future__ import annotations
@@ -31,30 +32,41 @@ def main(work: Path) -> None:
     tokenizer = build_tiny_tokenizer()
     dataset, settings = h.tokenized(h.make_examples(24), tokenizer)
 
-    def run(run_dir: Path, steps: int = 6, resume: bool = False, overflow_at: int = 2):
+    class Stop(Exception):
+        pass
+
+    def run(run_dir: Path, resume: bool = False, overflow_at: int = 2, stop_at: int = 0):
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=2)
         model = build_tiny_llama(tokenizer, seed=5 if resume else 0)
         backwards = []
 
         def overflow(grad):
             backwards.append(1)
+            if len(backwards) == stop_at:
+                raise Stop()
             return grad * float("inf") if len(backwards) == overflow_at else grad
 
         model.model.norm.weight.register_hook(overflow)
-        cfg = h.train_config(batch_size=4, max_steps=steps, packing=False, precision="fp16")  # constant lr
-        train(model, tokenizer, TrainData(dataset), cfg, run_dir,
-              TrainOptions(settings=settings, is_seq2seq=False, show_progress=False, resume=resume,
-                           accelerator=accelerator))
-        norms = [r["grad_norm"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                 if r["event"] == "train"]
-        return dict(model.named_parameters()), (accelerator.scaler.state_dict(), norms)
+        cfg = h.train_config(batch_size=4, max_steps=6, packing=False, precision="fp16", schedule="linear",
+                             save_every=1)
+        try:
+            train(model, tokenizer, TrainData(dataset), cfg, run_dir,
+                  TrainOptions(settings=settings, is_seq2seq=False, show_progress=False, resume=resume,
+                               accelerator=accelerator))
+        except Stop:
+            return None, None
+        records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                   if r["event"] == "train"]
+        return dict(model.named_parameters()), (accelerator.scaler.state_dict(), records)
 
-    reference, (ref_scaler, ref_norms) = run(work / "full")
-    run(work / "cut", steps=3)  # its last checkpoint, step 3, is continued to step 6
-    resumed, (scaler, norms) = run(work / "cut", resume=True, overflow_at=0)  # step 2's skip is behind it
+    reference, (ref_scaler, ref_records) = run(work / "full")
+    run(work / "cut", stop_at=4)  # stopped in step 4's backward: checkpoint 3 is the newest
+    resumed, (scaler, records) = run(work / "cut", resume=True, overflow_at=0)  # step 2's skip is behind it
     worst = max((reference[k] - resumed[k]).abs().max().item() for k in reference)
-    print(json.dumps({"reference": ref_scaler, "resumed": scaler, "worst": worst, "reference_norms": ref_norms,
-                      "resumed_norms": norms}))
+    print(json.dumps({"reference": ref_scaler, "resumed": scaler, "worst": worst,
+                      "reference_norms": [r["grad_norm"] for r in ref_records],
+                      "resumed_norms": [r["grad_norm"] for r in records],
+                      "reference_lrs": [r["lr"] for r in ref_records], "resumed_lrs": [r["lr"] for r in records]}))
 
 
 if __name__ == "__main__":
