@@ -1,6 +1,6 @@
 """Subprocess for the fp16 loss-scale resume test (accelerate keeps one mixed-precision state per process).
 
-    python tests/train/_fp16_scaler_worker.py WORK_DIR
+    python tests/train/_fp16_scaler_worker.py WORK_DIR [--cpu-fp16]
 
 Accelerate runs CPU fp16 unscaled; here it gets what it does on CUDA, fp16 autocast and a GradScaler
 (growth every 2 good steps, so the scale moves within a few steps). Step 2's gradient is made Inf once: the
@@ -8,6 +8,9 @@ scaler skips it and halves its scale. Two runs of 6 steps (linear schedule, a ch
 uninterrupted, one stopped in step 4's backward and resumed from checkpoint 3 with a fresh scaler (as a
 new process has). Prints JSON: both final scaler states, the largest weight difference, both runs' gradient
 norms and learning rates.
+
+--cpu-fp16: accelerate's own CPU fp16 instead (no autocast, no scaler), the same Inf at step 2, a checkpoint
+every step. Prints JSON: the error, the checkpoints written and whether each one's weights are finite.
 """
 
 from __future__ import annotations
@@ -17,6 +20,37 @@ import sys
 from pathlib import Path
 
 import _train_helpers as h
+
+
+def cpu_fp16(work: Path) -> None:
+    import torch
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+    from safetensors.torch import load_file
+
+    from instructkit.errors import TrainingError
+    from instructkit.train.checkpoint import list_checkpoints
+    from instructkit.train.loop import TrainData, TrainOptions, train
+
+    torch.set_num_threads(1)
+    tokenizer = build_tiny_tokenizer()
+    dataset, settings = h.tokenized(h.make_examples(24), tokenizer)
+    model = build_tiny_llama(tokenizer)
+    backwards = []
+
+    def overflow(grad):
+        backwards.append(1)
+        return grad * float("inf") if len(backwards) == 2 else grad
+
+    model.model.norm.weight.register_hook(overflow)
+    error = None
+    try:
+        cfg = h.train_config(batch_size=4, max_steps=4, packing=False, precision="fp16", save_every=1)
+        train(model, tokenizer, TrainData(dataset), cfg, work,
+              TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
+    except TrainingError as exc:
+        error = str(exc)
+    print(json.dumps({"error": error, "checkpoints": {p.name: all(bool(torch.isfinite(t).all()) for t in load_file(
+        str(p / "model.safetensors")).values()) for p in list_checkpoints(work)}}))
 
 
 def main(work: Path) -> None:
@@ -70,4 +104,4 @@ def main(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (cpu_fp16 if "--cpu-fp16" in sys.argv else main)(Path(sys.argv[1]))

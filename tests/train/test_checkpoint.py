@@ -227,3 +227,17 @@ def test_a_step_the_fp16_scaler_skips_does_not_advance_the_schedule(fp16_runs):
     schedule (6 steps, no warmup) then goes on from there."""
     np.testing.assert_allclose(fp16_runs["reference_lrs"], [1e-3 * f for f in (1, 5 / 6, 5 / 6, 4 / 6, 3 / 6, 2 / 6)],
                                rtol=1e-12)
+
+
+def test_fp16_without_a_grad_scaler_still_stops_before_an_inf_step(tmp_path):
+    """accelerate#101 (fp16 asked, not applied) meets the NaN/Inf guard: accelerate runs CPU fp16 with no scaler,
+    yet the guard let a non-finite gradient through as if a scaler would skip it; the Inf reached the weights
+    and checkpoint 2 saved them. Now the run stops at step 2 with checkpoint 1, finite, as the newest."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(HERE / "_fp16_scaler_worker.py"), str(tmp_path), "--cpu-fp16"],
+                          env=env, cwd=HERE, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["error"] is not None and "diverged at step 2" in out["error"] and "not applied" in out["error"]
+    assert out["checkpoints"] == {"step-000001": True}
+    assert "trains in fp32" in done.stderr

@@ -35,9 +35,13 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     start()  # the process group (several processes), with the long wait for rank 0's evaluations
     precision = "fp32" if cfg.sharding == "fsdp" else cfg.precision
     try:
-        return Accelerator(cpu=cpu_only(), mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+        accelerator = Accelerator(cpu=cpu_only(), mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
     except ValueError as exc:  # accelerate keeps one state per process
         raise TrainingError(f"train.precision={cfg.precision}: {exc} (or pass your own accelerator=)") from None
+    if precision == "fp16" and accelerator.scaler is None:
+        logger.warning("train.precision=fp16 on %s: accelerate runs it without autocast or loss scaling, so this run "
+                       "trains in fp32 (bf16 is the mixed precision CPUs have)", accelerator.device.type)
+    return accelerator
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -91,8 +91,10 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     loss = loss_sum / weight
     norm = norm_sum / accelerator.num_processes  # the same on every process after DDP's / FSDP2's reduction
     lr = scheduler.get_last_lr()[0]
-    # fp16: the grad scaler skips Inf steps by design; everywhere else Inf/NaN means divergence.
-    if not math.isfinite(loss) or (not math.isfinite(norm) and accelerator.mixed_precision != "fp16"):
+    # fp16 with a grad scaler: it skips Inf steps by design; everywhere else Inf/NaN means divergence (accelerate
+    # gives CPU fp16 no scaler: nothing would skip the step, and the Inf would reach the weights).
+    scaled = getattr(accelerator, "scaler", None) is not None
+    if not math.isfinite(loss) or (not math.isfinite(norm) and not scaled):
         applied = ("It was already applied (train.optimizer_in_backward), but no checkpoint was written after "
                    "it: resume from the last one. Lower train.lr, or turn train.optimizer_in_backward off and keep "
                    "train.max_grad_norm on." if in_backward is not None else "The step was not applied and no "
