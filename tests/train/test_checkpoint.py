@@ -196,3 +196,48 @@ def test_sigkilled_run_resumes_to_bitwise_equal_weights(tmp_path):
     differing = [k for k in reference if not torch.equal(reference[k], resumed[k])]
     assert not differing, f"not bitwise equal: {differing[:5]}"
     assert not (cut / ".lock").exists()
+
+
+
+@pytest.fixture(scope="module")
+def fp16_runs(tmp_path_factory) -> dict:
+    """tests/train/_fp16_scaler_worker.py's JSON: fp16 runs with a grad scaler, an overflow at step 2, one
+    uninterrupted and one resumed from checkpoint 3 (its own process: one mixed-precision state a process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(HERE / "_fp16_scaler_worker.py"), str(tmp_path_factory.mktemp("fp16"))],
+                          env=env, cwd=HERE, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fp16_loss_scale_is_resumed(fp16_runs):
+    """transformers#11323 / #34053: the fp16 GradScaler's state (scale, growth tracker) is checkpointed. Without
+    it the resumed run restarts at the initial scale, overflows where the uninterrupted run did not, skips that
+    step and ends elsewhere; with it the resumed run ends bitwise equal."""
+    out = fp16_runs
+    assert out["reference_norms"][1] == float("inf")  # step 2 was skipped, the scale halved
+    assert out["resumed"] == out["reference"]
+    assert out["resumed_norms"] == out["reference_norms"]  # no overflow of its own after the resume
+    assert out["worst"] == 0.0
+    assert out["resumed_lrs"] == out["reference_lrs"]
+
+
+def test_a_step_the_fp16_scaler_skips_does_not_advance_the_schedule(fp16_runs):
+    """transformers#11106: the overflow step 2 updates nothing, so step 3 trains at step 2's lr; the linear
+    schedule (6 steps, no warmup) then goes on from there."""
+    np.testing.assert_allclose(fp16_runs["reference_lrs"], [1e-3 * f for f in (1, 5 / 6, 5 / 6, 4 / 6, 3 / 6, 2 / 6)],
+                               rtol=1e-12)
+
+
+def test_fp16_without_a_grad_scaler_still_stops_before_an_inf_step(tmp_path):
+    """accelerate#101 (fp16 asked, not applied) meets the NaN/Inf guard: accelerate runs CPU fp16 with no scaler,
+    yet the guard let a non-finite gradient through as if a scaler would skip it; the Inf reached the weights
+    and checkpoint 2 saved them. Now the run stops at step 2 with checkpoint 1, finite, as the newest."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(HERE / "_fp16_scaler_worker.py"), str(tmp_path), "--cpu-fp16"],
+                          env=env, cwd=HERE, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["error"] is not None and "diverged at step 2" in out["error"] and "not applied" in out["error"]
+    assert out["checkpoints"] == {"step-000001": True}
+    assert "trains in fp32" in done.stderr

@@ -263,6 +263,43 @@ def test_resume_refuses_changed_batch_settings(tiny_tokenizer, tmp_path):
              train_config(batch_size=2, max_steps=4), resume=True)
 
 
+@pytest.mark.parametrize("layout", [{"batch_size": 2, "grad_accum": 4}, {"batch_size": 8, "grad_accum": 1}],
+                         ids=["batch2_accum4", "batch8_accum1"])
+def test_resume_with_the_same_global_batch_split_otherwise_continues_the_same_steps(tiny_tokenizer, tmp_path,
+                                                                                     layout, caplog):
+    """transformers#43708: a checkpoint of (batch 4, accum 2) resumed with another split of the same 8 examples
+    per step trains the same steps (equal up to rounding), instead of being refused as changed data."""
+    dataset, settings = tokenized(make_examples(24), tiny_tokenizer)
+    base = {"max_steps": 3, "packing": False, "group_by_length": False, "save_every": 1}
+    full = build_tiny_llama(tiny_tokenizer)
+    reference = _run(full, tiny_tokenizer, dataset, settings, tmp_path / "full",
+                     train_config(batch_size=4, grad_accum=2, **base))
+    cut = tmp_path / "cut"
+
+    calls = []
+
+    def stop_after_one(model):  # the validation of step 2 stops the run: checkpoint 1 is the newest
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Interrupt()
+        return {}
+
+    with pytest.raises(_Interrupt):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, cut,
+             train_config(batch_size=4, grad_accum=2, eval_every=1, **base), validate=stop_after_one)
+    assert latest_good_checkpoint(cut).name == "step-000001"
+    model = build_tiny_llama(tiny_tokenizer, seed=5)
+    resumed = _run(model, tiny_tokenizer, dataset, settings, cut, train_config(**layout, **base), resume=True)
+    assert resumed.steps == 3 and "grad_accum was 2" in caplog.text
+    np.testing.assert_allclose(_losses(resumed), _losses(reference), rtol=0, atol=1e-5)
+    _assert_same_weights(trainable_tensors(model), trainable_tensors(full), atol=1e-5)
+    # other data of as many examples is still refused, whatever the split
+    other, _ = tokenized(make_examples(24, seed=3), tiny_tokenizer)
+    with pytest.raises(TrainingError, match="lengths in tokens differ"):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, other, settings, cut, train_config(**layout, **base),
+             resume=True)
+
+
 def test_lock_refuses_a_second_run_and_takes_over_a_stale_one(tiny_tokenizer, tmp_path, caplog):
     dataset, settings = tokenized(make_examples(4), tiny_tokenizer)
     other = subprocess.Popen(["sleep", "60"])
@@ -350,6 +387,38 @@ def test_early_stopping_after_patience_keeps_the_best_weights(tiny_tokenizer, tm
     evals = [r for r in result.history if r["event"] == "eval"]
     assert [r["score"] for r in evals] == [0.2, 0.5, 0.4, 0.45]
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+
+
+def test_resume_keeps_the_best_its_checkpoint_knows_not_a_lost_later_one(tiny_tokenizer, tmp_path):
+    """transformers#22172 (PR#26739) family, best-model bookkeeping across a resume: checkpoints every 4 steps,
+    validation every 2. Step 2 is the best when checkpoint 4 is written; step 6 writes a better best, then the
+    run dies at step 8. Resumed from checkpoint 4 to step 5 (a shortened run), the best it knows is step 2: it
+    must end on step 2's weights, not on step 6's from steps it never trained."""
+    dataset, settings = tokenized(make_examples(32), tiny_tokenizer)
+    scores, snapshots, calls = {2: 0.5, 4: 0.4, 6: 0.9}, {}, []
+
+    def validate(m):  # run 1 validates at steps 2, 4, 6 and dies at 8; the resumed run at its last step, 5
+        calls.append(1)
+        step = [2, 4, 6, 8, 5][len(calls) - 1]
+        if step == 8:
+            raise _Interrupt()
+        snapshots[step] = trainable_tensors(m)
+        return {"score": scores.get(step, 0.2)}
+
+    def cfg(steps):
+        return train_config(batch_size=2, max_steps=steps, eval_every=2, save_every=4, packing=False,
+                            early_stopping={"metric": "score", "patience": 10, "greater_is_better": True})
+
+    with pytest.raises(_Interrupt):
+        _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path, cfg(8), validate=validate)
+    assert latest_good_checkpoint(tmp_path).name == "step-000004"
+    assert json.loads((tmp_path / "checkpoints" / "best" / "best.json").read_text())["step"] == 6  # the lost step's
+    model = build_tiny_llama(tiny_tokenizer, seed=5)
+    result = _run(model, tiny_tokenizer, dataset, settings, tmp_path, cfg(5), validate=validate, resume=True)
+    assert sorted(snapshots) == [2, 4, 5, 6] and result.steps == 5
+    assert (result.best_step, result.best_value) == (2, 0.5)
+    assert json.loads((result.best_path / "best.json").read_text())["step"] == 2
+    _assert_kept(result, model, snapshots[2])
 
 
 @pytest.mark.parametrize("greater_is_better, declared, best_step, steps", [

@@ -8,7 +8,10 @@ DCP shards instead, train/dcp_checkpoint.py):
     optimizer.json          param_groups, non-tensor state, and the parameter name of every index
     rng.safetensors         torch RNG state (uint8) of every process: "torch.<rank>" (+ "cuda.<rank>.<device>")
     state.json              step, scheduler state, data position (epoch, step in epoch, sampler seed, plan
-                            digest), python and numpy RNG state per process, caller extras
+                            digest), python and numpy RNG state per process, caller extras (the loop: its
+                            TrainState and the fp16 loss scale)
+    best.safetensors        checkpoints/best's weights when the best step is an earlier one (a hard link): a
+                            resume puts back the best this state knows, not one a later, lost step wrote
     manifest.json           sha256 and size of every file above; written last
 
 It is written to `checkpoints/.tmp-step-000123-<pid>/`, every file fsynced, then the folder is renamed into
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+BEST_WEIGHTS = "best.safetensors"  # in a checkpoint: the weights of its state's best step (see the docstring)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT = 1
 
@@ -185,6 +189,15 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """`target` becomes `source`'s bytes: a hard link (never rewritten in place, so it stays valid), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+        _fsync_file(target)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=1)
@@ -259,11 +272,13 @@ def save_checkpoint(
     rng_state: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    best_weights: Path | None = None,
 ) -> Path:
     """Write `checkpoints/step-<step>` atomically and keep only the newest `keep` checkpoints.
 
     `model` is the unwrapped model (no DDP wrapper). `rng_state` is one process's `capture_rng()` or a
-    list with one per process (rank order); default: this process's. Returns the checkpoint folder.
+    list with one per process (rank order); default: this process's. `best_weights`: see `write_state`.
+    Returns the checkpoint folder.
     """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -277,16 +292,20 @@ def save_checkpoint(
     _write_tensors(folder / "optimizer.safetensors", opt_tensors)
     _write_json(folder / "optimizer.json", opt_meta)
 
-    write_state(folder, step, scheduler, sampler_state, rng_state, extra)
+    write_state(folder, step, scheduler, sampler_state, rng_state, extra, best_weights)
     target = _seal(folder, root / step_dir_name(step), {"step": step})
     _prune(root, keep)
     return target
 
 
 def write_state(folder: Path, step: int, scheduler: Any, sampler_state: dict[str, Any],
-                rng_state: dict[str, Any] | Sequence[dict[str, Any]] | None, extra: dict[str, Any] | None) -> None:
+                rng_state: dict[str, Any] | Sequence[dict[str, Any]] | None, extra: dict[str, Any] | None,
+                best_weights: Path | None = None) -> None:
     """rng.safetensors (torch RNG of every process) + state.json (step, scheduler, data position, python and
-    numpy RNG per process, extras): the part of a checkpoint that does not depend on how weights are kept."""
+    numpy RNG per process, extras): the part of a checkpoint that does not depend on how weights are kept;
+    plus `best_weights` (a weights file: checkpoints/best's) linked as best.safetensors."""
+    if best_weights is not None:
+        link_or_copy(best_weights, folder / BEST_WEIGHTS)
     states = [capture_rng()] if rng_state is None else (
         [rng_state] if isinstance(rng_state, dict) else list(rng_state))
     rng_tensors: dict[str, torch.Tensor] = {}
@@ -388,10 +407,10 @@ def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str
               weights_from: str | os.PathLike | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `checkpoints/best/` (trainable weights in safetensors + best.json) atomically, replacing it.
 
-    `weights_from`: a checkpoint of this very step; its model.safetensors (the same bytes) is hard-linked
+    `weights_from`: a checkpoint of this very step, whose model.safetensors (the same bytes) is hard-linked
     instead of written again (checkpoint files are never rewritten in place, so the link stays valid when
-    the checkpoint is pruned). Falls back to writing where links are not possible. `tensors`: the weights
-    to write instead of the model's (FSDP2: gathered from the shards).
+    the checkpoint is pruned), or a weights file (a checkpoint's best.safetensors); copied where links are not
+    possible. `tensors`: the weights to write instead of the model's (FSDP2: gathered from the shards).
     """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -401,7 +420,8 @@ def save_best(run_dir: str | os.PathLike, model: torch.nn.Module, info: dict[str
     try:
         if weights_from is None:
             raise FileNotFoundError
-        os.link(Path(weights_from) / "model.safetensors", folder / "model.safetensors")
+        source = Path(weights_from)
+        link_or_copy(source if source.is_file() else source / "model.safetensors", folder / "model.safetensors")
     except OSError:
         _write_tensors(folder / "model.safetensors", trainable_state(model) if tensors is None else tensors)
     _write_json(folder / "best.json", _jsonable(info))

@@ -74,8 +74,10 @@ def _state_dicts(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any]
     return {**weights, **tensors}, {k: v for k, v in optim.items() if not isinstance(v, torch.Tensor)}
 
 
-def save_sharded(run: Any, step: int, sampler_state: dict[str, Any], extra: dict[str, Any]) -> Path:
-    """Write `checkpoints/step-<step>` from every process (a collective) and return its path."""
+def save_sharded(run: Any, step: int, sampler_state: dict[str, Any], extra: dict[str, Any],
+                 best_weights: Path | None = None) -> Path:
+    """Write `checkpoints/step-<step>` from every process (a collective) and return its path
+    (`best_weights`: checkpoint.write_state)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
@@ -95,7 +97,7 @@ def save_sharded(run: Any, step: int, sampler_state: dict[str, Any], extra: dict
     if run.main:
         _write_json(folder / "optimizer.json", {"scalars": _jsonable(scalars), "world_size":
                                                 run.accelerator.num_processes})
-        write_state(folder, step, run.scheduler, sampler_state, rng, extra)
+        write_state(folder, step, run.scheduler, sampler_state, rng, extra, best_weights)
         target = _seal(folder, target, {"step": step, "sharded": run.accelerator.num_processes})
         _prune(root, run.cfg.keep_checkpoints)
     run.accelerator.wait_for_everyone()

@@ -7,6 +7,7 @@ launch`; `train.sharding` picks DDP or FSDP2 (train/sharding.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from instructkit.config import TrainConfig
 from instructkit.data.batching import Batch
 from instructkit.errors import TrainingError
 from instructkit.train.checkpoint import capture_rng
+
+logger = logging.getLogger(__name__)
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -32,9 +35,13 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     start()  # the process group (several processes), with the long wait for rank 0's evaluations
     precision = "fp32" if cfg.sharding == "fsdp" else cfg.precision
     try:
-        return Accelerator(cpu=cpu_only(), mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+        accelerator = Accelerator(cpu=cpu_only(), mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
     except ValueError as exc:  # accelerate keeps one state per process
         raise TrainingError(f"train.precision={cfg.precision}: {exc} (or pass your own accelerator=)") from None
+    if precision == "fp16" and accelerator.scaler is None:
+        logger.warning("train.precision=fp16 on %s: accelerate runs it without autocast or loss scaling, so this run "
+                       "trains in fp32 (bf16 is the mixed precision CPUs have)", accelerator.device.type)
+    return accelerator
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -44,6 +51,29 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def grad_scaler_state(accelerator: Any) -> dict[str, Any] | None:
+    """fp16's loss scale (GradScaler: scale, growth tracker, factors) as JSON, or None without a scaler. A
+    checkpoint keeps it: a resumed run restarting at the initial 65,536 overflows and skips steps that the
+    uninterrupted run applied."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return {k: float(v) if k in ("scale", "growth_factor", "backoff_factor") else int(v)
+            for k, v in scaler.state_dict().items()}
+
+
+def restore_grad_scaler(accelerator: Any, state: dict[str, Any] | None, source: str) -> None:
+    """Put a checkpoint's `grad_scaler_state` back (a warning when it has none for this fp16 run)."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    if state is None:
+        logger.warning("resume: %s has no fp16 loss scale (written by another precision or an older version); "
+                       "the scale starts again at %s", source, scaler.get_scale())
+        return
+    scaler.load_state_dict(state)
 
 
 def distributed(accelerator: Any) -> bool:

@@ -7,7 +7,7 @@
      d/dw [sum over the window of weight x CE] / W. Hence (batch 8, accum 1) == (batch 2, accum 4) ==
      packed == 2 processes x batch 4, even when processes hold different numbers of label tokens.
   3. Clip, one .tolist() to read loss and grad norm (the only host sync), stop on NaN/Inf BEFORE the
-     optimizer step, step, schedule.
+     optimizer step, step, schedule (fp16: not after a step the grad scaler skipped for overflow).
 
 With train.optimizer_in_backward (train/in_backward.py) the last micro-batch's backward applies the
 update parameter by parameter: the loss is read (one more host sync) and checked BEFORE that backward,
@@ -91,8 +91,10 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     loss = loss_sum / weight
     norm = norm_sum / accelerator.num_processes  # the same on every process after DDP's / FSDP2's reduction
     lr = scheduler.get_last_lr()[0]
-    # fp16: the grad scaler skips Inf steps by design; everywhere else Inf/NaN means divergence.
-    if not math.isfinite(loss) or (not math.isfinite(norm) and accelerator.mixed_precision != "fp16"):
+    # fp16 with a grad scaler: it skips Inf steps by design; everywhere else Inf/NaN means divergence (accelerate
+    # gives CPU fp16 no scaler: nothing would skip the step, and the Inf would reach the weights).
+    scaled = getattr(accelerator, "scaler", None) is not None
+    if not math.isfinite(loss) or (not math.isfinite(norm) and not scaled):
         applied = ("It was already applied (train.optimizer_in_backward), but no checkpoint was written after "
                    "it: resume from the last one. Lower train.lr, or turn train.optimizer_in_backward off and keep "
                    "train.max_grad_norm on." if in_backward is not None else "The step was not applied and no "
@@ -101,7 +103,8 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
         raise TrainingError(f"training diverged at step {step}: loss {loss}, gradient norm {norm} (lr {lr:.3g}). "
                             f"{applied}")
     optimizer.step()
-    scheduler.step()
+    if math.isfinite(norm):  # fp16: a step the grad scaler skipped for overflow does not advance the schedule
+        scheduler.step()  # (transformers#11106). Not step_was_skipped: fused AdamW skips inside its own step
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss, norm, int(tokens), int(labels), lr,
                      record_shape([list(b.inputs["input_ids"].shape) for b in batches]))
