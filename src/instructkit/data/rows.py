@@ -30,7 +30,6 @@ Data already in instruction form needs no schema and no template:
 from __future__ import annotations
 
 import difflib
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 from instructkit.data.chat_rows import chat_row
 from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
-from instructkit.templates.schema import Schema, label_key
+from instructkit.templates.schema import Schema, label_key, missing_kind
 from instructkit.templates.template import Template
 
 KNOWN_EOS_MARKERS = (
@@ -52,17 +51,6 @@ KNOWN_EOS_MARKERS = (
     "<eos>",
 )
 """End-of-sequence markers stripped from the end of ready-made completions (tokenize adds the real EOS)."""
-
-
-def missing_kind(value: Any) -> str | None:
-    """How `value` is missing ("null", "NaN", "empty text"), or None when it holds a value."""
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        return "NaN" if math.isnan(value) else None
-    if isinstance(value, str) and (not value or value.isspace()):
-        return "empty text"
-    return None
 
 
 def column_candidates(columns: Mapping[str, Any], name: str) -> list[str]:

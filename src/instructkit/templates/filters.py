@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from instructkit.templates.limits import (
     replaced_size,
     rng,
 )
+from instructkit.templates.schema import missing_kind
 
 
 # Jinja's filters that can grow their input, with the growth checked first. Each keeps the signature of
@@ -83,9 +83,7 @@ def default_filter(value: Any, default_value: Any = "", boolean: bool = False) -
     """Jinja's `default` (`d`), a missing value counting as undefined: null, NaN and empty text, the one rule
     of missing values in every format (data/rows.py), which reaches an optional field as "" or None. Plain
     Jinja gave `{{ votes | default('unknown') }}` "None" and `{{ input | default('none') }}` "" there."""
-    missing = (value is None or isinstance(value, float) and math.isnan(value)
-               or isinstance(value, str) and not value.strip())
-    if isinstance(value, jinja2.Undefined) or missing or (boolean and not value):
+    if isinstance(value, jinja2.Undefined) or missing_kind(value) is not None or (boolean and not value):
         return default_value
     return value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,17 @@ def label_key(value: Any) -> str:
             return text
         return str(int(number)) if number.is_integer() else text
     return str(value)
+
+
+def missing_kind(value: Any) -> str | None:
+    """How `value` is missing ("null", "NaN", "empty text"), or None when it holds a value."""
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else None
+    if isinstance(value, str) and (not value or value.isspace()):
+        return "empty text"
+    return None
 
 
 @dataclass(frozen=True)
