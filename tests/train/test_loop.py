@@ -540,6 +540,25 @@ def test_metrics_log_has_step_loss_lr_and_throughput(tiny_tokenizer, tmp_path):
     assert lines[-1]["epoch"] == 1.0
 
 
+def test_log_every_records_the_mean_loss_of_its_window_not_the_last_step(tiny_tokenizer, tmp_path):
+    """With log_every=2 each record's loss is the mean of the window's step losses (the Trainer's logging
+    convention) and label_tokens their sum; the last, shorter window is logged too."""
+    dataset, settings = tokenized(make_examples(10), tiny_tokenizer)
+    cfg = train_config(batch_size=2)
+    every = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "a", cfg)
+    windowed = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "b", cfg,
+                    log_every=2)
+    steps = [r for r in every.history if r["event"] == "train"]
+    logged = [r for r in windowed.history if r["event"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in logged] == [2, 4, 5]
+    assert len({r["loss"] for r in steps}) == 5  # the steps differ, so the last step's loss would show
+    for record, window in zip(logged, [steps[0:2], steps[2:4], steps[4:5]]):
+        assert record["loss"] == pytest.approx(sum(r["loss"] for r in window) / len(window), abs=1e-6)
+        assert record["label_tokens"] == sum(r["label_tokens"] for r in window)
+        assert record["lr"] == window[-1]["lr"] and record["grad_norm"] == pytest.approx(window[-1]["grad_norm"])
+
+
 # --------------------------------------------------------------------------------------------------
 # A model that learned: overfit, save, reload with plain transformers, generate, stop at EOS
 # --------------------------------------------------------------------------------------------------

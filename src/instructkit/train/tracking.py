@@ -74,7 +74,9 @@ class TrainMeter:
     """Throughput, the train records of metrics.jsonl and the progress display of one `train` call.
 
     Tokens per second count the optimizer steps only (validation and checkpoints excluded); a record is
-    written every `log_every` steps and at the last. The display is a progress bar on a terminal, else a
+    written every `log_every` steps and at the last. A record's `loss` is the mean of the step losses since
+    the previous record (transformers.Trainer's logging convention) and `label_tokens` their sum; `lr`,
+    `grad_norm` and `shape` are the last step's. The display is a progress bar on a terminal, else a
     plain line every 30 s (instructkit.progress).
     """
 
@@ -82,22 +84,28 @@ class TrainMeter:
         self.run, self.log, self.log_every = run, log, log_every
         self.bar = ProgressBar("train", run.total_steps, done, enabled=show and run.main)
         self.train_seconds, self.window_tokens, self.window_seconds = 0.0, 0, 0.0
+        self.window_losses: list[float] = []
+        self.window_label_tokens = 0
 
     def step(self, state: TrainState, stats: Any, seconds: float) -> None:
         """Account one optimizer step that took `seconds` (StepStats from train/step.py)."""
         self.train_seconds += seconds
         self.window_seconds += seconds
         self.window_tokens += stats.tokens
+        self.window_losses.append(stats.loss)
+        self.window_label_tokens += stats.label_tokens
         if state.step % self.log_every and state.step < self.run.total_steps:
             return
         rate = self.window_tokens / max(self.window_seconds, 1e-9)
         epoch = round(state.step / self.run.steps_per_epoch, 4)
+        loss = sum(self.window_losses) / len(self.window_losses)
         self.log.write({"event": "train", "step": state.step, "epoch": epoch,
-                        "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": state.tokens,
-                        "label_tokens": stats.label_tokens, "tokens_per_s": round(rate, 2),
+                        "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": state.tokens,
+                        "label_tokens": self.window_label_tokens, "tokens_per_s": round(rate, 2),
                         "shape": stats.shape})
-        self.bar.update(completed=state.step, info=f"loss {stats.loss:.4f}  {rate:,.0f} tok/s")
-        self.window_tokens, self.window_seconds = 0, 0.0
+        self.bar.update(completed=state.step, info=f"loss {loss:.4f}  {rate:,.0f} tok/s")
+        self.window_tokens, self.window_seconds, self.window_label_tokens = 0, 0.0, 0
+        self.window_losses = []
 
     def close(self) -> None:
         self.bar.close()
