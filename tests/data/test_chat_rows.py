@@ -161,6 +161,31 @@ def test_weight_zero_marks_an_earlier_reply_as_context_only(tmp_path):
     assert read_row["completion"] == "New answer."
 
 
+def test_openai_text_content_parts_read_as_the_same_text(tmp_path):
+    """OpenAI's content-part form ([{type: text, text}], input_text/output_text in its Responses API) is
+    the text it holds, several parts joined with a newline: the same example as the string form."""
+    def parts(*texts, kind="text"):
+        return [{"type": kind, "text": t} for t in texts]
+
+    as_parts = {"messages": [{"role": "system", "content": parts("Be brief.")},
+                             {"role": "user", "content": parts("Rate this review:", "Great kettle.", kind="input_text")},
+                             {"role": "assistant", "content": parts("5", kind="output_text")}]}
+    as_text = _m(("system", "Be brief."), ("user", "Rate this review:\nGreat kettle."), ("assistant", "5"))
+    [from_parts] = read(tmp_path, [as_parts], name="parts.jsonl").rows
+    [from_text] = read(tmp_path, [as_text], name="text.jsonl").rows
+    for key in ("messages", "completion", "prompt", "tools"):
+        assert from_parts[key] == from_text[key]
+    assert from_parts["messages"][1]["content"] == "Rate this review:\nGreat kettle."
+
+
+def test_a_non_text_content_part_is_a_bad_row_naming_its_type(tmp_path):
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                     {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                        {"role": "assistant", "content": "A cat."}]}
+    message = error_of(tmp_path, [row])
+    assert "chat.jsonl: line 1" in message and "turn 1: content part 2 is of type 'image_url'" in message
+
+
 def test_chat_prompt_and_example_prompt():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert chat_prompt(messages) == "system: Be brief.\nuser: Hi\nassistant:"

@@ -1,6 +1,9 @@
 """Reading one chat row: `messages` (role/content) or ShareGPT `conversations` (from/value), and `tools`.
 
-    messages        [{role: system|user|assistant|tool, content}, ...]; an assistant turn may carry
+    messages        [{role: system|user|assistant|tool, content}, ...]; content is text, or a list of
+                    text parts ([{type: text, text}], OpenAI's content-part form), joined with "\n" as
+                    vLLM's chat_utils joins them for text-only models (a non-text part is a bad row
+                    naming its type); an assistant turn may carry
                     `tool_calls` ([{id, type: function, function: {name, arguments}}], arguments an object
                     or its JSON text, as OpenAI's API writes it) instead of content (a tool turn's
                     `tool_call_id` and `name` are kept), `weight: 0` (OpenAI's
@@ -103,12 +106,33 @@ def _tools(value: Any, where: str) -> list[dict] | None:
     return tools or None
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")
+"""Content-part types that hold text (OpenAI chat completions: text; its Responses API: input/output_text)."""
+
+
+def _content_text(content: Any, where: str) -> Any:
+    """A turn's content as text: text parts joined with "\n" (module docstring); other values as they are."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get("text") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(text, str):
+            shown = f"of type {kind!r}" if isinstance(kind, str) else f"{str(part)[:80]}"
+            raise _Bad("non-text content", f"{where}: content part {k + 1} is {shown}; only text parts "
+                       f"({{type: text, text: ...}}) can be trained on a text model")
+        texts.append(text)
+    return "\n".join(texts)
+
+
 def _from_messages(value: list, where: str) -> list[dict]:
     turns = []
     for j, message in enumerate(value):
         role = message.get("role") if isinstance(message, dict) else None
         role = role.lower() if isinstance(role, str) else role
         content = message.get("content") if isinstance(message, dict) else None
+        content = _content_text(content, f"{where}: column 'messages': turn {j + 1}")
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         if role == "assistant" and calls and content is None:
             content = ""
