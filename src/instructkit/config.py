@@ -86,6 +86,11 @@ class DatasetConfig(Section):
         "split.group_by for this dataset.")
     encoding: str = Field(
         "utf-8", description="Text encoding of CSV/TSV/JSON files (a BOM is always accepted).")
+    delimiter: str | None = Field(
+        None, description="Field separator of delimited text, one character: e.g. ';' (a European Excel export) "
+        "or '|'. Default: ',' for CSV (quoted as RFC 4180), tab for TSV (unquoted). Given, the dataset's .csv "
+        "and .tsv files are read as CSV with this separator (another suffix, such as .txt: add `format: csv`); "
+        "JSON and Parquet have none.")
     skip_bad_rows: bool = Field(
         False, description="Skip rows that fail (counted per reason in stats.json) instead of stopping at "
         "the first.")
@@ -99,6 +104,20 @@ class DatasetConfig(Section):
         None, description="Prompt/completion (or chat) data: metric names for its evaluation (default: "
         "accuracy and macro_f1 with choices, else rougeL). Templated data: a template's own metrics, or "
         "eval.metrics.")
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_separator(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 1 or value in "\"\r\n"):
+            raise ValueError(f"must be one character other than a quote or a line break, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _delimited_format(self) -> DatasetConfig:
+        if self.delimiter is not None and self.format not in ("auto", "csv", "tsv"):
+            raise ValueError(f"delimiter is set but format {self.format!r} has no field separator "
+                             "(it applies to CSV and TSV files)")
+        return self
 
 
 class SplitConfig(Section):

@@ -386,9 +386,9 @@ def test_default_replaces_a_missing_value_of_any_kind(tmp_path):
 
 
 @pytest.mark.parametrize("suffix, separator, says", [
-    (".csv", ";", "the file looks ';'-separated, but CSV is read comma-separated: save it comma-separated"),
-    (".csv", "\t", "the file looks '\\t'-separated, but CSV is read comma-separated: set `format: tsv`"),
-    (".tsv", ",", "the file looks ','-separated, but TSV is read tab-separated: set `format: csv`"),
+    (".csv", ";", "the file looks ';'-separated, but it was read comma-separated: set `delimiter: ';'`"),
+    (".csv", "\t", "the file looks '\\t'-separated, but it was read comma-separated: set `format: tsv`"),
+    (".tsv", ",", "the file looks ','-separated, but it was read tab-separated: set `delimiter: ','`"),
 ])
 def test_a_header_split_by_another_separator_is_named(tmp_path, suffix, separator, says):
     path = tmp_path / f"reviews{suffix}"
@@ -400,6 +400,39 @@ def test_a_header_split_by_another_separator_is_named(tmp_path, suffix, separato
     plain.write_text(f"prompt{separator}completion\n" + "".join(f"q {i}{separator}a {i}\n" for i in range(9)),
                      encoding="utf-8")
     assert says in error_of_both(tmp_path, [{"path": str(plain)}])
+
+
+@pytest.mark.parametrize("suffix, separator", [(".csv", ";"), (".csv", "|"), (".tsv", ";"), (".csv", "\t")])
+def test_delimiter_reads_a_file_separated_otherwise_as_quoted_csv(tmp_path, suffix, separator):
+    """`delimiter:` (pandas' sep, datasets' delimiter) reads the file the hint above names, in memory and
+    streamed alike: the same examples as the comma-separated file, a quoted field holding the separator
+    kept whole."""
+    rows = [(label, text.replace("film", f'"film{separator} really"')) for label, text in SST2_ROWS]
+    def write(path, sep):
+        path.write_text(f"label{sep}sentence\n" + "".join(f'{a}{sep}"{b.replace(chr(34), chr(34) * 2)}"\n'
+                                                          for a, b in rows), encoding="utf-8")
+        return path
+    expected = prepare_both(tmp_path / "comma", _sst2(write(tmp_path / "comma.csv", ",")))
+    got = prepare_both(tmp_path / "other", _sst2(write(tmp_path / f"other{suffix}", separator),
+                                                 delimiter=separator))
+    assert got == expected
+    assert any(f'"film{separator} really"' in e["prompt"] for split in got.values() for e in split)
+
+
+def test_delimiter_ragged_row_names_the_separator_and_a_format_without_one_is_refused(tmp_path):
+    path = tmp_path / "semi.csv"
+    path.write_text("label;sentence\n1;good\n0;bad;worse\n", encoding="utf-8")
+    message = error_of_both(tmp_path, _sst2(path, delimiter=";"))
+    assert "semi.csv: line 3: 3 fields, but the header (line 1) has 2 (an unquoted semicolon inside a field?)" in message
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"label": 1, "sentence": "good"}\n', encoding="utf-8")
+    message = error_of_both(tmp_path, _sst2(jsonl, delimiter=";"))
+    assert "rows.jsonl: `delimiter: ';'` is set, but the file is read as jsonl" in message
+    with pytest.raises(ValueError, match="format 'parquet' has no field separator"):
+        DatasetConfig(path="x.parquet", format="parquet", delimiter=";")
+    for bad in (";;", "", '"', "\n"):
+        with pytest.raises(ValueError, match="must be one character other than a quote or a line break"):
+            DatasetConfig(path="x.csv", delimiter=bad)
 
 
 # --------------------------------------------------------------------------------------------------

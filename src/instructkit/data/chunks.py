@@ -29,6 +29,7 @@ from instructkit.data.readers_text import (
     NotStreamable,
     bom_bytes,
     decode_text,
+    delimited_as,
     iter_delimited,
     iter_json_array,
     iter_jsonl_rows,
@@ -93,7 +94,8 @@ def text_lines(path: Path, encoding: str, lone_cr: bool = False) -> Iterator[str
         raise DataError(f"{path}: the file is empty")
 
 
-def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_rows: int) -> Iterator[Table]:
+def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_rows: int,
+                 separator: str | None = None) -> Iterator[Table]:
     from instructkit.data.readers import read_bytes
 
     yielded = 0
@@ -124,8 +126,8 @@ def _text_chunks(path: Path, fmt: str, encoding: str, problems: Problems, chunk_
     if fmt == "jsonl":
         yield from iter_jsonl_rows(lines, str(path), problems, chunk_rows)  # type: ignore[arg-type]
     else:
-        yield from iter_delimited(lines, str(path), "\t" if fmt == "tsv" else ",", problems,  # type: ignore[arg-type]
-                                  chunk_rows)
+        yield from iter_delimited(lines, str(path), separator or ",", problems,  # type: ignore[arg-type]
+                                  chunk_rows, fmt=fmt)
 
 
 def _opens_array(path: Path, encoding: str) -> bool:
@@ -257,13 +259,16 @@ def folder_chunks(path: Path, chunk_rows: int) -> dict[str | None, Chunks]:
 
 
 def read_chunks(path: Path, fmt: str, encoding: str, problems: Problems,
-                chunk_rows: int = CHUNK_ROWS) -> dict[str | None, Chunks]:
+                chunk_rows: int = CHUNK_ROWS, delimiter: str | None = None) -> dict[str | None, Chunks]:
     """{None: chunks} for a file, {split: chunks} for a DatasetDict or split Parquet shards (`fmt` as
-    detected by readers.detect_format).
+    detected by readers.detect_format; `delimiter`: DatasetConfig.delimiter, readers_text.delimited_as).
 
-    Raises: DataError for a multi-file format (parallel) or an unknown encoding; reading raises what the
-    format's reader raises (naming the file and line).
+    Raises: DataError for a multi-file format (parallel), a delimiter for a format without one, or an
+    unknown encoding; reading raises what the format's reader raises (naming the file and line).
     """
+    separator = None
+    if delimiter is not None or fmt in ("csv", "tsv"):
+        fmt, separator = delimited_as(path, fmt, delimiter)
     if fmt in ("csv", "tsv", "json", "jsonl"):
         try:
             codecs.lookup(encoding)
@@ -271,7 +276,7 @@ def read_chunks(path: Path, fmt: str, encoding: str, problems: Problems,
             raise DataError(
                 f"{path}: unknown text encoding {encoding!r} (set `encoding:`, e.g. utf-8 or latin-1)"
             ) from None
-        return {None: lambda: _text_chunks(path, fmt, encoding, problems, chunk_rows)}
+        return {None: lambda: _text_chunks(path, fmt, encoding, problems, chunk_rows, separator)}
     if fmt == "parquet":
         return {None: lambda: parquet_chunks(path, chunk_rows)}
     if fmt == "hf_disk":

@@ -29,7 +29,14 @@ from typing import IO
 
 from instructkit.config_load import PATH_RULE
 from instructkit.data.chunks import CHUNK_ROWS, parquet_chunks, read_chunks
-from instructkit.data.readers_text import decode_text, merge_tables, parse_delimited, parse_json, parse_jsonl
+from instructkit.data.readers_text import (
+    decode_text,
+    delimited_as,
+    merge_tables,
+    parse_delimited,
+    parse_json,
+    parse_jsonl,
+)
 from instructkit.data.table import Problems, Table
 from instructkit.errors import ConfigError, DataError
 
@@ -208,18 +215,21 @@ def read_table(
     return next(iter(tables.values()))
 
 
-def read_tables(path: Path, format: str, encoding: str, problems: Problems) -> dict[str | None, Table]:
-    """Read a file or saved-dataset folder; {None: table} unless the folder is a DatasetDict.
+def read_tables(path: Path, format: str, encoding: str, problems: Problems,
+                delimiter: str | None = None) -> dict[str | None, Table]:
+    """Read a file or saved-dataset folder; {None: table} unless the folder is a DatasetDict. `delimiter`:
+    DatasetConfig.delimiter (readers_text.delimited_as).
 
-    Raises: DataError for an unknown or multi-file format (parallel), or what the format's reader raises.
+    Raises: DataError for an unknown or multi-file format (parallel), a delimiter for a format without
+    one, or what the format's reader raises.
     """
     fmt = detect_format(path, format)
+    if delimiter is not None or fmt in ("csv", "tsv"):
+        fmt, separator = delimited_as(path, fmt, delimiter)
+        text = decode_text(read_bytes(path), path, encoding)
+        return {None: parse_delimited(text, str(path), separator, problems, fmt=fmt)}
     if fmt in TEXT_FORMATS:
         text = decode_text(read_bytes(path), path, encoding)
-        if fmt == "csv":
-            return {None: parse_delimited(text, str(path), ",", problems)}
-        if fmt == "tsv":
-            return {None: parse_delimited(text, str(path), "\t", problems)}
         if fmt == "json":
             return {None: parse_json(text, str(path), problems)}
         return {None: parse_jsonl(text, str(path), problems)}

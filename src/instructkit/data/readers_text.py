@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from instructkit.data.table import Problems, Table
+from instructkit.data.table import SEPARATOR_NAMES, Problems, Table
 from instructkit.errors import DataError
 from instructkit.io import json_problem
 
@@ -76,24 +76,38 @@ def decode_text(data: bytes, path: Path | str, encoding: str = "utf-8") -> str:
     return text
 
 
-def parse_delimited(text: str, path: str, delimiter: str, problems: Problems) -> Table:
+def parse_delimited(text: str, path: str, delimiter: str, problems: Problems, fmt: str | None = None) -> Table:
     """CSV (quoted) or TSV (unquoted) with a header row, all rows in one Table (see `iter_delimited`)."""
-    return merge_tables(list(iter_delimited(io.StringIO(text, newline=""), path, delimiter, problems)))
+    return merge_tables(list(iter_delimited(io.StringIO(text, newline=""), path, delimiter, problems, fmt=fmt)))
+
+
+def delimited_as(path: object, fmt: str, delimiter: str | None) -> tuple[str, str]:
+    """(format, separator) a csv/tsv file is parsed with: by its format, or with a configured `delimiter`
+    (DatasetConfig.delimiter) as quoted CSV whatever its suffix.
+
+    Raises: DataError when a delimiter is given for a file of another format (JSON, Parquet, ...).
+    """
+    if delimiter is None:
+        return fmt, "\t" if fmt == "tsv" else ","
+    if fmt not in ("csv", "tsv"):
+        raise DataError(f"{path}: `delimiter: {delimiter!r}` is set, but the file is read as {fmt}, which has no "
+                        "field separator (remove `delimiter:`, or set `format: csv` if it is delimited text)")
+    return "csv", delimiter
 
 
 def iter_delimited(lines: Iterable[str], path: str, delimiter: str, problems: Problems,
-                   chunk_rows: int = 1 << 62) -> Iterator[Table]:
+                   chunk_rows: int = 1 << 62, fmt: str | None = None) -> Iterator[Table]:
     """CSV (quoted) or TSV (unquoted) with a header row, in Tables of at most `chunk_rows` rows; a ragged
     row is named by its line. `lines` are the text's lines with their line ends (a quoted field may span
-    several).
+    several). `fmt` (csv: quoted, tsv: not) defaults to tsv for a tab `delimiter`, else csv.
 
     Raises: DataError when the header repeats a name, the text cannot be parsed, or there is no header or
     no data row; a ragged row goes to `problems` (a DataError unless skipping).
     """
     if csv.field_size_limit() < 1 << 30:
         csv.field_size_limit(1 << 30)  # long reviews and articles are longer than the 128 KiB default
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    fmt = "tsv" if delimiter == "\t" else "csv"
+    fmt = fmt or ("tsv" if delimiter == "\t" else "csv")
+    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
     reader = csv.reader(lines, delimiter=delimiter, quoting=quoting)
     header: list[str] | None = None
     header_line = 0
@@ -116,7 +130,7 @@ def iter_delimited(lines: Iterable[str], path: str, delimiter: str, problems: Pr
                 continue
             if len(record) != width:
                 if len(record) > width:
-                    hint = f" (an unquoted {'tab' if delimiter == chr(9) else 'comma'} inside a field?)"
+                    hint = f" (an unquoted {SEPARATOR_NAMES.get(delimiter, repr(delimiter))} inside a field?)"
                 else:
                     hint = " (a line break inside an unquoted field, or a missing field?)"
                 problems.bad(
@@ -128,7 +142,7 @@ def iter_delimited(lines: Iterable[str], path: str, delimiter: str, problems: Pr
             rows.append(dict(zip(header, record)))
             where.append(start)
             if len(rows) >= chunk_rows:
-                yield Table(path, list(header), rows, where, format=fmt, offset=seen)
+                yield Table(path, list(header), rows, where, format=fmt, offset=seen, delimiter=delimiter)
                 seen += len(rows)
                 rows, where = [], []
     except csv.Error as exc:
@@ -138,7 +152,7 @@ def iter_delimited(lines: Iterable[str], path: str, delimiter: str, problems: Pr
     if not rows and not seen and not problems.total:
         raise DataError(f"{path}: only a header (line {header_line}), no data rows")
     if rows or not seen:
-        yield Table(path, list(header), rows, where, format=fmt, offset=seen)
+        yield Table(path, list(header), rows, where, format=fmt, offset=seen, delimiter=delimiter)
 
 
 def merge_tables(chunks: Sequence[Table]) -> Table:
@@ -151,7 +165,7 @@ def merge_tables(chunks: Sequence[Table]) -> Table:
     lines = None if first.lines is None else [n for chunk in chunks for n in chunk.lines or []]
     columns = list(dict.fromkeys(c for chunk in chunks for c in chunk.columns))
     return Table(first.path, columns, rows, lines, unit=first.unit, format=first.format,
-                 class_labels=first.class_labels)
+                 delimiter=first.delimiter, class_labels=first.class_labels)
 
 
 def _columns_of(rows: Iterable[dict]) -> list[str]:

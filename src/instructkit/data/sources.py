@@ -222,10 +222,10 @@ def file_parts(dataset: DatasetConfig, schema: Schema | None, required: set[str]
                 tables = {None: lambda s=spec, n=chunk_rows: iter_parallel(s, dataset.encoding, problems, n)}
         elif chunk_rows is not None:
             fmt = detect_format(spec, dataset.format)
-            tables = dict(read_chunks(spec, fmt, dataset.encoding, problems, chunk_rows))
+            tables = dict(read_chunks(spec, fmt, dataset.encoding, problems, chunk_rows, dataset.delimiter))
         else:
             tables = {k: (lambda t=t: t) for k, t in read_tables(spec, dataset.format, dataset.encoding,
-                                                                 problems).items()}
+                                                                 problems, dataset.delimiter).items()}
         for sub, reader in tables.items():
             table_split = split
             if sub is not None:  # a DatasetDict split

@@ -49,6 +49,10 @@ class Problems:
 # --------------------------------------------------------------------------------------------------
 
 
+SEPARATOR_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+"""Names of common field separators, for messages."""
+
+
 @dataclass
 class Table:
     """The rows of one file as read, before column mapping."""
@@ -64,6 +68,8 @@ class Table:
     """1-based `unit` numbers when rows were skipped while parsing (else the row's index + 1)."""
     offset: int = 0
     """Rows of the same file before this Table (a chunk of a file read in parts): row i is row offset + i."""
+    delimiter: str = ""
+    """The field separator a CSV/TSV file was parsed with ("" for other formats)."""
     class_labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Column -> the names of its Hugging Face `ClassLabel` feature (ids 0, 1, ... name names[id]), from the
     features a saved dataset or a Parquet file written by `datasets` carries."""
