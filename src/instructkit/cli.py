@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--limit", type=int, default=None, help="check at most this many rows of --data")
     tc.add_argument("--format", default="auto", help="format of --data (csv, tsv, json, jsonl, parquet, hf_disk, "
                     "parallel); default: from the file name")
+    tc.add_argument("--delimiter", default=None, help="field separator of a CSV/TSV --data file, one character "
+                    "(as datasets.N.delimiter), e.g. ';'")
     tc.set_defaults(func=cmd_templates_check, light=True)
 
     prepare = sub.add_parser("prepare", help="turn data files into train/validation/test instruction data")

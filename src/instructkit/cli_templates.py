@@ -99,7 +99,7 @@ def cmd_templates_check(args: argparse.Namespace) -> int:
         schema = args.schema or _only_schema(library)
         columns = dict(pair.split("=", 1) for pair in args.column or [])
         rows = {schema: rows_for_check(args.data, library.schema(schema), columns, limit=args.limit,
-                                       format=args.format)}
+                                       format=args.format, delimiter=args.delimiter)}
         templates = library.select(dataset=schema)
     missing: dict = {}
     problems = library.check(rows=rows, templates=templates, missing=missing)

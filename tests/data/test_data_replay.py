@@ -455,3 +455,13 @@ def test_a_split_a_fraction_leaves_empty_is_noted(tmp_path, n, empty):
     assert [s for s in ("validation", "test") if not examples[s]] == empty
     if n == 3:
         assert notes[0] == ["validation: no rows: 0.1 of 3 rows rounds to none (add rows, or raise split.validation)"]
+
+
+def test_templates_check_reads_a_semicolon_file_with_delimiter(tmp_path, capsys):
+    from instructkit.cli import main
+
+    path = tmp_path / "semi.csv"
+    path.write_text("label;sentence\n" + "".join(f"{a};{b}\n" for a, b in SST2_ROWS), encoding="utf-8")
+    assert main(["templates", "check", "--data", str(path), "--schema", "sst2"]) == 2
+    assert "set `delimiter: ';'`" in capsys.readouterr().err
+    assert main(["templates", "check", "--data", str(path), "--schema", "sst2", "--delimiter", ";"]) == 0

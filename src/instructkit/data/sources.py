@@ -331,6 +331,7 @@ def rows_for_check(
     encoding: str = "utf-8",
     templates: Sequence[Template] = (),
     format: str = "auto",
+    delimiter: str | None = None,
 ) -> list[dict]:
     """The first `limit` rows of a data file mapped to `schema`'s fields, for `instructkit templates check`.
 
@@ -347,7 +348,7 @@ def rows_for_check(
         stem_files = _stem_files(Path(path), fields, set(fields), dict(columns or {}))
         tables = {None: read_parallel(stem_files, encoding, problems)}
     else:
-        tables = read_tables(Path(path), format, encoding, problems)
+        tables = read_tables(Path(path), format, encoding, problems, delimiter)
     table = tables.get(None) or tables.get("train") or next(iter(tables.values()))
     fields = list(schema.fields)
     required = set(fields)
