@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from instructkit import pipeline
 from instructkit.cli import main
+from instructkit.evaluate import SCORING_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +45,7 @@ def headline(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "report.json").read_text())["headline"]
 
 
-def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, capsys, caplog):
+def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, capsys, caplog, monkeypatch):
     config = write_config(tmp_path, tiny_model_dir, "e2e")
     caplog.set_level(logging.INFO, logger="instructkit")
     assert main(["run", str(config)]) == 0
@@ -77,6 +79,17 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
         ours, run = (json.loads((folder / "eval.json").read_text())["templates"]
                      for folder in (out, run_dir / "eval" / name))
         assert {t: v["perplexity"] for t, v in ours.items()} == {t: v["perplexity"] for t, v in run.items()}
+    # Evaluations an earlier scoring version wrote are not up to date: they run again (kept beside), training
+    # does not.
+    assert json.loads((run_dir / "eval/base/eval.json").read_text())["settings"]["scoring_version"] == \
+        SCORING_VERSION
+    monkeypatch.setattr(pipeline, "SCORING_VERSION", SCORING_VERSION + 1)
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "up to date (skipped): prepare, train" in out and "evaluate-base" not in out.split("skipped")[1]
+    assert (tmp_path / "runs" / "e2e.previous-1" / "eval" / "base" / "eval.json").is_file()
+    assert json.loads((run_dir / "report.json").read_text())["headline"] == json.loads(before)["headline"]
 
 
 def _predictions(folder: Path) -> list[tuple[int, str]]:

@@ -34,6 +34,7 @@ from instructkit.background import BackgroundStep
 from instructkit.config import RunConfig, dump_config
 from instructkit.config_load import load_config
 from instructkit.errors import InstructkitError
+from instructkit.evaluate import SCORING_VERSION
 from instructkit.io import write_json
 from instructkit.run_folder import (
     Steps,
@@ -157,7 +158,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir))
     data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
     scoring = {k: v for k, v in cfg["eval"].items() if k != "base_beside_training"}  # where, not what
-    eval_fp = _digest({"eval": scoring, "model": cfg["model"], "data": data_fp})
+    eval_fp = _digest({"eval": scoring, "model": cfg["model"], "data": data_fp, "scoring": SCORING_VERSION})
     # Validation ranks choices as evaluation does (early stopping and the best checkpoint depend on it).
     ranking = {k: cfg["eval"][k] for k in ("choice_end", "length_normalized")}
     learned = {k: v for k, v in cfg["train"].items() if k not in NOT_LEARNED}

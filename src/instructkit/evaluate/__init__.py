@@ -1,2 +1,12 @@
 """Evaluation: metrics (``instructkit.evaluate.metrics``) and bootstrap confidence intervals
 (``instructkit.evaluate.bootstrap``)."""
+
+SCORING_VERSION = 2
+"""Raised whenever the same model, examples and eval settings can score differently. It is written to
+eval.json (`settings.scoring_version`) and is part of the run's evaluation fingerprint, so an evaluation an
+earlier version scored runs again (the earlier one is kept beside the run) instead of counting as up to date.
+
+    1   (no version written) everything before 2
+    2   k-shot choices end with the demonstrations' separator, not EOS; a reasoning block before a
+        generated answer is not scored; k-shot generation stops at the demonstration end
+"""

@@ -34,6 +34,7 @@ import numpy as np
 from instructkit.config import EvalConfig, ModelConfig
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import ConfigError, DataError, TemplateError
+from instructkit.evaluate import SCORING_VERSION
 from instructkit.evaluate.chat import eval_prompt
 from instructkit.evaluate.fewshot import _demonstrations, answer_end
 from instructkit.evaluate.groups import group_keys
@@ -230,7 +231,7 @@ def evaluate_examples(
                   "num_beams": cfg.num_beams,
                   "do_sample": cfg.do_sample, "classify_by": classify_by, "seed": seed,
                   "bootstrap_resamples": cfg.bootstrap_resamples,
-                  "short_of_demonstrations": short},
+                  "short_of_demonstrations": short, "scoring_version": SCORING_VERSION},
     )
 
 
