@@ -48,3 +48,11 @@ def test_fraction_scale_by_registry_then_by_values():
     assert fraction_scale(RECORDS, "accuracy") and not fraction_scale(RECORDS, "bleu")
     assert fraction_scale(RECORDS, "val_token_f1")  # unknown name, logged values in [0, 1]
     assert not fraction_scale([{"step": 1, "val_score": 3.5}], "val_score")
+
+
+def test_class_weighted_training_also_draws_the_loss_validation_measures():
+    assert _panels(RECORDS)["Loss"][0] == {"train loss", "validation loss"}
+    weighted = [{**r, "unweighted_loss": r["loss"] - 0.3} if r["event"] == "train" else r for r in RECORDS]
+    assert _panels(weighted)["Loss"][0] == {"train loss (class-weighted)", "train loss (unweighted, as validation)",
+                                            "validation loss"}
+    assert "unweighted_loss" not in task_metric_keys(weighted)

@@ -160,11 +160,19 @@ def test_class_weighted_loss_is_weighted_mean_over_label_tokens(tiny_tokenizer, 
     expected = float(np.dot(w, sums) / np.dot(w, counts))
     unweighted = sum(sums) / sum(counts)
     assert abs(expected - unweighted) > 1e-3  # the weighting matters on this data
-    for packing in (False, True):
-        result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / str(packing),
-                      train_config(batch_size=4, grad_accum=2, max_steps=1, packing=packing,
+    for packing, chunk in ((False, None), (True, None), (True, 3)):
+        result = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings,
+                      tmp_path / f"{packing}-{chunk}",
+                      train_config(batch_size=4, grad_accum=2, max_steps=1, packing=packing, loss_chunk_tokens=chunk,
                                    class_balance="weighted"), class_ids=class_ids)
         assert _losses(result)[0] == pytest.approx(expected, abs=1e-5)
+        # the loss comparable with validation's (unweighted) is logged beside it
+        [record] = [r for r in result.history if r["event"] == "train"]
+        assert record["unweighted_loss"] == pytest.approx(unweighted, abs=1e-5)
+    plain = _run(build_tiny_llama(tiny_tokenizer), tiny_tokenizer, dataset, settings, tmp_path / "plain",
+                 train_config(batch_size=4, grad_accum=2, max_steps=1))
+    [record] = [r for r in plain.history if r["event"] == "train"]
+    assert "unweighted_loss" not in record and record["loss"] == pytest.approx(unweighted, abs=1e-5)
 
 
 def test_class_balance_needs_class_ids(tiny_tokenizer, tmp_path):

@@ -101,7 +101,8 @@ def fraction_scale(records: Sequence[dict], key: str) -> bool:
 
 
 def plot_training(records: Sequence[dict]) -> bytes | None:
-    """Training loss and validation loss per step; validation task metrics beside it, one panel per scale:
+    """Training loss and validation loss per step (with class weights, the training loss both weighted, as
+    minimised, and unweighted, as validation measures it); validation task metrics beside it, one panel per scale:
     scores in [0, 1] on a 0-1 axis, other scales (BLEU, chrF: 0-100) on their own. Counts
     (`val_label_tokens`) are never drawn (training_log.is_counter)."""
     fig = training_figure(records)
@@ -111,6 +112,7 @@ def plot_training(records: Sequence[dict]) -> bytes | None:
 def training_figure(records: Sequence[dict]):
     """The matplotlib Figure of `plot_training` (None: nothing to draw)."""
     steps, losses = series(records, "loss")
+    usteps, ulosses = series(records, "unweighted_loss")
     vsteps, vlosses = series(records, "val_loss")
     metric_keys = task_metric_keys(records)
     if not losses and not vlosses and not metric_keys:
@@ -123,7 +125,11 @@ def training_figure(records: Sequence[dict]):
     fig = _figure(5.5 * panels, 3.6)
     ax = fig.add_subplot(1, panels, 1)
     if losses:
-        ax.plot(steps, losses, label="train loss", color="#1565c0", linewidth=1)
+        weighted = " (class-weighted)" if ulosses else ""
+        ax.plot(steps, losses, label=f"train loss{weighted}", color="#1565c0", linewidth=1,
+                alpha=0.5 if ulosses else 1.0)
+    if ulosses:
+        ax.plot(usteps, ulosses, label="train loss (unweighted, as validation)", color="#2e7d32", linewidth=1)
     if vlosses:
         ax.plot(vsteps, vlosses, label="validation loss", color="#ef6c00", marker="o", linewidth=1.5)
     ax.set_xlabel("optimizer step")

@@ -25,7 +25,7 @@ __all__ = ["best_checkpoint", "best_value", "is_counter", "read_metrics_log", "s
 
 log = logging.getLogger(__name__)
 
-LOG_COUNTERS = {"step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "val_loss", "val_ppl", "time",
+LOG_COUNTERS = {"step", "epoch", "loss", "unweighted_loss", "lr", "tokens", "tokens_per_s", "val_loss", "val_ppl", "time",
                 "elapsed", "elapsed_s", "grad_norm", "examples", "wall_s", "label_tokens", "val_label_tokens"}
 COUNT_SUFFIXES = ("_tokens", "_examples", "_count", "_per_s", "_seconds")
 """Keys that count things (tokens, examples, seconds), never task metrics: `val_label_tokens` is 120, not

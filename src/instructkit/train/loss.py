@@ -60,8 +60,12 @@ def boolean_logits_to_keep() -> bool:
 
 
 def batch_loss(model: torch.nn.Module, batch: Batch, *, seq2seq: bool, logits_at_labels: bool,
-               chunk_tokens: int | None = None) -> torch.Tensor:
+               chunk_tokens: int | None = None, unweighted: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Sum over the batch's target tokens of weight x cross-entropy: a scalar, NOT yet normalised.
+
+    `unweighted`: when the batch has class weights (`target_weights`), the plain sum of cross-entropy over
+    the same tokens (detached, 0-d fp32) is appended to it: the train loss comparable with the validation
+    loss, which is unweighted.
 
     Causal with `logits_at_labels`: the model returns logits only where `target_mask` is True ([N, V]).
     Otherwise the full [B, T, V] logits are computed and the same positions picked. Seq2seq: the model
@@ -69,7 +73,7 @@ def batch_loss(model: torch.nn.Module, batch: Batch, *, seq2seq: bool, logits_at
     the head and loss run that many labelled positions at a time (see the module docstring).
     """
     if chunk_tokens and not seq2seq:
-        return chunked_loss(model, batch, chunk_tokens, logits_at_labels)
+        return chunked_loss(model, batch, chunk_tokens, logits_at_labels, unweighted)
     if seq2seq or not logits_at_labels:
         logits = model(**batch.inputs, use_cache=False).logits[batch.target_mask]
     elif boolean_logits_to_keep() and batch.target_mask.shape[0] > 1:
@@ -84,13 +88,18 @@ def batch_loss(model: torch.nn.Module, batch: Batch, *, seq2seq: bool, logits_at
     if batch.target_weights is None:
         loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
     else:
-        loss = (F.cross_entropy(logits.float(), batch.targets, reduction="none") * batch.target_weights).sum()
+        ce = F.cross_entropy(logits.float(), batch.targets, reduction="none")
+        loss = (ce * batch.target_weights).sum()
+        if unweighted is not None:
+            unweighted.append(ce.detach().sum() * (0.0 if batch.dummy else 1.0))
     return loss * 0.0 if batch.dummy else loss
 
 
-def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits_at_labels: bool) -> torch.Tensor:
+def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits_at_labels: bool,
+                 unweighted: list[torch.Tensor] | None = None) -> torch.Tensor:
     """batch_loss's value, with the LM head and cross-entropy run over `chunk_tokens` labelled positions at a
-    time (recomputed in backward). Raises TrainingError for a model whose head the loss cannot reproduce."""
+    time (recomputed in backward); `unweighted` as batch_loss's. Raises TrainingError for a model whose head
+    the loss cannot reproduce."""
     head = output_head(model)
     softcap = getattr(getattr(head_owner(model), "config", None), "final_logit_softcapping", None)
     captured: list[torch.Tensor] = []
@@ -112,8 +121,11 @@ def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits
         handle.remove()
     hidden = captured[0]
     hidden = hidden if hidden.ndim == 2 else hidden[batch.target_mask]  # [N, H], in `targets` order
+    plain = [] if unweighted is not None and batch.target_weights is not None else None
     total = ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, batch.targets, batch.target_weights,
-                                          chunk_tokens, softcap, tied is not None)
+                                          chunk_tokens, softcap, tied is not None, plain)
+    if plain is not None:
+        unweighted.append(plain[0] * (0.0 if batch.dummy else 1.0))  # type: ignore[union-attr]
     return total * 0.0 if batch.dummy else total
 
 
@@ -124,20 +136,26 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     recomputes each chunk's logits, turns them into their gradient in place (softmax - one-hot), and adds
     the chunk's weight gradient into ONE [V, H] buffer with addmm_: one LM-head-sized gradient in all, where
     autograd, summing per-chunk gradients of a tied head (non-contiguous transposes), would hold three.
+    `plain` (a list, with weights): the unweighted sum of cross-entropy is appended to it (detached).
     `into_grad` (tied embeddings, see the module docstring): that buffer is `weight.grad` itself (created
     as zeros when None) and autograd gets no weight gradient. Matmuls run in the autocast dtype when
     autocast is on (as the model's own head would), the softmax in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, chunk, softcap, into_grad=False):  # noqa: ANN001, ANN205
+    def forward(ctx, hidden, weight, bias, targets, weights, chunk, softcap, into_grad=False, plain=None):  # noqa: ANN001, ANN205
         ctx.dtype = _autocast_dtype(hidden) or hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        plain_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = _chunk_logits(hidden[rows], weight, bias, softcap, ctx.dtype)[0]
             ce = F.cross_entropy(logits, targets[rows], reduction="none")
             total += (ce if weights is None else ce * weights[rows]).sum()
+            if plain is not None:
+                plain_total += ce.detach().sum()
+        if plain is not None:
+            plain.append(plain_total)
         ctx.save_for_backward(hidden, weight, bias, targets, weights)
         ctx.chunk, ctx.softcap = chunk, softcap
         ctx.grad_owner = weight if into_grad else None  # the leaf whose .grad backward adds into
@@ -172,7 +190,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
                 grad_bias += grad.sum(0).to(bias.dtype)
         if owner is not None:
             grad_weight = None  # already in owner.grad
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def tied_input_embedding(model: torch.nn.Module, head: torch.nn.Linear) -> torch.nn.Embedding | None:

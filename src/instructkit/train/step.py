@@ -44,6 +44,7 @@ class StepStats:
     label_tokens: int
     lr: float
     shape: list | None = None  # this process's input_ids [rows, width] (a list of them: several micro-batches)
+    unweighted_loss: float | None = None  # with class weights: sum(CE) / label tokens, as validation measures it
 
 
 def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
@@ -63,6 +64,8 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     # average of world_size x (its share of the sum) / W is the sum over all processes / W.
     scale = accelerator.num_processes / weight
     window_loss = torch.zeros((), device=accelerator.device)
+    weighted = any(b.target_weights is not None for b in batches)
+    plain: list[torch.Tensor] | None = [] if weighted else None
     in_backward = getattr(optimizer, "optimizer", optimizer) if run.cfg.optimizer_in_backward else None
     clip_coef = clip_total = None
     if in_backward is not None and max_grad_norm is not None:
@@ -70,7 +73,7 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with _sync(run, last):
-            part = _forward(run, batch, release)
+            part = _forward(run, batch, release, plain)
             if in_backward is not None and last:
                 _check_loss_before_update(window_loss + part.detach().float(), weight, step)
                 with in_backward.armed(clip_coef):
@@ -84,10 +87,12 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
         # The norm is needed even without clipping: a finite loss can still give Inf/NaN gradients.
         # (max_norm=inf scales by exactly 1.0.)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    readings = torch.stack([window_loss, plain_norm(grad_norm).float().to(window_loss.device)])
-    if distributed(accelerator):
+    plain_sum = torch.stack(plain).sum() if plain else torch.zeros((), device=window_loss.device)
+    readings = torch.stack([window_loss, plain_norm(grad_norm).float().to(window_loss.device),
+                            plain_sum.float().to(window_loss.device)])
+    if distributed(accelerator):  # every process has the same batches' kind: all weighted or none
         torch.distributed.all_reduce(readings)
-    loss_sum, norm_sum = readings.tolist()  # the step's one host sync
+    loss_sum, norm_sum, unweighted_sum = readings.tolist()  # the step's one host sync
     loss = loss_sum / weight
     norm = norm_sum / accelerator.num_processes  # the same on every process after DDP's / FSDP2's reduction
     lr = scheduler.get_last_lr()[0]
@@ -107,14 +112,16 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
         scheduler.step()  # (transformers#11106). Not step_was_skipped: fused AdamW skips inside its own step
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss, norm, int(tokens), int(labels), lr,
-                     record_shape([list(b.inputs["input_ids"].shape) for b in batches]))
+                     record_shape([list(b.inputs["input_ids"].shape) for b in batches]),
+                     unweighted_sum / labels if weighted else None)
 
 
-def _forward(run: Run, batch: Batch, release: bool) -> torch.Tensor:
-    """The micro-batch's summed loss (train/loss.batch_loss) under the accelerator's autocast."""
+def _forward(run: Run, batch: Batch, release: bool, unweighted: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The micro-batch's summed loss (train/loss.batch_loss) under the accelerator's autocast; `unweighted`
+    as batch_loss's."""
     with run.accelerator.autocast():
         part = batch_loss(run.model, batch, seq2seq=run.seq2seq, logits_at_labels=run.logits_at_labels,
-                          chunk_tokens=run.cfg.loss_chunk_tokens)
+                          chunk_tokens=run.cfg.loss_chunk_tokens, unweighted=unweighted)
     if release:  # freed memory of earlier steps and of this forward back to the system before the
         release_free_memory()  # backward, where the peak comes (train/allocator.py)
     return part

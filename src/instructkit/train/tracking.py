@@ -76,7 +76,9 @@ class TrainMeter:
     Tokens per second count the optimizer steps only (validation and checkpoints excluded); a record is
     written every `log_every` steps and at the last. A record's `loss` is the mean of the step losses since
     the previous record (transformers.Trainer's logging convention) and `label_tokens` their sum; `lr`,
-    `grad_norm` and `shape` are the last step's. The display is a progress bar on a terminal, else a
+    `grad_norm` and `shape` are the last step's. With class weights (`train.class_balance: weighted`) `loss`
+    is the weighted loss training minimises and `unweighted_loss` the plain mean cross-entropy, the one to
+    compare with `val_loss` (validation is unweighted). The display is a progress bar on a terminal, else a
     plain line every 30 s (instructkit.progress).
     """
 
@@ -85,6 +87,7 @@ class TrainMeter:
         self.bar = ProgressBar("train", run.total_steps, done, enabled=show and run.main)
         self.train_seconds, self.window_tokens, self.window_seconds = 0.0, 0, 0.0
         self.window_losses: list[float] = []
+        self.window_unweighted: list[float] = []
         self.window_label_tokens = 0
 
     def step(self, state: TrainState, stats: Any, seconds: float) -> None:
@@ -93,6 +96,8 @@ class TrainMeter:
         self.window_seconds += seconds
         self.window_tokens += stats.tokens
         self.window_losses.append(stats.loss)
+        if stats.unweighted_loss is not None:
+            self.window_unweighted.append(stats.unweighted_loss)
         self.window_label_tokens += stats.label_tokens
         if state.step % self.log_every and state.step < self.run.total_steps:
             return
@@ -102,10 +107,12 @@ class TrainMeter:
         self.log.write({"event": "train", "step": state.step, "epoch": epoch,
                         "loss": loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens": state.tokens,
                         "label_tokens": self.window_label_tokens, "tokens_per_s": round(rate, 2),
-                        "shape": stats.shape})
+                        "shape": stats.shape,
+                        **({"unweighted_loss": sum(self.window_unweighted) / len(self.window_unweighted)}
+                           if self.window_unweighted else {})})
         self.bar.update(completed=state.step, info=f"loss {loss:.4f}  {rate:,.0f} tok/s")
         self.window_tokens, self.window_seconds, self.window_label_tokens = 0, 0.0, 0
-        self.window_losses = []
+        self.window_losses, self.window_unweighted = [], []
 
     def close(self) -> None:
         self.bar.close()
