@@ -413,6 +413,20 @@ def test_training_summary_and_missing_log(report, tmp_path, evaluation):
                  n_resamples=N_RESAMPLES)
     report2 = json.loads((tmp_path / "report.json").read_text())
     assert "training" not in report2["plots"]
+    assert training["final_unweighted_loss"] is None
+
+
+def test_class_weighted_training_reports_the_unweighted_final_loss_too(tmp_path, evaluation):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"event": "train", "step": 1, "loss": 2.5, "unweighted_loss": 2.0},
+        {"event": "train", "step": 2, "loss": 1.25, "unweighted_loss": 0.75},
+        {"event": "eval", "step": 2, "val_loss": 0.8}]))
+    build_report(**evaluation, metrics_log=log, out_dir=tmp_path / "out", n_resamples=N_RESAMPLES)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["training"]["final_loss"] == 1.25 and report["training"]["final_unweighted_loss"] == 0.75
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "final training loss 1.250 (class-weighted; unweighted, as validation measures it: 0.750)" in md
 
 
 def test_markdown_tables_and_model_card_rows(report, report_dir):

@@ -249,7 +249,9 @@ def _training(report: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "n_records": t.get("n_records", 0),
         "last_step": _fmt(t.get("last_step"), digits=0),
-        "final_loss": _fmt(t.get("final_loss")),
+        "final_loss": _fmt(t.get("final_loss")) + (
+            f" (class-weighted; unweighted, as validation measures it: {_fmt(t['final_unweighted_loss'])})"
+            if t.get("final_unweighted_loss") is not None else ""),
         "best": {"value": _fmt(best["value"]), "step": f"{best['step']:.0f}"} if best else None,
         "checkpoint": f"{kept['metric']} {_fmt(kept['value'], kept['metric'])} at step {kept['step']:.0f}, "
                       f"{'higher' if kept['greater_is_better'] else 'lower'} is better" if kept else None,

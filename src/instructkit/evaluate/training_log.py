@@ -101,8 +101,9 @@ def best_checkpoint(path: Path | None) -> dict[str, Any] | None:
 
 
 def training_summary(records: Sequence[dict], path: Path | None) -> dict[str, Any] | None:
-    """Last step, final training loss, best validation loss (step and value), and the best checkpoint
-    (`best_checkpoint`) when training recorded one."""
+    """Last step, final training loss (and, with class weights, the final unweighted loss: the one validation's
+    loss compares with), best validation loss (step and value), and the best checkpoint (`best_checkpoint`)
+    when training recorded one."""
     if not records:
         return None if path is None else {"path": str(path), "n_records": 0}
     _, losses = series(records, "loss")
@@ -111,6 +112,7 @@ def training_summary(records: Sequence[dict], path: Path | None) -> dict[str, An
         "n_records": len(records),
         "last_step": max(float(r["step"]) for r in records),
         "final_loss": losses[-1] if losses else None,
+        "final_unweighted_loss": (series(records, "unweighted_loss")[1] or [None])[-1],
         "task_metrics": task_metric_keys(records),
     }
     best_loss = best_value(records, "val_loss", lower_is_better("val_loss", declared=HIGHER_IS_BETTER))
