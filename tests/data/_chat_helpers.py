@@ -102,6 +102,32 @@ THINK_DROPPING_TEMPLATE = (
 )
 
 
+# DeepSeek-R1-Distill's chat template (deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B, tokenizer_config.json), its
+# tool parts left out, eos_token for its literal <｜end▁of▁sentence｜>: the generation prompt opens the
+# reasoning block ("<｜Assistant｜><think>\\n") and every assistant turn is rendered without its reasoning.
+DEEPSEEK_R1_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}"
+    "{%- endif %}{%- endfor %}{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{% set content = message['content'] %}{% if '</think>' in content %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor -%}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+
+def tiny_deepseek_r1():
+    tokenizer = tiny_with_template(DEEPSEEK_R1_TEMPLATE, "<｜User｜>", "<｜Assistant｜>")
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
 # Qwen3's chat template, its tool parts left out: an assistant turn's reasoning (`reasoning_content`, or a
 # <think> block at the start of its content) is written as <think>...</think> for the turns after the last
 # user turn and dropped from earlier ones; the last turn without reasoning gets an empty <think> block.

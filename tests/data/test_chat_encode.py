@@ -19,6 +19,7 @@ from _chat_helpers import (
     label_spans,
     real_tokenizer,
     tiny_gemma3,
+    tiny_deepseek_r1,
     tiny_phi3,
     tiny_qwen3,
     tiny_with_template,
@@ -311,6 +312,34 @@ def test_template_whose_assistant_turn_does_not_follow_its_generation_prompt_is_
     tokenizer = tiny_with_template(template)
     with pytest.raises(TemplateError, match="not as a continuation of its generation prompt"):
         encode_conversation(tokenizer, KETTLE, max_length=4096)
+
+
+def test_template_whose_generation_prompt_opens_the_reasoning_trains_what_the_model_writes_after_it(tmp_path):
+    """DeepSeek-R1-Distill's template: the generation prompt ends "<think>\\n" and the rendered turn drops the
+    reasoning, so the turn is not a continuation of its prompt and was refused ("not as a continuation of its
+    generation prompt"). Each answer is now trained on apply_chat_template's generation prompt, its labels
+    what the model writes after it (the reasoning, "</think>", the reply, EOS); a reply without reasoning
+    closes the opened block at once (Qwen3's empty block); one row per answer (earlier reasoning dropped)."""
+    original = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "reasoning_content": "Two and two make four.", "content": "4"},
+                {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6"}]
+    [example] = prepared(tmp_path, [{"messages": original}])
+    tokenizer = tiny_deepseek_r1()
+    dataset, stats = tokenize_examples([example], tokenizer, chat_settings())
+    assert len(dataset) == 2 and stats.examples == 1
+    context = example["messages"]  # the reasoning as a <think> block in the content, which the template drops
+    assert context[1]["content"] == "<think>\nTwo and two make four.\n</think>\n\n4"
+    written = ["Two and two make four.\n</think>\n\n4</s>", "\n</think>\n\n6</s>"]
+    for row, i, answer in zip(dataset, (1, 3), written):
+        prompt = render_ids(tokenizer, context[:i], add_generation_prompt=True)
+        assert tokenizer.decode(prompt).endswith("<｜Assistant｜><think>\n")
+        assert row["input_ids"][:row["prompt_length"]] == prompt
+        [(a, b)] = label_spans(row["labels"])
+        assert a == row["prompt_length"] and b == len(row["input_ids"])
+        assert tokenizer.decode(row["input_ids"][a:b]) == answer
+    assert "Two and two" not in tokenizer.decode(dataset[1]["input_ids"])  # the history, as the template sends it
+    assert end_of_turn_id(tokenizer, chat_settings()) == tokenizer.eos_token_id
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error():

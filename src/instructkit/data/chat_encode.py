@@ -31,8 +31,15 @@ A template that is NOT prefix-stable (the prompt of a turn does not start with t
 so far, e.g. one that drops the reasoning of earlier assistant turns) gives one example per assistant
 turn instead, each the prompt of that turn + its answer, so every turn is still trained on the exact
 prompt the model will see. So does a template without an end-of-turn token: the EOS inserted after an
-answer is not in the next turn's prompt as the template renders it. A template whose rendered assistant turn does not start with its generation
-prompt cannot be trained turn by turn at all: TemplateError.
+answer is not in the next turn's prompt as the template renders it.
+
+A template whose generation prompt opens the reasoning block the model must write (DeepSeek-R1's distilled
+models: "<｜Assistant｜><think>\n") while its rendered assistant turn drops the reasoning (`content.split(
+'</think>')[-1]`) cannot show the turn after that prompt; the answer is then the turn's own text after the
+opened block (its reasoning, "</think>", the reply: the form data/chat_rows.py gives `reasoning_content`; a
+turn without reasoning closes the block at once, "\n</think>\n\n" + reply, Qwen3's empty block) and the
+template's end-of-turn token: what the model writes when it is sent that prompt (`forced_reasoning`). Any
+other assistant turn that does not start with its generation prompt cannot be trained: TemplateError.
 
 Tools, and templates that cannot render them: chat_template.py. Over-long conversations: chat_truncate.py.
 """
@@ -142,6 +149,37 @@ def split_answer(tokenizer: Any, part: list[int]) -> tuple[list[int], list[int]]
     return part[:n] + [int(tokenizer.eos_token_id)], part[n:]
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def forced_reasoning(tokenizer: Any, head: list[int], full: list[int], content: str,
+                     i: int) -> tuple[list[int], list[int]]:
+    """(answer through its end-of-turn token, the masked rest) of assistant turn `i` (text `content`) for a
+    template whose generation prompt `head` opens a reasoning block that the rendered turn `full` lacks
+    (module docstring): the ids of what the model writes after `head`, then the turn's end-of-turn token.
+
+    Raises: TemplateError when `head` and `full` differ otherwise (the turn cannot be trained on the prompt
+    the model is sent).
+    """
+    k = 0
+    while k < min(len(head), len(full)) and head[k] == full[k]:
+        k += 1
+    opened = tokenizer.decode(head[k:])
+    if opened.strip() != THINK_OPEN:
+        raise TemplateError(f"{template_name(tokenizer)} renders assistant turn {i + 1} not as a continuation "
+                            "of its generation prompt (add_generation_prompt=True): the turn cannot be "
+                            "trained on the prompt the model is sent")
+    text = content.lstrip()
+    if text.startswith(THINK_OPEN):
+        written = text[len(THINK_OPEN):].lstrip(" \t").removeprefix("\n") if opened.endswith("\n") else \
+            text[len(THINK_OPEN):]
+    else:
+        written = ("\n" if opened.endswith("\n") else "\n\n") + THINK_CLOSE + "\n\n" + text
+    rendered, rest = split_answer(tokenizer, full[k:])
+    end = rendered[-1:] if rendered and rendered[-1] in special_ids(tokenizer) else [int(tokenizer.eos_token_id)]
+    return tokenizer.encode(written, add_special_tokens=False) + end, rest
+
+
 def assistant_turns(messages: Sequence[Mapping[str, Any]]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
@@ -182,11 +220,10 @@ def _encode(tokenizer: Any, messages: list[dict], tools: list[dict] | None, loss
         labels += [IGNORE_INDEX] * (len(head) - len(ids))
         ids = head
         full = render_turn(tokenizer, messages[:i + 1], tools, len(head))
-        if full[:len(head)] != head:
-            raise TemplateError(f"{template_name(tokenizer)} renders assistant turn {i + 1} not as a continuation "
-                                "of its generation prompt (add_generation_prompt=True): the turn cannot be "
-                                "trained on the prompt the model is sent")
-        answer, rest = split_answer(tokenizer, full[len(head):])
+        if full[:len(head)] == head:
+            answer, rest = split_answer(tokenizer, full[len(head):])
+        else:
+            answer, rest = forced_reasoning(tokenizer, head, full, messages[i]["content"], i)
         if prompt_length is None:
             prompt_length = len(ids)
         ids = ids + answer
