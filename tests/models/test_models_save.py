@@ -99,6 +99,42 @@ def test_generation_config_without_chat_template_is_eos_alone(tmp_path, tiny_lla
     assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.convert_tokens_to_ids("</s>")
 
 
+def test_a_base_generation_config_with_ignored_sampling_flags_still_saves(tmp_path, tiny_tokenizer, caplog):
+    """transformers#29988: a base whose generation_config.json sets temperature/top_p without do_sample (as
+    Vicuna's and Llama-2-chat copies did) loads with a warning, but save_pretrained refuses a config changed since
+    (instructkit sets its stop ids): the tuned model failed at its save. The ignored flags are unset; greedy
+    generation is the same as the base config's."""
+    from conftest import build_tiny_llama
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    base = tmp_path / "base"
+    model = build_tiny_llama(tiny_tokenizer)
+    model.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    gen = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.9, "top_p": 0.6,
+                                                             "length_penalty": 2.0}))
+    ids = tiny_tokenizer("Rating:", return_tensors="pt").input_ids
+    as_published = AutoModelForCausalLM.from_pretrained(base).generate(ids, max_new_tokens=8)
+    loaded = load_model(ModelConfig(name=str(base)))
+    assert "temperature=0.9, top_p=0.6, length_penalty=2.0 had no effect" in caplog.text
+    out = save_instruct_model(loaded.model, loaded.tokenizer, tmp_path / "tuned", card={}, train_config=None)
+    saved = GenerationConfig.from_pretrained(out)
+    assert (saved.temperature, saved.top_p, saved.length_penalty, saved.do_sample) == (None, None, None, None)
+    assert saved.eos_token_id == [tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=8, eos_token_id=tiny_tokenizer.eos_token_id),
+                       as_published)
+
+
+def test_a_generation_config_transformers_refuses_otherwise_is_a_model_error(tiny_llama, tiny_tokenizer):
+    from instructkit.models.generation import configure_generation
+
+    tiny_llama.generation_config.num_return_sequences = 3  # greedy cannot return 3: not a flag to unset
+    with pytest.raises(ModelError, match="generation config cannot be saved.*num_return_sequences"):
+        configure_generation(tiny_llama, tiny_tokenizer)
+
+
 def test_model_card_front_matter_provenance_data_and_versions(tmp_path, tiny_llama, tiny_tokenizer):
     import transformers
 
