@@ -277,3 +277,33 @@ def test_model_index_of_plain_rows_leaves_out_missing_values(tmp_path, tiny_llam
     assert {r.metric_name: r.metric_value for r in loaded.data.eval_results} == {"accuracy": 0.755,
                                                                                   "examples": 200}
     assert "| perplexity | nan |  |" in (out / "README.md").read_text()  # the table still shows it
+
+
+@pytest.mark.parametrize("base", ["folder", "gguf-path", "gguf-name"])
+def test_card_metadata_names_no_local_path_as_base_model_or_dataset(base, tmp_path, tiny_model_dir, tiny_llama,
+                                                                    tiny_tokenizer):
+    """transformers#28286 (PR#28482), autotrain-advanced#648: the Hub refuses a card whose base_model or datasets
+    entry is a local path ('"datasets[0]" with value "/var/hf/images/" is not valid'). A model tuned from a local
+    folder carried base_model: /abs/path/to/it, one from a .gguf file its path (or file name, in a cache
+    converted earlier), data given by path datasets: [/data/x.csv]. The metadata now holds Hub ids only; the
+    card's text still names them all."""
+    from huggingface_hub import ModelCard
+
+    if base == "folder":
+        loaded = load_model(ModelConfig(name=str(tiny_model_dir)))
+        assert loaded.provenance.get("base_model") is None  # resolve no longer records the path as one
+        provenance, where = loaded.provenance, str(tiny_model_dir)
+    else:
+        where = "/models/smol.Q8_0.gguf" if base == "gguf-path" else "smol.Q8_0.gguf"
+        provenance = {"name": where, "base_model": where, "licence": "unknown (see the GGUF's source)"}
+    sources = [{"name": "/data/x.csv", "path": "/data/x.csv"}, {"name": "train.csv", "path": "train.csv"},
+               {"name": "org/reviews", "path": "/data/reviews.jsonl"}]
+    out = save_instruct_model(tiny_llama, tiny_tokenizer, tmp_path / "m",
+                              card={"provenance": provenance, "data_sources": sources}, train_config=None)
+    front = card_front_matter(out)
+    assert "base_model" not in front
+    assert front["datasets"] == ["org/reviews"]
+    text = (out / "README.md").read_text()
+    assert f"- Base model: `{where}`" in text and "| /data/x.csv |" in text and "| train.csv |" in text
+    assert ModelCard.load(out / "README.md").data.base_model is None
+
