@@ -259,10 +259,19 @@ def model_card_metrics(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def model_card_usage(adapter_only: bool, seq2seq: bool) -> list[str]:
+    """The card's loading code. An adapter saved alone loads with peft's AutoPeftModelFor<task> (the
+    seq2seq one for T5: the causal one refuses a seq2seq adapter), then takes the saved generation config:
+    peft loads the base model's, whose stop tokens may lack the chat template's end-of-turn (a base tuned on
+    ChatML stops at <|im_end|>), so a plain-peft generate ran past the answer (cf. LlamaFactory#7943: the
+    full fine-tune stopped, the LoRA did not)."""
     auto = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
     if adapter_only:
-        code = ["from peft import AutoPeftModelForCausalLM", "",
-                'model = AutoPeftModelForCausalLM.from_pretrained("PATH")']
+        peft_auto = "AutoPeftModelForSeq2SeqLM" if seq2seq else "AutoPeftModelForCausalLM"
+        code = [f"from peft import {peft_auto}", "from transformers import AutoTokenizer, GenerationConfig", "",
+                f'model = {peft_auto}.from_pretrained("PATH")',
+                "# the stop tokens it was tuned with (peft keeps the base model's generation config)",
+                'model.generation_config = GenerationConfig.from_pretrained("PATH")',
+                'tokenizer = AutoTokenizer.from_pretrained("PATH")']
     else:
         code = [f"from transformers import {auto}, AutoTokenizer", "",
                 f'model = {auto}.from_pretrained("PATH")',
