@@ -84,3 +84,19 @@ def test_a_system_prompt_a_modelfile_cannot_quote_is_not_dropped_silently(tmp_pa
     assert "cannot quote" in caplog.text
     plain = render_modelfile(tokenizer, config, tmp_path / "m.gguf", system_prompt='Say "hi".')
     assert 'SYSTEM """Say "hi"."""' in plain
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_the_modelfile_switches_ollamas_repeat_penalty_off(chat, tmp_path):
+    """ollama#17679: Ollama's server default repeat_penalty 1.1 reached every model whose Modelfile leaves it
+    unset, at temperature 0 too, so `ollama run` of the export did not answer greedily as instructkit evaluated
+    it (a penalized repeat changes the argmax: a label said twice, JSON, code). The Modelfile now sets it to 1
+    (no penalty), with or without a chat template."""
+    from instructkit.models.ollama import render_modelfile
+
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_llama(tokenizer).config
+    text = render_modelfile(tokenizer, config, tmp_path / "m.gguf", chat=chat)
+    parameters = dict(line.split()[1:3] for line in text.splitlines() if line.startswith("PARAMETER ")
+                      and not line.startswith("PARAMETER stop"))
+    assert parameters == {"temperature": "0", "repeat_penalty": "1", "num_ctx": "512"}

@@ -146,6 +146,38 @@ def test_lora_adapter_alone_reloads_through_load_model(tmp_path, tiny_model_dir)
     assert torch.allclose(logits_of(again.model, again.tokenizer), tuned_logits, atol=1e-5)
 
 
+def card_loading_code(folder) -> str:
+    """The model card's Python loading code, PATH replaced by `folder`."""
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    return text.split("```python\n", 1)[1].split("```", 1)[0].replace("PATH", str(folder))
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_the_card_code_loads_an_adapter_with_its_stop_tokens(kind, tmp_path, tiny_model_dir, tiny_t5_dir):
+    """An adapter saved alone: the card's code (AutoPeftModelForCausalLM) refused a T5 adapter ('Expected target
+    PEFT class: PeftModelForSeq2SeqLM'), and for a causal one gave the base model's generation config: stop at
+    </s> only, not at the chat template's <|im_end|> the adapter learned to end answers with, so generate ran
+    past the answer (cf. LlamaFactory#7943). Run as written, the code now gives the saved config's stop ids and
+    the tuned logits."""
+    folder = tiny_model_dir if kind == "causal" else tiny_t5_dir
+    loaded = load_model(ModelConfig(name=str(folder)))
+    wrapped = lora_with_nonzero_update(loaded.model)
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    extra = {} if kind == "causal" else {"decoder_input_ids": torch.tensor([[loaded.tokenizer.pad_token_id, 5]])}
+    with torch.no_grad():
+        tuned = wrapped(input_ids=ids, **extra).logits
+    out = save_instruct_model(wrapped, loaded.tokenizer, tmp_path / "adapter",
+                              card={"provenance": loaded.provenance}, train_config=None, merge_lora=False)
+    scope = {}
+    exec(card_loading_code(out), scope)  # noqa: S102 - the card's own code, as a reader runs it
+    model, tokenizer = scope["model"], loaded.tokenizer
+    eos, end_of_turn = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == [eos, end_of_turn]
+    assert scope["tokenizer"].convert_tokens_to_ids("<|im_end|>") == end_of_turn
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids, **extra).logits, tuned, atol=1e-5)
+
+
 def test_seq2seq_save_round_trip(tmp_path, tiny_t5_dir):
     from transformers import AutoModelForSeq2SeqLM
 

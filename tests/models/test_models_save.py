@@ -99,6 +99,42 @@ def test_generation_config_without_chat_template_is_eos_alone(tmp_path, tiny_lla
     assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.convert_tokens_to_ids("</s>")
 
 
+def test_a_base_generation_config_with_ignored_sampling_flags_still_saves(tmp_path, tiny_tokenizer, caplog):
+    """transformers#29988: a base whose generation_config.json sets temperature/top_p without do_sample (as
+    Vicuna's and Llama-2-chat copies did) loads with a warning, but save_pretrained refuses a config changed since
+    (instructkit sets its stop ids): the tuned model failed at its save. The ignored flags are unset; greedy
+    generation is the same as the base config's."""
+    from conftest import build_tiny_llama
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    base = tmp_path / "base"
+    model = build_tiny_llama(tiny_tokenizer)
+    model.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    gen = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.9, "top_p": 0.6,
+                                                             "length_penalty": 2.0}))
+    ids = tiny_tokenizer("Rating:", return_tensors="pt").input_ids
+    as_published = AutoModelForCausalLM.from_pretrained(base).generate(ids, max_new_tokens=8)
+    loaded = load_model(ModelConfig(name=str(base)))
+    assert "temperature=0.9, top_p=0.6, length_penalty=2.0 had no effect" in caplog.text
+    out = save_instruct_model(loaded.model, loaded.tokenizer, tmp_path / "tuned", card={}, train_config=None)
+    saved = GenerationConfig.from_pretrained(out)
+    assert (saved.temperature, saved.top_p, saved.length_penalty, saved.do_sample) == (None, None, None, None)
+    assert saved.eos_token_id == [tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(reloaded.generate(ids, max_new_tokens=8, eos_token_id=tiny_tokenizer.eos_token_id),
+                       as_published)
+
+
+def test_a_generation_config_transformers_refuses_otherwise_is_a_model_error(tiny_llama, tiny_tokenizer):
+    from instructkit.models.generation import configure_generation
+
+    tiny_llama.generation_config.num_return_sequences = 3  # greedy cannot return 3: not a flag to unset
+    with pytest.raises(ModelError, match="generation config cannot be saved.*num_return_sequences"):
+        configure_generation(tiny_llama, tiny_tokenizer)
+
+
 def test_model_card_front_matter_provenance_data_and_versions(tmp_path, tiny_llama, tiny_tokenizer):
     import transformers
 
@@ -241,3 +277,33 @@ def test_model_index_of_plain_rows_leaves_out_missing_values(tmp_path, tiny_llam
     assert {r.metric_name: r.metric_value for r in loaded.data.eval_results} == {"accuracy": 0.755,
                                                                                   "examples": 200}
     assert "| perplexity | nan |  |" in (out / "README.md").read_text()  # the table still shows it
+
+
+@pytest.mark.parametrize("base", ["folder", "gguf-path", "gguf-name"])
+def test_card_metadata_names_no_local_path_as_base_model_or_dataset(base, tmp_path, tiny_model_dir, tiny_llama,
+                                                                    tiny_tokenizer):
+    """transformers#28286 (PR#28482), autotrain-advanced#648: the Hub refuses a card whose base_model or datasets
+    entry is a local path ('"datasets[0]" with value "/var/hf/images/" is not valid'). A model tuned from a local
+    folder carried base_model: /abs/path/to/it, one from a .gguf file its path (or file name, in a cache
+    converted earlier), data given by path datasets: [/data/x.csv]. The metadata now holds Hub ids only; the
+    card's text still names them all."""
+    from huggingface_hub import ModelCard
+
+    if base == "folder":
+        loaded = load_model(ModelConfig(name=str(tiny_model_dir)))
+        assert loaded.provenance.get("base_model") is None  # resolve no longer records the path as one
+        provenance, where = loaded.provenance, str(tiny_model_dir)
+    else:
+        where = "/models/smol.Q8_0.gguf" if base == "gguf-path" else "smol.Q8_0.gguf"
+        provenance = {"name": where, "base_model": where, "licence": "unknown (see the GGUF's source)"}
+    sources = [{"name": "/data/x.csv", "path": "/data/x.csv"}, {"name": "train.csv", "path": "train.csv"},
+               {"name": "org/reviews", "path": "/data/reviews.jsonl"}]
+    out = save_instruct_model(tiny_llama, tiny_tokenizer, tmp_path / "m",
+                              card={"provenance": provenance, "data_sources": sources}, train_config=None)
+    front = card_front_matter(out)
+    assert "base_model" not in front
+    assert front["datasets"] == ["org/reviews"]
+    text = (out / "README.md").read_text()
+    assert f"- Base model: `{where}`" in text and "| /data/x.csv |" in text and "| train.csv |" in text
+    assert ModelCard.load(out / "README.md").data.base_model is None
+

@@ -3,7 +3,10 @@
 The card is a `huggingface_hub.ModelCard`. Its YAML header (`ModelCardData`) holds license (license_name
 when the licence has no Hub identifier), base_model, library_name (peft for an adapter saved alone),
 pipeline_tag (text2text-generation for seq2seq), tags, datasets (the data sources' names) and, once there
-are metrics, a `model-index` with base and tuned values per template:
+are metrics, a `model-index` with base and tuned values per template. base_model and datasets hold only
+names of Hub repository form (`hub_id`): the Hub refuses a card whose base_model or datasets entry is a
+local path (transformers#28286, autotrain-advanced#648), so a model tuned from a folder or a .gguf file, or
+on a CSV file, names it in the card's text only:
 
     model-index:
     - name: <the card's title>
@@ -105,18 +108,38 @@ def card_metadata(record: dict[str, Any]) -> Any:
     sources = [str(s.get("name")) for s in card.get("data_sources") or [] if s.get("name")]
     results = eval_results(card.get("metrics") or [], task_type=pipeline_tag,
                            dataset_type="+".join(sources) or "unknown")
+    hub_sources = [name for name in sources if hub_id(name)]
     return ModelCardData(
         license=license_id,
         license_name=str(prov["licence"]) if license_id == "other" and prov.get("licence") else None,
-        base_model=card_base_model(prov),
+        base_model=hub_id(prov.get("base_model")),
         library_name="peft" if record.get("adapter_only", False) else "transformers",
         pipeline_tag=pipeline_tag,
         tags=["instructkit", "instruction-tuning",
               *[t for t in card.get("tags", []) if t not in ("instructkit", "instruction-tuning")]],
-        datasets=sources or None,
+        datasets=hub_sources or None,
         model_name=card_title(record) if results else None,
         eval_results=results or None,
     )
+
+
+FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
+
+
+def hub_id(name: Any) -> str | None:
+    """`name` when it has the form of a Hub repository id (`huggingface_hub.utils.validate_repo_id`: `name` or
+    `namespace/name`, letters, digits and - _ . only) and is no model or data file's name (FILE_SUFFIXES),
+    else None: an absolute or ./relative path, a Windows path, a path of more than two parts, model.gguf."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name, str) or not name or name.lower().endswith(FILE_SUFFIXES):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def metric_number(value: Any) -> int | float | None:
@@ -236,10 +259,19 @@ def model_card_metrics(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def model_card_usage(adapter_only: bool, seq2seq: bool) -> list[str]:
+    """The card's loading code. An adapter saved alone loads with peft's AutoPeftModelFor<task> (the
+    seq2seq one for T5: the causal one refuses a seq2seq adapter), then takes the saved generation config:
+    peft loads the base model's, whose stop tokens may lack the chat template's end-of-turn (a base tuned on
+    ChatML stops at <|im_end|>), so a plain-peft generate ran past the answer (cf. LlamaFactory#7943: the
+    full fine-tune stopped, the LoRA did not)."""
     auto = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
     if adapter_only:
-        code = ["from peft import AutoPeftModelForCausalLM", "",
-                'model = AutoPeftModelForCausalLM.from_pretrained("PATH")']
+        peft_auto = "AutoPeftModelForSeq2SeqLM" if seq2seq else "AutoPeftModelForCausalLM"
+        code = [f"from peft import {peft_auto}", "from transformers import AutoTokenizer, GenerationConfig", "",
+                f'model = {peft_auto}.from_pretrained("PATH")',
+                "# the stop tokens it was tuned with (peft keeps the base model's generation config)",
+                'model.generation_config = GenerationConfig.from_pretrained("PATH")',
+                'tokenizer = AutoTokenizer.from_pretrained("PATH")']
     else:
         code = [f"from transformers import {auto}, AutoTokenizer", "",
                 f'model = {auto}.from_pretrained("PATH")',

@@ -144,8 +144,10 @@ def render_modelfile(tokenizer: Any, config: Any, gguf_path: str | Path,
 
     `chat` and `system_prompt` are the run's `model.chat_template` and `model.system_prompt`: a model tuned
     on plain prompts (no chat template) gets TEMPLATE {{ .Prompt }}; the system prompt it was tuned with
-    becomes SYSTEM. Parameters: temperature 0 (greedy, as instructkit evaluates), num_ctx min(`num_ctx`,
-    the context length), one `stop` per stop token. The saved model's licence file, when there is one,
+    becomes SYSTEM. Parameters: temperature 0 and repeat_penalty 1 (greedy, as instructkit evaluates: Ollama's
+    server default repeat_penalty 1.1 applied to every model whose Modelfile leaves it unset, ollama#17679, and
+    penalizes its own answer at temperature 0 too), num_ctx min(`num_ctx`, the context length), one `stop`
+    per stop token. The saved model's licence file, when there is one,
     goes in.
     """
     gguf_path = Path(gguf_path)
@@ -177,7 +179,7 @@ def render_modelfile(tokenizer: Any, config: Any, gguf_path: str | Path,
     for stop in stop_strings(tokenizer, config):
         lines.append(f'PARAMETER stop "{stop}"')
     context = getattr(config, "max_position_embeddings", None) or num_ctx
-    lines += ["PARAMETER temperature 0", f"PARAMETER num_ctx {min(num_ctx, int(context))}"]
+    lines += ["PARAMETER temperature 0", "PARAMETER repeat_penalty 1", f"PARAMETER num_ctx {min(num_ctx, int(context))}"]
     for path in (provenance or {}).get("licence_files") or []:
         path = Path(path)
         text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""

@@ -69,7 +69,7 @@ def resolve_model(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None, 
         if not is_complete_cache(folder):
             if not convert:
                 return ResolvedModel(path, {"name": name, "gguf_file": path.name, "gguf_sha256": sha})
-            provenance = {"name": name, "base_model": name, "licence": "unknown (see the GGUF's source)",
+            provenance = {"name": name, "licence": "unknown (see the GGUF's source)",
                           "dequantized_from": f"GGUF file {path.name}, dequantized to fp32 by transformers"}
             folder = gguf_to_cached_folder(path, cache, provenance, sha256=sha,
                                            trust_remote_code=cfg.trust_remote_code)
@@ -104,7 +104,7 @@ def hub_cache_folder(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
-    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
+    except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError, HFValidationError, ...
         raise ModelError(
             f"hub id {repo_id!r} is not in the local Hugging Face cache ({type(exc).__name__}); instructkit "
             "never downloads. Download it elsewhere and copy the folder here, then give its path."
@@ -139,8 +139,8 @@ def read_provenance(folder: Path, requested: str) -> dict[str, Any]:
                                  if (folder / Path(n).name).is_file()]
     else:
         front = readme_front_matter(folder / "README.md")
-        prov = {
-            "base_model": front.get("base_model") or requested,
+        prov = {  # a local folder's path is no base_model: the Hub refuses it in a model card
+            "base_model": front.get("base_model"),
             "licence": front.get("license") or "unknown (no licence in the folder's README.md)",
             "license_id": front.get("license"),
         }
