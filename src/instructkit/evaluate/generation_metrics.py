@@ -22,6 +22,7 @@ from instructkit.evaluate.metrics import MetricFn, PerExampleFn, Resampler, Resa
 
 __all__ = [
     "ROUGE_KEYS",
+    "bleu_tokenizer",
     "chrf",
     "corpus_bleu",
     "rouge",
@@ -36,8 +37,9 @@ ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 # Scripts written without spaces between words: each character is a token (Thai, Lao, Myanmar, Khmer,
 # Japanese kana, CJK ideographs). Hangul is written with spaces and keeps its words.
-_UNSPACED_RE = re.compile("([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf"
-                          "\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f])")
+_HAN_KANA = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_SOUTHEAST_ASIAN = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
+_UNSPACED_RE = re.compile(f"([{_SOUTHEAST_ASIAN}{_HAN_KANA}])")
 _ASCII_WORD_RE = re.compile(r"[a-z0-9]+")
 
 
@@ -136,16 +138,35 @@ def _rouge_key_mean(key: str) -> MetricFn:
 # --------------------------------------------------------------------- BLEU / chrF
 
 
-def _bleu(sentence_level: bool = False):  # -> sacrebleu.metrics.BLEU
-    """sacrebleu BLEU with default settings (13a tokenizer, exp smoothing); at
-    sentence level ``effective_order=True`` as ``sacrebleu.sentence_bleu`` uses."""
+def bleu_tokenizer(refs: Sequence[str]) -> str:
+    """The sacrebleu tokenizer BLEU uses on these references: "13a" (sacrebleu's default) for text written
+    with spaces between words; "zh" (sacrebleu's Chinese tokenizer: each CJK ideograph a token, 13a on the
+    rest) when a reference holds CJK ideographs or kana; "char" (every character a token) when a
+    reference holds Thai, Lao, Myanmar or Khmer and none of those.
+
+    With 13a a sentence of a script written without spaces is one token, so BLEU is 0 even for an
+    identical Chinese, Japanese or Thai translation (ragas#2101, sacrebleu#147: "-tok zh" for Chinese).
+    Chosen from the references only, so every system scored against them uses the same tokens.
+    """
+    text = "".join(refs)
+    if re.search(f"[{_HAN_KANA}]", text):
+        return "zh"
+    if re.search(f"[{_SOUTHEAST_ASIAN}]", text):
+        return "char"
+    return "13a"
+
+
+def _bleu(refs: Sequence[str], sentence_level: bool = False):  # -> sacrebleu.metrics.BLEU
+    """sacrebleu BLEU with the tokenizer `bleu_tokenizer(refs)` and otherwise default settings (exp
+    smoothing); at sentence level ``effective_order=True`` as ``sacrebleu.sentence_bleu`` uses."""
     from sacrebleu.metrics import BLEU
 
-    return BLEU(effective_order=sentence_level)
+    return BLEU(tokenize=bleu_tokenizer(refs), effective_order=sentence_level)
 
 
-def _chrf():  # -> sacrebleu.metrics.CHRF
-    """sacrebleu chrF with default settings (char order 6, no word n-grams, beta 2)."""
+def _chrf(refs: Sequence[str]):  # -> sacrebleu.metrics.CHRF
+    """sacrebleu chrF with default settings (char order 6, no word n-grams, beta 2); characters need no
+    tokenizer, so `refs` does not change it."""
     from sacrebleu.metrics import CHRF
 
     return CHRF()
@@ -153,26 +174,28 @@ def _chrf():  # -> sacrebleu.metrics.CHRF
 
 def corpus_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
     """sacrebleu corpus BLEU (0-100): n-gram counts and lengths are summed over all
-    examples before the precisions and the brevity penalty are computed.
+    examples before the precisions and the brevity penalty are computed. Tokens: `bleu_tokenizer(refs)`
+    (13a; zh for Chinese and Japanese references; char for Thai, Lao, Myanmar, Khmer).
 
     Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    return float(_bleu().corpus_score(list(preds), [list(refs)]).score)
+    return float(_bleu(refs).corpus_score(list(preds), [list(refs)]).score)
 
 
 def sentence_bleu_mean(preds: Sequence[str], refs: Sequence[str]) -> float:
     """Unweighted mean over examples of sacrebleu sentence BLEU (0-100).
 
     Sentence BLEU uses effective n-gram order and exp smoothing, so this is not
-    :func:`corpus_bleu` and is usually different from it.
+    :func:`corpus_bleu` and is usually different from it. Every sentence is tokenized with the corpus's
+    `bleu_tokenizer(refs)`.
 
     Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    bleu = _bleu(sentence_level=True)
+    bleu = _bleu(refs, sentence_level=True)
     return float(np.mean([bleu.sentence_score(p, [r]).score for p, r in zip(preds, refs)]))
 
 
@@ -183,20 +206,21 @@ def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    return float(_chrf().corpus_score(list(preds), [list(refs)]).score)
+    return float(_chrf(refs).corpus_score(list(preds), [list(refs)]).score)
 
 
-def _sacrebleu_resampler(make_metric: Callable[[], object]) -> ResamplerFactory:
+def _sacrebleu_resampler(make_metric: Callable[[Sequence[str]], object]) -> ResamplerFactory:
     """Resample a sacrebleu corpus metric from per-sentence sufficient statistics.
 
     Uses the same (underscore-prefixed) statistics hooks that sacrebleu's own
     paired-bootstrap significance test uses: per-sentence statistics are summed over
     each resample and the score is recomputed from the sums, which equals calling
-    ``corpus_score`` on the resampled corpus without re-tokenising it.
+    ``corpus_score`` on the resampled corpus without re-tokenising it. ``make_metric(refs)`` builds the
+    metric for the whole data's references, so every resample is tokenized as the point estimate is.
     """
 
     def factory(preds: Sequence[str], refs: Sequence[str]) -> Resampler:
-        metric = make_metric()
+        metric = make_metric(refs)
         stats = np.asarray(
             metric._extract_corpus_statistics(list(preds), [list(refs)]), dtype=np.int64
         )
