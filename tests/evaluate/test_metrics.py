@@ -97,6 +97,30 @@ def test_normalize_answer(raw, normalised):
     assert m.normalize_answer(raw) == normalised
 
 
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        ("\u201cParis\u201d", "paris"),  # typographic quotes (SQuAD's ASCII set kept them)
+        ("Paris\u3002", "paris"),  # ideographic full stop
+        ("1990\u20131995", "19901995"),  # en dash deleted as the ASCII hyphen is
+        ("\u00bfQu\u00e9 tal?", "qu\u00e9 tal"),  # inverted question mark; letters with accents kept
+        ("O\u2019Reilly", "oreilly"),  # right single quote as the ASCII apostrophe
+        ("$5 + 3", "5 3"),  # ASCII symbols of string.punctuation still go, as in SQuAD
+    ],
+)
+def test_normalize_answer_deletes_punctuation_of_every_script(raw, normalised):
+    # MLQA's PUNCT: string.punctuation plus every Unicode category P* character.
+    assert m.normalize_answer(raw) == normalised
+
+
+def test_exact_match_ignores_typographic_punctuation():
+    # Each prediction is its reference with other quotes/dashes/stops: all match -> 1.0; token F1 1.0 too.
+    preds = ["\u201cParis\u201d", "Paris\u3002", "O\u2019Reilly", "1990\u20131995"]
+    refs = ['"Paris"', "Paris", "O'Reilly", "1990-1995"]
+    assert m.exact_match(preds, refs) == 1.0
+    assert m.token_f1(preds, refs) == 1.0
+
+
 def test_exact_match_uses_normalisation():
     # "The Cat!" == "cat", "a dog" == "dog", "Paris" != "London" -> 2/3
     assert m.exact_match(["The Cat!", "a dog", "Paris"], ["cat", "dog", "London"]) == (

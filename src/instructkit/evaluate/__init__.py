@@ -9,5 +9,6 @@ earlier version scored runs again (the earlier one is kept beside the run) inste
     1   (no version written) everything before 2
     2   k-shot choices end with the demonstrations' separator, not EOS; a reasoning block before a
         generated answer is not scored; k-shot generation stops at the demonstration end
-    3   BLEU tokenizes Chinese and Japanese references with sacrebleu's zh, Thai/Lao/Myanmar/Khmer by character
+    3   BLEU tokenizes Chinese and Japanese references with sacrebleu's zh, Thai/Lao/Myanmar/Khmer by character;
+        exact match and token F1 delete Unicode punctuation too
 """

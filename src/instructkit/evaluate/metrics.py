@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -214,24 +215,33 @@ def _macro_f1_resampler(labels: Sequence[str] | None = None) -> ResamplerFactory
 # ------------------------------------------------------------- extractive QA (SQuAD)
 
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = frozenset(string.punctuation)
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
+
+
+def _punctuation(ch: str) -> bool:
+    """ASCII punctuation (``string.punctuation``, symbols such as ``$`` included) or any Unicode punctuation
+    character (general category P*: ``“ ” ’ – — 。 ， ¿``): MLQA's ``PUNCT`` set."""
+    return ch in _ASCII_PUNCTUATION or unicodedata.category(ch).startswith("P")
 
 
 def normalize_answer(s: str) -> str:
-    """SQuAD answer normalisation (as in the official SQuAD v1.1/v2.0 evaluation script).
+    """SQuAD answer normalisation (the official SQuAD v1.1/v2.0 evaluation script's), with the punctuation of
+    every script removed as MLQA's evaluation script (facebookresearch/MLQA, used by XQuAD and lighteval) does.
 
     In order:
 
     1. lowercase;
-    2. delete ASCII punctuation (``string.punctuation``) without inserting a space,
-       so ``"brown-fox"`` becomes ``"brownfox"``;
+    2. delete punctuation, ASCII (``string.punctuation``) or Unicode (category P*: curly quotes,
+       dashes, ``。``), without inserting a space, so ``"brown-fox"`` becomes ``"brownfox"`` and
+       ``"“Paris”"`` ``"paris"``; on ASCII text exactly SQuAD's step (which keeps ``“Paris”``'s quotes, so
+       a model writing typographic quotes or a full stop ``。`` missed an exact match);
     3. replace the whole words ``a``, ``an``, ``the`` with a space;
     4. collapse runs of whitespace to one space and strip both ends.
 
     Example: ``normalize_answer("The Cat!") == "cat"``.
     """
     text = s.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = "".join(ch for ch in text if not _punctuation(ch))
     text = _ARTICLES_RE.sub(" ", text)
     return " ".join(text.split())
 
