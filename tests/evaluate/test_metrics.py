@@ -190,3 +190,15 @@ def test_confusion_errors():
 def test_single_string_is_rejected():
     with pytest.raises(TypeError, match="not a single string"):
         m.accuracy("cat", "cat")
+
+
+def test_token_f1_counts_characters_of_scripts_written_without_spaces():
+    # MLQA's mixed segmentation: 北京市 -> 北 京 市 (3 tokens), 北京 -> 北 京 (2); overlap 2:
+    # precision 2/3, recall 1 -> F1 = 2 * (2/3) / (2/3 + 1) = 0.8. Whitespace-split it was 0.
+    assert m.token_f1(["北京市"], ["北京"]) == pytest.approx(0.8)
+    # Thai: 4 characters against 3 of them -> precision 3/4, recall 1 -> F1 6/7.
+    assert m.token_f1(["กขคง"], ["กขค"]) == pytest.approx(6 / 7)
+    # Mixed text: the Latin word stays one token: {iphone, 手, 机} vs {iphone, 手, 表}: 2/3 each -> 2/3.
+    assert m.token_f1(["iPhone手机"], ["iPhone 手表"]) == pytest.approx(2 / 3)
+    assert m.normalize_answer("北京。") == "北 京"
+    assert m.exact_match(["北 京"], ["北京。"]) == 1.0

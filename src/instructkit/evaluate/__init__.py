@@ -10,5 +10,6 @@ earlier version scored runs again (the earlier one is kept beside the run) inste
     2   k-shot choices end with the demonstrations' separator, not EOS; a reasoning block before a
         generated answer is not scored; k-shot generation stops at the demonstration end
     3   BLEU tokenizes Chinese and Japanese references with sacrebleu's zh, Thai/Lao/Myanmar/Khmer by character;
-        exact match and token F1 delete Unicode punctuation too
+        exact match and token F1 delete Unicode punctuation too and count each character of a script
+        written without spaces as a word
 """

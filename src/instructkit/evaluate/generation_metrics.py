@@ -18,7 +18,16 @@ from functools import cache
 
 import numpy as np
 
-from instructkit.evaluate.metrics import MetricFn, PerExampleFn, Resampler, ResamplerFactory, _check_pair
+from instructkit.evaluate.metrics import (
+    _HAN_KANA,
+    _SOUTHEAST_ASIAN,
+    _UNSPACED_RE,
+    MetricFn,
+    PerExampleFn,
+    Resampler,
+    ResamplerFactory,
+    _check_pair,
+)
 
 __all__ = [
     "ROUGE_KEYS",
@@ -35,11 +44,6 @@ ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # --------------------------------------------------------------------------- ROUGE
 
 
-# Scripts written without spaces between words: each character is a token (Thai, Lao, Myanmar, Khmer,
-# Japanese kana, CJK ideographs). Hangul is written with spaces and keeps its words.
-_HAN_KANA = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
-_SOUTHEAST_ASIAN = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
-_UNSPACED_RE = re.compile(f"([{_SOUTHEAST_ASIAN}{_HAN_KANA}])")
 _ASCII_WORD_RE = re.compile(r"[a-z0-9]+")
 
 

@@ -214,6 +214,11 @@ def _macro_f1_resampler(labels: Sequence[str] | None = None) -> ResamplerFactory
 
 # ------------------------------------------------------------- extractive QA (SQuAD)
 
+# Scripts written without spaces between words: each character is a token (Thai, Lao, Myanmar, Khmer,
+# Japanese kana, CJK ideographs). Hangul is written with spaces and keeps its words.
+_HAN_KANA = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_SOUTHEAST_ASIAN = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
+_UNSPACED_RE = re.compile(f"([{_SOUTHEAST_ASIAN}{_HAN_KANA}])")
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 
@@ -236,14 +241,17 @@ def normalize_answer(s: str) -> str:
        ``"“Paris”"`` ``"paris"``; on ASCII text exactly SQuAD's step (which keeps ``“Paris”``'s quotes, so
        a model writing typographic quotes or a full stop ``。`` missed an exact match);
     3. replace the whole words ``a``, ``an``, ``the`` with a space;
-    4. collapse runs of whitespace to one space and strip both ends.
+    4. split into words at whitespace, each character of a script written without spaces (CJK
+       ideographs, kana, Thai, Lao, Myanmar, Khmer) a word of its own, as MLQA's "mixed segmentation"
+       does for Chinese; join them with one space. Otherwise a Chinese answer was one token, so token F1
+       of 北京市 against 北京 was 0, not 0.8.
 
-    Example: ``normalize_answer("The Cat!") == "cat"``.
+    Example: ``normalize_answer("The Cat!") == "cat"``, ``normalize_answer("北京。") == "北 京"``.
     """
     text = s.lower()
     text = "".join(ch for ch in text if not _punctuation(ch))
     text = _ARTICLES_RE.sub(" ", text)
-    return " ".join(text.split())
+    return " ".join(_UNSPACED_RE.sub(r" \1 ", text).split())
 
 
 def _exact_match_per_example(preds: Sequence[str], refs: Sequence[str]) -> np.ndarray:
