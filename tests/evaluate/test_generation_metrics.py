@@ -63,6 +63,30 @@ def test_rouge_lsum_splits_on_newlines():
     assert got["rouge1"] == pytest.approx(1.0)
 
 
+def test_rouge_lsum_splits_a_text_without_newlines_at_its_sentence_ends():
+    # A generated summary has no newlines (huggingface/evaluate#501): the same sentences as the newline
+    # test above, written on one line, score the same: rougeL 1/2, rougeLsum 1 (not rougeL's 1/2).
+    got = gm.rouge(["Dog ran. Cat sat!"], ["Cat sat. Dog ran."])
+    assert got["rougeL"] == pytest.approx(0.5)
+    assert got["rougeLsum"] == pytest.approx(1.0)
+    # CJK sentences end at 。！ with no space: 天好。我们走！ vs 我们走。天好！ -> 2 + 3 characters, each
+    # reference sentence found whole in one predicted sentence: rougeLsum 1; rougeL LCS 3 of 5 -> 0.6.
+    got = gm.rouge(["天好。我们走！"], ["我们走。天好！"])
+    assert got["rougeLsum"] == pytest.approx(1.0)
+    assert got["rougeL"] == pytest.approx(0.6)
+
+
+def test_sentence_lines_keeps_newlines_and_single_sentences():
+    assert gm._sentence_lines("cat sat\ndog ran. it did") == "cat sat\ndog ran. it did"  # lines as written
+    assert gm._sentence_lines("a greeting") == "a greeting"
+    assert gm._sentence_lines("It costs 3.5 dollars. Fine? Yes!") == "It costs 3.5 dollars.\nFine?\nYes!"
+    assert gm._sentence_lines("今天很好。我们走吧！好") == "今天很好。\n我们走吧！\n好"
+    # rougeL and the n-gram scores see the same words either way
+    one_line = gm.rouge(["the cat sat. a dog ran"], ["a dog ran. the cat sat"])
+    lines = gm.rouge(["the cat sat.\na dog ran"], ["a dog ran.\nthe cat sat"])
+    assert one_line == pytest.approx(lines)
+
+
 # ----------------------------------------------------------------------- BLEU / chrF
 
 BLEU_PREDS = ["the quick brown fox jumps over the lazy dog", "hello there"]

@@ -81,13 +81,33 @@ def _rouge_scorer(keys: tuple[str, ...]):  # -> rouge_score.rouge_scorer.RougeSc
     return rouge_scorer.RougeScorer(list(keys), tokenizer=_UnicodeTokenizer())
 
 
+# Where a sentence ends in a text without newlines: after . ! ? (or … ; . ! ? ; full-width) before
+# whitespace, and after an ideographic or full-width stop 。！？ (no space follows it in CJK text).
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?\u2026\u037e\u0589\u061f\u06d4\u0964\uff0e])\s+|(?<=[\u3002\uff01\uff1f])\s*")
+
+
+def _sentence_lines(text: str) -> str:
+    """``text`` one sentence per line, as ROUGE-Lsum reads sentences: unchanged when it holds a newline (its
+    lines are its sentences, rouge-score's convention); else split after each sentence end
+    (``_SENTENCE_END_RE``), as the summarization recipes do before rougeLsum (transformers'
+    run_summarization joins ``nltk.sent_tokenize`` sentences with newlines; lm-eval's truthfulqa puts a
+    newline after " . "). Words are unchanged: a newline is whitespace to the tokenizer, so only rougeLsum
+    moves. An abbreviation ("Dr. Smith") ends a sentence too: no trained sentence model is at hand offline.
+    """
+    if "\n" in text:
+        return text
+    return "\n".join(part for part in _SENTENCE_END_RE.split(text.strip()) if part)
+
+
 def _rouge_per_example(
     preds: Sequence[str], refs: Sequence[str], keys: tuple[str, ...] = ROUGE_KEYS
 ) -> dict[str, np.ndarray]:
-    """ROUGE F-measure of each example for each key in ``keys``."""
+    """ROUGE F-measure of each example for each key in ``keys``, both texts one sentence per line
+    (`_sentence_lines`)."""
     _check_pair(preds, refs)
     scorer = _rouge_scorer(keys)
-    rows = [scorer.score(r, p) for p, r in zip(preds, refs)]  # score(target, prediction)
+    rows = [scorer.score(_sentence_lines(r), _sentence_lines(p))  # score(target, prediction)
+            for p, r in zip(preds, refs)]
     return {key: np.array([row[key].fmeasure for row in rows], dtype=float) for key in keys}
 
 
@@ -106,10 +126,12 @@ def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     * ``rougeL``: longest common subsequence over the whole text; newlines are
       ordinary whitespace.
     * ``rougeLsum``: summary-level LCS. Both texts are split into sentences on
-      ``"\\n"`` (empty lines dropped) and, for each reference sentence, the union of
-      its LCS with every predicted sentence is counted (without double counting).
-      Without newlines each text is one sentence and ``rougeLsum == rougeL``; put one
-      sentence per line to get the summary-level score.
+      ``"\\n"`` (empty lines dropped), a text without newlines at its sentence ends
+      (``_sentence_lines``: after ``.``, ``!``, ``?`` and a space, after ``。``), and, for each
+      reference sentence, the union of its LCS with every predicted sentence is counted
+      (without double counting). Split on newlines alone, a generated summary (never one
+      sentence per line) was one sentence and ``rougeLsum`` always equalled ``rougeL``
+      (huggingface/evaluate#501). A one-sentence text scores ``rougeLsum == rougeL``.
 
     Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
     differ or they are empty.
