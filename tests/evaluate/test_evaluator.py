@@ -318,3 +318,22 @@ def test_choice_too_long_for_max_length_names_template_and_example(tmp_path, tin
     loaded = SimpleNamespace(model=tiny_llama, tokenizer=tiny_tokenizer, is_seq2seq=False)
     with pytest.raises(DataError, match=r"test\.jsonl.*shop\.rating.*example 1"):
         evaluate_run(loaded, tmp_path, "test", tmp_path / "out", CFG, ModelConfig(max_length=16))
+
+
+def test_answers_cut_at_max_new_tokens_are_counted(learned_llama, tiny_tokenizer, caplog):
+    """lm-evaluation-harness#3400: an answer that reaches max_new_tokens without EOS is cut short, not ended;
+    eval.json counts them per template and task, predictions.jsonl flags them, the log names the template."""
+    ended = evaluate_examples(learned_llama, tiny_tokenizer, examples(), SETTINGS, is_seq2seq=False, cfg=CFG,
+                              max_new_tokens_by_task=SHORT)
+    assert ended.templates[DESCRIBE]["cut_short"] == 0  # 6 tokens: every headline ends with EOS
+    assert ended.templates[RATING]["cut_short"] is None  # ranked, not generated
+    assert ended.tasks["shop/summarization"]["cut_short"] == 0
+    with caplog.at_level("WARNING", logger="instructkit.evaluate.template_scoring"):
+        cut = evaluate_examples(learned_llama, tiny_tokenizer, examples(), SETTINGS, is_seq2seq=False, cfg=CFG,
+                                max_new_tokens_by_task={"summarization": 1})
+    # One token: every headline has 2+ tokens, so none can end (EOS would be a second token).
+    assert cut.templates[DESCRIBE]["cut_short"] == 4
+    assert cut.tasks["shop/summarization"]["cut_short"] == 4
+    assert [p["cut_short"] for p in cut.predictions[4:]] == [True] * 4
+    assert "shop.describe: 4 of 4 generated answers reached max_new_tokens=1" in caplog.text
+    assert "eval.max_new_tokens.summarization" in caplog.text

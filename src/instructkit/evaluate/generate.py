@@ -28,6 +28,7 @@ from instructkit.evaluate.model_inputs import (
 )
 
 __all__ = [
+    "Generated",
     "Reference",
     "final_answer",
     "generate",
@@ -89,6 +90,17 @@ def _cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
+class Generated:
+    """What `generate_scoring` returns: `answers` (text, cut and stripped); `reference_nll` per prompt,
+    (summed NLL in nats, label tokens) of its reference or None; `cut_short` per prompt, True where
+    decoding stopped at `max_new_tokens` (no stop token, no stop string): the answer was cut, not ended."""
+
+    answers: list[str]
+    reference_nll: list[tuple[float, int] | None]
+    cut_short: list[bool]
+
+
+@dataclass(frozen=True)
 class Reference:
     """A reference answer to score while generating: its token ids after the prompt as training encodes
     them (`encode_batch`: completion + EOS, or the assistant turn) and which of them are labels."""
@@ -131,7 +143,7 @@ def generate(
     """
     return generate_scoring(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,
-                            do_sample=do_sample, seed=seed, stop_strings=stop_strings, progress=progress)[0]
+                            do_sample=do_sample, seed=seed, stop_strings=stop_strings, progress=progress).answers
 
 
 def generate_scoring(
@@ -149,8 +161,9 @@ def generate_scoring(
     seed: int = 0,
     stop_strings: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[str], list[tuple[float, int] | None]]:
-    """`generate`, and the summed NLL (nats) and label count of each given reference answer.
+) -> Generated:
+    """`generate`, the summed NLL (nats) and label count of each given reference answer, and which answers
+    `max_new_tokens` cut short (`Generated`).
 
     A causal model's prompt is encoded once for both: one forward pass over prompt + reference gives the
     reference's log-probabilities (the logits of its positions only) and the prompt's key/value cache,
@@ -172,6 +185,7 @@ def generate_scoring(
                                 do_sample=do_sample, stops=stops, pad_id=pad_id)
     device = model_device(model)
     answers = [""] * len(prompt_ids)
+    cut_short = [False] * len(prompt_ids)
     scored: list[tuple[float, int] | None] = [None] * len(prompt_ids)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -198,11 +212,14 @@ def generate_scoring(
             # Causal output = the (padded) prompt then the new tokens; seq2seq output = decoder start + new.
             new = out[:, ids.shape[1]:] if not is_seq2seq else out[:, 1:]
             for i, tokens in zip(batch, new.tolist()):
-                text = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True)
-                answers[i] = _cut_at_text(text, stop_strings).strip()
+                kept = _cut_at_stop(tokens, stops)
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                answer = _cut_at_text(text, stop_strings)
+                cut_short[i] = len(kept) >= max_new_tokens and answer == text  # no stop: the limit ended it
+                answers[i] = answer.strip()
             if progress is not None:  # a progress display: n prompts done
                 progress(len(batch))
-    return answers, scored
+    return Generated(answers, scored, cut_short)
 
 
 def _score_references(model: Any, ids: torch.Tensor, mask: torch.Tensor, refs: list[Reference | None],
