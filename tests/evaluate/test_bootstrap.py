@@ -116,16 +116,40 @@ def test_macro_f1_bootstrap_matches_looped_sklearn():
     seed=st.integers(0, 2**16),
 )
 def test_macro_f1_resampler_equals_sklearn_on_each_resample(pairs, seed):
+    """Every resample is scored as the metric scores that data: the registry's macro_f1 over the labels of
+    the resample's references and predictions, macro_f1_metric over its listed labels among the resample's
+    references (a class the resample lacks is left out, not counted 0)."""
     refs = [r for r, _ in pairs]
     preds = [p for _, p in pairs]
-    labels = sorted(set(refs) | set(preds))
     idx = np.random.default_rng(seed).integers(0, len(pairs), size=(5, len(pairs)))
     idx[0] = np.arange(len(pairs))  # identity resample == full data
     got = reg.METRICS["macro_f1"].resampler(preds, refs)(idx)
-    for row, value in zip(idx, got):
+    fixed = reg.macro_f1_metric(reg.macro_f1_classes(refs, list("abcd")))
+    got_fixed = fixed.resampler(preds, refs)(idx)
+    for row, value, value_fixed in zip(idx, got, got_fixed):
         sub_p, sub_r = [preds[i] for i in row], [refs[i] for i in row]
-        assert value == pytest.approx(m.macro_f1(sub_p, sub_r, labels=labels))
+        assert value == pytest.approx(m.macro_f1(sub_p, sub_r))
+        classes = [c for c in "abcd" if c in sub_r]
+        assert value_fixed == pytest.approx(m.macro_f1(sub_p, sub_r, labels=classes))
+        assert value_fixed == pytest.approx(fixed.fn(sub_p, sub_r))
     assert got[0] == pytest.approx(m.macro_f1(preds, refs))
+    assert got_fixed[0] == pytest.approx(fixed.fn(preds, refs))
+
+
+def test_macro_f1_interval_of_a_perfect_classifier_with_a_rare_class():
+    """Lightning-AI/torchmetrics#300: a class absent from a resample counted F1 = 0, so every answer right
+    gave macro-F1 1.0 with the interval [0.67, 1.0] (the resamples missing the 1-in-20 class "c"); each
+    resample is perfect, so the interval is [1, 1] as accuracy's is."""
+    refs = ["a"] * 10 + ["b"] * 9 + ["c"]
+    spec = reg.macro_f1_metric(reg.macro_f1_classes(refs, ["a", "b", "c"]))
+    assert bs.bootstrap_ci(spec, refs, refs, n_resamples=500) == (1.0, 1.0, 1.0)
+    assert bs.bootstrap_ci("macro_f1", refs, refs, n_resamples=500) == (1.0, 1.0, 1.0)
+    # One "c" answered "a": F1(a) = 2*10/21, F1(b) = 1, F1(c) = 0 -> point (20/21 + 1) / 3 = 0.651; a
+    # resample without the "c" example (about a third) is perfect: 1.0, where a counted-0 class made it 2/3.
+    preds = refs[:-1] + ["a"]
+    point, low, high = bs.bootstrap_ci(spec, preds, refs, n_resamples=500)
+    assert point == pytest.approx((20 / 21 + 1) / 3)
+    assert low < point and high == 1.0
 
 
 def test_macro_f1_bootstrap_is_fast():

@@ -179,13 +179,18 @@ def confusion(
 
 
 def _macro_f1_resampler(labels: Sequence[str] | None = None) -> ResamplerFactory:
-    """Vectorised macro-F1 over many resamples, from per-resample confusion counts.
+    """Vectorised macro-F1 over many resamples, from per-resample confusion counts: on every resample the
+    value the metric has on that resample's examples.
 
-    The label set is fixed on the full data (``labels`` or the sorted union of
-    ``refs`` and ``preds``), so a class absent from a resample counts as F1 = 0,
-    exactly as :func:`macro_f1` treats a listed label that never occurs.
-    Per-class F1 is ``2 tp / (n_pred + n_ref)`` (0 when both counts are 0), which
-    equals sklearn's F1 with ``zero_division=0``.
+    The classes averaged are those of the resample, as the metric picks them on any data: with ``labels``
+    (``macro_f1_metric``), the listed labels that occur among the resample's references; without, the
+    labels occurring among its references or predictions (:func:`macro_f1`'s default). A class the
+    resample does not hold has no F1 and is left out: counted as 0, as a fixed class set did, a perfect
+    classifier with one rare class (1 of 20 references) had macro-F1 1.0 with a 95% interval
+    [0.67, 1.0], the low end only the resamples that miss the class (Lightning-AI/torchmetrics#300). A
+    prediction of a class left out still costs the recall of its example's true class.
+    Per-class F1 is ``2 tp / (n_pred + n_ref)``, which equals sklearn's F1 with ``zero_division=0``;
+    a resample holding no class of ``labels`` scores 0.
     """
 
     def factory(preds: Sequence[str], refs: Sequence[str]) -> Resampler:
@@ -203,9 +208,13 @@ def _macro_f1_resampler(labels: Sequence[str] | None = None) -> ResamplerFactory
                 return flat.reshape(idx.shape[0], k)
 
             tp = count(r, (r == p) & (r >= 0))
-            denom = count(r, r >= 0) + count(p, p >= 0)
+            n_ref, n_pred = count(r, r >= 0), count(p, p >= 0)
+            denom = n_ref + n_pred
             f1 = np.divide(2.0 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
-            return f1.mean(axis=1)
+            present = (n_ref if labels is not None else denom) > 0
+            classes = present.sum(axis=1)
+            total = (f1 * present).sum(axis=1)
+            return np.divide(total, classes, out=np.zeros(total.shape), where=classes > 0)
 
         return scores
 
