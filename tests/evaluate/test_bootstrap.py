@@ -83,9 +83,40 @@ def test_bootstrap_ci_depends_on_seed():
 
 
 def test_bootstrap_ci_single_example_is_degenerate():
-    for name in ("accuracy", "macro_f1", "bleu", "rouge1"):
+    # Corpus metrics and a per-example score strictly inside (0, 1): every resample is the one example.
+    for name in ("macro_f1", "bleu", "rouge1"):
         point, low, high = bs.bootstrap_ci(name, ["the cat sat down"], ["the cat sat up"])
         assert low == pytest.approx(point) and high == pytest.approx(point)
+    # accuracy 0 on one example: the exact all-wrong interval [0, 1 - 0.025] (lm-evaluation-harness#4070)
+    assert bs.bootstrap_ci("accuracy", ["the cat sat down"], ["the cat sat up"]) == (0.0, 0.0, 0.975)
+
+
+@pytest.mark.parametrize("n", [1, 4, 20, 400])
+def test_all_right_or_all_wrong_gets_the_exact_interval_not_a_point(n):
+    """EleutherAI/lm-evaluation-harness#4070: at 0 or 100% every resample equals the point, so the percentile
+    bootstrap said [1, 1] on 4 examples as on 400. Clopper-Pearson at k = n: lower (0.025) ** (1/n)
+    (n = 4: 0.398, n = 20: 0.832, n = 400: 0.9908); at k = 0 its mirror."""
+    bound = 0.025 ** (1 / n)
+    assert bs.bootstrap_ci("accuracy", ["a"] * n, ["a"] * n) == pytest.approx((1.0, bound, 1.0))
+    assert bs.bootstrap_ci("exact_match", ["a"] * n, ["b"] * n) == pytest.approx((0.0, 0.0, 1 - bound))
+    assert bs.bootstrap_ci("rougeL", ["the cat"] * n, ["the cat"] * n) == pytest.approx((1.0, bound, 1.0))
+    # a cluster bootstrap counts source rows: n examples from 1 row are one unit
+    assert bs.bootstrap_ci("accuracy", ["a"] * n, ["a"] * n, clusters=[0] * n) == pytest.approx(
+        (1.0, 0.025, 1.0))
+    # a corpus metric at 1 keeps its bootstrap interval (no per-example scores to count)
+    assert bs.bootstrap_ci("bleu", ["a b c d"] * n, ["a b c d"] * n)[1] == pytest.approx(100.0)
+
+
+def test_all_or_none_interval_is_clopper_pearson():
+    from scipy.stats import binomtest
+
+    for n in (3, 17):
+        exact = binomtest(n, n).proportion_ci(0.95, method="exact")
+        assert bs.all_or_none_interval(True, n) == pytest.approx((exact.low, exact.high))
+        exact = binomtest(0, n).proportion_ci(0.9, method="exact")
+        assert bs.all_or_none_interval(False, n, 0.9) == pytest.approx((exact.low, exact.high))
+    with pytest.raises(ValueError, match="units must be at least 1"):
+        bs.all_or_none_interval(True, 0)
 
 
 def test_bootstrap_ci_accepts_callable_and_spec():
