@@ -12,5 +12,6 @@ earlier version scored runs again (the earlier one is kept beside the run) inste
     3   BLEU tokenizes Chinese and Japanese references with sacrebleu's zh, Thai/Lao/Myanmar/Khmer by character;
         exact match and token F1 delete Unicode punctuation too and count each character of a script
         written without spaces as a word; rougeLsum splits a text without newlines at its sentence ends;
-        a bootstrap resample's macro-F1 leaves out the classes it lacks; all-right / all-wrong intervals are exact
+        a bootstrap resample's macro-F1 leaves out the classes it lacks; all-right / all-wrong intervals are exact;
+        a generated answer names its choice through quotes and brackets of any script and full-width forms
 """

@@ -10,6 +10,7 @@ chat template's end-of-turn token (`stop_token_ids`) or at any EOS id of the mod
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -260,11 +261,24 @@ def _score_references(model: Any, ids: torch.Tensor, mask: torch.Tensor, refs: l
 # Mapping a generated answer to a class
 # --------------------------------------------------------------------------------------------------
 
-_EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}*"
+_EDGE_CATEGORIES = ("Pi", "Pf", "Ps", "Pe", "Po")  # quotes, brackets, other punctuation (not dashes: "-1")
+
+
+def _edge(ch: str) -> bool:
+    """Whitespace, a backtick or punctuation an answer is wrapped in, of any script: ASCII ". , ; : ! ? * ( ) " '",
+    typographic quotes “ ” « », CJK brackets and stops 「 」 。 ！. Not a dash, so "-1" stays itself."""
+    return ch.isspace() or ch == "`" or unicodedata.category(ch) in _EDGE_CATEGORIES
 
 
 def _norm(text: str) -> str:
-    return text.strip().strip(_EDGE_PUNCT).casefold()
+    """NFKC (full-width ５ and Ｙｅｓ are 5 and Yes), edge punctuation and whitespace off both ends, casefolded."""
+    text = unicodedata.normalize("NFKC", text)
+    start, end = 0, len(text)
+    while start < end and _edge(text[start]):
+        start += 1
+    while end > start and _edge(text[end - 1]):
+        end -= 1
+    return text[start:end].casefold()
 
 
 def final_answer(text: str) -> str:
@@ -285,8 +299,8 @@ def final_answer(text: str) -> str:
 def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
     """The choice a generated answer names, or None when it names none (counted as unparseable).
 
-    In order: (1) the whole answer equals a choice, ignoring case and edge punctuation ("Positive." ->
-    "positive"); (2) the answer starts with a choice followed by a non-word character ("5 stars" -> "5",
+    In order: (1) the whole answer equals a choice, ignoring case, full-width forms (NFKC) and the punctuation
+    around it, of any script ("Positive." -> "positive", "“positive”", "「はい」", "５" -> "5"); (2) the answer starts with a choice followed by a non-word character ("5 stars" -> "5",
     "yes, it does" -> "yes"), the longest such choice winning ("not entailment" over "not"); (3) the first
     word equals a choice ("**4** stars" -> "4").
     """
