@@ -338,3 +338,20 @@ def test_answers_cut_at_max_new_tokens_are_counted(learned_llama, tiny_tokenizer
     assert [p["cut_short"] for p in cut.predictions[4:]] == [True] * 4
     assert "shop.describe: 4 of 4 generated answers reached max_new_tokens=1" in caplog.text
     assert "eval.max_new_tokens.summarization" in caplog.text
+
+
+def test_completion_outside_its_choices_names_file_example_and_template(tmp_path, tiny_llama, tiny_tokenizer):
+    """EleutherAI/lm-evaluation-harness#811: a gold answer outside the options scored 0 in silence (a rating
+    "1 star" against choices 1..5: every prediction wrong, the example missing from the confusion matrix)."""
+    rows = examples(2)
+    rows[1] = dict(rows[1], completion="1 star")  # the second rating example
+    write_split(tmp_path, "test", rows)
+    loaded = SimpleNamespace(model=tiny_llama, tokenizer=tiny_tokenizer, is_seq2seq=False)
+    with pytest.raises(DataError, match=r"test\.jsonl: example 2 \(shop\.rating\): completion '1 star' is not one "
+                                        r"of its choices \['1', '2', '3', '4', '5'\]"):
+        evaluate_run(loaded, tmp_path, "test", tmp_path / "out", CFG, ModelConfig())
+    bad = [dict(example(RATING, 0), completion=" 5")]  # compared exactly: the leading space is not "5"
+    with pytest.raises(DataError, match=r"examples: example 1 \(shop\.rating\): completion ' 5'"):
+        evaluate_examples(tiny_llama, tiny_tokenizer, bad, SETTINGS, is_seq2seq=False, cfg=CFG)
+    with pytest.raises(DataError, match=r"validation examples: example 1"):
+        make_validation_fn(tiny_tokenizer, bad, SETTINGS, is_seq2seq=False)
