@@ -18,6 +18,7 @@ from functools import cache
 
 import numpy as np
 
+from instructkit.evaluate.main_input import SENTENCE_END
 from instructkit.evaluate.metrics import (
     _HAN_KANA,
     _SOUTHEAST_ASIAN,
@@ -81,15 +82,13 @@ def _rouge_scorer(keys: tuple[str, ...]):  # -> rouge_score.rouge_scorer.RougeSc
     return rouge_scorer.RougeScorer(list(keys), tokenizer=_UnicodeTokenizer())
 
 
-# Where a sentence ends in a text without newlines: after . ! ? (or … ; . ! ? ; full-width) before
-# whitespace, and after an ideographic or full-width stop 。！？ (no space follows it in CJK text).
-_SENTENCE_END_RE = re.compile(r"(?<=[.!?\u2026\u037e\u0589\u061f\u06d4\u0964\uff0e])\s+|(?<=[\u3002\uff01\uff1f])\s*")
+_SENTENCE_END_RE = re.compile(SENTENCE_END)  # after . ! ? and a space, after 。！？ (main_input.SENTENCE_END)
 
 
 def _sentence_lines(text: str) -> str:
     """``text`` one sentence per line, as ROUGE-Lsum reads sentences: unchanged when it holds a newline (its
     lines are its sentences, rouge-score's convention); else split after each sentence end
-    (``_SENTENCE_END_RE``), as the summarization recipes do before rougeLsum (transformers'
+    (``main_input.SENTENCE_END``), as the summarization recipes do before rougeLsum (transformers'
     run_summarization joins ``nltk.sent_tokenize`` sentences with newlines; lm-eval's truthfulqa puts a
     newline after " . "). Words are unchanged: a newline is whitespace to the tokenizer, so only rougeLsum
     moves. An abbreviation ("Dr. Smith") ends a sentence too: no trained sentence model is at hand offline.
