@@ -13,5 +13,6 @@ earlier version scored runs again (the earlier one is kept beside the run) inste
         exact match and token F1 delete Unicode punctuation too and count each character of a script
         written without spaces as a word; rougeLsum splits a text without newlines at its sentence ends;
         a bootstrap resample's macro-F1 leaves out the classes it lacks; all-right / all-wrong intervals are exact;
-        a generated answer names its choice through quotes and brackets of any script and full-width forms
+        a generated answer names its choice through quotes and brackets of any script and full-width forms,
+        and "4.5" names no choice
 """

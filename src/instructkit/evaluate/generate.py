@@ -296,13 +296,26 @@ def final_answer(text: str) -> str:
     return "" if stripped.startswith("<think>") else text
 
 
+def _names_at_start(answer: str, norm: str) -> bool:
+    """`answer` starts with the choice `norm` followed by a non-word character, and not by the rest of a
+    number: "4.5" and "4,5" (a decimal comma) are other numbers than "4" (the integer-part kind of
+    stanford-crfm/helm#4289); "4. Great" and "4, good" name it."""
+    if not norm or not answer.startswith(norm):
+        return False
+    rest = answer[len(norm):len(norm) + 2]
+    if re.match(r"\w", rest):
+        return False
+    return not (norm[-1].isdigit() and re.match(r"[.,]\d", rest))
+
+
 def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
     """The choice a generated answer names, or None when it names none (counted as unparseable).
 
     In order: (1) the whole answer equals a choice, ignoring case, full-width forms (NFKC) and the punctuation
-    around it, of any script ("Positive." -> "positive", "“positive”", "「はい」", "５" -> "5"); (2) the answer starts with a choice followed by a non-word character ("5 stars" -> "5",
-    "yes, it does" -> "yes"), the longest such choice winning ("not entailment" over "not"); (3) the first
-    word equals a choice ("**4** stars" -> "4").
+    around it, of any script ("Positive." -> "positive", "“positive”", "「はい」", "５" -> "5"); (2) the answer
+    starts with a choice followed by a non-word character that does not continue a number ("5 stars" -> "5",
+    "yes, it does" -> "yes"; "4.5" names no choice), the longest such choice winning ("not entailment" over
+    "not"); (3) the first word equals a choice ("**4** stars" -> "4").
     """
     answer = _norm(text)
     if not answer:
@@ -311,8 +324,7 @@ def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
     for norm, choice in normalized:
         if norm and answer == norm:
             return choice
-    leading = [(norm, choice) for norm, choice in normalized
-               if norm and answer.startswith(norm) and not re.match(r"\w", answer[len(norm):len(norm) + 1])]
+    leading = [(norm, choice) for norm, choice in normalized if _names_at_start(answer, norm)]
     if leading:
         return max(leading, key=lambda pair: len(pair[0]))[1]
     first_word = _norm(answer.split()[0]) if answer.split() else ""
