@@ -127,6 +127,17 @@ def test_first_sentence():
     assert first_sentence("3.5 percent rise. Shares fell.") == "3.5 percent rise."
 
 
+def test_first_sentence_of_scripts_written_without_spaces():
+    # A Chinese article has no space after its stops and none between words: it was one sentence of one
+    # "word", so the lead baseline was the whole article.
+    assert first_sentence("今天天气很好。我们去公园吧！然后回家。") == "今天天气很好。"
+    assert first_sentence("ภาษาไทย" * 20, max_words=5) == "ภาษาไ"  # each Thai character a word
+    assert first_sentence("中" * 100) == "中" * 40  # LEAD_MAX_WORDS characters
+    assert first_sentence("the 中文 words", max_words=3) == "the 中文"
+    assert first_sentence("¿Qué tal? Bien.") == "¿Qué tal?"
+    assert first_sentence("क्या हाल है। ठीक है।") == "क्या हाल है।"  # Devanagari danda
+
+
 def _summaries(docs: list[str]) -> list[dict]:
     return [{"prompt": f"Article: {doc}\n\nWhat are the key takeaways from the article above?\nTakeaways:",
              "completion": " x", "choices": None, "template_id": "news.takeaways", "task": "summarization",

@@ -83,9 +83,40 @@ def test_bootstrap_ci_depends_on_seed():
 
 
 def test_bootstrap_ci_single_example_is_degenerate():
-    for name in ("accuracy", "macro_f1", "bleu", "rouge1"):
+    # Corpus metrics and a per-example score strictly inside (0, 1): every resample is the one example.
+    for name in ("macro_f1", "bleu", "rouge1"):
         point, low, high = bs.bootstrap_ci(name, ["the cat sat down"], ["the cat sat up"])
         assert low == pytest.approx(point) and high == pytest.approx(point)
+    # accuracy 0 on one example: the exact all-wrong interval [0, 1 - 0.025] (lm-evaluation-harness#4070)
+    assert bs.bootstrap_ci("accuracy", ["the cat sat down"], ["the cat sat up"]) == (0.0, 0.0, 0.975)
+
+
+@pytest.mark.parametrize("n", [1, 4, 20, 400])
+def test_all_right_or_all_wrong_gets_the_exact_interval_not_a_point(n):
+    """EleutherAI/lm-evaluation-harness#4070: at 0 or 100% every resample equals the point, so the percentile
+    bootstrap said [1, 1] on 4 examples as on 400. Clopper-Pearson at k = n: lower (0.025) ** (1/n)
+    (n = 4: 0.398, n = 20: 0.832, n = 400: 0.9908); at k = 0 its mirror."""
+    bound = 0.025 ** (1 / n)
+    assert bs.bootstrap_ci("accuracy", ["a"] * n, ["a"] * n) == pytest.approx((1.0, bound, 1.0))
+    assert bs.bootstrap_ci("exact_match", ["a"] * n, ["b"] * n) == pytest.approx((0.0, 0.0, 1 - bound))
+    assert bs.bootstrap_ci("rougeL", ["the cat"] * n, ["the cat"] * n) == pytest.approx((1.0, bound, 1.0))
+    # a cluster bootstrap counts source rows: n examples from 1 row are one unit
+    assert bs.bootstrap_ci("accuracy", ["a"] * n, ["a"] * n, clusters=[0] * n) == pytest.approx(
+        (1.0, 0.025, 1.0))
+    # a corpus metric at 1 keeps its bootstrap interval (no per-example scores to count)
+    assert bs.bootstrap_ci("bleu", ["a b c d"] * n, ["a b c d"] * n)[1] == pytest.approx(100.0)
+
+
+def test_all_or_none_interval_is_clopper_pearson():
+    from scipy.stats import binomtest
+
+    for n in (3, 17):
+        exact = binomtest(n, n).proportion_ci(0.95, method="exact")
+        assert bs.all_or_none_interval(True, n) == pytest.approx((exact.low, exact.high))
+        exact = binomtest(0, n).proportion_ci(0.9, method="exact")
+        assert bs.all_or_none_interval(False, n, 0.9) == pytest.approx((exact.low, exact.high))
+    with pytest.raises(ValueError, match="units must be at least 1"):
+        bs.all_or_none_interval(True, 0)
 
 
 def test_bootstrap_ci_accepts_callable_and_spec():
@@ -116,16 +147,40 @@ def test_macro_f1_bootstrap_matches_looped_sklearn():
     seed=st.integers(0, 2**16),
 )
 def test_macro_f1_resampler_equals_sklearn_on_each_resample(pairs, seed):
+    """Every resample is scored as the metric scores that data: the registry's macro_f1 over the labels of
+    the resample's references and predictions, macro_f1_metric over its listed labels among the resample's
+    references (a class the resample lacks is left out, not counted 0)."""
     refs = [r for r, _ in pairs]
     preds = [p for _, p in pairs]
-    labels = sorted(set(refs) | set(preds))
     idx = np.random.default_rng(seed).integers(0, len(pairs), size=(5, len(pairs)))
     idx[0] = np.arange(len(pairs))  # identity resample == full data
     got = reg.METRICS["macro_f1"].resampler(preds, refs)(idx)
-    for row, value in zip(idx, got):
+    fixed = reg.macro_f1_metric(reg.macro_f1_classes(refs, list("abcd")))
+    got_fixed = fixed.resampler(preds, refs)(idx)
+    for row, value, value_fixed in zip(idx, got, got_fixed):
         sub_p, sub_r = [preds[i] for i in row], [refs[i] for i in row]
-        assert value == pytest.approx(m.macro_f1(sub_p, sub_r, labels=labels))
+        assert value == pytest.approx(m.macro_f1(sub_p, sub_r))
+        classes = [c for c in "abcd" if c in sub_r]
+        assert value_fixed == pytest.approx(m.macro_f1(sub_p, sub_r, labels=classes))
+        assert value_fixed == pytest.approx(fixed.fn(sub_p, sub_r))
     assert got[0] == pytest.approx(m.macro_f1(preds, refs))
+    assert got_fixed[0] == pytest.approx(fixed.fn(preds, refs))
+
+
+def test_macro_f1_interval_of_a_perfect_classifier_with_a_rare_class():
+    """Lightning-AI/torchmetrics#300: a class absent from a resample counted F1 = 0, so every answer right
+    gave macro-F1 1.0 with the interval [0.67, 1.0] (the resamples missing the 1-in-20 class "c"); each
+    resample is perfect, so the interval is [1, 1] as accuracy's is."""
+    refs = ["a"] * 10 + ["b"] * 9 + ["c"]
+    spec = reg.macro_f1_metric(reg.macro_f1_classes(refs, ["a", "b", "c"]))
+    assert bs.bootstrap_ci(spec, refs, refs, n_resamples=500) == (1.0, 1.0, 1.0)
+    assert bs.bootstrap_ci("macro_f1", refs, refs, n_resamples=500) == (1.0, 1.0, 1.0)
+    # One "c" answered "a": F1(a) = 2*10/21, F1(b) = 1, F1(c) = 0 -> point (20/21 + 1) / 3 = 0.651; a
+    # resample without the "c" example (about a third) is perfect: 1.0, where a counted-0 class made it 2/3.
+    preds = refs[:-1] + ["a"]
+    point, low, high = bs.bootstrap_ci(spec, preds, refs, n_resamples=500)
+    assert point == pytest.approx((20 / 21 + 1) / 3)
+    assert low < point and high == 1.0
 
 
 def test_macro_f1_bootstrap_is_fast():

@@ -117,7 +117,8 @@ def test_learned_model_scores_perfectly(learned_llama, tiny_tokenizer):
     result = evaluate_examples(learned_llama, tiny_tokenizer, examples(), SETTINGS, is_seq2seq=False, cfg=CFG,
                                max_new_tokens_by_task=SHORT)
     t = result.to_json()["templates"]
-    assert t[RATING]["metrics"]["accuracy"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    # all 4 right: the exact interval [0.025 ** (1/4), 1] = [0.398, 1], not the bootstrap's point [1, 1]
+    assert t[RATING]["metrics"]["accuracy"] == pytest.approx({"value": 1.0, "low": 0.025 ** 0.25, "high": 1.0})
     assert t[RATING]["metrics"]["macro_f1"]["value"] == 1.0
     assert t[DESCRIBE]["metrics"]["rougeL"]["value"] == pytest.approx(1.0)
     assert [p["prediction"] for p in result.predictions[4:]] == [h for _, _, h in REVIEWS]
@@ -318,3 +319,39 @@ def test_choice_too_long_for_max_length_names_template_and_example(tmp_path, tin
     loaded = SimpleNamespace(model=tiny_llama, tokenizer=tiny_tokenizer, is_seq2seq=False)
     with pytest.raises(DataError, match=r"test\.jsonl.*shop\.rating.*example 1"):
         evaluate_run(loaded, tmp_path, "test", tmp_path / "out", CFG, ModelConfig(max_length=16))
+
+
+def test_answers_cut_at_max_new_tokens_are_counted(learned_llama, tiny_tokenizer, caplog):
+    """lm-evaluation-harness#3400: an answer that reaches max_new_tokens without EOS is cut short, not ended;
+    eval.json counts them per template and task, predictions.jsonl flags them, the log names the template."""
+    ended = evaluate_examples(learned_llama, tiny_tokenizer, examples(), SETTINGS, is_seq2seq=False, cfg=CFG,
+                              max_new_tokens_by_task=SHORT)
+    assert ended.templates[DESCRIBE]["cut_short"] == 0  # 6 tokens: every headline ends with EOS
+    assert ended.templates[RATING]["cut_short"] is None  # ranked, not generated
+    assert ended.tasks["shop/summarization"]["cut_short"] == 0
+    with caplog.at_level("WARNING", logger="instructkit.evaluate.template_scoring"):
+        cut = evaluate_examples(learned_llama, tiny_tokenizer, examples(), SETTINGS, is_seq2seq=False, cfg=CFG,
+                                max_new_tokens_by_task={"summarization": 1})
+    # One token: every headline has 2+ tokens, so none can end (EOS would be a second token).
+    assert cut.templates[DESCRIBE]["cut_short"] == 4
+    assert cut.tasks["shop/summarization"]["cut_short"] == 4
+    assert [p["cut_short"] for p in cut.predictions[4:]] == [True] * 4
+    assert "shop.describe: 4 of 4 generated answers reached max_new_tokens=1" in caplog.text
+    assert "eval.max_new_tokens.summarization" in caplog.text
+
+
+def test_completion_outside_its_choices_names_file_example_and_template(tmp_path, tiny_llama, tiny_tokenizer):
+    """EleutherAI/lm-evaluation-harness#811: a gold answer outside the options scored 0 in silence (a rating
+    "1 star" against choices 1..5: every prediction wrong, the example missing from the confusion matrix)."""
+    rows = examples(2)
+    rows[1] = dict(rows[1], completion="1 star")  # the second rating example
+    write_split(tmp_path, "test", rows)
+    loaded = SimpleNamespace(model=tiny_llama, tokenizer=tiny_tokenizer, is_seq2seq=False)
+    with pytest.raises(DataError, match=r"test\.jsonl: example 2 \(shop\.rating\): completion '1 star' is not one "
+                                        r"of its choices \['1', '2', '3', '4', '5'\]"):
+        evaluate_run(loaded, tmp_path, "test", tmp_path / "out", CFG, ModelConfig())
+    bad = [dict(example(RATING, 0), completion=" 5")]  # compared exactly: the leading space is not "5"
+    with pytest.raises(DataError, match=r"examples: example 1 \(shop\.rating\): completion ' 5'"):
+        evaluate_examples(tiny_llama, tiny_tokenizer, bad, SETTINGS, is_seq2seq=False, cfg=CFG)
+    with pytest.raises(DataError, match=r"validation examples: example 1"):
+        make_validation_fn(tiny_tokenizer, bad, SETTINGS, is_seq2seq=False)

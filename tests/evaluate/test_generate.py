@@ -144,6 +144,33 @@ def test_map_to_choice(text, choices, expected):
     assert map_to_choice(text, choices) == expected
 
 
+@pytest.mark.parametrize("text, choices, expected", [
+    ("\u201cpositive\u201d", SENTIMENT, "positive"),  # typographic quotes
+    ("\u00abnegative\u00bb", SENTIMENT, "negative"),  # guillemets
+    ("\u300c\u306f\u3044\u300d", ["\u306f\u3044", "\u3044\u3044\u3048"], "\u306f\u3044"),  # 「はい」
+    ("positive\u3002", SENTIMENT, "positive"),  # ideographic full stop
+    ("\uff15", STARS, "5"),  # full-width digit 5
+    ("\uff39\uff45\uff53", ["yes", "no"], "yes"),  # full-width Yes
+    ("`5`", STARS, "5"),
+    ("-1", ["1", "-1"], "-1"),  # a dash is part of the answer, not punctuation around it
+    ("1", ["1", "-1"], "1"),
+])
+def test_map_to_choice_reads_punctuation_and_widths_of_every_script(text, choices, expected):
+    """The answer-naming kind of deepset-ai/haystack#2508: only ASCII edge punctuation was taken off, so a
+    model quoting its answer “positive” or writing a full-width ５ (CJK input methods) was unparseable."""
+    assert map_to_choice(text, choices) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4.5", None), ("4,5", None), ("3.5 stars", None), ("4.5/5", None),  # other numbers than 4 or 3
+    ("4. Great", "4"), ("4, good", "4"), ("5.", "5"), ("4 stars", "4"),  # a stop or comma after the choice
+])
+def test_map_to_choice_does_not_read_a_decimal_as_its_integer_part(text, expected):
+    """The integer-part kind of stanford-crfm/helm#4289: "4.5" began with the choice "4" followed by a
+    non-word character, so a half-star answer was credited as 4 stars."""
+    assert map_to_choice(text, STARS) == expected
+
+
 def test_map_to_choice_prefers_longest_leading_choice():
     nli = ["entailment", "not", "not entailment"]
     assert map_to_choice("not entailment, because", nli) == "not entailment"

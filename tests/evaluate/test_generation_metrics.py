@@ -63,6 +63,30 @@ def test_rouge_lsum_splits_on_newlines():
     assert got["rouge1"] == pytest.approx(1.0)
 
 
+def test_rouge_lsum_splits_a_text_without_newlines_at_its_sentence_ends():
+    # A generated summary has no newlines (huggingface/evaluate#501): the same sentences as the newline
+    # test above, written on one line, score the same: rougeL 1/2, rougeLsum 1 (not rougeL's 1/2).
+    got = gm.rouge(["Dog ran. Cat sat!"], ["Cat sat. Dog ran."])
+    assert got["rougeL"] == pytest.approx(0.5)
+    assert got["rougeLsum"] == pytest.approx(1.0)
+    # CJK sentences end at 。！ with no space: 天好。我们走！ vs 我们走。天好！ -> 2 + 3 characters, each
+    # reference sentence found whole in one predicted sentence: rougeLsum 1; rougeL LCS 3 of 5 -> 0.6.
+    got = gm.rouge(["天好。我们走！"], ["我们走。天好！"])
+    assert got["rougeLsum"] == pytest.approx(1.0)
+    assert got["rougeL"] == pytest.approx(0.6)
+
+
+def test_sentence_lines_keeps_newlines_and_single_sentences():
+    assert gm._sentence_lines("cat sat\ndog ran. it did") == "cat sat\ndog ran. it did"  # lines as written
+    assert gm._sentence_lines("a greeting") == "a greeting"
+    assert gm._sentence_lines("It costs 3.5 dollars. Fine? Yes!") == "It costs 3.5 dollars.\nFine?\nYes!"
+    assert gm._sentence_lines("今天很好。我们走吧！好") == "今天很好。\n我们走吧！\n好"
+    # rougeL and the n-gram scores see the same words either way
+    one_line = gm.rouge(["the cat sat. a dog ran"], ["a dog ran. the cat sat"])
+    lines = gm.rouge(["the cat sat.\na dog ran"], ["a dog ran.\nthe cat sat"])
+    assert one_line == pytest.approx(lines)
+
+
 # ----------------------------------------------------------------------- BLEU / chrF
 
 BLEU_PREDS = ["the quick brown fox jumps over the lazy dog", "hello there"]
@@ -113,3 +137,36 @@ def test_sacrebleu_resampler_reproduces_corpus_scores():
     assert resample(np.array([dup]))[0] == pytest.approx(
         gm.corpus_bleu([BLEU_PREDS[i] for i in dup], [BLEU_REFS[i] for i in dup])
     )
+
+
+# ------------------------------------------------- BLEU on scripts written without spaces (ragas#2101)
+
+
+@pytest.mark.parametrize("text", ["今天天气很不错", "私は学生です", "ฉันชอบกินข้าว"])
+def test_bleu_of_an_identical_unspaced_translation_is_100(text):
+    # With sacrebleu's 13a each of these sentences is ONE token: no bigram, BLEU 0 for a perfect answer.
+    assert gm.corpus_bleu([text, text], [text, text]) == pytest.approx(100.0)
+    assert gm.sentence_bleu_mean([text], [text]) == pytest.approx(100.0)
+    assert reg.compute("bleu", [text], [text]) == pytest.approx(100.0)
+
+
+def test_bleu_of_chinese_counts_characters_by_hand():
+    # zh tokens: hyp 今 天 天 气 很 不 错 (7), ref 今 天 天 气 很 好 (6); clipped matches 1-4 grams:
+    # 5/7, 4/6, 3/5, 2/4; hyp longer than ref -> BP 1; BLEU = (5/7 * 4/6 * 3/5 * 2/4) ** (1/4).
+    expected = 100 * (5 / 7 * 4 / 6 * 3 / 5 * 2 / 4) ** 0.25
+    assert gm.corpus_bleu(["今天天气很不错"], ["今天天气很好"]) == pytest.approx(expected)
+
+
+def test_bleu_tokenizer_follows_the_references_script():
+    assert gm.bleu_tokenizer(BLEU_REFS) == "13a"  # spaced text: sacrebleu's default, figures unchanged
+    assert gm.bleu_tokenizer(["a man rides a bike", "今天天气很好"]) == "zh"
+    assert gm.bleu_tokenizer(["私は学生です"]) == "zh"
+    assert gm.bleu_tokenizer(["ฉันชอบกินข้าว"]) == "char"
+    assert gm.bleu_tokenizer(["Привет мир", "안녕하세요 세계"]) == "13a"  # spaced scripts keep 13a
+
+
+def test_bleu_resampler_tokenizes_as_the_point_estimate():
+    preds, refs = ["今天天气很不错", "我喜欢吃苹果"], ["今天天气很好", "我喜欢吃香蕉"]
+    resample = reg.METRICS["bleu"].resampler(preds, refs)
+    assert resample(np.array([[0, 1]]))[0] == pytest.approx(gm.corpus_bleu(preds, refs))
+    assert gm.corpus_bleu(preds, refs) > 0

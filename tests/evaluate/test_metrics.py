@@ -97,6 +97,30 @@ def test_normalize_answer(raw, normalised):
     assert m.normalize_answer(raw) == normalised
 
 
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        ("\u201cParis\u201d", "paris"),  # typographic quotes (SQuAD's ASCII set kept them)
+        ("Paris\u3002", "paris"),  # ideographic full stop
+        ("1990\u20131995", "19901995"),  # en dash deleted as the ASCII hyphen is
+        ("\u00bfQu\u00e9 tal?", "qu\u00e9 tal"),  # inverted question mark; letters with accents kept
+        ("O\u2019Reilly", "oreilly"),  # right single quote as the ASCII apostrophe
+        ("$5 + 3", "5 3"),  # ASCII symbols of string.punctuation still go, as in SQuAD
+    ],
+)
+def test_normalize_answer_deletes_punctuation_of_every_script(raw, normalised):
+    # MLQA's PUNCT: string.punctuation plus every Unicode category P* character.
+    assert m.normalize_answer(raw) == normalised
+
+
+def test_exact_match_ignores_typographic_punctuation():
+    # Each prediction is its reference with other quotes/dashes/stops: all match -> 1.0; token F1 1.0 too.
+    preds = ["\u201cParis\u201d", "Paris\u3002", "O\u2019Reilly", "1990\u20131995"]
+    refs = ['"Paris"', "Paris", "O'Reilly", "1990-1995"]
+    assert m.exact_match(preds, refs) == 1.0
+    assert m.token_f1(preds, refs) == 1.0
+
+
 def test_exact_match_uses_normalisation():
     # "The Cat!" == "cat", "a dog" == "dog", "Paris" != "London" -> 2/3
     assert m.exact_match(["The Cat!", "a dog", "Paris"], ["cat", "dog", "London"]) == (
@@ -166,3 +190,15 @@ def test_confusion_errors():
 def test_single_string_is_rejected():
     with pytest.raises(TypeError, match="not a single string"):
         m.accuracy("cat", "cat")
+
+
+def test_token_f1_counts_characters_of_scripts_written_without_spaces():
+    # MLQA's mixed segmentation: 北京市 -> 北 京 市 (3 tokens), 北京 -> 北 京 (2); overlap 2:
+    # precision 2/3, recall 1 -> F1 = 2 * (2/3) / (2/3 + 1) = 0.8. Whitespace-split it was 0.
+    assert m.token_f1(["北京市"], ["北京"]) == pytest.approx(0.8)
+    # Thai: 4 characters against 3 of them -> precision 3/4, recall 1 -> F1 6/7.
+    assert m.token_f1(["กขคง"], ["กขค"]) == pytest.approx(6 / 7)
+    # Mixed text: the Latin word stays one token: {iphone, 手, 机} vs {iphone, 手, 表}: 2/3 each -> 2/3.
+    assert m.token_f1(["iPhone手机"], ["iPhone 手表"]) == pytest.approx(2 / 3)
+    assert m.normalize_answer("北京。") == "北 京"
+    assert m.exact_match(["北 京"], ["北京。"]) == 1.0

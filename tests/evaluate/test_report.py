@@ -519,3 +519,22 @@ def test_a_significant_change_is_coloured_by_the_metric_direction(monkeypatch):
     report = {"templates": {"t": {"metrics": {"ter": {"delta": delta}, "accuracy": {"delta": delta}},
                                   "task": "translation", "labels": [], "section": SEEN}}}
     assert [row[5] for row in plots._delta_rows(report, main_only=False)] == [True, False]
+
+
+def test_detail_table_counts_answers_cut_at_max_new_tokens(tmp_path):
+    """eval.json's cut_short (lm-evaluation-harness#3400) reaches report.json and the detail table: 3 of the
+    base model's headlines were cut short, none of the tuned one's; ranked templates show '-'."""
+    evaluation = synthetic_evaluation()
+    evaluation["base"] = json.loads(json.dumps(evaluation["base"]))  # its own copy: the two share templates
+    evaluation["base"]["templates"]["news.headline"]["cut_short"] = 3
+    evaluation["tuned"]["templates"]["news.headline"]["cut_short"] = 0
+    build_report(**evaluation, out_dir=tmp_path, n_resamples=N_RESAMPLES, seed=0)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["templates"]["news.headline"]["cut_short"] == {"base": 3, "tuned": 0}
+    assert report["templates"]["reviews.rating"]["cut_short"] == {"base": None, "tuned": None}
+    md = (tmp_path / "report.md").read_text()
+    assert "cut short base | cut short tuned |" in md
+    detail = [line for line in md.splitlines() if line.startswith("| news.headline |") and "3.500" in line]
+    assert detail and detail[0].endswith("| 3 | 0 |")
+    rating = [line for line in md.splitlines() if line.startswith("| reviews.rating |") and "3.500" in line]
+    assert rating and rating[0].endswith("| - | - |")

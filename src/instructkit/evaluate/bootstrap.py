@@ -6,7 +6,8 @@ Examples are resampled with replacement: each resample is one row of an index ma
 (n_resamples, n), and the metric's resampler maps such a matrix to one metric value per row
 (per-example scores averaged; macro-F1 from confusion counts; BLEU/chrF from summed sentence
 statistics; any other callable re-run on every resample). The interval is the central percentile
-interval of the resampled values.
+interval of the resampled values, except for a mean of [0, 1] scores at 0 or 1, where no resample
+differs: there the exact interval of all-or-none outcomes (:func:`all_or_none_interval`).
 
 Cluster bootstrap (``clusters=``): when several examples come from one source row (k templates
 rendered on the same rows and pooled), the rows are resampled, each with all of its examples, since
@@ -18,7 +19,6 @@ have different numbers of examples). With one example per row it draws exactly t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Union
 
 import numpy as np
 
@@ -26,13 +26,14 @@ from instructkit.evaluate.metric_registry import MetricSpec, get_metric
 from instructkit.evaluate.metrics import MetricFn, Resampler, _check_pair
 
 __all__ = [
+    "all_or_none_interval",
     "bootstrap_ci",
     "mcnemar_exact",
     "paired_bootstrap_diff",
     "sign_flip_floor",
 ]
 
-MetricLike = Union[str, MetricSpec, MetricFn]
+MetricLike = str | MetricSpec | MetricFn
 
 _MAX_INDEX_ELEMENTS = 1 << 22  # cap on one (rows, n) index matrix: 4M int64 = 32 MiB
 
@@ -110,11 +111,16 @@ def _batches(n: int, n_resamples: int, seed: int, clusters: Sequence[int] | None
     """Example bootstrap (``clusters`` None) or cluster bootstrap index matrices."""
     if clusters is None:
         return _index_batches(n, n_resamples, seed)
+    _check_clusters(n, clusters)
+    return _cluster_index_batches(clusters, n_resamples, seed)
+
+
+def _check_clusters(n: int, clusters: Sequence[int]) -> None:
+    """Raise ValueError unless ``clusters`` is one non-negative code per example."""
     if len(clusters) != n:
         raise ValueError(f"clusters has {len(clusters)} items for {n} examples")
     if n and min(clusters) < 0:
         raise ValueError("clusters must be codes 0 .. C-1")
-    return _cluster_index_batches(clusters, n_resamples, seed)
 
 
 def _check_bootstrap_args(n_resamples: int, confidence: float) -> None:
@@ -146,11 +152,13 @@ def bootstrap_ci(
 
     Examples are resampled with replacement ``n_resamples`` times. For per-example
     metrics the per-example score vector is computed once and averaged over each
-    resample; macro-F1 is recomputed from per-resample confusion counts (label set
-    fixed on the full data); BLEU/chrF from summed per-sentence statistics; a plain
-    callable is re-run on every resample. With one example the interval is
-    degenerate: ``(point, point, point)``. ``clusters`` (one code 0 .. C-1 per example, e.g.
-    ``instructkit.evaluate.groups.cluster_ids``) resamples clusters (source rows) instead of examples.
+    resample; macro-F1 is recomputed from per-resample confusion counts (over the classes
+    each resample holds); BLEU/chrF from summed per-sentence statistics; a plain
+    callable is re-run on every resample. A per-example metric in [0, 1] at 0 or 1 (every
+    example right, or every one wrong) has no bootstrap spread: its interval is the exact
+    :func:`all_or_none_interval` over the units (examples, or clusters) instead. ``clusters``
+    (one code 0 .. C-1 per example, e.g. ``instructkit.evaluate.groups.cluster_ids``) resamples
+    clusters (source rows) instead of examples.
 
     Raises: ValueError when ``n_resamples < 1``, ``confidence`` is not in (0, 1), ``preds``/``refs``
     differ in length or are empty, ``clusters`` is not one non-negative code per example, or a metric
@@ -161,12 +169,36 @@ def bootstrap_ci(
     _check_pair(preds, refs)
     spec = _as_spec(name_or_fn)
     point = float(spec.fn(preds, refs))
+    if spec.per_example is not None and spec.scale == 1 and point in (0.0, 1.0):
+        if clusters is not None:
+            _check_clusters(len(preds), clusters)
+        units = len(set(clusters)) if clusters is not None else len(preds)
+        return (point, *all_or_none_interval(point == 1.0, units, confidence))
     resample = _resampler(spec, preds, refs)
     samples = np.concatenate(
         [resample(idx) for idx in _batches(len(preds), n_resamples, seed, clusters)]
     )
     low, high = _percentile_interval(samples, confidence)
     return point, low, high
+
+
+def all_or_none_interval(all_right: bool, units: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson exact interval of a proportion when every one of `units` units scored 1
+    (`all_right`) or every one 0: ``[(alpha/2) ** (1/units), 1]`` or ``[0, 1 - (alpha/2) ** (1/units)]``,
+    alpha = 1 - confidence (Clopper & Pearson 1934; the binomial quantiles at k = n or 0 in closed form).
+
+    Every bootstrap resample of all-equal outcomes is that outcome, so the percentile interval is the
+    point, [1, 1] on 4 examples as on 4,000 (EleutherAI/lm-evaluation-harness#4070: 0 +- 0 at any N).
+    Used for a mean of per-example scores in [0, 1] (accuracy, exact match, token F1, ROUGE) whose every
+    example sits at 0 or 1; `units` are the examples, or the source rows of a cluster bootstrap.
+
+    Raises: ValueError when `units` < 1 or `confidence` is not in (0, 1).
+    """
+    if units < 1:
+        raise ValueError(f"units must be at least 1, got {units}")
+    _check_bootstrap_args(1, confidence)
+    bound = ((1.0 - confidence) / 2) ** (1.0 / units)
+    return (bound, 1.0) if all_right else (0.0, 1.0 - bound)
 
 
 def _two_sided_p(delta: float, deltas: np.ndarray) -> float:

@@ -158,6 +158,7 @@ def template_entry(
             "base": eval_b.get("mean_prompt_tokens"), "tuned": eval_t.get("mean_prompt_tokens"),
         },
         "unparseable": {"base": eval_b.get("unparseable"), "tuned": eval_t.get("unparseable")},
+        "cut_short": {"base": eval_b.get("cut_short"), "tuned": eval_t.get("cut_short")},
     }
 
 

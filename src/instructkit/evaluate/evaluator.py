@@ -99,7 +99,8 @@ class EvalResult:
 
 
 def _check_examples(examples: Sequence[dict], where: str) -> None:
-    """Every example has the fields scoring needs; else a DataError naming `where`, the example, the field."""
+    """Every example has the fields scoring needs, and an example with choices has its completion among them;
+    else a DataError naming `where`, the example, the template and the field or completion."""
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict):
             raise DataError(f"{where}: example {i + 1} is not a JSON object")
@@ -113,6 +114,10 @@ def _check_examples(examples: Sequence[dict], where: str) -> None:
         if choices is not None and not valid:
             raise DataError(f"{where}: example {i + 1} ({ex['template_id']}): 'choices' must be a list of "
                             f"strings or null")
+        if choices and ex["completion"] not in choices:  # lm-evaluation-harness#811: a gold outside the options
+            raise DataError(f"{where}: example {i + 1} ({ex['template_id']}): completion {ex['completion']!r} is "
+                            f"not one of its choices {choices}, so no prediction could be right; correct the "
+                            f"completion or the choices (they compare exactly)")
 
 
 def _cap_per_template(examples: Sequence[dict], cap: int | None, seed: int) -> list[int]:
@@ -161,8 +166,8 @@ def evaluate_examples(
     The model is put in eval mode and restored. `examples` are prepared example dicts (see the module
     docstring); `few_shot_pool` (usually the train split) supplies k-shot demonstrations.
 
-    Raises: DataError when `examples` is empty, an example lacks a required field or has malformed
-    choices, a choice leaves no room for its prompt within `settings.max_length`, or (k-shot) no evaluated
+    Raises: DataError when `examples` is empty, an example lacks a required field, has malformed
+    choices or a completion that is not one of its choices, a choice leaves no room for its prompt within `settings.max_length`, or (k-shot) no evaluated
     template has an example in the pool; ConfigError when `k_shot` is set without `few_shot_pool` or a
     template names an unknown metric.
     """
@@ -273,7 +278,8 @@ def make_validation_fn(
     evaluation; the others generate (`max_new_tokens` per task family, as in evaluation), so
     generation-based metrics are included. No bootstrap and no perplexity: the loop has its own loss.
 
-    Raises: DataError when an example lacks a required field or has malformed choices (here), or when a
+    Raises: DataError when an example lacks a required field, has malformed choices or a completion outside
+    them (here), or when a
     choice leaves no room for its prompt (at validation); ConfigError when a template names an unknown
     metric (here, not mid-training).
     """

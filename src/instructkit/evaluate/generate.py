@@ -10,6 +10,7 @@ chat template's end-of-turn token (`stop_token_ids`) or at any EOS id of the mod
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from instructkit.evaluate.model_inputs import (
 )
 
 __all__ = [
+    "Generated",
     "Reference",
     "final_answer",
     "generate",
@@ -89,6 +91,17 @@ def _cut_at_stop(tokens: Sequence[int], stops: Sequence[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
+class Generated:
+    """What `generate_scoring` returns: `answers` (text, cut and stripped); `reference_nll` per prompt,
+    (summed NLL in nats, label tokens) of its reference or None; `cut_short` per prompt, True where
+    decoding stopped at `max_new_tokens` (no stop token, no stop string): the answer was cut, not ended."""
+
+    answers: list[str]
+    reference_nll: list[tuple[float, int] | None]
+    cut_short: list[bool]
+
+
+@dataclass(frozen=True)
 class Reference:
     """A reference answer to score while generating: its token ids after the prompt as training encodes
     them (`encode_batch`: completion + EOS, or the assistant turn) and which of them are labels."""
@@ -131,7 +144,7 @@ def generate(
     """
     return generate_scoring(model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams,
-                            do_sample=do_sample, seed=seed, stop_strings=stop_strings, progress=progress)[0]
+                            do_sample=do_sample, seed=seed, stop_strings=stop_strings, progress=progress).answers
 
 
 def generate_scoring(
@@ -149,8 +162,9 @@ def generate_scoring(
     seed: int = 0,
     stop_strings: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[str], list[tuple[float, int] | None]]:
-    """`generate`, and the summed NLL (nats) and label count of each given reference answer.
+) -> Generated:
+    """`generate`, the summed NLL (nats) and label count of each given reference answer, and which answers
+    `max_new_tokens` cut short (`Generated`).
 
     A causal model's prompt is encoded once for both: one forward pass over prompt + reference gives the
     reference's log-probabilities (the logits of its positions only) and the prompt's key/value cache,
@@ -172,6 +186,7 @@ def generate_scoring(
                                 do_sample=do_sample, stops=stops, pad_id=pad_id)
     device = model_device(model)
     answers = [""] * len(prompt_ids)
+    cut_short = [False] * len(prompt_ids)
     scored: list[tuple[float, int] | None] = [None] * len(prompt_ids)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -198,11 +213,14 @@ def generate_scoring(
             # Causal output = the (padded) prompt then the new tokens; seq2seq output = decoder start + new.
             new = out[:, ids.shape[1]:] if not is_seq2seq else out[:, 1:]
             for i, tokens in zip(batch, new.tolist()):
-                text = tokenizer.decode(_cut_at_stop(tokens, stops), skip_special_tokens=True)
-                answers[i] = _cut_at_text(text, stop_strings).strip()
+                kept = _cut_at_stop(tokens, stops)
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                answer = _cut_at_text(text, stop_strings)
+                cut_short[i] = len(kept) >= max_new_tokens and answer == text  # no stop: the limit ended it
+                answers[i] = answer.strip()
             if progress is not None:  # a progress display: n prompts done
                 progress(len(batch))
-    return answers, scored
+    return Generated(answers, scored, cut_short)
 
 
 def _score_references(model: Any, ids: torch.Tensor, mask: torch.Tensor, refs: list[Reference | None],
@@ -243,11 +261,24 @@ def _score_references(model: Any, ids: torch.Tensor, mask: torch.Tensor, refs: l
 # Mapping a generated answer to a class
 # --------------------------------------------------------------------------------------------------
 
-_EDGE_PUNCT = " \t\r\n\"'`.,;:!?()[]{}*"
+_EDGE_CATEGORIES = ("Pi", "Pf", "Ps", "Pe", "Po")  # quotes, brackets, other punctuation (not dashes: "-1")
+
+
+def _edge(ch: str) -> bool:
+    """Whitespace, a backtick or punctuation an answer is wrapped in, of any script: ASCII ". , ; : ! ? * ( ) " '",
+    typographic quotes “ ” « », CJK brackets and stops 「 」 。 ！. Not a dash, so "-1" stays itself."""
+    return ch.isspace() or ch == "`" or unicodedata.category(ch) in _EDGE_CATEGORIES
 
 
 def _norm(text: str) -> str:
-    return text.strip().strip(_EDGE_PUNCT).casefold()
+    """NFKC (full-width ５ and Ｙｅｓ are 5 and Yes), edge punctuation and whitespace off both ends, casefolded."""
+    text = unicodedata.normalize("NFKC", text)
+    start, end = 0, len(text)
+    while start < end and _edge(text[start]):
+        start += 1
+    while end > start and _edge(text[end - 1]):
+        end -= 1
+    return text[start:end].casefold()
 
 
 def final_answer(text: str) -> str:
@@ -265,13 +296,26 @@ def final_answer(text: str) -> str:
     return "" if stripped.startswith("<think>") else text
 
 
+def _names_at_start(answer: str, norm: str) -> bool:
+    """`answer` starts with the choice `norm` followed by a non-word character, and not by the rest of a
+    number: "4.5" and "4,5" (a decimal comma) are other numbers than "4" (the integer-part kind of
+    stanford-crfm/helm#4289); "4. Great" and "4, good" name it."""
+    if not norm or not answer.startswith(norm):
+        return False
+    rest = answer[len(norm):len(norm) + 2]
+    if re.match(r"\w", rest):
+        return False
+    return not (norm[-1].isdigit() and re.match(r"[.,]\d", rest))
+
+
 def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
     """The choice a generated answer names, or None when it names none (counted as unparseable).
 
-    In order: (1) the whole answer equals a choice, ignoring case and edge punctuation ("Positive." ->
-    "positive"); (2) the answer starts with a choice followed by a non-word character ("5 stars" -> "5",
-    "yes, it does" -> "yes"), the longest such choice winning ("not entailment" over "not"); (3) the first
-    word equals a choice ("**4** stars" -> "4").
+    In order: (1) the whole answer equals a choice, ignoring case, full-width forms (NFKC) and the punctuation
+    around it, of any script ("Positive." -> "positive", "“positive”", "「はい」", "５" -> "5"); (2) the answer
+    starts with a choice followed by a non-word character that does not continue a number ("5 stars" -> "5",
+    "yes, it does" -> "yes"; "4.5" names no choice), the longest such choice winning ("not entailment" over
+    "not"); (3) the first word equals a choice ("**4** stars" -> "4").
     """
     answer = _norm(text)
     if not answer:
@@ -280,8 +324,7 @@ def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
     for norm, choice in normalized:
         if norm and answer == norm:
             return choice
-    leading = [(norm, choice) for norm, choice in normalized
-               if norm and answer.startswith(norm) and not re.match(r"\w", answer[len(norm):len(norm) + 1])]
+    leading = [(norm, choice) for norm, choice in normalized if _names_at_start(answer, norm)]
     if leading:
         return max(leading, key=lambda pair: len(pair[0]))[1]
     first_word = _norm(answer.split()[0]) if answer.split() else ""

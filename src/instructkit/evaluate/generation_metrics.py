@@ -18,10 +18,21 @@ from functools import cache
 
 import numpy as np
 
-from instructkit.evaluate.metrics import MetricFn, PerExampleFn, Resampler, ResamplerFactory, _check_pair
+from instructkit.evaluate.main_input import SENTENCE_END
+from instructkit.evaluate.metrics import (
+    _HAN_KANA,
+    _SOUTHEAST_ASIAN,
+    _UNSPACED_RE,
+    MetricFn,
+    PerExampleFn,
+    Resampler,
+    ResamplerFactory,
+    _check_pair,
+)
 
 __all__ = [
     "ROUGE_KEYS",
+    "bleu_tokenizer",
     "chrf",
     "corpus_bleu",
     "rouge",
@@ -34,10 +45,6 @@ ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # --------------------------------------------------------------------------- ROUGE
 
 
-# Scripts written without spaces between words: each character is a token (Thai, Lao, Myanmar, Khmer,
-# Japanese kana, CJK ideographs). Hangul is written with spaces and keeps its words.
-_UNSPACED_RE = re.compile("([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf"
-                          "\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f])")
 _ASCII_WORD_RE = re.compile(r"[a-z0-9]+")
 
 
@@ -75,13 +82,31 @@ def _rouge_scorer(keys: tuple[str, ...]):  # -> rouge_score.rouge_scorer.RougeSc
     return rouge_scorer.RougeScorer(list(keys), tokenizer=_UnicodeTokenizer())
 
 
+_SENTENCE_END_RE = re.compile(SENTENCE_END)  # after . ! ? and a space, after 。！？ (main_input.SENTENCE_END)
+
+
+def _sentence_lines(text: str) -> str:
+    """``text`` one sentence per line, as ROUGE-Lsum reads sentences: unchanged when it holds a newline (its
+    lines are its sentences, rouge-score's convention); else split after each sentence end
+    (``main_input.SENTENCE_END``), as the summarization recipes do before rougeLsum (transformers'
+    run_summarization joins ``nltk.sent_tokenize`` sentences with newlines; lm-eval's truthfulqa puts a
+    newline after " . "). Words are unchanged: a newline is whitespace to the tokenizer, so only rougeLsum
+    moves. An abbreviation ("Dr. Smith") ends a sentence too: no trained sentence model is at hand offline.
+    """
+    if "\n" in text:
+        return text
+    return "\n".join(part for part in _SENTENCE_END_RE.split(text.strip()) if part)
+
+
 def _rouge_per_example(
     preds: Sequence[str], refs: Sequence[str], keys: tuple[str, ...] = ROUGE_KEYS
 ) -> dict[str, np.ndarray]:
-    """ROUGE F-measure of each example for each key in ``keys``."""
+    """ROUGE F-measure of each example for each key in ``keys``, both texts one sentence per line
+    (`_sentence_lines`)."""
     _check_pair(preds, refs)
     scorer = _rouge_scorer(keys)
-    rows = [scorer.score(r, p) for p, r in zip(preds, refs)]  # score(target, prediction)
+    rows = [scorer.score(_sentence_lines(r), _sentence_lines(p))  # score(target, prediction)
+            for p, r in zip(preds, refs)]
     return {key: np.array([row[key].fmeasure for row in rows], dtype=float) for key in keys}
 
 
@@ -100,10 +125,12 @@ def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     * ``rougeL``: longest common subsequence over the whole text; newlines are
       ordinary whitespace.
     * ``rougeLsum``: summary-level LCS. Both texts are split into sentences on
-      ``"\\n"`` (empty lines dropped) and, for each reference sentence, the union of
-      its LCS with every predicted sentence is counted (without double counting).
-      Without newlines each text is one sentence and ``rougeLsum == rougeL``; put one
-      sentence per line to get the summary-level score.
+      ``"\\n"`` (empty lines dropped), a text without newlines at its sentence ends
+      (``_sentence_lines``: after ``.``, ``!``, ``?`` and a space, after ``。``), and, for each
+      reference sentence, the union of its LCS with every predicted sentence is counted
+      (without double counting). Split on newlines alone, a generated summary (never one
+      sentence per line) was one sentence and ``rougeLsum`` always equalled ``rougeL``
+      (huggingface/evaluate#501). A one-sentence text scores ``rougeLsum == rougeL``.
 
     Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
     differ or they are empty.
@@ -136,16 +163,35 @@ def _rouge_key_mean(key: str) -> MetricFn:
 # --------------------------------------------------------------------- BLEU / chrF
 
 
-def _bleu(sentence_level: bool = False):  # -> sacrebleu.metrics.BLEU
-    """sacrebleu BLEU with default settings (13a tokenizer, exp smoothing); at
-    sentence level ``effective_order=True`` as ``sacrebleu.sentence_bleu`` uses."""
+def bleu_tokenizer(refs: Sequence[str]) -> str:
+    """The sacrebleu tokenizer BLEU uses on these references: "13a" (sacrebleu's default) for text written
+    with spaces between words; "zh" (sacrebleu's Chinese tokenizer: each CJK ideograph a token, 13a on the
+    rest) when a reference holds CJK ideographs or kana; "char" (every character a token) when a
+    reference holds Thai, Lao, Myanmar or Khmer and none of those.
+
+    With 13a a sentence of a script written without spaces is one token, so BLEU is 0 even for an
+    identical Chinese, Japanese or Thai translation (ragas#2101, sacrebleu#147: "-tok zh" for Chinese).
+    Chosen from the references only, so every system scored against them uses the same tokens.
+    """
+    text = "".join(refs)
+    if re.search(f"[{_HAN_KANA}]", text):
+        return "zh"
+    if re.search(f"[{_SOUTHEAST_ASIAN}]", text):
+        return "char"
+    return "13a"
+
+
+def _bleu(refs: Sequence[str], sentence_level: bool = False):  # -> sacrebleu.metrics.BLEU
+    """sacrebleu BLEU with the tokenizer `bleu_tokenizer(refs)` and otherwise default settings (exp
+    smoothing); at sentence level ``effective_order=True`` as ``sacrebleu.sentence_bleu`` uses."""
     from sacrebleu.metrics import BLEU
 
-    return BLEU(effective_order=sentence_level)
+    return BLEU(tokenize=bleu_tokenizer(refs), effective_order=sentence_level)
 
 
-def _chrf():  # -> sacrebleu.metrics.CHRF
-    """sacrebleu chrF with default settings (char order 6, no word n-grams, beta 2)."""
+def _chrf(refs: Sequence[str]):  # -> sacrebleu.metrics.CHRF
+    """sacrebleu chrF with default settings (char order 6, no word n-grams, beta 2); characters need no
+    tokenizer, so `refs` does not change it."""
     from sacrebleu.metrics import CHRF
 
     return CHRF()
@@ -153,26 +199,28 @@ def _chrf():  # -> sacrebleu.metrics.CHRF
 
 def corpus_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
     """sacrebleu corpus BLEU (0-100): n-gram counts and lengths are summed over all
-    examples before the precisions and the brevity penalty are computed.
+    examples before the precisions and the brevity penalty are computed. Tokens: `bleu_tokenizer(refs)`
+    (13a; zh for Chinese and Japanese references; char for Thai, Lao, Myanmar, Khmer).
 
     Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    return float(_bleu().corpus_score(list(preds), [list(refs)]).score)
+    return float(_bleu(refs).corpus_score(list(preds), [list(refs)]).score)
 
 
 def sentence_bleu_mean(preds: Sequence[str], refs: Sequence[str]) -> float:
     """Unweighted mean over examples of sacrebleu sentence BLEU (0-100).
 
     Sentence BLEU uses effective n-gram order and exp smoothing, so this is not
-    :func:`corpus_bleu` and is usually different from it.
+    :func:`corpus_bleu` and is usually different from it. Every sentence is tokenized with the corpus's
+    `bleu_tokenizer(refs)`.
 
     Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    bleu = _bleu(sentence_level=True)
+    bleu = _bleu(refs, sentence_level=True)
     return float(np.mean([bleu.sentence_score(p, [r]).score for p, r in zip(preds, refs)]))
 
 
@@ -183,20 +231,21 @@ def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    return float(_chrf().corpus_score(list(preds), [list(refs)]).score)
+    return float(_chrf(refs).corpus_score(list(preds), [list(refs)]).score)
 
 
-def _sacrebleu_resampler(make_metric: Callable[[], object]) -> ResamplerFactory:
+def _sacrebleu_resampler(make_metric: Callable[[Sequence[str]], object]) -> ResamplerFactory:
     """Resample a sacrebleu corpus metric from per-sentence sufficient statistics.
 
     Uses the same (underscore-prefixed) statistics hooks that sacrebleu's own
     paired-bootstrap significance test uses: per-sentence statistics are summed over
     each resample and the score is recomputed from the sums, which equals calling
-    ``corpus_score`` on the resampled corpus without re-tokenising it.
+    ``corpus_score`` on the resampled corpus without re-tokenising it. ``make_metric(refs)`` builds the
+    metric for the whole data's references, so every resample is tokenized as the point estimate is.
     """
 
     def factory(preds: Sequence[str], refs: Sequence[str]) -> Resampler:
-        metric = make_metric()
+        metric = make_metric(refs)
         stats = np.asarray(
             metric._extract_corpus_statistics(list(preds), [list(refs)]), dtype=np.int64
         )

@@ -20,12 +20,16 @@ import os
 import re
 from collections.abc import Sequence
 
+from instructkit.evaluate.metrics import _HAN_KANA, _SOUTHEAST_ASIAN
+
 __all__ = [
+    "SENTENCE_END",
     "first_sentence",
     "main_inputs",
 ]
 
 LEAD_MAX_WORDS = 40  # a "sentence" that runs on (no full stop in a dialogue) is cut here
+_WORD_RE = re.compile(f"[{_SOUTHEAST_ASIAN}{_HAN_KANA}]|[^\\s{_SOUTHEAST_ASIAN}{_HAN_KANA}]+")
 
 
 def _cut_back_to_space(text: str, n: int) -> int:
@@ -90,15 +94,26 @@ def main_inputs(prompts: Sequence[str]) -> list[str]:
     return [_main_block(p[head : len(p) - tail]) for p in prompts]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
+SENTENCE_END = r"(?<=[.!?\u2026\u037e\u0589\u061f\u06d4\u0964\uff0e])\s+|(?<=[\u3002\uff01\uff1f])\s*"
+"""Where a sentence ends (a regular expression matching the gap after it): after . ! ? (or the ellipsis,
+Greek and Armenian question marks, Arabic ؟ and ۔, Devanagari ।, full-width ．) before whitespace, and
+after an ideographic or full-width stop 。！？, which no space follows in Chinese or Japanese text."""
+_SENTENCE_END = re.compile(SENTENCE_END + r"|\n")
 
 
 def first_sentence(text: str, max_words: int = LEAD_MAX_WORDS) -> str:
-    """Text up to the first '.', '!' or '?' followed by whitespace, or the first line break,
-    whichever comes first; at most ``max_words`` words.
+    """Text up to its first sentence end (`SENTENCE_END`) or line break, whichever comes first; at most
+    ``max_words`` words, each character of a script written without spaces (Chinese, Japanese, Thai ...)
+    counting as a word. Without the ideographic stop and that count a Chinese article was one sentence of
+    one word: the lead baseline was the whole article.
 
     >>> first_sentence("The cat sat. Then it left.")
     'The cat sat.'
+    >>> first_sentence("今天很好。我们走吧。")
+    '今天很好。'
     """
     sentence = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
-    return " ".join(sentence.split()[:max_words])
+    words = list(_WORD_RE.finditer(sentence))
+    if len(words) <= max_words:
+        return " ".join(sentence.split())
+    return " ".join(sentence[:words[max_words - 1].end()].split())

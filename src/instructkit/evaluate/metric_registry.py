@@ -29,6 +29,7 @@ from instructkit.evaluate.metrics import (
     PerExampleFn,
     ResamplerFactory,
     _accuracy_per_example,
+    _check_pair,
     _exact_match_per_example,
     _macro_f1_resampler,
     _token_f1_per_example,
@@ -109,12 +110,21 @@ def macro_f1_classes(refs: Sequence[str], choices: Sequence[str] | None = None) 
 
 
 def macro_f1_metric(labels: Sequence[str]) -> MetricSpec:
-    """A macro-F1 :class:`MetricSpec` over a fixed label set (e.g. a task's classes),
-    usable with ``bootstrap_ci`` and ``paired_bootstrap_diff`` (``instructkit.evaluate.bootstrap``)."""
+    """A macro-F1 :class:`MetricSpec` over the classes of ``labels`` (e.g. ``macro_f1_classes``) that occur
+    among the references it scores, usable with ``bootstrap_ci`` and ``paired_bootstrap_diff``
+    (``instructkit.evaluate.bootstrap``). On the data the labels come from that is every label; on a
+    bootstrap resample that misses a rare class, the class is left out instead of counting F1 = 0
+    (``_macro_f1_resampler``), so every resample is scored as the data it is. No listed class among the
+    references: 0."""
     label_list = list(labels)
 
     def fn(preds: Sequence[str], refs: Sequence[str]) -> float:
-        return macro_f1(preds, refs, labels=label_list)
+        present = set(refs)
+        classes = [label for label in label_list if label in present]
+        if not classes:
+            _check_pair(preds, refs)
+            return 0.0
+        return macro_f1(preds, refs, labels=classes)
 
     return MetricSpec(
         "macro_f1", fn, corpus=True, resampler=_macro_f1_resampler(label_list)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -178,13 +179,18 @@ def confusion(
 
 
 def _macro_f1_resampler(labels: Sequence[str] | None = None) -> ResamplerFactory:
-    """Vectorised macro-F1 over many resamples, from per-resample confusion counts.
+    """Vectorised macro-F1 over many resamples, from per-resample confusion counts: on every resample the
+    value the metric has on that resample's examples.
 
-    The label set is fixed on the full data (``labels`` or the sorted union of
-    ``refs`` and ``preds``), so a class absent from a resample counts as F1 = 0,
-    exactly as :func:`macro_f1` treats a listed label that never occurs.
-    Per-class F1 is ``2 tp / (n_pred + n_ref)`` (0 when both counts are 0), which
-    equals sklearn's F1 with ``zero_division=0``.
+    The classes averaged are those of the resample, as the metric picks them on any data: with ``labels``
+    (``macro_f1_metric``), the listed labels that occur among the resample's references; without, the
+    labels occurring among its references or predictions (:func:`macro_f1`'s default). A class the
+    resample does not hold has no F1 and is left out: counted as 0, as a fixed class set did, a perfect
+    classifier with one rare class (1 of 20 references) had macro-F1 1.0 with a 95% interval
+    [0.67, 1.0], the low end only the resamples that miss the class (Lightning-AI/torchmetrics#300). A
+    prediction of a class left out still costs the recall of its example's true class.
+    Per-class F1 is ``2 tp / (n_pred + n_ref)``, which equals sklearn's F1 with ``zero_division=0``;
+    a resample holding no class of ``labels`` scores 0.
     """
 
     def factory(preds: Sequence[str], refs: Sequence[str]) -> Resampler:
@@ -202,9 +208,13 @@ def _macro_f1_resampler(labels: Sequence[str] | None = None) -> ResamplerFactory
                 return flat.reshape(idx.shape[0], k)
 
             tp = count(r, (r == p) & (r >= 0))
-            denom = count(r, r >= 0) + count(p, p >= 0)
+            n_ref, n_pred = count(r, r >= 0), count(p, p >= 0)
+            denom = n_ref + n_pred
             f1 = np.divide(2.0 * tp, denom, out=np.zeros(denom.shape), where=denom > 0)
-            return f1.mean(axis=1)
+            present = (n_ref if labels is not None else denom) > 0
+            classes = present.sum(axis=1)
+            total = (f1 * present).sum(axis=1)
+            return np.divide(total, classes, out=np.zeros(total.shape), where=classes > 0)
 
         return scores
 
@@ -213,27 +223,44 @@ def _macro_f1_resampler(labels: Sequence[str] | None = None) -> ResamplerFactory
 
 # ------------------------------------------------------------- extractive QA (SQuAD)
 
+# Scripts written without spaces between words: each character is a token (Thai, Lao, Myanmar, Khmer,
+# Japanese kana, CJK ideographs). Hangul is written with spaces and keeps its words.
+_HAN_KANA = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_SOUTHEAST_ASIAN = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"  # Thai, Lao, Myanmar, Khmer
+_UNSPACED_RE = re.compile(f"([{_SOUTHEAST_ASIAN}{_HAN_KANA}])")
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = frozenset(string.punctuation)
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
+
+
+def _punctuation(ch: str) -> bool:
+    """ASCII punctuation (``string.punctuation``, symbols such as ``$`` included) or any Unicode punctuation
+    character (general category P*: ``“ ” ’ – — 。 ， ¿``): MLQA's ``PUNCT`` set."""
+    return ch in _ASCII_PUNCTUATION or unicodedata.category(ch).startswith("P")
 
 
 def normalize_answer(s: str) -> str:
-    """SQuAD answer normalisation (as in the official SQuAD v1.1/v2.0 evaluation script).
+    """SQuAD answer normalisation (the official SQuAD v1.1/v2.0 evaluation script's), with the punctuation of
+    every script removed as MLQA's evaluation script (facebookresearch/MLQA, used by XQuAD and lighteval) does.
 
     In order:
 
     1. lowercase;
-    2. delete ASCII punctuation (``string.punctuation``) without inserting a space,
-       so ``"brown-fox"`` becomes ``"brownfox"``;
+    2. delete punctuation, ASCII (``string.punctuation``) or Unicode (category P*: curly quotes,
+       dashes, ``。``), without inserting a space, so ``"brown-fox"`` becomes ``"brownfox"`` and
+       ``"“Paris”"`` ``"paris"``; on ASCII text exactly SQuAD's step (which keeps ``“Paris”``'s quotes, so
+       a model writing typographic quotes or a full stop ``。`` missed an exact match);
     3. replace the whole words ``a``, ``an``, ``the`` with a space;
-    4. collapse runs of whitespace to one space and strip both ends.
+    4. split into words at whitespace, each character of a script written without spaces (CJK
+       ideographs, kana, Thai, Lao, Myanmar, Khmer) a word of its own, as MLQA's "mixed segmentation"
+       does for Chinese; join them with one space. Otherwise a Chinese answer was one token, so token F1
+       of 北京市 against 北京 was 0, not 0.8.
 
-    Example: ``normalize_answer("The Cat!") == "cat"``.
+    Example: ``normalize_answer("The Cat!") == "cat"``, ``normalize_answer("北京。") == "北 京"``.
     """
     text = s.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = "".join(ch for ch in text if not _punctuation(ch))
     text = _ARTICLES_RE.sub(" ", text)
-    return " ".join(text.split())
+    return " ".join(_UNSPACED_RE.sub(r" \1 ", text).split())
 
 
 def _exact_match_per_example(preds: Sequence[str], refs: Sequence[str]) -> np.ndarray:

@@ -125,19 +125,22 @@ HEADLINE_HEADERS = ["task", "section", "metric", "base", "tuned", "Δ [95% CI]",
 
 
 def _detail_rows(report: dict[str, Any]) -> list[list[str]]:
-    """Per template: n, unpaired, perplexity and mean prompt tokens for each model, unparseable."""
+    """Per template: n, unpaired, perplexity and mean prompt tokens for each model, unparseable, and the
+    generated answers max_new_tokens cut short ('-' for ranked templates and reports from before it)."""
     rows = []
     for tid, e in report["templates"].items():
+        cut = e.get("cut_short") or {}
         rows.append([tid, _fmt_n(e["n"], e.get("n_rows")), str(e["n_unpaired"]),
                      _fmt(e["perplexity"]["base"]), _fmt(e["perplexity"]["tuned"]),
                      _fmt(e["mean_prompt_tokens"]["base"], digits=1),
                      _fmt(e["unparseable"]["base"], digits=0),
-                     _fmt(e["unparseable"]["tuned"], digits=0)])
+                     _fmt(e["unparseable"]["tuned"], digits=0),
+                     _fmt(cut.get("base"), digits=0), _fmt(cut.get("tuned"), digits=0)])
     return rows
 
 
 DETAIL_HEADERS = ["template", "n", "unpaired", "perplexity base", "perplexity tuned", "mean prompt tokens",
-                  "unparseable base", "unparseable tuned"]
+                  "unparseable base", "unparseable tuned", "cut short base", "cut short tuned"]
 
 
 def _baseline_systems(report: dict[str, Any]) -> list[str]:

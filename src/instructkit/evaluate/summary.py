@@ -10,6 +10,8 @@ interval is not narrowed by sqrt(k); `n_rows` counts the rows, `n` the examples.
 `macro_f1_classes` (the classes among the references), as the report and the baselines do.
 
 Perplexity (from the reference completions' summed NLL) is reported in its own field, not bootstrapped.
+`cut_short` counts the generated answers `max_new_tokens` cut before they ended (None for ranked
+templates): a template with many scores answers it never let finish.
 """
 
 from __future__ import annotations
@@ -82,6 +84,12 @@ def _metric_names_by_template(examples: Sequence[dict], chosen: Sequence[int], c
     return {key: _metric_names(exs, exs[0]["template_id"], cfg) for key, exs in by_group.items()}
 
 
+def _total(counts: Any) -> int | None:
+    """The sum of the counts that are not None; None when all are (no template generated)."""
+    known = [c for c in counts if c is not None]
+    return sum(known) if known else None
+
+
 def _perplexity(nll: tuple[float, int] | None) -> float | None:
     if nll is None or nll[1] == 0:
         return None
@@ -105,6 +113,7 @@ def _template_summary(scored: _Scored, exs: Sequence[dict], names: list[str], re
         "mean_prompt_tokens": float(np.mean(scored.prompt_tokens)),
         "truncated_prompts": scored.truncated,
         "unparseable": scored.unparseable,
+        "cut_short": scored.cut_short,
     }
     if scored.labels is not None:
         labels = scored.labels
@@ -143,5 +152,6 @@ def _task_summaries(scored: dict[str, _Scored], summaries: dict[str, dict], name
             "template_std": {n: float(np.std(v)) for n, v in per_template.items()},
             "perplexity": _perplexity((sum(a for a, _ in nll), sum(b for _, b in nll))) if nll else None,
             "unparseable": sum(summaries[t]["unparseable"] for t in tids),
+            "cut_short": _total(summaries[t]["cut_short"] for t in tids),
         }
     return tasks

@@ -76,6 +76,7 @@ class _Scored:
     nll: tuple[float, int] | None = None
     # per example: (NLL in nats, label tokens) of the reference completion when ranking already computed it
     reference_nll: list[tuple[float, int] | None] | None = None
+    cut_short: int | None = None  # generated answers max_new_tokens cut before they ended; None when ranked
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,26 +162,39 @@ def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: l
     fed = encode_for_generation(tokenizer, prompts, settings, max_new_tokens)
     references = _references(tokenizer, exs, prompts, fed, settings) \
         if with_perplexity and not is_seq2seq and cfg.num_beams == 1 else None
-    texts, reference_nll = generate_scoring(
+    out = generate_scoring(
         model, tokenizer, prompts, settings, is_seq2seq=is_seq2seq, max_new_tokens=max_new_tokens,
         references=references, batch_size=cfg.batch_size, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
         seed=seed, stop_strings=stop_strings, progress=progress)
     full = encode_prompts(tokenizer, prompts, settings)
     preds, records, unparseable = [], [], 0
-    for i, ex, prompt, generated in zip(indices, exs, prompts, texts):
+    for i, ex, prompt, generated, cut in zip(indices, exs, prompts, out.answers, out.cut_short):
         text = final_answer(generated)  # scored without a reasoning block; predictions.jsonl keeps it
         if classify:
             mapped = map_to_choice(text, ex["choices"])
             unparseable += mapped is None
             pred = text if mapped is None else mapped
             preds.append(pred)
-            records.append(_record(i, ex, prompt, pred, generated=generated, correct=mapped == ex["completion"]))
+            records.append(_record(i, ex, prompt, pred, generated=generated, correct=mapped == ex["completion"],
+                                   cut_short=cut))
         else:
             preds.append(text)
-            records.append(_record(i, ex, prompt, text, **({"generated": generated} if text != generated else {})))
+            records.append(_record(i, ex, prompt, text, cut_short=cut,
+                                   **({"generated": generated} if text != generated else {})))
+    _warn_cut_short(exs, sum(out.cut_short), max_new_tokens)
     return _Scored(exs[0]["template_id"], indices, preds, [final_answer(ex["completion"]) for ex in exs],
                    _class_labels(exs) if classify else None, records, [len(x) for x in fed],
-                   sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable, reference_nll=reference_nll)
+                   sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable, reference_nll=out.reference_nll,
+                   cut_short=sum(out.cut_short))
+
+
+def _warn_cut_short(exs: list[dict], cut: int, max_new_tokens: int) -> None:
+    """Warn that `cut` answers of this template reached `max_new_tokens` without ending: they are scored cut
+    short (a reasoning block never closed scores as no answer at all; lm-evaluation-harness#3400)."""
+    if cut:
+        logger.warning("%s: %d of %d generated answers reached max_new_tokens=%d without ending (no EOS or end of "
+                       "turn) and are scored cut short; raise eval.max_new_tokens.%s if answers need more",
+                       exs[0]["template_id"], cut, len(exs), max_new_tokens, exs[0]["task"])
 
 
 def _reference_nll(model: Any, tokenizer: Any, exs: list[dict], prompts: list[str],
