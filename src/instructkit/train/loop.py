@@ -18,7 +18,7 @@ batch 4, is in train/step.py; the loss at label positions only is in train/loss.
 Every `eval_every` steps (default: each epoch) and at the end: validation loss/perplexity and the
 caller's `validate(model)` task metrics (train/tracking.py keeps the best weights in checkpoints/best;
 early stopping is opt-in). Checkpoints every `save_every` steps (default: at each validation), every
-`save_every_minutes` of wall time and on Ctrl-C (train/interrupt.py) make resume exact
+`save_every_minutes` of wall time and on Ctrl-C or SIGTERM (train/interrupt.py) make resume exact
 (train/checkpoint.py). Progress: a bar on a terminal, else a plain line every 30 s (instructkit.progress).
 """
 
