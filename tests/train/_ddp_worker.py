@@ -4,7 +4,8 @@
         [--steps N] [--sleep SECONDS]
 
 Trains the tiny Llama on `examples()` with batch_size 2 per process (global batch 4) and writes
-OUT_DIR/metrics.jsonl (main process) and OUT_DIR/final.safetensors. --steps N trains N steps with no
+OUT_DIR/metrics.jsonl (main process), OUT_DIR/final.safetensors and OUT_DIR/dropout-RANK.json
+(`record_dropout_mask`). --steps N trains N steps with no
 scheduled checkpoint but the last; --sleep slows every forward pass (the parent signals the run mid-step).
 A run stopped by a signal prints "rank R interrupted: ..." and exits 130.
 """
@@ -29,6 +30,23 @@ def examples():
 def config(per_process_batch: int, packing: bool):
     return _train_helpers.train_config(batch_size=per_process_batch, max_steps=STEPS, lr=3e-3, packing=packing,
                                        schedule="linear", warmup_ratio=0.2, group_by_length=True)
+
+
+def record_dropout_mask(model, path: str) -> None:
+    """At the first training forward, the dropout mask (p=0.5, 32 values) the process's generator would draw
+    next (on a fork of it: training is unchanged) -> `path` as JSON."""
+    import json
+
+    import torch
+
+    def hook(module, inputs):
+        if module.training and not os.path.exists(path):
+            with torch.random.fork_rng(devices=[]):
+                mask = torch.nn.functional.dropout(torch.ones(32), 0.5, training=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump((mask > 0).int().tolist(), handle)
+
+    model.register_forward_pre_hook(hook)
 
 
 def main() -> None:
@@ -56,6 +74,8 @@ def main() -> None:
     if args.steps:
         cfg = cfg.model_copy(update={"max_steps": args.steps, "save_every": 10 * args.steps,
                                      "save_every_minutes": None})
+    os.makedirs(args.out_dir, exist_ok=True)
+    record_dropout_mask(model, os.path.join(args.out_dir, f"dropout-{accelerator.process_index}.json"))
     if args.sleep:
         model.register_forward_pre_hook(lambda module, inputs: time.sleep(args.sleep))
     from instructkit.train.interrupt import TrainingInterrupted

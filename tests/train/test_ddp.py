@@ -36,6 +36,8 @@ def _single_process(tokenizer, tmp_path: Path, packing: bool):
     from instructkit.train.loop import TrainData, TrainOptions, train
 
     model = build_tiny_llama(tokenizer).train()
+    (tmp_path / "single").mkdir()
+    _ddp_worker.record_dropout_mask(model, str(tmp_path / "single" / "dropout-0.json"))
     dataset, settings = tokenized(_ddp_worker.examples(), tokenizer)
     result = train(model, tokenizer, TrainData(dataset), _ddp_worker.config(4, packing), tmp_path / "single",
                    TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
@@ -76,6 +78,10 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tiny_tokenizer
     worst = max((ddp_weights[k] - single_weights[k]).abs().max().item() for k in ddp_weights)
     assert worst < 1e-5
     assert (tmp_path / "ddp" / "checkpoints" / "step-000005" / "manifest.json").is_file()
+    # accelerate#236: each process draws its own dropout masks (seed + rank); one process keeps train.seed's
+    masks = [json.loads((tmp_path / run / f"dropout-{r}.json").read_text())
+             for run, r in (("ddp", 0), ("ddp", 1), ("single", 0))]
+    assert masks[0] != masks[1] and masks[0] == masks[2]
 
 
 # --------------------------------------------------------------------------------------------------
