@@ -53,3 +53,24 @@ def test_train_gets_the_overrides_after_resume(monkeypatch, tmp_path):
     parser._subparsers._group_actions[0].choices["train"].set_defaults(func=fake_train)
     assert cli.main(["train", "c.yaml", "--resume", "name=a", "train.lr=1e-4"]) == 0
     assert seen == {"config": ["c.yaml", "name=a", "train.lr=1e-4"], "resume": True}
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_a_launcher_only_rank_0_logs_info_and_the_others_say_which_rank(rank):
+    """transformers' log_level_replica / accelerate's main-process-only logger: every process of a torchrun
+    launch logged its INFO lines, so each one (resumed from..., FSDP2: sharded...) appeared once per process;
+    the others now log warnings and above only, each line naming its rank."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import logging; from instructkit.cli import configure_logging; configure_logging(False); "
+            "log = logging.getLogger('instructkit.train'); log.info('info line'); log.warning('warning line')")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2", "PYTHONPATH": src}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+    if rank == "0":
+        assert "INFO info line" in err and "WARNING warning line" in err and "[rank" not in err
+    else:
+        assert "info line" not in err and "WARNING [rank 1] warning line" in err

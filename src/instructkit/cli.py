@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse(parser, argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[_log_handler()])
+    configure_logging(args.verbose)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not getattr(args, "light", False):  # `templates ...`, `prepare` and --help never import torch or datasets
@@ -330,17 +330,28 @@ def _quiet_library_progress_bars() -> None:
         pass
 
 
-def _log_handler() -> logging.Handler:
+def configure_logging(verbose: bool) -> None:
+    """Root logging: INFO (DEBUG with --verbose) on rank 0. Under a launcher the other processes log WARNING
+    and above only, each line prefixed [rank N]: their INFO lines repeated rank 0's once per process
+    (transformers' Trainer: log_level_replica "warning"; accelerate's get_logger: main process only)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if ranks.is_main():
+        logging.basicConfig(level=level, handlers=[_log_handler()])
+    else:
+        logging.basicConfig(level=max(level, logging.WARNING), handlers=[_log_handler(f"[rank {ranks.rank()}] ")])
+
+
+def _log_handler(prefix: str = "") -> logging.Handler:
     """Rich log lines on a terminal; elsewhere (nohup, CI, a log file) one plain line per message, with the
-    time, so progress lines stay whole and greppable."""
+    time, so progress lines stay whole and greppable. `prefix` starts every message."""
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(show_path=False, console=_console_err())
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
         return handler
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s " + prefix + "%(message)s", "%H:%M:%S"))
     return handler
 
 

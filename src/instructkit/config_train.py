@@ -104,7 +104,7 @@ class TrainConfig(Section):
         1.0, gt=0, description="Clip the global gradient norm to this before each step (null: no clipping).")
     seed: int = Field(
         0, description="Seed of training randomness: batch order, dropout, LoRA initialisation (the data "
-        "split has split.seed).")
+        "split has split.seed). Under several processes each draws its dropout from seed + its rank.")
     # Batching
     batch_size: int = Field(
         8, ge=1, description="Examples per micro-batch (per process); an optimizer step sees batch_size x "

@@ -23,8 +23,13 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's global rank (RANK, set by torchrun / accelerate launch; 0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def cpu_only() -> bool:

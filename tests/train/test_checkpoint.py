@@ -241,3 +241,19 @@ def test_fp16_without_a_grad_scaler_still_stops_before_an_inf_step(tmp_path):
     assert out["error"] is not None and "diverged at step 2" in out["error"] and "not applied" in out["error"]
     assert out["checkpoints"] == {"step-000001": True}
     assert "trains in fp32" in done.stderr
+
+
+def test_a_rank_the_checkpoint_has_no_rng_for_keeps_its_own(tmp_path):
+    """accelerate#236 on resume: a checkpoint of 1 process resumed on 2 gave rank 1 a copy of rank 0's RNG, so
+    both drew the same dropout masks; rank 1 now keeps the generator set-up seeded for it (seed + rank)."""
+    from instructkit.train.checkpoint import capture_rng, read_state, write_state
+
+    torch.manual_seed(0)
+    write_state(tmp_path, 3, None, {}, [capture_rng()], {})
+    saved = torch.get_rng_state()
+    torch.manual_seed(1)  # rank 1's own, from set-up
+    own = torch.get_rng_state()
+    assert read_state(tmp_path, None, rank=1, restore_rng_state=True)["step"] == 3
+    assert torch.equal(torch.get_rng_state(), own)
+    read_state(tmp_path, None, rank=0, restore_rng_state=True)
+    assert torch.equal(torch.get_rng_state(), saved)

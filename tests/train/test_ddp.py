@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,8 @@ def _single_process(tokenizer, tmp_path: Path, packing: bool):
     from instructkit.train.loop import TrainData, TrainOptions, train
 
     model = build_tiny_llama(tokenizer).train()
+    (tmp_path / "single").mkdir()
+    _ddp_worker.record_dropout_mask(model, str(tmp_path / "single" / "dropout-0.json"))
     dataset, settings = tokenized(_ddp_worker.examples(), tokenizer)
     result = train(model, tokenizer, TrainData(dataset), _ddp_worker.config(4, packing), tmp_path / "single",
                    TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
@@ -74,6 +78,10 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tiny_tokenizer
     worst = max((ddp_weights[k] - single_weights[k]).abs().max().item() for k in ddp_weights)
     assert worst < 1e-5
     assert (tmp_path / "ddp" / "checkpoints" / "step-000005" / "manifest.json").is_file()
+    # accelerate#236: each process draws its own dropout masks (seed + rank); one process keeps train.seed's
+    masks = [json.loads((tmp_path / run / f"dropout-{r}.json").read_text())
+             for run, r in (("ddp", 0), ("ddp", 1), ("single", 0))]
+    assert masks[0] != masks[1] and masks[0] == masks[2]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,3 +98,34 @@ def test_fsdp_example_config_is_launched_with_torchrun():
     assert config.train.sharding == "fsdp" and config.train.precision == "bf16"
     assert config.train.gradient_checkpointing
     assert not (EXAMPLES / "deepspeed_zero3.yaml").exists() and not (EXAMPLES / "accelerate").exists()
+
+
+@pytest.mark.slow  # a 2-process launch signalled mid-run (~1-2 min on 2 shared cores)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_torchrun_checkpoints_the_step_in_flight_on_every_process(tmp_path, sig):
+    """pytorch/pytorch#68258: torchrun forwards SIGTERM (and Ctrl-C's SIGINT) to its workers, then SIGKILLs them
+    after 30 s. With SIGTERM the workers died mid-step without a checkpoint; now both finish the step, write
+    its checkpoint together and stop (exit 130), as with Ctrl-C."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "_ddp_worker.py"), str(out), "--steps", "40", "--sleep", "0.2"]
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()[-3000:]
+            time.sleep(0.1)
+        launcher.send_signal(sig)
+        log = launcher.communicate(timeout=120)[0]
+    finally:
+        launcher.kill()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= steps[-1] < 40, log[-3000:]
+    from instructkit.train.checkpoint import list_checkpoints, verify_folder
+
+    (checkpoint,) = list_checkpoints(out)  # no scheduled checkpoint before step 40: this one is the signal's
+    assert checkpoint.name == f"step-{steps[-1]:06d}" and verify_folder(checkpoint) is None, log[-3000:]
+    assert sorted(line.split(" interrupted")[0] for line in log.splitlines() if " interrupted: " in line) == \
+        ["rank 0", "rank 1"], log[-3000:]

@@ -307,3 +307,44 @@ def test_the_cli_message_says_what_the_next_command_does(tmp_path):
     assert _interrupted(Namespace(command="run", resume=None), in_eval) == (
         "stopped during evaluate-base (its outputs are written whole or not at all); the finished steps "
         "(prepare) are kept; run the same command again to redo evaluate-base and go on")
+
+
+def test_sigterm_checkpoints_the_step_in_flight_as_a_first_ctrl_c_does(tiny_tokenizer, tmp_path, data):
+    """pytorch/pytorch#68258, Lightning#1455: torchrun, SLURM, Kubernetes and `kill` end a run with SIGTERM
+    (SIGKILL after a grace period). Python's default handler killed the process mid-step and the work since
+    the last checkpoint was lost; now the step in flight finishes and is checkpointed, a repeated SIGTERM
+    changes nothing, and the handler in place before training is put back."""
+    dataset, val, settings, cfg = data
+
+    def default_handler(signum, frame):  # stands for SIGTERM's default (killing pytest would end the suite)
+        raise AssertionError("SIGTERM reached the handler in place before training")
+
+    before = signal.signal(signal.SIGTERM, default_handler)
+    try:
+        reference_model = build_tiny_llama(tiny_tokenizer)
+        _run(reference_model, tiny_tokenizer, dataset, settings, tmp_path / "full", cfg, val_data=val,
+             restore_best=False)
+        model = build_tiny_llama(tiny_tokenizer)
+        seen = [0]
+
+        def hook(module, args, output):
+            if module.training:
+                seen[0] += 1
+                if seen[0] == 6:
+                    signal.raise_signal(signal.SIGTERM)
+                    signal.raise_signal(signal.SIGTERM)  # the scheduler signals the launcher and its workers
+
+        model.register_forward_hook(hook)
+        with pytest.raises(TrainingInterrupted) as caught:
+            _run(model, tiny_tokenizer, dataset, settings, tmp_path / "cut", cfg, val_data=val, restore_best=False)
+        stop = caught.value
+        assert (stop.step, stop.checkpoint_step, stop.written_now) == (6, 6, True)
+        assert stop.checkpoint.name == "step-000006" and latest_good_checkpoint(tmp_path / "cut") == stop.checkpoint
+        assert signal.getsignal(signal.SIGTERM) is default_handler
+        resumed_model = build_tiny_llama(tiny_tokenizer, seed=5)
+        _run(resumed_model, tiny_tokenizer, dataset, settings, tmp_path / "cut", cfg, val_data=val, resume=True,
+             restore_best=False)
+        expected, final = trainable_tensors(reference_model), trainable_tensors(resumed_model)
+        assert all(torch.equal(final[k], expected[k]) for k in expected)
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -324,15 +324,15 @@ def write_state(folder: Path, step: int, scheduler: Any, sampler_state: dict[str
 
 
 def read_state(path: Path, scheduler: Any, rank: int, restore_rng_state: bool) -> dict[str, Any]:
-    """Restore the scheduler and this process's RNG (rank `rank`; rank 0's when the checkpoint has fewer
-    processes) from `write_state`'s files; returns state.json."""
+    """Restore the scheduler and this process's RNG (rank `rank`) from `write_state`'s files; returns
+    state.json. A rank the checkpoint has no RNG for (resumed on more processes) keeps its own, seeded per
+    process at set-up: a copy of rank 0's would give two processes the same dropout masks."""
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     if scheduler is not None and state.get("scheduler") is not None:
         load_scheduler_state(scheduler, state["scheduler"])
-    if restore_rng_state:
+    if restore_rng_state and rank < len(state["rng"]):
         rng = load_file(str(path / "rng.safetensors"))
-        ranks = state["rng"]
-        mine = rank if rank < len(ranks) else 0
+        ranks, mine = state["rng"], rank
         restore_rng({
             **ranks[mine],
             "torch": rng[f"torch.{mine}"],

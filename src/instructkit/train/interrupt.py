@@ -1,4 +1,4 @@
-"""When the loop stops to write a checkpoint: Ctrl-C, and a wall-clock interval.
+"""When the loop stops to write a checkpoint: Ctrl-C or SIGTERM, and a wall-clock interval.
 
 Ctrl-C (SIGINT) during training does not kill the step in flight: the first one asks the loop to stop
 after the current optimizer step, write a checkpoint there and raise `TrainingInterrupted`, which says
@@ -6,6 +6,14 @@ which step the next run continues from. During a validation (one process) the fi
 validation short instead: the checkpoint of that step is written and the resumed run redoes the
 validation first (`TrainState.pending_eval`), so a resumed run ends exactly as an uninterrupted one. A
 second Ctrl-C stops at once, without a new checkpoint.
+
+SIGTERM does what a first Ctrl-C does. It is how a run is told to end by everything but a keyboard:
+torchrun forwards the SIGTERM it receives to every worker (and Ctrl-C as SIGINT; its workers run in
+their own session, so only torchrun sees the terminal's), then SIGKILLs them after its grace period
+(`--shutdown-timeout`, TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default; pytorch/pytorch#68258), as SLURM's
+scancel/preemption, Kubernetes and `kill` do. With Python's default handler SIGTERM killed the worker in
+the middle of a step and the work since the last checkpoint was lost. A further SIGTERM (a scheduler may
+signal both the launcher and its workers) changes nothing: the grace period's SIGKILL is the hard stop.
 
 `train.save_every_minutes` writes a checkpoint when that much wall time passed since the last one (or
 since the start), so a long epoch never holds all the work unsaved. With several processes the main
@@ -28,6 +36,8 @@ from instructkit.train.distributed import all_reduce_sum, distributed
 from instructkit.train.state import Run, TrainState
 
 logger = logging.getLogger(__name__)
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)  # the signals that stop training with a checkpoint
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -57,11 +67,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopControl:
-    """Ctrl-C handling and wall-clock checkpoints for one `train` call (a context manager).
+    """Ctrl-C / SIGTERM handling and wall-clock checkpoints for one `train` call (a context manager).
 
     `state` is the loop's TrainState (read when a second Ctrl-C stops at once); `checkpoint` the newest
-    good checkpoint so far. The SIGINT handler is installed only in the main thread (elsewhere Ctrl-C
-    raises KeyboardInterrupt as usual).
+    good checkpoint so far. The SIGINT and SIGTERM handlers are installed only in the main thread (elsewhere
+    Ctrl-C raises KeyboardInterrupt as usual) and the previous ones are put back on exit.
     """
 
     def __init__(self, run: Run, state: TrainState, checkpoint: Path | None,
@@ -81,25 +91,29 @@ class StopControl:
     # -- the signal handler -------------------------------------------------------------------------
     def __enter__(self) -> StopControl:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED}
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in (self._previous or {}).items():
+            signal.signal(sig, previous)
+        self._previous = None
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if self.requested:
+            if signum != signal.SIGINT:  # a repeated SIGTERM: the checkpoint under way is the point
+                logger.warning("%s: already stopping after step %d", name, self.state.step + 1)
+                return
             self.hard = True
             raise self.interrupted(written_now=False)
         self.requested = True
         if self._abortable:
-            logger.warning("Ctrl-C: stopping the validation of step %d and writing a checkpoint there "
-                           "(Ctrl-C again stops at once, without one)", self.state.step)
+            logger.warning("%s: stopping the validation of step %d and writing a checkpoint there "
+                           "(Ctrl-C again stops at once, without one)", name, self.state.step)
             raise KeyboardInterrupt
-        logger.warning("Ctrl-C: finishing step %d of %d, then writing a checkpoint there "
-                       "(Ctrl-C again stops at once, without one)", self.state.step + 1, self.run.total_steps)
+        logger.warning("%s: finishing step %d of %d, then writing a checkpoint there "
+                       "(Ctrl-C again stops at once, without one)", name, self.state.step + 1, self.run.total_steps)
 
     @contextlib.contextmanager
     def abortable(self) -> Iterator[None]:

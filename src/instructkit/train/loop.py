@@ -18,7 +18,7 @@ batch 4, is in train/step.py; the loss at label positions only is in train/loss.
 Every `eval_every` steps (default: each epoch) and at the end: validation loss/perplexity and the
 caller's `validate(model)` task metrics (train/tracking.py keeps the best weights in checkpoints/best;
 early stopping is opt-in). Checkpoints every `save_every` steps (default: at each validation), every
-`save_every_minutes` of wall time and on Ctrl-C (train/interrupt.py) make resume exact
+`save_every_minutes` of wall time and on Ctrl-C or SIGTERM (train/interrupt.py) make resume exact
 (train/checkpoint.py). Progress: a bar on a terminal, else a plain line every 30 s (instructkit.progress).
 """
 
@@ -186,11 +186,12 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     Raises TrainingError for an empty train split, missing class ids, or too little free disk, and
     TrainingError / ConfigError for early stopping that validation cannot measure (tracking.check_early_stopping).
     """
-    import random
+    from accelerate.utils import set_seed
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    # Seed + process index (accelerate#236): dropout masks differ between processes as between the
+    # micro-batches of one process; one process keeps cfg.seed. DDP copies rank 0's weights, FSDP2 keeps what
+    # each process loaded, and the batch plan has its own generators: no rank-shared draw comes after this.
+    set_seed(cfg.seed, device_specific=True)
     accelerator, seq2seq = options.accelerator, options.is_seq2seq
     table = TokenTable.from_dataset(data.train)
     if len(table) == 0:
