@@ -38,6 +38,17 @@ log = logging.getLogger("instructkit")
 _console = make_console
 
 
+def _one_separator(value: str) -> str:
+    """`--delimiter`'s value, checked as datasets.N.delimiter checks it (argparse exits 2 otherwise)."""
+    from instructkit.config import DatasetConfig
+
+    try:
+        return DatasetConfig(path="x.csv", delimiter=value).delimiter  # type: ignore[return-value]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be one character other than a quote or a line break, got "
+                                         f"{value!r}") from None
+
+
 def _split_config_args(values: list[str]) -> tuple[str | None, list[str]]:
     """`[CONFIG] [key=value ...]` -> (config path or None, overrides)."""
     config = None
@@ -216,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--limit", type=int, default=None, help="check at most this many rows of --data")
     tc.add_argument("--format", default="auto", help="format of --data (csv, tsv, json, jsonl, parquet, hf_disk, "
                     "parallel); default: from the file name")
-    tc.add_argument("--delimiter", default=None, help="field separator of a CSV/TSV --data file, one character "
-                    "(as datasets.N.delimiter), e.g. ';'")
+    tc.add_argument("--delimiter", default=None, type=_one_separator, help="field separator of a CSV/TSV --data "
+                    "file, one character (as datasets.N.delimiter), e.g. ';'")
     tc.set_defaults(func=cmd_templates_check, light=True)
 
     prepare = sub.add_parser("prepare", help="turn data files into train/validation/test instruction data")

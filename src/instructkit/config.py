@@ -109,7 +109,7 @@ class DatasetConfig(Section):
     @classmethod
     def _one_separator(cls, value: str | None) -> str | None:
         if value is not None and (len(value) != 1 or value in "\"\r\n"):
-            raise ValueError(f"must be one character other than a quote or a line break, got {value!r}")
+            raise ValueError("must be one character other than a quote or a line break")
         return value
 
     @model_validator(mode="after")

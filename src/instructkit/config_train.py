@@ -130,8 +130,9 @@ class TrainConfig(Section):
         "all_assistant_turns", description="Chat data with `model.chat_template`: learn every assistant turn "
         "of a conversation (each on the exact prompt the template renders before it), or only the last one.")
     class_balance: Literal["none", "weighted", "sampled"] = Field(
-        "none", description="Classification data: 'weighted' loss (each class counts equally), 'sampled' "
-        "(classes drawn equally often, with replacement), or 'none' (the data as it is).")
+        "none", description="Classification data: 'weighted' loss (each class counts equally; metrics.jsonl "
+        "then logs `unweighted_loss` beside the weighted `loss`, the one to compare with the unweighted "
+        "`val_loss`), 'sampled' (classes drawn equally often, with replacement), or 'none' (the data as it is).")
     # Memory management
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32, or bf16/fp16 mixed precision through accelerate (GPUs); on CPU keep fp32 "

@@ -184,6 +184,11 @@ def test_a_non_text_content_part_is_a_bad_row_naming_its_type(tmp_path):
                         {"role": "assistant", "content": "A cat."}]}
     message = error_of(tmp_path, [row])
     assert "chat.jsonl: line 1" in message and "turn 1: content part 2 is of type 'image_url'" in message
+    number = {"messages": [{"role": "user", "content": [{"type": "text", "text": 42}]},
+                           {"role": "assistant", "content": "A cat."}]}
+    assert "turn 1: content part 1 of type 'text' must hold its text as a string" in error_of(tmp_path, [number])
+    bare = {"messages": [{"role": "user", "content": ["plain string"]}, {"role": "assistant", "content": "A cat."}]}
+    assert "turn 1: content part 1 is 'plain string'; only text parts" in error_of(tmp_path, [bare])
 
 
 def test_chat_prompt_and_example_prompt():

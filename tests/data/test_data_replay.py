@@ -465,3 +465,22 @@ def test_templates_check_reads_a_semicolon_file_with_delimiter(tmp_path, capsys)
     assert main(["templates", "check", "--data", str(path), "--schema", "sst2"]) == 2
     assert "set `delimiter: ';'`" in capsys.readouterr().err
     assert main(["templates", "check", "--data", str(path), "--schema", "sst2", "--delimiter", ";"]) == 0
+
+
+def test_a_semicolon_file_with_commas_in_its_text_is_named_by_its_separator_not_as_a_ragged_comma(tmp_path, capsys):
+    """Real reviews hold commas: a semicolon file read comma-separated is then ragged before the one-column
+    header check can speak; the ragged row's hint names the file's separator too."""
+    from instructkit.cli import main
+
+    path = tmp_path / "semi.csv"
+    path.write_text("label;sentence\n" + "".join(f"{a};{b}, really\n" for a, b in SST2_ROWS), encoding="utf-8")
+    message = error_of_both(tmp_path, _sst2(path))
+    assert "semi.csv: line 2: 2 fields, but the header (line 1) has 1" in message
+    assert "the file looks ';'-separated, but it was read comma-separated: set `delimiter: ';'`" in message
+    assert main(["templates", "check", "--data", str(path), "--schema", "sst2"]) == 2
+    assert "`--delimiter ';'` for templates check" in capsys.readouterr().err
+    for bad in (";;", "", '"'):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["templates", "check", "--data", str(path), "--schema", "sst2", "--delimiter", bad])
+        assert exit_info.value.code == 2
+        assert "must be one character other than a quote or a line break" in capsys.readouterr().err

@@ -118,10 +118,13 @@ def _content_text(content: Any, where: str) -> Any:
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         text = part.get("text") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS or not isinstance(text, str):
-            shown = f"of type {kind!r}" if isinstance(kind, str) else f"{str(part)[:80]}"
+        if kind in TEXT_PARTS and not isinstance(text, str):
+            raise _Bad("bad content part", f"{where}: content part {k + 1} of type {kind!r} must hold its text "
+                       f"as a string in 'text', got {str(part)[:80]}")
+        if kind not in TEXT_PARTS:
+            shown = f"of type {kind!r}" if isinstance(kind, str) else repr(part)[:80]
             raise _Bad("non-text content", f"{where}: content part {k + 1} is {shown}; only text parts "
-                       f"({{type: text, text: ...}}) can be trained on a text model")
+                       f"({{type: text | input_text | output_text, text: ...}}) can be trained on a text model")
         texts.append(text)
     return "\n".join(texts)
 

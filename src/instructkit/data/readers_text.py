@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from instructkit.data.table import SEPARATOR_NAMES, Problems, Table
+from instructkit.data.table import SEPARATOR_NAMES, Problems, Table, separator_hint
 from instructkit.errors import DataError
 from instructkit.io import json_problem
 
@@ -130,7 +130,8 @@ def iter_delimited(lines: Iterable[str], path: str, delimiter: str, problems: Pr
                 continue
             if len(record) != width:
                 if len(record) > width:
-                    hint = f" (an unquoted {SEPARATOR_NAMES.get(delimiter, repr(delimiter))} inside a field?)"
+                    hint = separator_hint(header, fmt, delimiter) or \
+                        f" (an unquoted {SEPARATOR_NAMES.get(delimiter, repr(delimiter))} inside a field?)"
                 else:
                     hint = " (a line break inside an unquoted field, or a missing field?)"
                 problems.bad(

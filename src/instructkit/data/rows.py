@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from instructkit.data.chat_rows import chat_row
-from instructkit.data.table import SEPARATOR_NAMES, Problems, Table
+from instructkit.data.table import Problems, Table, separator_hint
 from instructkit.errors import DataError
 from instructkit.templates.schema import Schema, label_key, missing_kind
 from instructkit.templates.template import Template
@@ -241,17 +241,9 @@ def delimiter_hint(table: Table) -> str:
     """Why a CSV/TSV header is one column holding another separator (a semicolon CSV from a European Excel,
     a tab-separated .csv): the separator is fixed by the format or `delimiter:`, never guessed (sniffing
     guesses wrong, pandas-dev/pandas#53035)."""
-    if table.format not in ("csv", "tsv") or len(table.columns) != 1:
+    if table.format not in ("csv", "tsv"):
         return ""
-    own = table.delimiter or ("," if table.format == "csv" else "\t")
-    name = SEPARATOR_NAMES.get(own, repr(own))
-    counts = {d: table.columns[0].count(d) for d in (",", ";", "\t", "|") if d != own}
-    found = max(counts, key=counts.get)  # type: ignore[arg-type]
-    if not counts[found]:
-        return ""
-    fix = f"set `delimiter: {found!r}`" if found != "\t" else "set `format: tsv`"
-    return (f" (one column holding {found!r}: the file looks {found!r}-separated, but it was read "
-            f"{name}-separated: {fix})")
+    return separator_hint(table.columns, table.format, table.delimiter)
 
 
 def strip_eos(text: str) -> tuple[str, str | None]:

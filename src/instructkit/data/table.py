@@ -53,6 +53,23 @@ SEPARATOR_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
 """Names of common field separators, for messages."""
 
 
+def separator_hint(header: list[str], fmt: str, delimiter: str = "") -> str:
+    """Why a CSV/TSV header (`fmt` csv or tsv, read with `delimiter`, "" for the format's own) is one
+    column holding another common separator: "" when it is not."""
+    if len(header) != 1:
+        return ""
+    own = delimiter or ("," if fmt == "csv" else "\t")
+    name = SEPARATOR_NAMES.get(own, repr(own))
+    counts = {d: header[0].count(d) for d in (",", ";", "\t", "|") if d != own}
+    found = max(counts, key=counts.get)  # type: ignore[arg-type]
+    if not counts[found]:
+        return ""
+    fix = (f"set `delimiter: {found!r}` (`--delimiter {found!r}` for templates check)" if found != "\t"
+           else "set `format: tsv`")
+    return (f" (one column holding {found!r}: the file looks {found!r}-separated, but it was read "
+            f"{name}-separated: {fix})")
+
+
 @dataclass
 class Table:
     """The rows of one file as read, before column mapping."""

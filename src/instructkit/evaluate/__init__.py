@@ -2,9 +2,10 @@
 (``instructkit.evaluate.bootstrap``)."""
 
 SCORING_VERSION = 3
-"""Raised whenever the same model, examples and eval settings can score differently. It is written to
-eval.json (`settings.scoring_version`) and is part of the run's evaluation fingerprint, so an evaluation an
-earlier version scored runs again (the earlier one is kept beside the run) instead of counting as up to date.
+"""The version of the scoring rules, raised in each release whose scoring differs for the same model, examples
+and eval settings. It is written to eval.json (`settings.scoring_version`) and is part of the run's
+evaluation fingerprint: when it has changed, `instructkit run` evaluates again (the earlier evaluation kept
+beside the run) instead of counting the earlier one as up to date.
 
     1   (no version written) everything before 2
     2   k-shot choices end with the demonstrations' separator, not EOS; a reasoning block before a

@@ -11,7 +11,8 @@ interval is not narrowed by sqrt(k); `n_rows` counts the rows, `n` the examples.
 
 Perplexity (from the reference completions' summed NLL) is reported in its own field, not bootstrapped.
 `cut_short` counts the generated answers `max_new_tokens` cut before they ended (None for ranked
-templates): a template with many scores answers it never let finish.
+templates); they are scored as generated so far, so a template with many such answers is scored on
+unfinished answers.
 """
 
 from __future__ import annotations
