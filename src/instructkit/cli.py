@@ -40,13 +40,12 @@ _console = make_console
 
 def _one_separator(value: str) -> str:
     """`--delimiter`'s value, checked as datasets.N.delimiter checks it (argparse exits 2 otherwise)."""
-    from instructkit.config import DatasetConfig
+    from instructkit.config import check_delimiter
 
     try:
-        return DatasetConfig(path="x.csv", delimiter=value).delimiter  # type: ignore[return-value]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be one character other than a quote or a line break, got "
-                                         f"{value!r}") from None
+        return check_delimiter(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {value!r}") from None
 
 
 def _split_config_args(values: list[str]) -> tuple[str | None, list[str]]:

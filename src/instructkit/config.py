@@ -35,6 +35,16 @@ __all__ = ["DatasetConfig", "EarlyStopping", "EvalConfig", "ExportConfig", "Lora
 # --------------------------------------------------------------------------------------------------
 
 
+def check_delimiter(value: str) -> str:
+    """`value` as a field separator (`datasets.N.delimiter`, `templates check --delimiter`).
+
+    Raises: ValueError unless it is one character other than a quote or a line break.
+    """
+    if len(value) != 1 or value in "\"\r\n":
+        raise ValueError("must be one character other than a quote or a line break")
+    return value
+
+
 class DatasetConfig(Section):
     """One data source and the templates that turn its rows into instruction examples."""
 
@@ -108,9 +118,7 @@ class DatasetConfig(Section):
     @field_validator("delimiter")
     @classmethod
     def _one_separator(cls, value: str | None) -> str | None:
-        if value is not None and (len(value) != 1 or value in "\"\r\n"):
-            raise ValueError("must be one character other than a quote or a line break")
-        return value
+        return None if value is None else check_delimiter(value)
 
     @model_validator(mode="after")
     def _delimited_format(self) -> DatasetConfig:

@@ -92,6 +92,14 @@ def special_ids(tokenizer: Any) -> set[int]:
 _END: dict[int, tuple[Any, list[int]]] = {}
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading ids `a` and `b` share."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
 def conversation_end(tokenizer: Any) -> list[int]:
     """The tokens the chat template writes after a final assistant turn but not when a user turn follows it
     (Phi-3: [EOS]); [] for most templates. Only special or blank tokens count: a template that renders the
@@ -105,10 +113,7 @@ def conversation_end(tokenizer: Any) -> list[int]:
         more = list(render(tokenizer, [user, answer, {"role": "user", "content": "zq7 again"}], None, False))
     except TemplateError:
         last, more = [], []
-    k = 0
-    while k < min(len(last), len(more)) and last[k] == more[k]:
-        k += 1
-    end = last[k:]
+    end = last[common_prefix(last, more):]
     special = special_ids(tokenizer)
     if not any(t in special for t in end) or any(t not in special and tokenizer.decode([t]).strip() for t in end):
         end = []
@@ -161,9 +166,7 @@ def forced_reasoning(tokenizer: Any, head: list[int], full: list[int], content: 
     Raises: TemplateError when `head` and `full` differ otherwise (the turn cannot be trained on the prompt
     the model is sent).
     """
-    k = 0
-    while k < min(len(head), len(full)) and head[k] == full[k]:
-        k += 1
+    k = common_prefix(head, full)
     opened = tokenizer.decode(head[k:])
     if opened.strip() != THINK_OPEN:
         raise TemplateError(f"{template_name(tokenizer)} renders assistant turn {i + 1} not as a continuation "

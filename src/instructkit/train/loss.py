@@ -90,8 +90,8 @@ def batch_loss(model: torch.nn.Module, batch: Batch, *, seq2seq: bool, logits_at
     else:
         ce = F.cross_entropy(logits.float(), batch.targets, reduction="none")
         loss = (ce * batch.target_weights).sum()
-        if unweighted is not None:
-            unweighted.append(ce.detach().sum() * (0.0 if batch.dummy else 1.0))
+        if unweighted is not None and not batch.dummy:
+            unweighted.append(ce.detach().sum())
     return loss * 0.0 if batch.dummy else loss
 
 
@@ -121,11 +121,11 @@ def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits
         handle.remove()
     hidden = captured[0]
     hidden = hidden if hidden.ndim == 2 else hidden[batch.target_mask]  # [N, H], in `targets` order
-    plain = [] if unweighted is not None and batch.target_weights is not None else None
+    plain = [] if unweighted is not None and batch.target_weights is not None and not batch.dummy else None
     total = ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, batch.targets, batch.target_weights,
                                           chunk_tokens, softcap, tied is not None, plain)
     if plain is not None:
-        unweighted.append(plain[0] * (0.0 if batch.dummy else 1.0))  # type: ignore[union-attr]
+        unweighted.append(plain[0])  # type: ignore[union-attr]
     return total * 0.0 if batch.dummy else total
 
 

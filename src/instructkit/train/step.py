@@ -64,7 +64,7 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     # average of world_size x (its share of the sum) / W is the sum over all processes / W.
     scale = accelerator.num_processes / weight
     window_loss = torch.zeros((), device=accelerator.device)
-    weighted = any(b.target_weights is not None for b in batches)
+    weighted = run.weights is not None  # class-weighted loss: the same on every process
     plain: list[torch.Tensor] | None = [] if weighted else None
     in_backward = getattr(optimizer, "optimizer", optimizer) if run.cfg.optimizer_in_backward else None
     clip_coef = clip_total = None
@@ -90,7 +90,7 @@ def train_step(run: Run, batches: Sequence[Batch], step: int) -> StepStats:
     plain_sum = torch.stack(plain).sum() if plain else torch.zeros((), device=window_loss.device)
     readings = torch.stack([window_loss, plain_norm(grad_norm).float().to(window_loss.device),
                             plain_sum.float().to(window_loss.device)])
-    if distributed(accelerator):  # every process has the same batches' kind: all weighted or none
+    if distributed(accelerator):
         torch.distributed.all_reduce(readings)
     loss_sum, norm_sum, unweighted_sum = readings.tolist()  # the step's one host sync
     loss = loss_sum / weight
