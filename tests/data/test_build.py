@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -370,7 +371,7 @@ def test_failure_leaves_previous_run_untouched(tmp_path, tiny):
     assert {p.name: p.read_bytes() for p in good.run_dir.iterdir()} == before  # no temp files, same bytes
 
 
-def test_skip_bad_rows_counts_examples_that_fail_to_render(tmp_path, tiny):
+def test_skip_bad_rows_counts_examples_that_fail_to_render(tmp_path, tiny, caplog):
     _, library = tiny
     data = write_tiny(tmp_path / "d.jsonl", 30)
     with open(data, "a") as f:
@@ -387,9 +388,16 @@ def test_skip_bad_rows_counts_examples_that_fail_to_render(tmp_path, tiny):
     # an empty note is a missing value: the row is skipped when read, before any template renders it
     with open(data, "a") as f:
         f.write(json.dumps({"text": "z", "stars": 2, "note": ""}) + "\n")
-    stats = prepare(cfg, library=library).stats["datasets"]["tiny"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="instructkit.data.build"):
+        result = prepare(cfg, library=library)
+    stats = result.stats["datasets"]["tiny"]
     assert stats["rows_skipped_by_reason"] == {"label outside the label map": 1, "missing value (note)": 1}
     assert stats["examples_skipped_by_reason"] == {"empty completion (tiny.note)": 1}
+    # ... and the end of prepare says so, with the reasons (not only stats.json)
+    summary = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert summary == [f"dataset 'tiny': 2 of 33 rows skipped (1 label outside the label map, 1 missing value "
+                       f"(note)); 1 example skipped (1 empty completion (tiny.note)); see {result.run_dir}/stats.json"]
 
 
 def test_jinja_syntax_error_in_user_template_file(tmp_path):

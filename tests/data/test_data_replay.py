@@ -417,6 +417,11 @@ def test_delimiter_reads_a_file_separated_otherwise_as_quoted_csv(tmp_path, suff
                                                  delimiter=separator))
     assert got == expected
     assert any(f'"film{separator} really"' in e["prompt"] for split in got.values() for e in split)
+    for mode in ("off", "on"):  # stats.json names the separator each file was read with
+        stats = json.loads((tmp_path / "other" / f"prepared-{mode}" / "stats.json").read_text())
+        assert [f["delimiter"] for f in stats["datasets"]["sst2"]["files"]] == [separator]
+        stats = json.loads((tmp_path / "comma" / f"prepared-{mode}" / "stats.json").read_text())
+        assert [f["delimiter"] for f in stats["datasets"]["sst2"]["files"]] == [","]
 
 
 def test_delimiter_ragged_row_names_the_separator_and_a_format_without_one_is_refused(tmp_path):

@@ -36,13 +36,14 @@ from json.encoder import encode_basestring as _encode_text  # ensure_ascii=False
 from pathlib import Path
 from typing import Any
 
-from instructkit.config import RunConfig, dump_config
+from instructkit.config import RunConfig
 from instructkit.data.chat import CHAT_METRICS
 from instructkit.data.examples import Example, LineEncoder, example_line
 from instructkit.data.leakage import PromptLedger
 from instructkit.data.plan import DatasetPlan, mix, plan_dataset, train_jobs
 from instructkit.data.sources import dataset_name
 from instructkit.data.split import SPLITS
+from instructkit.data.stats import prepare_stats, skipped_summary
 from instructkit.errors import ConfigError, DataError, TemplateError
 from instructkit.io import atomic_open, read_jsonl
 from instructkit.templates.library import TemplateLibrary
@@ -239,7 +240,7 @@ def prepare(
 
         result = prepare_streamed(config, run_dir, library, started)
         log.info("prepared %s (streaming): %s in %.1fs", run_dir, result.counts, result.seconds)
-        return result
+        return _summarised(result)
     plans = [plan_dataset(d, library, config) for d in config.datasets]
     planned = time.perf_counter()
     seed = config.split.seed
@@ -273,7 +274,7 @@ def prepare(
                 f"empty (too few rows for the validation/test fractions, or every template held out){also}")
         for plan in plans:  # before _stats: a note when the guard left out much of a template
             plan.notes += ledger.notes(plan.name, counts["train"][plan.name])
-        stats = _stats(config, run_dir, plans, counts, written, mixture)
+        stats = prepare_stats(config, run_dir, plans, counts, written, mixture)
         stats["leaked_prompts"] = ledger.leaked()
         stats["prompt_leakage"] = ledger.report(config.split.prompt_leakage)
         stats["seconds"] = {
@@ -284,7 +285,14 @@ def prepare(
         stats_handle.write("\n")
     seconds = time.perf_counter() - started
     log.info("prepared %s: %s in %.1fs", run_dir, ", ".join(f"{s} {written[s]}" for s in SPLITS), seconds)
-    return PrepareResult(run_dir=run_dir, files=files, counts=dict(written), stats=stats, seconds=seconds)
+    return _summarised(PrepareResult(run_dir=run_dir, files=files, counts=dict(written), stats=stats, seconds=seconds))
+
+
+def _summarised(result: PrepareResult) -> PrepareResult:
+    """Warn, once at the end, of every dataset that left rows or examples out (`skip_bad_rows`)."""
+    for line in skipped_summary(result.stats):
+        log.warning(line)
+    return result
 
 
 def streaming_wanted(config: RunConfig) -> bool:
@@ -300,85 +308,6 @@ def streaming_wanted(config: RunConfig) -> bool:
             elif path is not None and path.is_dir() and not dataset.files:
                 total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return total > STREAM_ABOVE_BYTES
-
-
-def _stats(
-    config: RunConfig,
-    run_dir: Path,
-    plans: list[DatasetPlan],
-    counts: dict[str, dict[str, Counter]],
-    written: dict[str, int],
-    mixture: dict[str, dict],
-) -> dict:
-    datasets: dict[str, Any] = {}
-    for plan in plans:
-        source = plan.source
-        skipped = dict(source.skipped)
-        datasets[plan.name] = {
-            "kind": source.kind,
-            "schema": plan.schema.name if plan.schema else None,
-            "files": source.files,
-            "rows_read": source.rows_read,
-            "rows_skipped": sum(skipped.values()),
-            "rows_skipped_by_reason": skipped,
-            "rows_skipped_samples": source.skipped_samples,
-            "duplicates": plan.dedup.to_dict(),
-            "rows_capped": plan.rows_capped,
-            "rows_used": len(plan.rows),
-            "split": plan.split.report,
-            "examples_skipped": sum(plan.problems.counts.values()),
-            "examples_skipped_by_reason": dict(plan.problems.counts),
-            "examples_skipped_samples": plan.problems.samples,
-            "held_out": plan.held_out,
-            "templates": [t.id for t in plan.train_templates] if not plan.held_out else [],
-            "held_out_templates": sorted(
-                plan.held_out_ids | ({t.id for t in plan.eval_templates} if plan.held_out else set())
-            ),
-            "templates_per_row": plan.config.templates_per_row,
-            "weight": plan.config.weight,
-            "notes": plan.notes,
-            "answers": plan.answers.to_dict() if plan.answers is not None else None,
-        }
-    splits: dict[str, Any] = {}
-    for split in SPLITS:
-        by_dataset = {name: sum(c.values()) for name, c in counts[split].items() if c}
-        by_template: Counter = Counter()
-        for c in counts[split].values():
-            by_template.update(c)
-        held = 0
-        for plan in plans:
-            for tid, n in counts[split].get(plan.name, Counter()).items():
-                if plan.held_out or tid in plan.held_out_ids:
-                    held += n
-        splits[split] = {
-            "examples": written[split],
-            "held_out_examples": held,
-            "source_rows": {p.name: p.split.report["sizes"][split] for p in plans},
-            "by_dataset": by_dataset,
-            "by_template": dict(sorted(by_template.items())),
-            "labels": {p.name: p.split.report["labels"][split] for p in plans if "labels" in p.split.report},
-        }
-    templates: dict[str, Any] = {}
-    for plan in plans:
-        for t in plan.eval_templates:
-            templates[t.id] = {
-                "version": t.version,
-                "schema": t.dataset,
-                "task": t.task,
-                "origin": t.origin,
-                "held_out": plan.held_out or t.id in plan.held_out_ids,
-            }
-    deviation = [p.split.report.get("max_deviation_points") for p in plans]
-    return {
-        "run_dir": str(run_dir),
-        "examples": written,
-        "splits": splits,
-        "datasets": datasets,
-        "mixture": mixture,
-        "stratification_max_deviation_points": max((d for d in deviation if d is not None), default=None),
-        "templates": templates,
-        "config": dump_config(config),
-    }
 
 
 # --------------------------------------------------------------------------------------------------

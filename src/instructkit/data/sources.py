@@ -406,6 +406,7 @@ def _add_table(
             "split": split,
             "path": table.path,
             "format": table.format,
+            "delimiter": table.delimiter or None,
             "rows_read": len(table.rows),
             "rows_kept": kept,
             "columns": {f: c for f, c in checker.mapping.items()},

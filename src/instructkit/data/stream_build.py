@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from instructkit.config import RunConfig
-from instructkit.data.build import PrepareResult, _stats, example_text, template_parts
+from instructkit.data.build import PrepareResult, example_text, template_parts
 from instructkit.data.chunks import CHUNK_ROWS
 from instructkit.data.examples import LineEncoder
 from instructkit.data.leakage import PromptLedger
 from instructkit.data.plan import DatasetPlan, mix
 from instructkit.data.split import SPLITS
+from instructkit.data.stats import prepare_stats
 from instructkit.data.stream_plan import plan_streamed
 from instructkit.errors import DataError
 from instructkit.io import atomic_open
@@ -228,7 +229,7 @@ def _prepare_in(config: RunConfig, run_dir: Path, library: TemplateLibrary, star
                 f"out){also}")
         for plan in plans:
             plan.notes += ledger.notes(plan.name, counts["train"][plan.name])
-        stats = _stats(config, run_dir, plans, counts, written, mixture)
+        stats = prepare_stats(config, run_dir, plans, counts, written, mixture)
         stats["leaked_prompts"] = ledger.leaked()
         stats["prompt_leakage"] = ledger.report(config.split.prompt_leakage)
         stats["seconds"] = {"read_dedup_split": round(planned - started, 3),

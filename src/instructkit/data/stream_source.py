@@ -73,6 +73,7 @@ class Part:
     prefix: str
     path: str = ""
     format: str = ""
+    delimiter: str = ""
 
 
 @dataclass
@@ -208,7 +209,7 @@ def scan_source(
                     set_kind(source, chunk, columns, schemas)
                     checker = table_checker(source.kind, chunk, schema, fields, required_set, columns, templates,
                                             problems, label)
-                    part.path, part.format = chunk.path, chunk.format
+                    part.path, part.format, part.delimiter = chunk.path, chunk.format, chunk.delimiter
                     if label is not None and label not in checker.mapping:
                         label_everywhere = False
                     if key_fields is None:
@@ -259,7 +260,8 @@ def scan_source(
                     except ValueError:  # a value marshal cannot write (a datetime from Parquet): read the files again
                         spill_handle.close()
                         spill_handle = source.spill = None
-            source.files.append({"split": split, "path": part.path, "format": part.format, "rows_read": base,
+            source.files.append({"split": split, "path": part.path, "format": part.format,
+                                 "delimiter": part.delimiter or None, "rows_read": base,
                                  "rows_kept": len(origin) - kept_before,
                                  "columns": dict(checker.mapping) if checker is not None else {}})
     finally:
