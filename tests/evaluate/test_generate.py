@@ -171,6 +171,35 @@ def test_map_to_choice_does_not_read_a_decimal_as_its_integer_part(text, expecte
     assert map_to_choice(text, STARS) == expected
 
 
+@pytest.mark.parametrize("text, choices, expected", [
+    ("positive/negative", SENTIMENT, None), ("Positive or negative", SENTIMENT, None),
+    ("positive, negative or neutral", SENTIMENT, None), ("\"positive\" / \"negative\"", SENTIMENT, None),
+    ("positive; negative.", SENTIMENT, None), ("4 or 5 stars", STARS, None), ("4-5", STARS, None),
+    ("4 \u2013 5 stars", STARS, None), ("4 to 5", STARS, None), ("**4** or **5**", STARS, None),
+    ("yes and no", ["yes", "no"], None), ("entailment or not entailment", ["entailment", "not entailment"], None),
+    # not hedges: a score out of the top choice, the other choice starting a phrase, one choice only
+    ("4/5", STARS, "4"), ("4/5 stars", STARS, "4"), ("5/5", STARS, "5"), ("5/4", STARS, None),
+    ("yes, no doubt", ["yes", "no"], "yes"), ("Yes, and no wonder", ["yes", "no"], "yes"),
+    ("4 stars, 5 is too much", STARS, "4"), ("4-star review", STARS, "4"), ("positive, clearly", SENTIMENT, "positive"),
+])
+def test_map_to_choice_a_hedge_names_no_choice(text, choices, expected):
+    """A generated answer naming two choices as alternatives was credited with the first ("positive/negative"
+    scored right on every positive review): it names none (counted unparseable)."""
+    assert map_to_choice(text, choices) == expected
+
+
+@pytest.mark.parametrize("text, choices, expected", [
+    ("Let me think. The answer is 4.", STARS, "4"), ("Answer: positive", SENTIMENT, "positive"),
+    ("The review is glowing, so my answer would be **5** stars", STARS, "5"),
+    ("Answer: 4, no, final answer: 2", STARS, "2"), ("The answer is\uff1a \uff15", STARS, "5"),  # the last one said
+    ("The answer is 4 or 5", STARS, None), ("The answer is 4.5", STARS, None), ("I think it is 5", STARS, None),
+])
+def test_map_to_choice_reads_the_choice_after_the_answer_is(text, choices, expected):
+    """A chat model's "... The answer is 4." named no choice (it does not start with one): what follows the
+    last "answer is" / "answer:" is read by the same rules (lm-evaluation-harness's "The answer is" filters)."""
+    assert map_to_choice(text, choices) == expected
+
+
 def test_map_to_choice_prefers_longest_leading_choice():
     nli = ["entailment", "not", "not entailment"]
     assert map_to_choice("not entailment, because", nli) == "not entailment"

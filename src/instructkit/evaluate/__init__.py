@@ -1,7 +1,7 @@
 """Evaluation: metrics (``instructkit.evaluate.metrics``) and bootstrap confidence intervals
 (``instructkit.evaluate.bootstrap``)."""
 
-SCORING_VERSION = 3
+SCORING_VERSION = 4
 """The version of the scoring rules, raised in each release whose scoring differs for the same model, examples
 and eval settings. It is written to eval.json (`settings.scoring_version`) and is part of the run's
 evaluation fingerprint: when it has changed, `instructkit run` evaluates again (the earlier evaluation kept
@@ -16,4 +16,6 @@ beside the run) instead of counting the earlier one as up to date.
         a bootstrap resample's macro-F1 leaves out the classes it lacks; all-right / all-wrong intervals are exact;
         a generated answer names its choice through quotes and brackets of any script and full-width forms,
         and "4.5" names no choice
+    4   a generated answer that hedges between choices ("positive/negative", "4 or 5") names none; one that
+        does not start with a choice is read after its last "answer is" / "answer:" ("... The answer is 4.")
 """

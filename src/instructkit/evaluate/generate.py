@@ -315,8 +315,25 @@ def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
     around it, of any script ("Positive." -> "positive", "“positive”", "「はい」", "５" -> "5"); (2) the answer
     starts with a choice followed by a non-word character that does not continue a number ("5 stars" -> "5",
     "yes, it does" -> "yes"; "4.5" names no choice), the longest such choice winning ("not entailment" over
-    "not"); (3) the first word equals a choice ("**4** stars" -> "4").
+    "not"); (3) the first word equals a choice ("**4** stars" -> "4"). A hedge names none: a choice found by
+    (2) or (3) followed by another choice after "/", "|", "-", "or", "to" or "vs" ("positive/negative", "4 or 5
+    stars", "4-5"), or after ",", ";", "&", "+" or "and" when the other choice ends the answer or the list
+    ("positive, negative", "yes and no"; "yes, no doubt" is a yes). "4/5" with 5 the highest numeric choice
+    is a score out of 5, not a hedge. Crediting the first choice a hedge names scored "positive/negative"
+    as correct for every positive review. (4) Failing those, what follows the last "answer is" / "answer:"
+    ("Let me think. The answer is 4." -> "4"; lm-evaluation-harness's "The answer is" regex filters).
     """
+    choice = _named(text, choices)
+    if choice is None and (said := list(_ANSWER_IS.finditer(text := unicodedata.normalize("NFKC", text)))):
+        choice = _named(text[said[-1].end():], choices)
+    return choice
+
+
+_ANSWER_IS = re.compile(r"\banswer\b(?:\s+(?:is|would be|will be))?\s*[:=\-]?", re.IGNORECASE)
+
+
+def _named(text: str, choices: Sequence[str]) -> str | None:
+    """map_to_choice's rules (1)-(3) on the whole of `text`."""
     answer = _norm(text)
     if not answer:
         return None
@@ -326,9 +343,45 @@ def map_to_choice(text: str, choices: Sequence[str]) -> str | None:
             return choice
     leading = [(norm, choice) for norm, choice in normalized if _names_at_start(answer, norm)]
     if leading:
-        return max(leading, key=lambda pair: len(pair[0]))[1]
-    first_word = _norm(answer.split()[0]) if answer.split() else ""
+        norm, choice = max(leading, key=lambda pair: len(pair[0]))
+        return None if _hedged(answer[len(norm):], norm, normalized) else choice
+    words = answer.split(maxsplit=1)
+    first_word = _norm(words[0]) if words else ""
     for norm, choice in normalized:
         if norm and first_word == norm:
-            return choice
+            return None if _hedged(words[1] if len(words) > 1 else "", norm, normalized) else choice
     return None
+
+
+_STRONG_HEDGE = re.compile(r"\s*(?:[/|\-\u2013\u2014]|(?:or|to|vs)\b\.?)\s*")
+_WEAK_HEDGE = re.compile(r"\s*(?:[,;&+]|and\b)\s*")
+_CLOSING = "*_`'\"\u2019\u201d)]"
+_OPENING = "*_`'\"\u2018\u201c(["
+
+
+def _hedged(rest: str, named: str, normalized: Sequence[tuple[str, str]]) -> bool:
+    """`rest` (what follows the choice `named` in a normalised answer) names another choice as an
+    alternative (map_to_choice's hedge rule); markup and quotes around either choice are ignored."""
+    rest = rest.lstrip(_CLOSING)
+    for pattern, strong in ((_STRONG_HEDGE, True), (_WEAK_HEDGE, False)):
+        if not (match := pattern.match(rest)):
+            continue
+        tail = rest[match.end():].lstrip(_OPENING)
+        for norm, _ in normalized:
+            if not norm or norm == named or not (tail == norm or _names_at_start(tail, norm)):
+                continue
+            after = tail[len(norm):]
+            if not strong and _norm(after) and not (_STRONG_HEDGE.match(after) or _WEAK_HEDGE.match(after)):
+                continue  # "yes, no doubt": the other choice starts a phrase, not an alternative
+            if match.group().strip() == "/" and _out_of(named, norm, normalized):
+                continue
+            return True
+    return False
+
+
+def _out_of(named: str, other: str, normalized: Sequence[tuple[str, str]]) -> bool:
+    """"4/5": `other` is the highest numeric choice and `named` a number no higher (a score out of it)."""
+    numbers = [float(n) for n, _ in normalized if re.fullmatch(r"-?\d+(?:\.\d+)?", n)]
+    if not numbers or not re.fullmatch(r"-?\d+(?:\.\d+)?", named) or not re.fullmatch(r"-?\d+(?:\.\d+)?", other):
+        return False
+    return float(other) == max(numbers) and float(named) <= float(other)
