@@ -125,6 +125,8 @@ def test_first_sentence():
     assert first_sentence("#Person1#: Hello there!\n#Person2#: Hi.") == "#Person1#: Hello there!"
     assert first_sentence("one two three four", max_words=2) == "one two"
     assert first_sentence("3.5 percent rise. Shares fell.") == "3.5 percent rise."
+    assert first_sentence("Dr. Ann Lee of St. Mary's, i.e. the clinic, spoke. Then left.") == \
+        "Dr. Ann Lee of St. Mary's, i.e. the clinic, spoke."  # abbreviations end no sentence
 
 
 def test_first_sentence_of_scripts_written_without_spaces():

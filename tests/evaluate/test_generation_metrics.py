@@ -81,6 +81,11 @@ def test_sentence_lines_keeps_newlines_and_single_sentences():
     assert gm._sentence_lines("a greeting") == "a greeting"
     assert gm._sentence_lines("It costs 3.5 dollars. Fine? Yes!") == "It costs 3.5 dollars.\nFine?\nYes!"
     assert gm._sentence_lines("今天很好。我们走吧！好") == "今天很好。\n我们走吧！\n好"
+    # an abbreviation or initial ends no sentence; a lowercase word after a full stop starts one
+    assert gm._sentence_lines("Dr. Smith met J. K. Rowling, e.g. at the U.N. offices. Fine.") == \
+        "Dr. Smith met J. K. Rowling, e.g. at the U.N. offices.\nFine."
+    assert gm._sentence_lines("He scored 2. Then Mr. Li left etc. and so on. the end") == \
+        "He scored 2.\nThen Mr. Li left etc. and so on.\nthe end"
     # rougeL and the n-gram scores see the same words either way
     one_line = gm.rouge(["the cat sat. a dog ran"], ["a dog ran. the cat sat"])
     lines = gm.rouge(["the cat sat.\na dog ran"], ["a dog ran.\nthe cat sat"])

@@ -17,5 +17,6 @@ beside the run) instead of counting the earlier one as up to date.
         a generated answer names its choice through quotes and brackets of any script and full-width forms,
         and "4.5" names no choice
     4   a generated answer that hedges between choices ("positive/negative", "4 or 5") names none; one that
-        does not start with a choice is read after its last "answer is" / "answer:" ("... The answer is 4.")
+        does not start with a choice is read after its last "answer is" / "answer:" ("... The answer is 4.");
+        rougeLsum and the lead-sentence baseline end no sentence at an abbreviation or initial ("Dr.", "J.")
 """

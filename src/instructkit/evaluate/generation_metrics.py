@@ -18,7 +18,7 @@ from functools import cache
 
 import numpy as np
 
-from instructkit.evaluate.main_input import SENTENCE_END
+from instructkit.evaluate.main_input import SENTENCE_END, split_sentences
 from instructkit.evaluate.metrics import (
     _HAN_KANA,
     _SOUTHEAST_ASIAN,
@@ -91,11 +91,11 @@ def _sentence_lines(text: str) -> str:
     (``main_input.SENTENCE_END``), as the summarization recipes do before rougeLsum (transformers'
     run_summarization joins ``nltk.sent_tokenize`` sentences with newlines; lm-eval's truthfulqa puts a
     newline after " . "). Words are unchanged: a newline is whitespace to the tokenizer, so only rougeLsum
-    moves. An abbreviation ("Dr. Smith") ends a sentence too: no trained sentence model is at hand offline.
+    moves. An abbreviation ("Dr. Smith", "e.g. this") ends no sentence (`main_input.sentence_gaps`).
     """
     if "\n" in text:
         return text
-    return "\n".join(part for part in _SENTENCE_END_RE.split(text.strip()) if part)
+    return "\n".join(split_sentences(text, _SENTENCE_END_RE))
 
 
 def _rouge_per_example(

@@ -26,6 +26,7 @@ __all__ = [
     "SENTENCE_END",
     "first_sentence",
     "main_inputs",
+    "split_sentences",
 ]
 
 LEAD_MAX_WORDS = 40  # a "sentence" that runs on (no full stop in a dialogue) is cut here
@@ -99,6 +100,38 @@ SENTENCE_END = r"(?<=[.!?\u2026\u037e\u0589\u061f\u06d4\u0964\uff0e])\s+|(?<=[\u
 Greek and Armenian question marks, Arabic ؟ and ۔, Devanagari ।, full-width ．) before whitespace, and
 after an ideographic or full-width stop 。！？, which no space follows in Chinese or Japanese text."""
 _SENTENCE_END = re.compile(SENTENCE_END + r"|\n")
+_ABBREVIATION = re.compile(
+    r"(?:\b(?:Mr|Mrs|Ms|Mx|Dr|Prof|Sr|Jr|St|Mt|Gen|Col|Capt|Lt|Sgt|Rev|Hon|Gov|Sen|Rep|Pres|vs|etc|approx|"
+    r"Inc|Ltd|Corp|Co|Fig|Eq|Vol|pp|cf|al|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)|"
+    r"(?<![\w.])[^\W\d_]|(?:\b[^\W\d_]\.)+[^\W\d_])\.$", re.IGNORECASE)
+"""A word whose full stop is not a sentence end: a title or common abbreviation ("Dr.", "etc."), an initial
+("J."), or a dotted one ("e.g.", "U.S.")."""
+
+
+def sentence_gaps(text: str, pattern: re.Pattern = _SENTENCE_END) -> list[tuple[int, int]]:
+    """(start, end) of each gap in `text` that `pattern` (`SENTENCE_END`, with line breaks by default) matches
+    and that ends a sentence: a full stop after an abbreviation (`_ABBREVIATION`: "Dr. Smith", "J. K.
+    Rowling", "e.g. this") does not, as with Punkt's abbreviation list (Kiss & Strunk 2006,
+    nltk.tokenize.punkt) but fixed, not trained (no trained parameters are at hand offline). A lowercase
+    word after a full stop still starts a sentence (lowercased datasets such as XSum). Known limit: a single
+    capital letter before a full stop is read as an initial ("Plan B. Then" stays one sentence)."""
+    gaps = []
+    for gap in pattern.finditer(text):
+        before = text[:gap.start()]
+        if before.endswith(".") and "\n" not in gap.group() and _ABBREVIATION.search(before[-12:]):
+            continue
+        gaps.append(gap.span())
+    return gaps
+
+
+def split_sentences(text: str, pattern: re.Pattern = _SENTENCE_END) -> list[str]:
+    """The non-empty sentences of `text` (stripped), cut at `sentence_gaps`."""
+    text, parts, start = text.strip(), [], 0
+    for gap_start, gap_end in sentence_gaps(text, pattern):
+        parts.append(text[start:gap_start])
+        start = gap_end
+    parts.append(text[start:])
+    return [part for part in parts if part]
 
 
 def first_sentence(text: str, max_words: int = LEAD_MAX_WORDS) -> str:
@@ -112,7 +145,7 @@ def first_sentence(text: str, max_words: int = LEAD_MAX_WORDS) -> str:
     >>> first_sentence("今天很好。我们走吧。")
     '今天很好。'
     """
-    sentence = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+    sentence = next(iter(split_sentences(text)), "")
     words = list(_WORD_RE.finditer(sentence))
     if len(words) <= max_words:
         return " ".join(sentence.split())
