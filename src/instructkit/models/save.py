@@ -1,6 +1,7 @@
 """Save the instruct model atomically (temporary folder beside it, then rename) with its model card.
 
-The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)`, no instructkit needed.
+The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)`, no instructkit needed, under
+transformers 5 and 4 alike (compat.add_legacy_fields).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from instructkit.io import atomic_open, fsync_dir, replace_folder, temp_folder_beside, write_json
 from instructkit.models.card import CONFIG_FILE, card_provenance, render_model_card
+from instructkit.models.compat import add_legacy_fields
 from instructkit.models.generation import configure_generation
 from instructkit.models.lora import is_peft_model
 from instructkit.models.lora import merge_lora as merge_adapter
@@ -56,6 +58,8 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
     data_sources (list of {name, licence, path, rows}), seed (default: train_config["seed"]), metrics (rows
     {name, value, ci: [lo, hi]} or evaluate.compare.model_card_rows), tags.
 
+    config.json and tokenizer_config.json also carry transformers 4.x's names for their settings
+    (compat.add_legacy_fields): loaded with 4.x the model has the same RoPE base, hence the same outputs.
     A model wrapped by torch.compile or DDP is saved as the model inside (`unwrap_model`).
     A peft model with merge_lora=True is merged in place (`lora.merge_lora`): its base weights then hold the
     adapter, so it can be evaluated as the saved model but not trained further as LoRA. An adapter on a tied
@@ -90,6 +94,7 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
         model.save_pretrained(tmp)
         tokenizer.chat_template = with_default_system(tokenizer, system_prompt)
         tokenizer.save_pretrained(tmp)
+        add_legacy_fields(tmp)  # transformers 4.x reads the same model (rope_theta, tokenizer class)
         if adapter_only and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         for path in record["provenance"].get("licence_files") or []:
