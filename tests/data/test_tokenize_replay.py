@@ -10,6 +10,7 @@ from instructkit.data.token_arrays import encode_chunk
 from instructkit.data.tokenize import TokenizeSettings, encode_example
 from instructkit.evaluate.fewshot import DEMONSTRATION_END, demonstration_answer_ids
 from instructkit.evaluate.scoring import _rank_items
+from instructkit.templates.template import Template
 
 SETTINGS = TokenizeSettings(max_length=128)
 PAIRS = [("Rating:", "5"), ("Review: great coffee, fast shipping.\nRating:", "positive"),
@@ -52,3 +53,24 @@ def test_kshot_choices_have_the_tokens_of_the_demonstrations():
     start = len(tok("Rating:")["input_ids"])
     assert in_prompt[start:start + len(ids)] == ids
     assert tok.convert_ids_to_tokens(ids)[0] == "▁5"
+
+
+# --------------------------------------------------------------------------------------------------
+# huggingface/trl#3083 / PR #3091 (and trl#1283): TRL appends EOS only when the text does not already end
+# with it. A ready-made completion "yes</s>" lost its marker, but a template writing one (`completion:
+# "{{ output }}</s>"`, Alpaca-style) rendered "yes</s>": trained "yes </s> </s>", and its reference never
+# equalled a generated answer (decoded without special tokens).
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("marker", ["</s>", " </s>", "<|endoftext|>\n"])
+def test_a_template_that_writes_eos_gets_it_once(marker):
+    tok = build_tiny_tokenizer()
+    template = Template(id="t.eos", name="eos", dataset="t", task="sentiment", instruction="{{ text }}\nSentiment:",
+                        completion="{{ label }}" + marker, answer_choices="positive" + marker + " ||| negative")
+    rendered = template.render({"text": "great coffee", "label": "positive"})
+    assert rendered.completion == "positive"
+    assert rendered.choices == ("positive", "negative")
+    encoded = encode_example(tok, rendered.prompt, rendered.completion, SETTINGS)
+    assert [t for t in encoded.labels if t != -100] == tok(" positive", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id]
