@@ -38,19 +38,7 @@ from instructkit.data.chat_rows import chat_row
 from instructkit.data.table import Problems, Table, separator_hint
 from instructkit.errors import DataError
 from instructkit.templates.schema import Schema, label_key, missing_kind
-from instructkit.templates.template import Template
-
-KNOWN_EOS_MARKERS = (
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "</s>",
-    "<eos>",
-)
-"""End-of-sequence markers stripped from the end of ready-made completions (tokenize adds the real EOS)."""
+from instructkit.templates.template import Template, strip_eos
 
 
 def column_candidates(columns: Mapping[str, Any], name: str) -> list[str]:
@@ -244,15 +232,6 @@ def delimiter_hint(table: Table) -> str:
     if table.format not in ("csv", "tsv"):
         return ""
     return separator_hint(table.columns, table.format, table.delimiter)
-
-
-def strip_eos(text: str) -> tuple[str, str | None]:
-    """`text` without surrounding whitespace and one trailing known EOS marker (and the marker found)."""
-    text = text.strip()
-    for marker in KNOWN_EOS_MARKERS:
-        if text.endswith(marker):
-            return text[: -len(marker)].rstrip(), marker
-    return text, None
 
 
 def instruction_row(kind: str, row: dict, where: str, problems: Problems, eos: Counter) -> dict | None:

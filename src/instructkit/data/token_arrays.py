@@ -20,16 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from instructkit.data.text_ids import continuation_ids, eos_id, prefix_token_id, prompt_token_ids
 from instructkit.data.tokenize import (
     IGNORE_INDEX,
     Encoded,
     TokenizeSettings,
     TokenizeStats,
-    _eos_id,
     _training_rows,
     encode_batch,
-    prefix_token_id,
-    prompt_token_ids,
 )
 
 MAX_DROPPED_IDS = 20
@@ -83,14 +81,13 @@ def _count_dropped(stats: TokenizeStats, examples: list[dict], offsets: Any) -> 
 
 def _flat_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> tuple[np.ndarray, np.ndarray]:
     """(flat int64 ids, int64 length per text) of the distinct `texts`, in order; with special tokens, as
-    prompts (`prompt_token_ids`: BOS once)."""
+    prompts (`prompt_token_ids`: BOS once), else as completions (`continuation_ids`: as after a prompt)."""
     if not texts:
         ids = []
     elif add_special_tokens:
         ids = prompt_token_ids(tokenizer, texts)
     else:
-        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                        return_token_type_ids=False)["input_ids"]
+        ids = continuation_ids(tokenizer, texts)
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     return np.fromiter(chain.from_iterable(ids), np.int64, count=int(lengths.sum())), lengths
 
@@ -115,7 +112,7 @@ def _causal_arrays(tokenizer: Any, settings: TokenizeSettings, examples: list[di
     flat_p, len_p = _flat_ids(tokenizer, prompts, True)
     flat_c, len_c = _flat_ids(tokenizer, completions, False)
     start_p = np.cumsum(len_p) - len_p
-    eos, bos = _eos_id(tokenizer), tokenizer.bos_token_id
+    eos, bos = eos_id(tokenizer), tokenizer.bos_token_id
     # a causal prompt does not end with EOS (encode_prompts): drop a trailing one unless it is all there is
     ends_eos = (len_p > 1) & (flat_p[np.maximum(start_p + len_p - 1, 0)] == eos) if len(flat_p) else len_p < 0
     len_p = len_p - ends_eos

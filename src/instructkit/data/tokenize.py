@@ -38,6 +38,8 @@ from instructkit.config import ModelConfig
 from instructkit.data.chat import ChatPrompt, example_prompt, full_conversation
 from instructkit.data.chat_encode import IGNORE_INDEX, LossOn, encode_conversation, special_ids, with_system
 from instructkit.data.chat_encode import prompt_ids as chat_prompt_ids
+from instructkit.data.text_ids import continuation_ids, prefix_token_id, prompt_token_ids
+from instructkit.data.text_ids import eos_id as _eos_id
 from instructkit.io import replace_folder, sha256_file, temp_folder_beside
 
 
@@ -130,13 +132,6 @@ def _chat_example(tokenizer: Any, prompt: str, completion: str, settings: Tokeni
     return Encoded(encoded.input_ids, encoded.labels, encoded.prompt_length, encoded.truncated)
 
 
-def _eos_id(tokenizer: Any) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token: completions must end with one")
-    return int(eos)
-
-
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], settings: TokenizeSettings) -> list[list[int]]:
     """Prompt token ids (with the tokenizer's own special tokens, e.g. BOS), untruncated."""
     if settings.chat:
@@ -151,23 +146,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], settings: TokenizeSet
     return [list(x) for x in ids]
 
 
-def prompt_token_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt ids with the tokenizer's special tokens, BOS once: text starting with BOS gets no second (trl#1400)."""
-    ids = tokenizer(list(prompts), add_special_tokens=True, return_attention_mask=False)["input_ids"]
-    bos, text = tokenizer.bos_token_id, tokenizer.bos_token or "\0"
-    adds = bos is not None and tokenizer("")["input_ids"][:1] == [bos]  # the tokenizer puts BOS in front
-    return [x[1:] if adds and x[:2] == [bos, bos] and p.startswith(text) else x for p, x in zip(prompts, ids)]
-
-
-def prefix_token_id(tokenizer: Any) -> int:
-    """The token an empty causal prompt is encoded as: BOS, else EOS (lm-evaluation-harness's prefix token).
-
-    A tokenizer without BOS (GPT-2, SmolLM2, Qwen) encodes "" as no tokens; the answer's first token would
-    then have no position to be predicted from (scoring read a padding column or failed on an empty batch).
-    """
-    return int(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else _eos_id(tokenizer)
-
-
 def encode_completions(
     tokenizer: Any,
     completions: Sequence[str],
@@ -175,7 +153,11 @@ def encode_completions(
     prompts: Sequence[str] | None = None,
     add_eos: bool = True,
 ) -> list[list[int]]:
-    """Completion token ids: `separator + completion` (+ EOS); with a chat template, the assistant turn."""
+    """Completion token ids: `separator + completion` (+ EOS); with a chat template, the assistant turn.
+
+    A causal completion is tokenized as it reads after its prompt (`text_ids.continuation_ids`: no
+    SentencePiece start-of-text "▁", trl#598); a seq2seq one, which the decoder starts afresh, alone.
+    """
     if settings.chat:
         if prompts is None:
             raise ValueError("chat completions need their prompts (the template may depend on them)")
@@ -185,8 +167,10 @@ def encode_completions(
             answer = enc.input_ids[enc.prompt_length:]  # type: ignore[union-attr]
             ids.append(answer if add_eos else answer[:-1])  # scoring a choice: without the end-of-turn token
         return ids
-    sep = "" if settings.seq2seq else settings.separator
-    ids = tokenizer([sep + c for c in completions], add_special_tokens=False)["input_ids"]
+    if settings.seq2seq:
+        ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    else:
+        ids = continuation_ids(tokenizer, [settings.separator + c for c in completions])
     if add_eos:
         eos = _eos_id(tokenizer)
         return [list(x) + [eos] for x in ids]
@@ -361,7 +345,8 @@ def cache_fingerprint(tokenizer: Any, template_versions: Sequence[str], settings
             "templates": sorted(set(template_versions)),
             "settings": asdict(settings),
             "data": data_digest,
-            "format": 7,  # 2: chat by turn; 3: empty prompt BOS; 4: BOS once; 5: no chat-end EOS; 6+: tools
+            "format": 8,  # 2: chat by turn; 3: empty prompt BOS; 4: BOS once; 5: no chat-end EOS; 6-7: tools;
+            # 8: a completion tokenized as after its prompt (text_ids.continuation_ids)
         },
         sort_keys=True,
     )

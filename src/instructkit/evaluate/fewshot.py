@@ -28,6 +28,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from instructkit.data.text_ids import continuation_ids
+
 DEMONSTRATION_END = "\n\n"
 """What follows each demonstration's answer in a k-shot text prompt: the prompt's demonstration separator,
 generation's stop string and the end of every ranked choice (module docstring)."""
@@ -64,20 +66,21 @@ def demonstration_answer_ids(tokenizer: Any, texts: Sequence[str], end: str, nex
 
     `next_prompts`: what follows `end`; rank scoring passes each k-shot prompt, whose start (the first
     demonstration's prompt) is how every block of it starts, all of one template. `text + end + next` is
-    tokenized and the tokens of `next` (its first `NEXT_PROMPT_CHARS` characters) taken off its end. Where those are not a suffix (a token spans `end` and the next prompt, or the
-    tokenizer marks a text's start, as SentencePiece's "▁"), `text + end` alone is tokenized: the prompt
-    has no clean end there either.
+    tokenized and the tokens of `next` (its first `NEXT_PROMPT_CHARS` characters) taken off its end. Where
+    those are not a suffix (a token spans `end` and the next prompt), `text + end` alone is tokenized: the
+    prompt has no clean end there either. Every piece is tokenized as it reads after other text
+    (`continuation_ids`: no SentencePiece start-of-text "▁", trl#598), as in the prompt.
     """
     nexts = [str(p)[:NEXT_PROMPT_CHARS] for p in next_prompts]
     ended = [t + end for t in texts]
-    whole = tokenizer([t + n for t, n in zip(ended, nexts)], add_special_tokens=False)["input_ids"]
-    tails = tokenizer(nexts, add_special_tokens=False)["input_ids"]
+    whole = continuation_ids(tokenizer, [t + n for t, n in zip(ended, nexts)])
+    tails = continuation_ids(tokenizer, nexts)
     out: list[list[int] | None] = []
     for ids, tail in zip(whole, tails):
         cut = len(ids) - len(tail)
         out.append(list(ids[:cut]) if tail and 0 < cut and list(ids[cut:]) == list(tail) else None)
     unclean = [i for i, ids in enumerate(out) if ids is None]
     if unclean:
-        for i, ids in zip(unclean, tokenizer([ended[i] for i in unclean], add_special_tokens=False)["input_ids"]):
+        for i, ids in zip(unclean, continuation_ids(tokenizer, [ended[i] for i in unclean])):
             out[i] = list(ids)
     return out  # type: ignore[return-value]

@@ -12,7 +12,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from instructkit.errors import TemplateError
+from instructkit.templates.sandbox import ENV
 from instructkit.templates.schema import Schema
 from instructkit.templates.template import CHOICES_SEPARATOR, Template
 
@@ -33,6 +36,8 @@ _PS_METRICS = {
 def load_promptsource(data: dict, origin: str) -> tuple[list[Schema], list[Template]]:
     """The schema (no declared fields) and templates of a parsed PromptSource file; `origin` names it.
 
+    A '|||' inside a Jinja block is read as PromptSource reads it (`_prompt_and_target`).
+
     Raises: TemplateError naming the template when it has no `jinja`, not exactly one '|||', metadata that
     is not a mapping with a `metrics` list, or Jinja that does not compile.
     """
@@ -50,6 +55,7 @@ def load_promptsource(data: dict, origin: str) -> tuple[list[Schema], list[Templ
             raise TemplateError(
                 f"{where}: `jinja` must hold one '|||' between prompt and target, found {len(parts) - 1}"
             )
+        parts = _prompt_and_target(jinja, parts)
         meta = raw.get("metadata") or {}
         if not isinstance(meta, dict) or not isinstance(meta.get("metrics") or [], list):
             raise TemplateError(f"{where}: `metadata` must be a !TemplateMetadata mapping with a `metrics` list")
@@ -76,6 +82,27 @@ def load_promptsource(data: dict, origin: str) -> tuple[list[Schema], list[Templ
     # PromptSource files declare no schema: the fields are what the templates read, of any type.
     schema = Schema(name=schema_name, fields={}, description=f"imported from {origin}", origin=origin)
     return [schema], templates
+
+
+_TARGET_MARK = "|||instructkit-promptsource-target|||"  # what the '|||' of a block-spanning template renders as
+
+
+def _prompt_and_target(jinja: str, parts: list[str]) -> list[str]:
+    """The instruction and completion sources of a PromptSource `jinja`: its two sides of '|||', or, where
+    the '|||' lies inside a block (`{% if answer[0] != "n/a" %}... ||| {{question}}{% endif %}`, as in
+    PromptSource's zest file) so that a side alone is not valid Jinja, the whole template rendered and cut at
+    the '|||' for each, as PromptSource's `Template.apply` does: both render empty where the block writes
+    nothing (an empty prompt: a bad row, skipped with `skip_bad_rows`)."""
+    try:
+        for part in parts:
+            ENV.parse(part)
+        return parts
+    except jinja2.TemplateSyntaxError:
+        pass
+    mark = repr(_TARGET_MARK)
+    whole = "{% set ps_rendered %}" + jinja.replace(CHOICES_SEPARATOR, _TARGET_MARK) + "{% endset %}"
+    return [whole + f"{{{{ ps_rendered.split({mark})[{side}] if {mark} in ps_rendered else '' }}}}"
+            for side in (0, 1)]
 
 
 def _promptsource_task(choices: Any, metrics: list[str]) -> str:

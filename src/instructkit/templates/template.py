@@ -22,6 +22,29 @@ from instructkit.templates.schema import label_key
 
 CHOICES_SEPARATOR = "|||"
 
+KNOWN_EOS_MARKERS = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+    "<eos>",
+)
+"""End-of-sequence markers stripped from the end of completions and answer choices, rendered or ready-made:
+tokenization appends the tokenizer's own EOS (or the chat template's end-of-turn token)."""
+
+
+def strip_eos(text: str) -> tuple[str, str | None]:
+    """`text` without surrounding whitespace and one trailing known EOS marker (and the marker found)."""
+    text = text.strip()
+    for marker in KNOWN_EOS_MARKERS:
+        if text.endswith(marker):
+            return text[: -len(marker)].rstrip(), marker
+    return text, None
+
+
 TASK_FAMILIES = (
     "classification",
     "sentiment",
@@ -133,7 +156,8 @@ class Template:
         return frozenset(self.fields_read & set().union(*(fields_guarded(s) for s in sources)))
 
     def render(self, row: Mapping[str, Any], seed: int | str = 0) -> Rendered:
-        """Render the prompt, completion and answer choices for one row.
+        """Render the prompt, completion and answer choices for one row, stripped of surrounding whitespace;
+        the completion and each `|||` choice also of one trailing EOS marker (`KNOWN_EOS_MARKERS`).
 
         `seed` makes the random helpers (`choice`, `permutation`) reproducible per row.
 
@@ -153,14 +177,16 @@ class Template:
             completion = self._compiled["completion"].render(context, f"{where} (completion)")
         finally:
             render_state.reset(token)
-        return Rendered(prompt.strip(), completion.strip(), choices)
+        # a completion written "{{ output }}</s>" would end with EOS twice, and never equal a generated
+        # answer (TRL appends EOS only "if not text.endswith(eos_token)", trl#3091)
+        return Rendered(prompt.strip(), strip_eos(completion)[0], choices)
 
     def _render_choices(self, context: dict[str, Any], where: str) -> tuple[str, ...] | None:
         if self.answer_choices is None:
             return None
         if isinstance(self.answer_choices, str):
             text = self._compiled["choices"].render(context, f"{where} (answer_choices)")
-            return tuple(part.strip() for part in text.split(CHOICES_SEPARATOR))
+            return tuple(strip_eos(part)[0] for part in text.split(CHOICES_SEPARATOR))
         return tuple(self.answer_choices)
 
     def to_dict(self) -> dict[str, Any]:
