@@ -90,6 +90,14 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
     assert "up to date (skipped): prepare, train" in out and "evaluate-base" not in out.split("skipped")[1]
     assert (tmp_path / "runs" / "e2e.previous-1" / "eval" / "base" / "eval.json").is_file()
     assert json.loads((run_dir / "report.json").read_text())["headline"] == json.loads(before)["headline"]
+    # Data an earlier rendering version prepared is prepared again; the same files keep every later step.
+    from instructkit.data import build
+
+    monkeypatch.setattr(build, "PREPARE_VERSION", build.PREPARE_VERSION + 1)
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "time: prepare" in out and "up to date (skipped): evaluate-base, train, evaluate-tuned, compare" in out
 
 
 def _predictions(folder: Path) -> list[tuple[int, str]]:

@@ -147,10 +147,10 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     cfg = dump_config(config)
 
     # 1. prepare: source rows -> split -> templated examples.
-    from instructkit.data.build import prepare, training_pool
+    from instructkit.data.build import PREPARE_VERSION, prepare, training_pool
 
     prep_fp = _digest({"datasets": cfg["datasets"], "split": cfg["split"], "templates": cfg["templates"],
-                       "inputs": _input_digests(config)})
+                       "inputs": _input_digests(config), "version": PREPARE_VERSION})
     # Later fingerprints include the digests of the prepared files, so a re-prepare that writes the same
     # examples (e.g. after a config field was added) keeps the base evaluation and training.
     # The data an earlier run was prepared from, linked aside in case that run must be kept whole.

@@ -56,6 +56,11 @@ AS_IS_TASK = "instruction_following"
 """Task family of data that comes already in prompt/completion or chat form."""
 AS_IS_VERSION = "as-is"
 _WRITE_BATCH = 4096
+PREPARE_VERSION = 2
+"""Raised when the same config and input files give other examples (2: a completion's trailing EOS marker
+written by a template is dropped; a PromptSource `|||` inside a Jinja block): part of `instructkit run`'s
+prepare fingerprint, so an earlier run prepares again (its later steps are kept when the files come out
+the same)."""
 STREAM_ABOVE_BYTES = 64 << 20
 """`split.streaming: auto` prepares in bounded memory (stream_build.py) when the data files pass this."""
 
