@@ -182,7 +182,7 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
     console.print(estimate.describe(), markup=False)
     budget = _parse_bytes(args.budget) if args.budget else system_memory_bytes()
     console.print(f"budget: {budget / 1e9:.1f} GB" + ("" if args.budget else " (this machine's memory)"))
-    fit = cheapest_fit(estimate, budget, config.train.grad_accum)
+    fit = cheapest_fit(estimate, budget)
     if fit is not None and fit[0]:
         console.print(f"cheapest setting that fits ({fit[1].total / 1e9:.2f} GB): {' '.join(fit[0])}", markup=False)
     elif fit is None:

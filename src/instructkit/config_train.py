@@ -114,7 +114,8 @@ class TrainConfig(Section):
         "passes per step (batch_size 8 x 1 and 2 x 4 train alike).")
     packing: bool = Field(
         True, description="Causal models: pack examples into rows without padding (position_ids restart per "
-        "example; attention never crosses examples).")
+        "example; attention never crosses examples). A model whose attention ignores the restarts (OPT, BLOOM: "
+        "checked at set-up) trains on padded rows instead, with a warning.")
     max_tokens_per_batch: int | None = Field(
         None, ge=8, description="With packing: micro-batch token budget, rows x padded width per forward "
         "pass (default batch_size x model.max_length); lower it to save memory.")

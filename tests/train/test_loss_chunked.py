@@ -89,6 +89,50 @@ def test_gemma_softcapping_is_applied_in_chunks(tiny_tokenizer):
     assert abs(_loss_and_grads(model, batch, logits_at_labels=True)[0] - whole) > 1e-4
 
 
+def test_softcapping_of_a_text_config_is_applied_in_chunks(tiny_tokenizer):
+    """Gemma 4 (and Gemma 3n) through AutoModelForCausalLM is a ForConditionalGeneration whose top config has no
+    final_logit_softcapping: the model caps with its text_config's, so the chunks must too (the Gemma 2 softcap
+    that fused cross-entropies left out: apple/ml-cross-entropy#48, linkedin/Liger-Kernel#127)."""
+    from transformers import AutoModelForCausalLM, Gemma4Config
+
+    text = {"vocab_size": len(tiny_tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "global_head_dim": 16,
+            "final_logit_softcapping": 0.5, "pad_token_id": tiny_tokenizer.pad_token_id,
+            "layer_types": ["sliding_attention", "full_attention"], "vocab_size_per_layer_input": len(tiny_tokenizer),
+            "hidden_size_per_layer_input": 8}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 8, "position_embedding_size": 64}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Gemma4Config(text_config=text, vision_config=vision, audio_config=None))
+    assert getattr(model.config, "final_logit_softcapping", None) is None
+    batch = _batch(tiny_tokenizer, packed=False, weighted=False)
+    losses = [batch_loss(model, batch, seq2seq=False, logits_at_labels=True, chunk_tokens=chunk).item()
+              for chunk in (None, 3)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    model.config.text_config.final_logit_softcapping = None  # the cap matters here: without it the loss is another
+    assert abs(batch_loss(model, batch, seq2seq=False, logits_at_labels=True).item() - losses[0]) > 1e-3
+
+
+def test_logits_that_are_not_the_heads_output_are_refused(tiny_tokenizer):
+    """Falcon-H1 multiplies its LM head's output by lm_head_multiplier, a name output_head does not list: the
+    chunks of the bare head would train on another loss, silently. Refused; at multiplier 1 it trains."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "falcon_h1", vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+        mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, lm_head_multiplier=3.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    batch = _batch(tiny_tokenizer, packed=False, weighted=False)
+    with pytest.raises(TrainingError, match=r"loss_chunk_tokens is not supported for FalconH1ForCausalLM"):
+        batch_loss(model, batch, seq2seq=False, logits_at_labels=True, chunk_tokens=3)
+    model.model.lm_head_multiplier = 1.0
+    losses = [batch_loss(model, batch, seq2seq=False, logits_at_labels=True, chunk_tokens=chunk).item()
+              for chunk in (None, 3)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
 def test_scaled_logits_are_refused(tiny_tokenizer):
     model = build_tiny_llama(tiny_tokenizer)
     model.config.logit_scale = 0.5  # as Cohere's config has: logits the chunks would not reproduce

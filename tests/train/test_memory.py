@@ -246,7 +246,7 @@ def test_cheapest_fit_climbs_the_ladder_in_order():
     from instructkit.train.memory_plan import LADDER_CHUNK_TOKENS, cheapest_fit
 
     gemma = registry_shape("smollm2-135m-instruct")
-    common = dict(batch_tokens=2048, seq_len=256, labelled_tokens=1200)
+    common = {"batch_tokens": 2048, "seq_len": 256, "labelled_tokens": 1200}
     ladder = [({}, []),
               ({"loss_chunk_tokens": LADDER_CHUNK_TOKENS}, [f"train.loss_chunk_tokens={LADDER_CHUNK_TOKENS}"]),
               ({"optimizer_in_backward": True}, ["train.optimizer_in_backward=true"]),
@@ -260,15 +260,58 @@ def test_cheapest_fit_climbs_the_ladder_in_order():
         totals.append(estimate_memory(gemma, **common, **settings).total)
         assert cheapest_fit(base, totals[-1]) == (overrides, estimate_memory(gemma, **common, **settings))
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
-    smaller = cheapest_fit(base, totals[-1] - 1)
-    assert smaller is not None and "train.batch_size / 2" in smaller[0][-1]
+    # below the last rung a smaller micro-batch takes several a step, which loses in-backward's saving: 4x
+    # fewer tokens still need more than the last rung here (a fitting one: the test after this one)
+    assert cheapest_fit(base, totals[-1] - 1) is None
     # with accumulation the gradients are all kept anyway: the ladder skips in-backward
+    accumulated = estimate_memory(gemma, **common, micro_batches=2)
     no_in_backward = estimate_memory(gemma, **common, loss_chunk_tokens=LADDER_CHUNK_TOKENS, optimizer="adamw_8bit",
-                                     embedding_optim_bits=8, gradient_checkpointing=True)
-    assert cheapest_fit(base, no_in_backward.total, grad_accum=2) == ([
+                                     embedding_optim_bits=8, gradient_checkpointing=True, micro_batches=2)
+    assert cheapest_fit(accumulated, no_in_backward.total) == ([
         f"train.loss_chunk_tokens={LADDER_CHUNK_TOKENS}", "train.optimizer=adamw_8bit",
         "train.embedding_optim_bits=8", "train.gradient_checkpointing=true"], no_in_backward)
     assert cheapest_fit(base, 1) is None
+
+
+def test_in_backward_saves_no_gradient_at_several_micro_batches_a_step(tmp_path):
+    """After the first backward of a step every gradient exists, whatever in-backward does later (torchtune's
+    recipes refuse optimizer_in_bwd with gradient_accumulation_steps > 1): the estimate keeps all gradients
+    at grad_accum > 1 or a packed step over several micro-batches, and the ladder's last rung (batch_size / f
+    with grad_accum x f) neither counts in-backward's saving nor suggests it."""
+    from instructkit.train.memory_plan import LADDER_CHUNK_TOKENS, cheapest_fit
+
+    smol = registry_shape("smollm2-135m-instruct")
+    common = {"batch_tokens": 2048, "seq_len": 256, "labelled_tokens": 1200}
+    ordinary = estimate_memory(smol, **common)
+    for micro_batches in (2, 8):
+        estimate = estimate_memory(smol, **common, optimizer_in_backward=True, micro_batches=micro_batches)
+        assert (estimate.gradients, estimate.total) == (ordinary.gradients, ordinary.total) == (smol.params * 4,
+                                                                                             ordinary.total)
+    assert estimate_memory(smol, **common, optimizer_in_backward=True).gradients < smol.params * 4 / 2
+
+    lean = {"loss_chunk_tokens": LADDER_CHUNK_TOKENS, "optimizer": "adamw_8bit", "embedding_optim_bits": 8,
+            "gradient_checkpointing": True}
+    long_rows = {"batch_tokens": 16384, "seq_len": 2048, "labelled_tokens": 8000}  # activations dominate
+    budget = estimate_memory(smol, **long_rows, **lean, optimizer_in_backward=True).total - 1  # every rung is over
+    overrides, fitted = cheapest_fit(estimate_memory(smol, **long_rows), budget)
+    factor = 16384 // fitted.inputs.batch_tokens
+    assert factor > 1 and fitted.inputs.micro_batches == factor and fitted.total <= budget
+    assert "train.optimizer_in_backward=true" not in overrides and f"train.grad_accum x {factor}" in overrides[-1]
+    assert fitted.gradients == fitted.trainable_params * 4  # every gradient alive at the step's end
+    assert fitted == estimate_memory(smol, batch_tokens=16384 // factor, seq_len=2048,
+                                     labelled_tokens=8000 // factor, micro_batches=factor, **lean)
+
+    def run_estimate(**train):
+        config = RunConfig(output_dir=str(tmp_path), model={"name": "smollm2-135m-instruct", "max_length": 256},
+                           train={"batch_size": 4, "optimizer_in_backward": True, **train})
+        return estimate_for_run(config, cache_dir=tmp_path / "cache", labelled_tokens=100)
+
+    assert run_estimate().inputs.micro_batches == 1 and run_estimate().gradients < smol.params * 4 / 2
+    for train, micro_batches in (({"grad_accum": 2}, 2), ({"max_tokens_per_batch": 256}, 4),
+                                 ({"grad_accum": 2, "packing": False}, 2)):
+        estimate = run_estimate(**train)
+        assert estimate.inputs.micro_batches == micro_batches, train
+        assert estimate.gradients == smol.params * 4, train
 
 
 def test_estimate_within_15_percent_of_the_benchmarked_peaks():

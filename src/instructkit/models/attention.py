@@ -20,10 +20,13 @@ starts on the host: right for a CPU, wrong for a GPU (there FlashAttention's var
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 NAME = "sdpa_varlen"
 # Architectures whose attention is plain causal sdpa (no logit softcapping, no attention sinks), tested here.
@@ -102,3 +105,48 @@ def register() -> str:
     AttentionInterface.register(NAME, varlen_attention)
     AttentionMaskInterface.register(NAME, varlen_mask)
     return NAME
+
+
+PROBE_TOKENS = 6  # tokens of each example in the packing probe
+
+
+@torch.no_grad()
+def keeps_packed_examples_apart(model: torch.nn.Module, one_row: bool) -> bool:
+    """Whether `model` attends within each example of a packed row (position_ids restarting at 0, no attention
+    mask), as train.packing needs; logs a warning when it does not.
+
+    The probe: two rows whose first examples differ (PROBE_TOKENS tokens each) and whose second examples are
+    the same; when attention stays within each example, the second example's logits are the same in both rows
+    (bitwise on deterministic kernels; accepted to 1e-3 of the largest logit). A model whose attention ignores
+    the restarts (in transformers 5: OPT, BLOOM, remote code without transformers' packed-sequence masks) gives
+    one causal attention over the whole row, so every later example reads the earlier ones (the leak of
+    modelscope/ms-swift#4439, huggingface/blog#2307's list of models that take position_ids). `one_row`: the
+    rows run as one forward each (FlashAttention's layout, data/sampler.one_row_attention), else as one batch.
+    Run on the model as it will train (on its device, wrapped by FSDP2: every process calls it), in eval
+    mode (no dropout, no random draw) and eager (not compiled); the model is put back in the mode it was in.
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+    n = PROBE_TOKENS
+    device = next(model.parameters()).device
+    tokens = (torch.arange(3 * n, device=device) + 1) % vocab
+    rows = torch.stack([torch.cat([tokens[:n], tokens[2 * n:]]), torch.cat([tokens[n:2 * n], tokens[2 * n:]])])
+    positions = torch.arange(n, device=device).repeat(2).expand(2, -1)
+    training = model.training
+    model.eval()
+    try:
+        batches = [(rows[:1], positions[:1]), (rows[1:], positions[1:])] if one_row else [(rows, positions)]
+        with torch.compiler.set_stance("force_eager"):  # a compiled model: no compilation for the probe
+            logits = torch.cat([model(input_ids=ids, position_ids=pos, use_cache=False).logits
+                                for ids, pos in batches])
+    finally:
+        model.train(training)
+    second = logits[:, n:].float()
+    apart = (second[0] - second[1]).abs().max().item() <= 1e-3 * max(1.0, second.abs().max().item())
+    if not apart:
+        logger.warning("train.packing is off: %s (attention %s) attends across the examples of a packed row (it "
+                       "ignores the position_ids restarts), so each example would read the ones before it; "
+                       "training on padded rows instead", type(model).__name__,
+                       getattr(config, "_attn_implementation", None))
+    return apart

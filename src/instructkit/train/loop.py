@@ -50,6 +50,7 @@ from instructkit.data.sampler import (
 from instructkit.data.tokenize import TokenizeSettings
 from instructkit.errors import TrainingError
 from instructkit.io import run_lock, write_json
+from instructkit.models.attention import keeps_packed_examples_apart
 from instructkit.train.checkpoint import best_dir
 from instructkit.train.compile import compile_model, pad_multiple
 from instructkit.train.disk import check_disk_space
@@ -229,6 +230,8 @@ def setup(model: torch.nn.Module, tokenizer: Any, data: TrainData, cfg: TrainCon
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     if sharding != "fsdp":
         model, optimizer = accelerator.prepare(model, optimizer)
+    if plan.packing and not broadcast(accelerator, keeps_packed_examples_apart(unwrapped, plan.one_row)):
+        plan = dataclasses.replace(plan, packing=False)  # on its device now (FlashAttention runs on CUDA only)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, unwrapped=unwrapped,
                optimizer=optimizer, scheduler=scheduler, table=table,

@@ -4,13 +4,15 @@ Logits are computed only at positions whose next token is a label (`logits_to_ke
 [B, T] mask, or a 1-D column index on transformers releases without one): 3 label tokens after a
 200-token prompt skip ~98% of a 49k-wide LM head.
 
-Chunked (`train.loss_chunk_tokens`, causal models): the model's forward runs with its LM head fed no
-position (a forward pre-hook on the head keeps the head's input, the final hidden states at the kept
-positions, and hands the head an empty slice), then `ChunkedHeadCrossEntropy` runs the head and the
+Chunked (`train.loss_chunk_tokens`, causal models): the model's forward runs with its LM head fed one
+position per row (a forward pre-hook on the head keeps the head's input, the final hidden states at the kept
+positions, and hands the head the first of them), then `ChunkedHeadCrossEntropy` runs the head and the
 cross-entropy over the labelled positions `chunk_tokens` at a time, forward and again in backward: at most
 one chunk's logits exist at any moment, and the head's weight gradient is one buffer added into. The
 forward still goes through the model (and any DDP/PEFT wrapper), so its hooks and gradients are the usual
-ones. Gemma 3, 4 x 256 tokens with 256-token completions: the logits of all 1,024 labelled positions take
+ones; the model's own logits at that one position must equal the chunks' (`check_head_reproduced`), so a
+model that scales or caps its head's output in a way the chunks do not reproduce is refused, not trained
+on another loss. Gemma 3, 4 x 256 tokens with 256-token completions: the logits of all 1,024 labelled positions take
 4 x 1.07 GB; chunks of 64 take ~3 x 0.07 GB.
 
 Tied embeddings (the head's weight IS the input embedding's, trainable, one process): autograd would sum the
@@ -101,7 +103,7 @@ def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits
     time (recomputed in backward); `unweighted` as batch_loss's. Raises TrainingError for a model whose head
     the loss cannot reproduce."""
     head = output_head(model)
-    softcap = getattr(getattr(head_owner(model), "config", None), "final_logit_softcapping", None)
+    softcap = final_logit_softcapping(head_owner(model))
     captured: list[torch.Tensor] = []
 
     def keep_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -109,17 +111,18 @@ def chunked_loss(model: torch.nn.Module, batch: Batch, chunk_tokens: int, logits
             raise TrainingError("train.loss_chunk_tokens: this model calls its LM head with keyword arguments; "
                                 "set train.loss_chunk_tokens: null")
         captured.append(args[0])
-        return (args[0][..., :0, :],) + tuple(args[1:])  # the model's own head runs on no position
+        return (args[0][..., :1, :],) + tuple(args[1:])  # the model's own head runs on one position (checked)
 
     tied = tied_input_embedding(model, head) if torch.is_grad_enabled() else None
     handle = head.register_forward_pre_hook(keep_input)
     try:
         keep = {"logits_to_keep": batch.target_mask} if logits_at_labels and boolean_logits_to_keep() else {}
         with sparse_lookup(tied):
-            model(**batch.inputs, use_cache=False, **keep)
+            output = model(**batch.inputs, use_cache=False, **keep)
     finally:
         handle.remove()
     hidden = captured[0]
+    check_head_reproduced(model, getattr(output, "logits", None), hidden[..., :1, :], head, softcap)
     hidden = hidden if hidden.ndim == 2 else hidden[batch.target_mask]  # [N, H], in `targets` order
     plain = [] if unweighted is not None and batch.target_weights is not None and not batch.dummy else None
     total = ChunkedHeadCrossEntropy.apply(hidden, head.weight, head.bias, batch.targets, batch.target_weights,
@@ -143,7 +146,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, weights, chunk, softcap, into_grad=False, plain=None):  # noqa: ANN001, ANN205
+    def forward(ctx, hidden, weight, bias, targets, weights, chunk, softcap, into_grad=False, plain=None):
         ctx.dtype = _autocast_dtype(hidden) or hidden.dtype
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         plain_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -162,7 +165,7 @@ class ChunkedHeadCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_total):
         hidden, weight, bias, targets, weights = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -249,6 +252,35 @@ def head_owner(model: torch.nn.Module) -> torch.nn.Module:
 
 
 _SCALED_LOGITS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def final_logit_softcapping(owner: torch.nn.Module) -> float | None:
+    """The model's `final_logit_softcapping` (Gemma 2, Gemma 3n, ...), read from its text config as transformers'
+    multimodal models read it (Gemma 3n's and Gemma 4's top config has none; it sits in `text_config`)."""
+    config = getattr(owner, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def check_head_reproduced(model: torch.nn.Module, logits: torch.Tensor | None, hidden: torch.Tensor,
+                          head: torch.nn.Linear, softcap: float | None) -> None:
+    """Raise TrainingError when the model's own logits at one position ([..., 1, V], its head run on `hidden`
+    [..., 1, H]) differ from what the chunks compute there: the model changes its head's output in a way
+    chunked_loss does not reproduce (Falcon-H1 multiplies it by lm_head_multiplier; any softcap, scale or
+    vocabulary cut a config does not name where output_head looks), and the loss would be another one, silently
+    (the fused-cross-entropy fault of apple/ml-cross-entropy#48 and Liger-Kernel#127: Gemma 2's softcap left
+    out). Tolerance: 1e-4 of the largest logit in fp32, 2e-2 under half-precision autocast (a few bf16 ulps)."""
+    if logits is None or hidden.numel() == 0:
+        return
+    dtype = _autocast_dtype(hidden) or hidden.dtype
+    ours = _chunk_logits(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, softcap, dtype)[0]
+    theirs = logits.detach().float().reshape(-1, logits.shape[-1])
+    tolerance = (1e-4 if dtype == torch.float32 else 2e-2) * max(1.0, ours.abs().max().item())
+    if theirs.shape != ours.shape or (theirs - ours).abs().max().item() > tolerance:
+        raise TrainingError(f"train.loss_chunk_tokens is not supported for {type(head_owner(model)).__name__}: its "
+                            "logits are not its LM head's output (or that softcapped), so the chunks would compute "
+                            "another loss; set train.loss_chunk_tokens: null")
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:

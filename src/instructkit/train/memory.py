@@ -39,7 +39,8 @@ The memory-lean settings change three terms (train/optim.py, train/in_backward.p
                    tensors under 4,096 values and, unless embedding_optim_bits 8, the embeddings);
                    adafactor 4 B x (rows + columns) of each matrix
     in backward    gradient phase = the largest gradient (+ a tied LM head's, alive through backward) +
-                   the update's temporaries, instead of all gradients
+                   the update's temporaries, instead of all gradients; only with ONE micro-batch a step
+                   (`micro_batches`): with more, every gradient exists after the first (train/in_backward.py)
     chunked loss   logits of one chunk of positions; loss phase = 4 chunk copies + the LM head's gradient
                    (one buffer the chunks add into)
     temporaries    of the update: 5 fp32 copies of a 1 M-value slice (adamw_8bit), 3 of the largest
@@ -132,6 +133,15 @@ class EstimateInputs:
     optimizer_in_backward: bool = False
     loss_chunk_tokens: int | None = None
     embedding_optim_bits: int = 32
+    micro_batches: int = 1  # forward/backward passes per optimizer step (grad_accum, packed steps split)
+
+
+def in_backward_saves(inputs: EstimateInputs) -> bool:
+    """Whether train.optimizer_in_backward frees gradients during backward: with several micro-batches a step
+    every gradient exists once the first backward has run (the hooks are armed only in the last), so the
+    gradients are all kept, as in the ordinary step (the grad-accumulation caveat of torchtune's optimizer in
+    backward, which refuses gradient_accumulation_steps > 1)."""
+    return inputs.optimizer_in_backward and inputs.micro_batches == 1
 
 
 @dataclass(frozen=True)
@@ -159,7 +169,7 @@ class MemoryEstimate:
             "optimizer": inputs.optimizer, "gradient_checkpointing": inputs.gradient_checkpointing,
             "lora_r": inputs.lora.r if inputs.lora else None, "logits_at_labels": inputs.logits_at_labels,
             "optimizer_in_backward": inputs.optimizer_in_backward, "loss_chunk_tokens": inputs.loss_chunk_tokens,
-            "embedding_optim_bits": inputs.embedding_optim_bits,
+            "embedding_optim_bits": inputs.embedding_optim_bits, "micro_batches": inputs.micro_batches,
         }
         return parts
 
@@ -168,10 +178,12 @@ class MemoryEstimate:
         i = self.inputs
         rows = [
             ("weights", self.weights, f"{i.shape.params / 1e6:.1f} M params"),
-            ("gradients", self.gradients, f"{self.trainable_params / 1e6:.2f} M trainable"),
+            ("gradients", self.gradients, f"{self.trainable_params / 1e6:.2f} M trainable" + (
+                f"; in-backward saves nothing at {i.micro_batches} micro-batches a step" if i.optimizer_in_backward
+                and not in_backward_saves(i) else "")),
             ("optimizer state", self.optimizer, i.optimizer),
-            ("activations", self.activations, f"{i.batch_tokens} tokens/micro-batch, "
-                                              f"checkpointing {'on' if i.gradient_checkpointing else 'off'}"),
+            ("activations", self.activations, (f"{i.batch_tokens} tokens/micro-batch, "
+                                              f"checkpointing {'on' if i.gradient_checkpointing else 'off'}")),
             ("logits", self.logits, f"{logit_positions(i)} positions x vocab {i.shape.vocab}"),
             ("framework", self.overhead, "torch + transformers loaded"),
             ("allocator slack", self.slack, f"{ALLOCATOR_SLACK:.0%} of live tensors"),
@@ -289,7 +301,7 @@ def gradient_phase_bytes(inputs: EstimateInputs) -> int:
     shape = inputs.shape
     full = inputs.lora is None
     tied_extra = shape.lm_head_params if shape.tied_embeddings and full and not inputs.loss_chunk_tokens else 0
-    if inputs.optimizer_in_backward:
+    if in_backward_saves(inputs):
         largest = shape.largest_param if full else max(
             (inputs.lora.r * max(d_in, d_out) for _, d_in, d_out in shape.lora_targets(inputs.lora)), default=0)
         return (largest + tied_extra) * FP32 + optimizer_temp_bytes(inputs)
@@ -345,6 +357,7 @@ def estimate_memory(
     optimizer_in_backward: bool = False,
     loss_chunk_tokens: int | None = None,
     embedding_optim_bits: int = 32,
+    micro_batches: int = 1,
 ) -> MemoryEstimate:
     """Peak memory of a training step. See the module docstring for the arithmetic.
 
@@ -360,6 +373,8 @@ def estimate_memory(
     lora: LoRA settings (enabled or not): only the adapters get gradients and optimizer state.
     optimizer_in_backward, loss_chunk_tokens, embedding_optim_bits: as train.* (see gradient_phase_bytes,
         loss_phase_bytes, optimizer_state_bytes).
+    micro_batches: forward/backward passes per optimizer step; in-backward saves gradients only at 1
+        (in_backward_saves).
     """
     shape = as_shape(model_config_or_hf_config, cache_dir)
     inputs = EstimateInputs(
@@ -376,6 +391,7 @@ def estimate_memory(
         optimizer_in_backward=optimizer_in_backward,
         loss_chunk_tokens=loss_chunk_tokens,
         embedding_optim_bits=embedding_optim_bits,
+        micro_batches=int(micro_batches),
     )
     return estimate_from_inputs(inputs)
 
@@ -389,7 +405,7 @@ def estimate_from_inputs(inputs: EstimateInputs) -> MemoryEstimate:
     if inputs.precision != "fp32":
         weights += shape.params * HALF  # autocast's cached half copies of the weights
     gradients = trainable * FP32
-    if inputs.optimizer_in_backward:  # at most the largest at once (see gradient_phase_bytes)
+    if in_backward_saves(inputs):  # at most the largest at once (see gradient_phase_bytes)
         gradients = min(gradients, gradient_phase_bytes(inputs) - optimizer_temp_bytes(inputs))
     optimizer = optimizer_state_bytes(inputs)
     activations = activation_bytes(inputs)

@@ -16,7 +16,6 @@ from instructkit.config import LoraSettings, RunConfig
 from instructkit.io import iter_jsonl
 from instructkit.train.memory import GB, EstimateInputs, MemoryEstimate, estimate_from_inputs, estimate_memory
 
-
 # --------------------------------------------------------------------------------------------------
 # Advice
 # --------------------------------------------------------------------------------------------------
@@ -94,19 +93,19 @@ def plan_for_budget(estimate: MemoryEstimate, budget_bytes: int) -> list[str]:
 LADDER_CHUNK_TOKENS = 128
 
 
-def cheapest_fit(estimate: MemoryEstimate, budget_bytes: int, grad_accum: int = 1
-                 ) -> tuple[list[str], MemoryEstimate] | None:
+def cheapest_fit(estimate: MemoryEstimate, budget_bytes: int) -> tuple[list[str], MemoryEstimate] | None:
     """The first setting that fits `budget_bytes`, each rung adding to the last, in this order of preference
-    (cost in speed or quality): as configured, chunked loss, optimizer in backward (grad_accum 1 only: with
-    more micro-batches the gradients are kept anyway), 8-bit AdamW states, gradient checkpointing, then a
-    smaller micro-batch (halved until it fits). Returns (config overrides, its estimate), or None when even
-    the last rung does not fit.
+    (cost in speed or quality): as configured, chunked loss, optimizer in backward (one micro-batch a step
+    only: with more the gradients are kept anyway, memory.in_backward_saves), 8-bit AdamW states, gradient
+    checkpointing, then a smaller micro-batch (halved until it fits; more micro-batches a step, so without
+    the in-backward rung's override, which then saves nothing). Returns (config overrides, its estimate), or
+    None when even the last rung does not fit.
     """
     inputs, overrides = estimate.inputs, []
     rungs: list[tuple[dict, list[str]]] = [({}, [])]
     if not inputs.loss_chunk_tokens:
         rungs.append(({"loss_chunk_tokens": LADDER_CHUNK_TOKENS}, [f"train.loss_chunk_tokens={LADDER_CHUNK_TOKENS}"]))
-    if not inputs.optimizer_in_backward and grad_accum == 1 and inputs.precision != "fp16":
+    if not inputs.optimizer_in_backward and inputs.micro_batches == 1 and inputs.precision != "fp16":
         rungs.append(({"optimizer_in_backward": True}, ["train.optimizer_in_backward=true"]))
     if inputs.optimizer == "adamw":
         rungs.append(({"optimizer": "adamw_8bit"}, ["train.optimizer=adamw_8bit"]))
@@ -119,22 +118,26 @@ def cheapest_fit(estimate: MemoryEstimate, budget_bytes: int, grad_accum: int = 
         new = estimate_from_inputs(inputs)
         if new.total <= budget_bytes:
             return overrides, new
+    if "train.optimizer_in_backward=true" in overrides:  # a smaller micro-batch means several a step
+        overrides.remove("train.optimizer_in_backward=true")
+        inputs = dataclasses.replace(inputs, optimizer_in_backward=False)
     smaller = smaller_batch(inputs, budget_bytes)
     if smaller is not None and estimate_from_inputs(smaller).total <= budget_bytes:
         factor = inputs.batch_tokens // smaller.batch_tokens
-        return overrides + [f"train.batch_size / {factor} (or max_tokens_per_batch / {factor}) with "
-                            f"train.grad_accum x {factor}"], estimate_from_inputs(smaller)
+        return overrides + [(f"train.batch_size / {factor} (or max_tokens_per_batch / {factor}) with "
+                            f"train.grad_accum x {factor}")], estimate_from_inputs(smaller)
     return None
 
 
 def smaller_batch(inputs: EstimateInputs, budget_bytes: int) -> EstimateInputs | None:
-    """Halve the micro-batch until it fits or is one sequence long; None when it cannot shrink."""
+    """Halve the micro-batch until it fits or is one sequence long (the step then takes `factor` times as many
+    micro-batches: grad_accum x factor); None when it cannot shrink."""
     factor, best = 1, None
     while inputs.batch_tokens // (factor * 2) >= max(inputs.seq_len, 1):
         factor *= 2
         best = dataclasses.replace(
             inputs, batch_tokens=inputs.batch_tokens // factor,
-            labelled_tokens=max(1, inputs.labelled_tokens // factor))
+            labelled_tokens=max(1, inputs.labelled_tokens // factor), micro_batches=inputs.micro_batches * factor)
         if estimate_from_inputs(best).total <= budget_bytes:
             break
     return best
@@ -151,6 +154,7 @@ def merge_changes(base: EstimateInputs, changed: EstimateInputs) -> EstimateInpu
     if changed.batch_tokens < base.batch_tokens:
         updates["batch_tokens"] = changed.batch_tokens
         updates["labelled_tokens"] = changed.labelled_tokens
+        updates["micro_batches"] = changed.micro_batches
     return dataclasses.replace(base, **updates)
 
 
@@ -164,7 +168,8 @@ def estimate_for_run(config: RunConfig, *, cache_dir: str | os.PathLike | None =
     """The estimate for `config` without loading weights (config.json or the registry's shape constants).
 
     Micro-batch tokens: train.max_tokens_per_batch when packing (default batch_size x max_length), else
-    batch_size x max_length (padding to the longest). Labelled tokens per micro-batch, unless given: from the
+    batch_size x max_length (padding to the longest). Micro-batches a step: grad_accum, or packed, as many as
+    the step's batch_size x grad_accum longest examples need (at most grad_accum at the default budget). Labelled tokens per micro-batch, unless given: from the
     prepared train.jsonl in the run directory when it exists (95th percentile completion length, at ~3
     characters a token, + EOS, x examples per micro-batch), else a quarter of the tokens.
     """
@@ -173,8 +178,10 @@ def estimate_for_run(config: RunConfig, *, cache_dir: str | os.PathLike | None =
     hf_config = resolve_model_config(config.model, cache_dir)
     train, max_length = config.train, config.model.max_length
     seq2seq = bool(getattr(hf_config, "is_encoder_decoder", False))
+    micro_batches = train.grad_accum
     if train.packing and not seq2seq:
         batch_tokens = train.max_tokens_per_batch or train.batch_size * max_length
+        micro_batches = -(-train.batch_size * train.grad_accum * max_length // batch_tokens)
     else:
         batch_tokens = train.batch_size * max_length
     if labelled_tokens is None:
@@ -190,8 +197,8 @@ def estimate_for_run(config: RunConfig, *, cache_dir: str | os.PathLike | None =
         lora=train.lora if train.lora.enabled else None,
         logits_at_labels=train.logits_at_labels and not seq2seq,
         optimizer=train.optimizer,
-        # with several micro-batches per step the gradients are all kept: in-backward saves nothing
-        optimizer_in_backward=train.optimizer_in_backward and train.grad_accum == 1,
+        optimizer_in_backward=train.optimizer_in_backward,  # saves nothing at micro_batches > 1
+        micro_batches=micro_batches,
         loss_chunk_tokens=None if seq2seq else train.loss_chunk_tokens,
         embedding_optim_bits=train.embedding_optim_bits,
     )

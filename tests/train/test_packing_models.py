@@ -1,0 +1,57 @@
+"""train.packing on architectures whose attention ignores the position_ids restarts of a packed row.
+
+A packed row has no attention mask: the examples are kept apart only when the model turns the restarts into
+per-example attention (transformers' packed-sequence masks, FlashAttention's varlen, sdpa_varlen). OPT and
+BLOOM in transformers 5 do not: one causal attention over the whole row, each example reading the ones before
+it (the leak of modelscope/ms-swift#4439). Training then must fall back to padded rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _train_helpers import make_examples, tokenized, train_config
+
+from instructkit.models.attention import keeps_packed_examples_apart, register
+from instructkit.train.loop import TrainData, TrainOptions, train
+
+
+def _tiny(kind: str, tokenizer, attn: str = "sdpa"):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2},
+             "opt": {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "word_embed_proj_dim": 32},
+             "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4}}[kind]
+    config = AutoConfig.for_model(kind, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes)
+    if attn == "sdpa_varlen":
+        register()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+
+
+@pytest.mark.parametrize("kind, attn, apart", [("llama", "sdpa", True), ("llama", "eager", True),
+                                               ("llama", "sdpa_varlen", True), ("opt", "sdpa", False),
+                                               ("opt", "sdpa_varlen", True), ("bloom", "eager", False)])
+@pytest.mark.parametrize("one_row", [False, True])
+def test_the_probe_tells_which_attention_keeps_packed_examples_apart(tiny_tokenizer, kind, attn, apart, one_row):
+    model = _tiny(kind, tiny_tokenizer, attn)
+    model.train()
+    assert keeps_packed_examples_apart(model, one_row) is apart
+    assert model.training  # put back as it was
+
+
+def test_packing_falls_back_to_padded_rows_when_attention_crosses_examples(tiny_tokenizer, tmp_path):
+    """OPT, packing on: the steps are those of padded rows (packed, each example's loss would read its
+    neighbours'); a Llama keeps packing (its packed steps differ from padded ones by rounding only)."""
+    dataset, settings = tokenized(make_examples(12), tiny_tokenizer)
+    for kind in ("opt", "llama"):
+        losses = {}
+        for packing in (True, False):
+            result = train(_tiny(kind, tiny_tokenizer), tiny_tokenizer, TrainData(dataset),
+                           train_config(max_steps=2, packing=packing), tmp_path / f"{kind}-{packing}",
+                           TrainOptions(settings=settings, is_seq2seq=False, show_progress=False))
+            losses[packing] = [r["loss"] for r in result.history if r["event"] == "train"]
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=0), kind
