@@ -63,6 +63,35 @@ def test_load_t5_folder_is_seq2seq_and_kind_mismatch_is_refused(tiny_t5_dir):
         load_model(ModelConfig(name=str(tiny_t5_dir), kind="causal"))
 
 
+def test_a_t5_without_decoder_start_token_id_takes_it_from_generation_config_or_is_refused(tmp_path,
+                                                                                          tiny_tokenizer):
+    """transformers#8218 / BARTpho#4: an encoder-decoder config without decoder_start_token_id (converted, or a
+    T5Config built in transformers 5) loaded, then training stopped in the model's forward with an
+    AttributeError. It now comes from generation_config.json when that names it, else loading is refused."""
+    import json
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=len(tiny_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    folder = tmp_path / "t5"
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    assert "decoder_start_token_id" not in json.loads((folder / "config.json").read_text())
+    with pytest.raises(ModelError, match="decoder_start_token_id") as info:
+        load_model(ModelConfig(name=str(folder)))
+    assert str(folder) in str(info.value)
+
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "decoder_start_token_id": 3}))
+    model = load_model(ModelConfig(name=str(folder))).model
+    labels = torch.tensor([[7, 8, 2]])
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 2]]), labels=labels)  # the forward shifts the labels right
+        decoder_in = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    assert decoder_in.tolist() == [[3, 7, 8]]
+
+
 def test_pickle_only_folder_is_refused_without_allow_pickle(tmp_path, tiny_tokenizer, tiny_llama):
     folder = tmp_path / "pickled"
     folder.mkdir()

@@ -146,6 +146,32 @@ def test_lora_adapter_alone_reloads_through_load_model(tmp_path, tiny_model_dir)
     assert torch.allclose(logits_of(again.model, again.tokenizer), tuned_logits, atol=1e-5)
 
 
+def test_an_adapter_of_a_base_given_by_relative_path_loads_from_another_directory(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """trl#341: an adapter saved alone named its base as typed (`base`, relative to the working directory then),
+    in instructkit_config.json and in adapter_config.json; loaded from any other directory, by load_model or by
+    the card's code (peft's AutoPeftModelForCausalLM), the base was not found, or another `base` was used.
+    Both now name it by its absolute path."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "base")
+    monkeypatch.chdir(project)
+    loaded = load_model(ModelConfig(name="base"))
+    wrapped = lora_with_nonzero_update(loaded.model)
+    tuned_logits = logits_of(wrapped, loaded.tokenizer)
+    out = save_instruct_model(wrapped, loaded.tokenizer, project / "adapter",
+                              card={"provenance": loaded.provenance}, train_config=None, merge_lora=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = load_model(ModelConfig(name=str(out)))
+    assert torch.allclose(logits_of(again.model, again.tokenizer), tuned_logits, atol=1e-5)
+    scope = {}
+    exec(card_loading_code(out), scope)  # noqa: S102 - the card's own code, as a reader runs it
+    assert torch.allclose(logits_of(scope["model"], loaded.tokenizer), tuned_logits, atol=1e-5)
+
+
 def card_loading_code(folder) -> str:
     """The model card's Python loading code, PATH replaced by `folder`."""
     text = (folder / "README.md").read_text(encoding="utf-8")

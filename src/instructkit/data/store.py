@@ -41,10 +41,11 @@ from instructkit.io import json_problem, replace_folder, sha256_file, temp_folde
 from instructkit.progress import ProgressBar
 
 CHUNK_LINES = 4_000
-FORMAT = 7  # 2: an empty causal prompt is the prefix token (tokenize.encode_prompts); 3: BOS once; 4: a chat
+FORMAT = 8  # 2: an empty causal prompt is the prefix token (tokenize.encode_prompts); 3: BOS once; 4: a chat
 # turn without the end-of-conversation tokens (chat_encode.conversation_end); 5: tool-call arguments in the
 # form the template renders (chat_template.TemplateFeatures.arguments_text); 6: tool-call ids and names;
-# 7: a completion tokenized as after its prompt (text_ids.continuation_ids)
+# 7: a completion tokenized as after its prompt (text_ids.continuation_ids); 8: seq2seq targets framed as
+# the tokenizer frames a target text (data/seq2seq.py: BART's <s>)
 ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "label_offsets": np.int64,
           "prompt_length": np.int32, "index": np.int64, "class": np.int32}
 _SUFFIX = {np.int32: "i32", np.int64: "i64"}

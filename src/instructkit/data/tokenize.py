@@ -15,7 +15,8 @@ answer ends with the template's end-of-turn token (or EOS when the template writ
 every assistant turn (`loss_on: all_assistant_turns`) or the last; scoring and generation use the last.
 A prompt given as `ChatPrompt` (data/chat.py) carries its conversation; plain text is one user turn.
 
-Seq2seq models: `input_ids` = the prompt (encoder), `labels` = completion + EOS (decoder).
+Seq2seq models: `input_ids` = the prompt (encoder), `labels` = the completion as the tokenizer frames a
+target text (BART: `<s>` in front) + EOS (decoder; `seq2seq_target_ids`).
 
 Truncation never cuts the completion: the prompt is cut (from the left, keeping BOS, or from the middle)
 and an example whose completion alone does not fit is dropped. Both are counted. A chat prompt is never cut
@@ -30,7 +31,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,8 +39,10 @@ from instructkit.config import ModelConfig
 from instructkit.data.chat import ChatPrompt, example_prompt, full_conversation
 from instructkit.data.chat_encode import IGNORE_INDEX, LossOn, encode_conversation, special_ids, with_system
 from instructkit.data.chat_encode import prompt_ids as chat_prompt_ids
+from instructkit.data.seq2seq import seq2seq_target_ids
 from instructkit.data.text_ids import continuation_ids, prefix_token_id, prompt_token_ids
 from instructkit.data.text_ids import eos_id as _eos_id
+from instructkit.data.tokenize_stats import TokenizeStats
 from instructkit.io import replace_folder, sha256_file, temp_folder_beside
 
 
@@ -74,31 +77,6 @@ class Encoded:
     labels: list[int]
     prompt_length: int
     truncated: bool = False
-
-
-@dataclass
-class TokenizeStats:
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    dropped_ids: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["dropped_ids"] = out["dropped_ids"][:20]
-        return out
-
-    def dropped_note(self, max_length: int, split: str = "training") -> str | None:
-        """A warning naming how many examples did not fit `max_length` and were dropped (None: none)."""
-        if not self.dropped:
-            return None
-        first = ", ".join(self.dropped_ids[:3])
-        return (f"{self.dropped} of {self.examples} {split} examples ({self.dropped / max(self.examples, 1):.0%}) "
-                f"dropped: their completion (for a chat, its last exchange with every question cut to its "
-                f"minimum; answers and tool results are never cut) does not fit model.max_length={max_length} "
-                f"(first: {first}; tokenize_stats.json lists up to 20). Raise model.max_length to keep them")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,9 +146,8 @@ def encode_completions(
             ids.append(answer if add_eos else answer[:-1])  # scoring a choice: without the end-of-turn token
         return ids
     if settings.seq2seq:
-        ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    else:
-        ids = continuation_ids(tokenizer, [settings.separator + c for c in completions])
+        return seq2seq_target_ids(tokenizer, completions, add_eos)
+    ids = continuation_ids(tokenizer, [settings.separator + c for c in completions])
     if add_eos:
         eos = _eos_id(tokenizer)
         return [list(x) + [eos] for x in ids]
@@ -345,8 +322,9 @@ def cache_fingerprint(tokenizer: Any, template_versions: Sequence[str], settings
             "templates": sorted(set(template_versions)),
             "settings": asdict(settings),
             "data": data_digest,
-            "format": 8,  # 2: chat by turn; 3: empty prompt BOS; 4: BOS once; 5: no chat-end EOS; 6-7: tools;
-            # 8: a completion tokenized as after its prompt (text_ids.continuation_ids)
+            "format": 9,  # 2: chat by turn; 3: empty prompt BOS; 4: BOS once; 5: no chat-end EOS; 6-7: tools;
+            # 8: a completion tokenized as after its prompt (text_ids.continuation_ids); 9: seq2seq targets
+            # framed by the tokenizer (text_target)
         },
         sort_keys=True,
     )

@@ -190,8 +190,9 @@ def load_folder(folder: Path, cfg: ModelConfig, provenance: dict[str, Any] | Non
 
     The attention kernel follows `cfg.attn_implementation` (`use_attention`).
     Raises: ModelError when config.json, the weights (pickle refused unless `cfg.allow_pickle`; missing,
-    truncated) or the tokenizer cannot be read, `cfg.kind` contradicts the config, or the model cannot
-    use the attention implementation asked for (e.g. flash_attention_2 without flash_attn).
+    truncated) or the tokenizer cannot be read, `cfg.kind` contradicts the config, the model cannot
+    use the attention implementation asked for (e.g. flash_attention_2 without flash_attn), or an
+    encoder-decoder names no decoder start token (`set_decoder_start`).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -211,12 +212,33 @@ def load_folder(folder: Path, cfg: ModelConfig, provenance: dict[str, Any] | Non
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError) as exc:  # e.g. truncated
         raise ModelError(f"{folder}: cannot load the model: {exc}") from None
     clear_quantizer(model)
+    if seq2seq:
+        set_decoder_start(model, folder)
     tokenizer = load_tokenizer(folder, cfg.trust_remote_code)
     ensure_pad_token(tokenizer, embedding_rows(model))
     configure_generation(model, tokenizer)
     prov = provenance if provenance is not None else read_provenance(folder, cfg.name)
     prov = {**prov, "kind": "seq2seq" if seq2seq else "causal"}
     return LoadedModel(model, tokenizer, seq2seq, str(folder), prov)
+
+
+def set_decoder_start(model: Any, folder: Path) -> int:
+    """The decoder's first input id of an encoder-decoder model, on `model.config` (where its forward, which
+    shifts the labels right behind it, and rank scoring read it): config.json's `decoder_start_token_id`, else
+    its generation_config.json's. Returned.
+
+    Raises: ModelError when neither names it: training would stop in the model's forward with an
+    AttributeError / ValueError, generation with "decoder_start_token_id or bos_token_id has to be defined"
+    (transformers#8218; configs converted without it, BARTpho#4; a T5Config built in transformers 5 has none).
+    """
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ModelError(f"{folder}/config.json has no decoder_start_token_id: the decoder's first input is "
+                         "unknown. Add it to config.json (T5: its pad id, usually 0; BART: its EOS id, 2)")
+    model.config.decoder_start_token_id = int(start)
+    return int(start)
 
 
 def load_adapter_folder(folder: Path, cfg: ModelConfig, *, cache_dir: str | os.PathLike | None = None,

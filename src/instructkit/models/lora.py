@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from instructkit.config import LoraSettings
@@ -72,3 +73,14 @@ def merge_lora(model: Any) -> Any:
             for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
                 config.tie_word_embeddings = False
     return model.merge_and_unload()
+
+
+def pin_base_path(model: Any) -> None:
+    """Name the base model in each adapter's config (adapter_config.json's base_model_name_or_path, which
+    peft's AutoPeftModel loads the base by) by an absolute path when it is a local path: peft records the
+    base's `name_or_path` as it was typed, so a base loaded as `models/base` named nothing (or another
+    model) from any other working directory (trl#341). Hub ids and absolute paths are left as they are."""
+    for config in getattr(model, "peft_config", {}).values():
+        name = config.base_model_name_or_path
+        if name and not Path(name).expanduser().is_absolute() and Path(name).expanduser().exists():
+            config.base_model_name_or_path = str(Path(name).expanduser().resolve())

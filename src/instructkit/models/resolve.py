@@ -48,6 +48,9 @@ def resolve_model(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None, 
     """Turn `cfg.name` into a folder. With convert=False a registry model not yet converted comes back
     as its RegistryModel (its `shape` still describes it) and a .gguf file is not converted.
 
+    The provenance's `requested` is the name to load this model by again, from any working directory: a
+    local folder or .gguf file as an absolute path. An adapter saved alone loads its base by it: a relative
+    path, as typed, named nothing (or another model) from another directory (trl#341).
     Raises: ModelError when the name is none of the accepted kinds (with the closest short name), a
     file is not a .gguf, a .gguf or hub id is not found, or a folder holds no config.json.
     """
@@ -73,10 +76,11 @@ def resolve_model(cfg: ModelConfig, cache_dir: str | os.PathLike | None = None, 
                           "dequantized_from": f"GGUF file {path.name}, dequantized to fp32 by transformers"}
             folder = gguf_to_cached_folder(path, cache, provenance, sha256=sha,
                                            trust_remote_code=cfg.trust_remote_code)
-        return ResolvedModel(folder, read_provenance(folder, name))
+        return ResolvedModel(folder, {**read_provenance(folder, name), "requested": str(path.resolve())})
     if path.is_dir():
         adapter = check_model_folder(path)
-        return ResolvedModel(path, read_provenance(path, name), adapter=adapter)
+        return ResolvedModel(path, {**read_provenance(path, name), "requested": str(path.resolve())},
+                             adapter=adapter)
     if name.lower().endswith(".gguf"):
         raise ModelError(f"GGUF file {path} not found")
     if looks_like_hub_id(name):

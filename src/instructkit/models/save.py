@@ -17,7 +17,7 @@ from instructkit.io import atomic_open, fsync_dir, replace_folder, temp_folder_b
 from instructkit.models.card import CONFIG_FILE, card_provenance, render_model_card
 from instructkit.models.compat import add_legacy_fields
 from instructkit.models.generation import configure_generation
-from instructkit.models.lora import is_peft_model
+from instructkit.models.lora import is_peft_model, pin_base_path
 from instructkit.models.lora import merge_lora as merge_adapter
 
 
@@ -61,6 +61,8 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
     config.json and tokenizer_config.json also carry transformers 4.x's names for their settings
     (compat.add_legacy_fields): loaded with 4.x the model has the same RoPE base, hence the same outputs.
     A model wrapped by torch.compile or DDP is saved as the model inside (`unwrap_model`).
+    An adapter saved alone names its base by an absolute path where the base was loaded from a local path
+    (`lora.pin_base_path`; instructkit_config.json's provenance "requested" likewise, `resolve_model`).
     A peft model with merge_lora=True is merged in place (`lora.merge_lora`): its base weights then hold the
     adapter, so it can be evaluated as the saved model but not trained further as LoRA. An adapter on a tied
     LM head or input embedding unties them (both saved, config tie_word_embeddings false).
@@ -74,6 +76,7 @@ def save_instruct_model(model: Any, tokenizer: Any, out_dir: str | os.PathLike, 
             model = merge_adapter(model)
         else:
             adapter_only = True
+            pin_base_path(model)
     configure_generation(model, tokenizer)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     card = {**card, "seed": card.get("seed", (train_config or {}).get("seed"))}
