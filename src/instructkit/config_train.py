@@ -5,9 +5,10 @@ is generated from the `description` of every field, `python -m instructkit.confi
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from instructkit.config_base import Section
 
@@ -26,10 +27,20 @@ class LoraSettings(Section):
     dropout: float = Field(
         0.05, ge=0, lt=1, description="Dropout on the adapter inputs (0 also saves the memory of its mask).")
     target_modules: list[str] | str = Field(
-        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all-linear': every "
-        "linear layer but the LM head.")
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]; one name alone, q_proj, is "
+        "the same as [q_proj]), 'all-linear': every linear layer but the LM head, or a regular expression "
+        "that peft matches against the full module names (e.g. '.*self_attn.(q|v)_proj').")
     merge: bool = Field(
         True, description="Merge the adapter into the saved model (else save the adapter alone).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _one_name_is_a_list(cls, value: list[str] | str) -> list[str] | str:
+        """A plain name ("q_proj", "self_attn.q_proj") is a list of one: peft reads a string as a regular
+        expression over the FULL module name, so "q_proj" alone matched no layer and the run stopped."""
+        if isinstance(value, str) and value != "all-linear" and re.fullmatch(r"[A-Za-z_][\w.]*", value):
+            return [value]
+        return value
 
 
 class EarlyStopping(Section):

@@ -54,6 +54,16 @@ def test_wrap_lora_bad_target_is_a_model_error(tiny_llama):
         wrap_lora(tiny_llama, LoraSettings(enabled=True, target_modules=["no_such_layer"]))
 
 
+@pytest.mark.parametrize("target, adapted", [
+    ("q_proj", {"q_proj"}),  # one name: a list of one (peft alone reads it as a full-name regex: no match)
+    ("self_attn.v_proj", {"v_proj"}),
+    (r".*self_attn\.(q|k)_proj", {"q_proj", "k_proj"}),  # a regular expression stays one
+])
+def test_lora_target_modules_as_one_string(tiny_llama, target, adapted):
+    model = wrap_lora(tiny_llama, LoraSettings(enabled=True, r=2, target_modules=target))
+    assert {n.split(".")[-4] for n, _ in model.named_parameters() if n.endswith("lora_A.default.weight")} == adapted
+
+
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
