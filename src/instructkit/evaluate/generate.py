@@ -355,6 +355,7 @@ def _named(text: str, choices: Sequence[str]) -> str | None:
 
 _STRONG_HEDGE = re.compile(r"\s*(?:[/|\-\u2013\u2014]|(?:or|to|vs)\b\.?)\s*")
 _WEAK_HEDGE = re.compile(r"\s*(?:[,;&+]|and\b)\s*")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _CLOSING = "*_`'\"\u2019\u201d)]"
 _OPENING = "*_`'\"\u2018\u201c(["
 
@@ -381,7 +382,7 @@ def _hedged(rest: str, named: str, normalized: Sequence[tuple[str, str]]) -> boo
 
 def _out_of(named: str, other: str, normalized: Sequence[tuple[str, str]]) -> bool:
     """"4/5": `other` is the highest numeric choice and `named` a number no higher (a score out of it)."""
-    numbers = [float(n) for n, _ in normalized if re.fullmatch(r"-?\d+(?:\.\d+)?", n)]
-    if not numbers or not re.fullmatch(r"-?\d+(?:\.\d+)?", named) or not re.fullmatch(r"-?\d+(?:\.\d+)?", other):
+    numbers = [float(n) for n, _ in normalized if _NUMBER.fullmatch(n)]
+    if not numbers or not _NUMBER.fullmatch(named) or not _NUMBER.fullmatch(other):
         return False
     return float(other) == max(numbers) and float(named) <= float(other)
