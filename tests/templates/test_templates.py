@@ -28,6 +28,20 @@ def test_render_basic_and_strip():
     assert r.choices == ("1", "2", "3", "4", "5")
 
 
+
+@pytest.mark.parametrize("choices", [("caf\u00e9", "bar"), "caf\u00e9|||bar"])
+def test_label_spelled_decomposed_takes_the_choice_spelling(choices):
+    # "cafe" + combining acute (NFD) is the choice "caf\u00e9" (NFC) up to canonical equivalence: the example's
+    # completion must be the choice's spelling, or rank classification could never pick it
+    t = make("Q: {{ q }}", "{{ label }}", answer_choices=choices, task="classification")
+    decomposed = "cafe\u0301"
+    assert decomposed != "caf\u00e9"
+    r = t.render({"q": "x", "label": decomposed})
+    assert r.completion == "caf\u00e9" and r.completion in r.choices
+    # a label that is no choice even after normalisation stays as written (the data check then names it)
+    assert t.render({"q": "x", "label": "tea"}).completion == "tea"
+
+
 def test_undefined_field_names_template_and_field():
     t = make("{{ review_body }} {{ missing_field }}", id="amazon.x")
     with pytest.raises(TemplateError) as err:

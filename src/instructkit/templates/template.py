@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,20 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "question_generation": ("rougeL",),
     "instruction_following": ("rougeL",),
 }
+
+
+def as_written_in(choices: tuple[str, ...] | None, completion: str) -> str:
+    """`completion` as spelled in `choices` when it is the same text up to Unicode canonical equivalence
+    (NFC: a label stored decomposed, "Cafe\u0301", against the choice "Caf\u00e9"), else unchanged.
+
+    The two spellings look the same but tokenize differently, so rank classification would never pick
+    the label's spelling; the choice's is the one the model is trained and scored on.
+    """
+    if choices is None or completion in choices:
+        return completion
+    wanted = unicodedata.normalize("NFC", completion)
+    same = [c for c in choices if unicodedata.normalize("NFC", c) == wanted]
+    return same[0] if len(same) == 1 else completion
 
 
 @dataclass(frozen=True)
@@ -179,7 +194,7 @@ class Template:
             render_state.reset(token)
         # a completion written "{{ output }}</s>" would end with EOS twice, and never equal a generated
         # answer (TRL appends EOS only "if not text.endswith(eos_token)", trl#3091)
-        return Rendered(prompt.strip(), strip_eos(completion)[0], choices)
+        return Rendered(prompt.strip(), as_written_in(choices, strip_eos(completion)[0]), choices)
 
     def _render_choices(self, context: dict[str, Any], where: str) -> tuple[str, ...] | None:
         if self.answer_choices is None:
