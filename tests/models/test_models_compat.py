@@ -104,14 +104,51 @@ with torch.no_grad():
 """
 
 
+def _saved_gemma3(tmp_path):
+    """A tiny Gemma 3 text model (sliding and full attention layers, each with its RoPE: the full layers'
+    linearly scaled as in Gemma 3's 4B-27B), saved by save_instruct_model: (model, tokenizer, folder)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()
+    return model, tokenizer, save_instruct_model(model, tokenizer, tmp_path / "m", card={}, train_config=None)
+
+
+def _saved_qwen3(tmp_path):
+    """A tiny Qwen3 (q/k norms, rope_theta 1e6 as Qwen3's releases), saved by save_instruct_model."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()
+    return model, tokenizer, save_instruct_model(model, tokenizer, tmp_path / "m", card={}, train_config=None)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("INSTRUCTKIT_TRANSFORMERS4_PYTHON"),
                     reason="set INSTRUCTKIT_TRANSFORMERS4_PYTHON to a Python with torch and transformers 4.x "
                            "(e.g. a venv with torch==2.13.0 'transformers>=4.57,<5') to check loading under 4.x")
-def test_saved_folder_loads_the_same_under_transformers4(tmp_path):
+@pytest.mark.parametrize("saved", [_saved_llama3, _saved_gemma3, _saved_qwen3], ids=["llama3", "gemma3", "qwen3"])
+def test_saved_folder_loads_the_same_under_transformers4(tmp_path, saved):
     """The folder saved by transformers 5, loaded by 4.x in another process: the same token ids and logits
-    (with Llama 3's RoPE: 4.x without rope_theta / rope_scaling computes other positions)."""
-    model, tokenizer, out = _saved_llama3(tmp_path)
+    (with a non-default RoPE: 4.x without rope_theta / rope_scaling / rope_local_base_freq computes other
+    positions)."""
+    model, tokenizer, out = saved(tmp_path)
     result = subprocess.run([os.environ["INSTRUCTKIT_TRANSFORMERS4_PYTHON"], "-c", _PROBE, str(out)],
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
