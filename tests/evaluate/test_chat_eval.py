@@ -101,7 +101,10 @@ def test_generated_reasoning_block_is_not_scored_as_the_answer():
     settings = TokenizeSettings(max_length=256, chat_template=True)
     model = build_tiny_llama(tokenizer)
     example = chat_example(0, "Replace the seal.")
-    overfit_causal(model, tokenizer, [eval_prompt(example, [], " ")], [example["completion"]], settings, steps=120)
+    # 200 steps (loss ~0.002): at 120 (loss 0.02) an AVX-512 CPU's rounding already gave "Realace the seal."
+    loss = overfit_causal(model, tokenizer, [eval_prompt(example, [], " ")], [example["completion"]], settings,
+                          steps=200)
+    assert loss < 0.01
     result = evaluate_examples(model, tokenizer, [example], settings, is_seq2seq=False,
                                cfg=EvalConfig(max_new_tokens={"instruction_following": 24}, bootstrap_resamples=100))
     [record] = result.predictions
