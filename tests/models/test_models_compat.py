@@ -19,20 +19,25 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-def _saved_llama3(tmp_path):
-    """A tiny Llama with Llama 3's RoPE and an added special token, saved by save_instruct_model:
-    (model, tokenizer, folder)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _saved(tmp_path, model_class, config_class, **config):
+    """A tiny model of `model_class` (2 layers, width 64, 4 heads, 2 KV heads) with `config` on top and an
+    added special token, saved by save_instruct_model: (model, tokenizer, folder)."""
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
-    model = LlamaForCausalLM(LlamaConfig(
+    model = model_class(config_class(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_parameters=LLAMA3_ROPE,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)).eval()
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)).eval()
     return model, tokenizer, save_instruct_model(model, tokenizer, tmp_path / "m", card={}, train_config=None)
+
+
+def _saved_llama3(tmp_path):
+    """A tiny Llama with Llama 3's RoPE (see `_saved`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _saved(tmp_path, LlamaForCausalLM, LlamaConfig, max_position_embeddings=512,
+                  rope_parameters=LLAMA3_ROPE)
 
 
 @pytest.mark.parametrize("config, expected", [
@@ -105,38 +110,22 @@ with torch.no_grad():
 
 
 def _saved_gemma3(tmp_path):
-    """A tiny Gemma 3 text model (sliding and full attention layers, each with its RoPE: the full layers'
-    linearly scaled as in Gemma 3's 4B-27B), saved by save_instruct_model: (model, tokenizer, folder)."""
+    """A tiny Gemma 3 text model: sliding and full attention layers, each with its RoPE, the full layers'
+    linearly scaled as in Gemma 3's 4B-27B (see `_saved`)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
-    model = Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)).eval()
-    return model, tokenizer, save_instruct_model(model, tokenizer, tmp_path / "m", card={}, train_config=None)
+    return _saved(tmp_path, Gemma3ForCausalLM, Gemma3TextConfig, head_dim=16, sliding_window=4,
+                  layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}})
 
 
 def _saved_qwen3(tmp_path):
-    """A tiny Qwen3 (q/k norms, rope_theta 1e6 as Qwen3's releases), saved by save_instruct_model."""
+    """A tiny Qwen3 (q/k norms; rope_theta 1e6 as Qwen3's releases; see `_saved`)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(0)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)).eval()
-    return model, tokenizer, save_instruct_model(model, tokenizer, tmp_path / "m", card={}, train_config=None)
+    return _saved(tmp_path, Qwen3ForCausalLM, Qwen3Config, head_dim=16,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 
 
 @pytest.mark.slow

@@ -28,7 +28,6 @@ def test_render_basic_and_strip():
     assert r.choices == ("1", "2", "3", "4", "5")
 
 
-
 @pytest.mark.parametrize("choices", [("caf\u00e9", "bar"), "caf\u00e9|||bar"])
 def test_label_spelled_decomposed_takes_the_choice_spelling(choices):
     # "cafe" + combining acute (NFD) is the choice "caf\u00e9" (NFC) up to canonical equivalence: the example's
