@@ -22,8 +22,9 @@ def _write(path: Path, completions: list[str]) -> Path:
     return path
 
 
-def _prepare(tmp_path: Path, **dataset) -> tuple[dict, list[dict]]:
-    config = RunConfig(name="p3", output_dir=str(tmp_path / "runs"), datasets=[DatasetConfig(**dataset)])
+def _prepare(tmp_path: Path, run: dict | None = None, **dataset) -> tuple[dict, list[dict]]:
+    config = RunConfig(name="p3", output_dir=str(tmp_path / "runs"), datasets=[DatasetConfig(**dataset)],
+                       **(run or {}))
     result = prepare(config, library=TemplateLibrary([], []))
     examples = [ex for split in ("train", "validation", "test") for ex in load_examples(config.run_dir, split)]
     return result.stats["datasets"][config.datasets[0].name or Path(dataset["path"]).stem], examples
@@ -80,6 +81,32 @@ def test_a_completion_outside_declared_choices_names_file_and_line(tmp_path):
     stats, examples = _prepare(tmp_path, path=str(path), choices=["1", "2", "3", "4", "5"], skip_bad_rows=True)
     assert stats["rows_skipped_by_reason"] == {"completion outside the declared choices": 1}
     assert len(examples) == 100
+
+
+NFC, NFD = "caf\u00e9", "cafe\u0301"  # the same text up to canonical equivalence, spelled apart
+
+
+@pytest.mark.parametrize("streaming", ["off", "on"])
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_completion_spelled_decomposed_is_its_choice(tmp_path, streaming, declared):
+    # Every row whose completion is "cafe" + combining acute is the answer "caf\u00e9" (which it looks the same
+    # as): kept, trained and scored under the choice's spelling; declared, it was a bad row; detected, the two
+    # spellings were two choices that rank classification cannot tell apart.
+    answers = [NFC if i % 3 else NFD if i % 2 else "tea" for i in range(60)]  # 20 tea, 30 NFC, 10 NFD
+    config = {"split": {"streaming": streaming}}
+    stats, examples = _prepare(tmp_path, path=str(_write(tmp_path / "drinks.jsonl", answers)),
+                               choices=[NFC, "tea"] if declared else "auto", run=config)
+    expected = [NFC, "tea"]  # detected: spelled as most rows spell it
+    assert stats["answers"]["choices"] == expected and stats["answers"]["coverage"] == 1.0
+    assert stats["answers"]["distinct"] == 3  # the spellings as read
+    assert len(examples) == 60 and not stats.get("rows_skipped_by_reason")
+    assert sorted(ex["completion"] for ex in examples) == sorted(NFC if a == NFD else a for a in answers)
+    assert all(ex["label"] == ex["completion"] and ex["choices"] == expected for ex in examples)
+
+
+def test_detection_spells_an_answer_as_most_rows_do():
+    assert decide_answers([NFD] * 12 + [NFC] * 8 + ["tea"] * 20, "auto", None).choices == [NFD, "tea"]
+    assert decide_answers([NFD] * 10 + [NFC] * 10 + ["tea"] * 20, "auto", None).choices == [NFC, "tea"]  # tie
 
 
 def test_choices_on_templated_data_is_a_config_error(tmp_path):

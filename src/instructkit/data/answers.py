@@ -13,17 +13,20 @@ answers "1"-"5": 171 s of generation for 40 examples before). The decision, and 
 Rows whose completion is outside the choices: with declared choices they are bad rows (an error naming
 file and line, or skipped and counted with `skip_bad_rows`); with detected ones (at most 5% of the rows)
 they are left out and counted (`rows_skipped_by_reason`), so every evaluated example has its answer among
-the choices.
+the choices. A completion spelled differently from a choice but the same text up to Unicode canonical
+equivalence (NFC: "cafe" + combining acute against "caf\u00e9") is that choice (templates/template.as_written_in):
+detection counts the two spellings as one answer, spelled as most rows spell it.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from instructkit.data.chat import CHAT_METRICS
-from instructkit.templates.template import DEFAULT_METRICS
+from instructkit.templates.template import DEFAULT_METRICS, as_written_in
 
 MAX_CLASSES = 20
 MIN_COVERAGE = 0.95
@@ -55,6 +58,19 @@ def _order(values: Sequence[str]) -> list[str]:
         return sorted(values, key=float)
     except ValueError:
         return sorted(values)
+
+
+def _equivalents_merged(counts: Counter) -> Counter:
+    """`counts` with string keys that are canonically equivalent (same NFC form) counted as one, under the
+    spelling most rows use (ties: the NFC one, then the first in code-point order); other keys unchanged."""
+    groups: dict = {}
+    for value in counts:
+        groups.setdefault(unicodedata.normalize("NFC", value) if isinstance(value, str) else value, []).append(value)
+    merged: Counter = Counter()
+    for nfc, spellings in groups.items():
+        spelled = min(spellings, key=lambda v: (-counts[v], v != nfc, v))
+        merged[spelled] = sum(counts[v] for v in spellings)
+    return merged
 
 
 def _frequent(counts: Counter, n: int) -> list[str]:
@@ -90,7 +106,7 @@ def decide_counts(counts: Counter, n: int, choices: list[str] | str, metrics: li
     elif choices == "auto" and conversations:
         chosen, origin, rule = None, "default", "conversations are free text unless the config declares choices"
     elif choices == "auto" and n:
-        top = _frequent(counts, n)
+        top = _frequent(_equivalents_merged(counts), n)
         classify = (len(top) <= MAX_CLASSES and n >= MIN_ROWS_PER_CLASS * len(top)
                     and all(isinstance(v, str) for v in top))
         chosen, origin = (_order(top), "detected") if classify else (None, "default")
@@ -98,7 +114,9 @@ def decide_counts(counts: Counter, n: int, choices: list[str] | str, metrics: li
         chosen, origin = None, "declared" if choices == "none" else "default"
         rule = "declared in the config (choices: none)" if choices == "none" else rule
     task = CLASSIFICATION if chosen else FREE_TEXT_TASK
-    coverage = round(sum(counts[v] for v in chosen) / n, 4) if chosen and n else None
+    inside = sum(c for v, c in counts.items() if isinstance(v, str) and as_written_in(chosen, v) in chosen) \
+        if chosen else 0
+    coverage = round(inside / n, 4) if chosen and n else None
     default = CHAT_METRICS if conversations and not chosen else DEFAULT_METRICS[task]  # what the examples get
     return Answers(task=task, choices=chosen, metrics=list(metrics or default), origin=origin,
                    distinct=len(counts), coverage=coverage, rule=rule)

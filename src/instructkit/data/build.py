@@ -48,7 +48,7 @@ from instructkit.errors import ConfigError, DataError, TemplateError
 from instructkit.io import atomic_open, read_jsonl
 from instructkit.templates.library import TemplateLibrary
 from instructkit.templates.sandbox import fields_read
-from instructkit.templates.template import DEFAULT_METRICS, Rendered, Template
+from instructkit.templates.template import DEFAULT_METRICS, Rendered, Template, as_written_in
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,18 @@ def _as_is_example(plan: DatasetPlan, row: dict, source_id: str) -> Example:
     kind = plan.source.kind
     closed = plan.answers is not None and plan.answers.choices is not None  # data/answers.py
     default_metrics = CHAT_METRICS if kind == "chat" else DEFAULT_METRICS[AS_IS_TASK]
+    # a completion spelled apart from its choice but the same text up to NFC is trained and scored as the choice
+    completion = as_written_in(plan.answers.choices, row["completion"]) if closed else row["completion"]
     return Example(
         prompt=row["prompt"],
-        completion=row["completion"],
+        completion=completion,
         choices=plan.answers.choices if closed else None,
         task=plan.answers.task if closed else AS_IS_TASK,
         template_id=f"{plan.name}.{'chat' if kind == 'chat' else 'as_is'}",
         source_id=source_id,
         dataset=plan.name,
         template_version=AS_IS_VERSION,
-        label=row["completion"] if closed else None,
+        label=completion if closed else None,
         metrics=list(plan.config.metrics or (plan.answers.metrics if closed else default_metrics)),
         held_out=plan.held_out,
         messages=row.get("messages") if kind == "chat" else None,

@@ -41,7 +41,7 @@ from instructkit.data.table import Problems
 from instructkit.errors import ConfigError, TemplateError
 from instructkit.templates.library import TemplateLibrary
 from instructkit.templates.schema import Schema, label_key
-from instructkit.templates.template import Template
+from instructkit.templates.template import Template, as_written_in
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def instruction_answers(dataset: DatasetConfig, source: Source, dedup: DedupResu
     allowed, problems, kept = set(answers.choices), Problems(dataset.skip_bad_rows), []
     for r in dedup.keep:
         completion = source.rows[r]["completion"]
-        if completion in allowed:
+        if as_written_in(answers.choices, completion) in allowed:  # a choice, or one up to NFC
             kept.append(r)
         elif answers.origin == "declared":
             problems.bad("completion outside the declared choices", f"{source.where(r)}: completion "

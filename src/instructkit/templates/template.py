@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +73,7 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-def as_written_in(choices: tuple[str, ...] | None, completion: str) -> str:
+def as_written_in(choices: Sequence[str] | None, completion: str) -> str:
     """`completion` as spelled in `choices` when it is the same text up to Unicode canonical equivalence
     (NFC: a label stored decomposed, "Cafe\u0301", against the choice "Caf\u00e9"), else unchanged.
 
