@@ -163,11 +163,42 @@ def test_bleu_of_chinese_counts_characters_by_hand():
 
 
 def test_bleu_tokenizer_follows_the_references_script():
+    # sacrebleu's own default per language (ja-mecab and ko-mecab come with instructkit[cjk], in [test])
     assert gm.bleu_tokenizer(BLEU_REFS) == "13a"  # spaced text: sacrebleu's default, figures unchanged
     assert gm.bleu_tokenizer(["a man rides a bike", "今天天气很好"]) == "zh"
-    assert gm.bleu_tokenizer(["私は学生です"]) == "zh"
+    assert gm.bleu_tokenizer(["私は学生です"]) == "ja-mecab"
+    assert gm.bleu_tokenizer(["안녕하세요 세계"]) == "ko-mecab"
     assert gm.bleu_tokenizer(["ฉันชอบกินข้าว"]) == "char"
-    assert gm.bleu_tokenizer(["Привет мир", "안녕하세요 세계"]) == "13a"  # spaced scripts keep 13a
+    assert gm.bleu_tokenizer(["Привет мир"]) == "13a"
+
+
+def test_bleu_tokenizer_without_mecab_falls_back_and_says_so(monkeypatch, caplog):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    gm._mecab_installed.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=gm.__name__):
+            assert gm.bleu_tokenizer(["私は学生です"]) == "zh"
+            assert gm.bleu_tokenizer(["안녕하세요 세계"]) == "13a"
+            assert gm.bleu_tokenizer(["私は先生です"]) == "zh"
+    finally:
+        gm._mecab_installed.cache_clear()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("pip install 'instructkit[cjk]'" in m for m in said)  # once per tokenizer
+
+
+def test_bleu_of_japanese_counts_mecab_words_by_hand():
+    # ja-mecab: ref 猫 が マット の 上 に 座っ て い た 。 (11), hyp 猫 が マット に 座っ て い た 。 (9);
+    # clipped matches 9/9, 7/8, 5/7, 3/6; BP exp(1 - 11/9). Through zh (every kana a token) it was 28.6.
+    expected = 100 * math.exp(1 - 11 / 9) * (9 / 9 * 7 / 8 * 5 / 7 * 3 / 6) ** 0.25
+    assert gm.corpus_bleu(["猫がマットに座っていた。"], ["猫がマットの上に座っていた。"]) == pytest.approx(expected)
+
+
+def test_bleu_of_korean_counts_mecab_morphemes_by_hand():
+    # ko-mecab: 나 는 어제 학교 에/로 갔 습니다 . (8 each); matches 7/8, 5/7, 3/6, 1/5, BP 1 -> exactly 50
+    # (13a, whole words: 30.2).
+    assert gm.corpus_bleu(["나는 어제 학교로 갔습니다."], ["나는 어제 학교에 갔습니다."]) == pytest.approx(50.0)
 
 
 def test_bleu_resampler_tokenizes_as_the_point_estimate():

@@ -1,7 +1,7 @@
 """Evaluation: metrics (``instructkit.evaluate.metrics``) and bootstrap confidence intervals
 (``instructkit.evaluate.bootstrap``)."""
 
-SCORING_VERSION = 4
+SCORING_VERSION = 5
 """The version of the scoring rules, raised in each release whose scoring differs for the same model, examples
 and eval settings. It is written to eval.json (`settings.scoring_version`) and is part of the run's
 evaluation fingerprint: when it has changed, `instructkit run` evaluates again (the earlier evaluation kept
@@ -19,4 +19,6 @@ beside the run) instead of counting the earlier one as up to date.
     4   a generated answer that hedges between choices ("positive/negative", "4 or 5") names none; one that
         does not start with a choice is read after its last "answer is" / "answer:" ("... The answer is 4.");
         rougeLsum and the lead-sentence baseline end no sentence at an abbreviation or initial ("Dr.", "J.")
+    5   BLEU tokenizes Japanese references with ja-mecab and Korean ones with ko-mecab, sacrebleu's own
+        defaults for them, where instructkit[cjk] is installed (else zh / 13a as before, with a warning)
 """
