@@ -18,6 +18,7 @@ field (`python -m instructkit.config_docs`).
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,18 @@ class DatasetConfig(Section):
         "accuracy and macro_f1 with choices, else rougeL). Templated data: a template's own metrics, or "
         "eval.metrics.")
 
+    @field_validator("choices")
+    @classmethod
+    def _distinct_choices(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            seen: dict[str, str] = {}
+            for choice in value:
+                other = seen.setdefault(unicodedata.normalize("NFC", choice), choice)
+                if other != choice:
+                    raise ValueError(f"choices {other!r} and {choice!r} are the same text (Unicode canonical "
+                                     "equivalence, NFC): keep one spelling")
+        return value
+
     @field_validator("delimiter")
     @classmethod
     def _one_separator(cls, value: str | None) -> str | None:
@@ -152,7 +165,8 @@ class SplitConfig(Section):
         "dedup, then rendered) and shuffle train on disk; the same split and files as in memory. 'auto': "
         "when the data files pass 64 MB.")
     text_match: Literal["exact", "normalized"] = Field(
-        "exact", description="How dedup keys and the leakage guard's prompts compare: 'exact', or 'normalized' "
+        "exact", description="How dedup keys and the leakage guard's prompts compare: 'exact' (dedup keys up to "
+        "Unicode canonical equivalence, NFC: 'cafe\u0301' = 'caf\u00e9'), or 'normalized' "
         "(Unicode NFKC, casefolded, whitespace runs one space, stripped: 'Great product!' = 'great  product! ').")
 
     @field_validator("streaming", mode="before")

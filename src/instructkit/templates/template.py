@@ -73,18 +73,25 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _spelling_of(choices: tuple[str, ...]) -> dict[str, str]:
+    """Each choice by its NFC form; a form two choices share leads to neither."""
+    forms = [unicodedata.normalize("NFC", c) for c in choices]
+    return {f: c for f, c in zip(forms, choices) if forms.count(f) == 1}
+
+
 def as_written_in(choices: Sequence[str] | None, completion: str) -> str:
     """`completion` as spelled in `choices` when it is the same text up to Unicode canonical equivalence
-    (NFC: a label stored decomposed, "Cafe\u0301", against the choice "Caf\u00e9"), else unchanged.
+    (NFC: a label stored decomposed, "Cafe\u0301", against the choice "Caf\u00e9"), else unchanged
+    (also when two choices are that text: neither is picked).
 
     The two spellings look the same but tokenize differently, so rank classification would never pick
-    the label's spelling; the choice's is the one the model is trained and scored on.
+    the label's spelling; the choice's is the one the model is trained and scored on. Cost: one NFC of
+    `completion` when it is not a choice as written (the choices' forms are computed once per set).
     """
     if choices is None or completion in choices:
         return completion
-    wanted = unicodedata.normalize("NFC", completion)
-    same = [c for c in choices if unicodedata.normalize("NFC", c) == wanted]
-    return same[0] if len(same) == 1 else completion
+    return _spelling_of(tuple(choices)).get(unicodedata.normalize("NFC", completion), completion)
 
 
 @dataclass(frozen=True)
