@@ -90,6 +90,16 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
     assert "up to date (skipped): prepare, train" in out and "evaluate-base" not in out.split("skipped")[1]
     assert (tmp_path / "runs" / "e2e.previous-1" / "eval" / "base" / "eval.json").is_file()
     assert json.loads((run_dir / "report.json").read_text())["headline"] == json.loads(before)["headline"]
+    # So are those scored with other MeCab tokenizers installed (Japanese and Korean BLEU depend on them).
+    from instructkit.evaluate import generation_metrics
+
+    assert json.loads((run_dir / "eval/base/eval.json").read_text())["settings"]["bleu_mecab"] == \
+        list(generation_metrics.installed_mecab())
+    monkeypatch.setattr(generation_metrics, "installed_mecab", lambda: ("ja-mecab",))
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "up to date (skipped): prepare, train" in out and "evaluate-base" not in out.split("skipped")[1]
     # Data an earlier rendering version prepared is prepared again; the same files keep every later step.
     from instructkit.data import build
 

@@ -148,6 +148,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
     # 1. prepare: source rows -> split -> templated examples.
     from instructkit.data.build import PREPARE_VERSION, prepare, training_pool
+    from instructkit.evaluate.generation_metrics import installed_mecab
 
     prep_fp = _digest({"datasets": cfg["datasets"], "split": cfg["split"], "templates": cfg["templates"],
                        "inputs": _input_digests(config), "version": PREPARE_VERSION})
@@ -158,7 +159,8 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir))
     data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
     scoring = {k: v for k, v in cfg["eval"].items() if k != "base_beside_training"}  # where, not what
-    eval_fp = _digest({"eval": scoring, "model": cfg["model"], "data": data_fp, "scoring": SCORING_VERSION})
+    eval_fp = _digest({"eval": scoring, "model": cfg["model"], "data": data_fp, "scoring": SCORING_VERSION,
+                       "bleu_mecab": installed_mecab()})  # Japanese / Korean BLEU depends on them
     # Validation ranks choices as evaluation does (early stopping and the best checkpoint depend on it).
     ranking = {k: cfg["eval"][k] for k in ("choice_end", "length_normalized")}
     learned = {k: v for k, v in cfg["train"].items() if k not in NOT_LEARNED}

@@ -193,13 +193,16 @@ def test_bleu_tokenizer_without_mecab_falls_back_and_says_so(monkeypatch, caplog
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     gm._mecab_installed.cache_clear()
+    gm.installed_mecab.cache_clear()
     try:
+        assert gm.installed_mecab() == ()
         with caplog.at_level("WARNING", logger=gm.__name__):
             assert gm.bleu_tokenizer(["私は学生です"]) == "zh"
             assert gm.bleu_tokenizer(["안녕하세요 세계"]) == "13a"
             assert gm.bleu_tokenizer(["私は先生です"]) == "zh"
     finally:
         gm._mecab_installed.cache_clear()
+        gm.installed_mecab.cache_clear()
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all("pip install 'instructkit[cjk]'" in m for m in said)  # once per tokenizer
 

@@ -37,6 +37,7 @@ from instructkit.errors import ConfigError, DataError, TemplateError
 from instructkit.evaluate import SCORING_VERSION
 from instructkit.evaluate.chat import eval_prompt
 from instructkit.evaluate.fewshot import _demonstrations, answer_end
+from instructkit.evaluate.generation_metrics import installed_mecab
 from instructkit.evaluate.groups import group_keys
 from instructkit.evaluate.metric_registry import HIGHER_IS_BETTER
 from instructkit.evaluate.summary import (
@@ -236,7 +237,8 @@ def evaluate_examples(
                   "num_beams": cfg.num_beams,
                   "do_sample": cfg.do_sample, "classify_by": classify_by, "seed": seed,
                   "bootstrap_resamples": cfg.bootstrap_resamples,
-                  "short_of_demonstrations": short, "scoring_version": SCORING_VERSION},
+                  "short_of_demonstrations": short, "scoring_version": SCORING_VERSION,
+                  "bleu_mecab": list(installed_mecab())},
     )
 
 

@@ -178,14 +178,23 @@ _TIES = ("zh", "ja-mecab", "ko-mecab", "char")  # earlier wins a tie
 
 
 @cache
-def _mecab_installed(tokenizer: str) -> bool:
-    """Whether sacrebleu's `tokenizer` ("ja-mecab" or "ko-mecab") can run: its MeCab binding and dictionary
-    import (``pip install 'instructkit[cjk]'``, which is ``sacrebleu[ja,ko]``). Logs once when not."""
+def installed_mecab() -> tuple[str, ...]:
+    """sacrebleu's MeCab tokenizers ("ja-mecab", "ko-mecab") whose binding and dictionary are installed
+    (``pip install 'instructkit[cjk]'``, which is ``sacrebleu[ja,ko]``). BLEU on Japanese or Korean
+    references depends on them, so eval.json's settings and the run's evaluation fingerprint hold them."""
     import importlib.util
 
-    binding, dictionary, extra = _MECAB[tokenizer]
-    if all(importlib.util.find_spec(m) is not None for m in (binding, dictionary)):
+    return tuple(t for t, (binding, dictionary, _) in _MECAB.items()
+                 if all(importlib.util.find_spec(m) is not None for m in (binding, dictionary)))
+
+
+@cache
+def _mecab_installed(tokenizer: str) -> bool:
+    """Whether sacrebleu's `tokenizer` ("ja-mecab" or "ko-mecab") can run (`installed_mecab`); logs once
+    when not."""
+    if tokenizer in installed_mecab():
         return True
+    extra = _MECAB[tokenizer][2]
     log.warning("BLEU on %s references: sacrebleu's %s tokenizer is not installed (pip install "
                 "'instructkit[cjk]'); using %s, whose BLEU is not comparable to published %s figures", extra,
                 tokenizer, "zh" if extra == "ja" else "13a", tokenizer)
