@@ -8,6 +8,9 @@ it (the leak of modelscope/ms-swift#4439). Training then must fall back to padde
 
 from __future__ import annotations
 
+from itertools import pairwise
+from types import SimpleNamespace
+
 import pytest
 import torch
 from _train_helpers import make_examples, tokenized, train_config
@@ -23,7 +26,9 @@ def _tiny(kind: str, tokenizer, attn: str = "sdpa"):
                        "num_key_value_heads": 2},
              "opt": {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "word_embed_proj_dim": 32},
-             "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4}}[kind]
+             "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4},
+             "gpt_bigcode": {"n_embd": 32, "n_layer": 2, "n_head": 4},
+             "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4}}[kind]
     config = AutoConfig.for_model(kind, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes)
     if attn == "sdpa_varlen":
@@ -34,13 +39,46 @@ def _tiny(kind: str, tokenizer, attn: str = "sdpa"):
 
 @pytest.mark.parametrize("kind, attn, apart", [("llama", "sdpa", True), ("llama", "eager", True),
                                                ("llama", "sdpa_varlen", True), ("opt", "sdpa", False),
-                                               ("opt", "sdpa_varlen", True), ("bloom", "eager", False)])
+                                               ("opt", "sdpa_varlen", True), ("bloom", "eager", False),
+                                               ("gpt_bigcode", "sdpa", True), ("gpt_bigcode", "sdpa_varlen", False)])
 @pytest.mark.parametrize("one_row", [False, True])
 def test_the_probe_tells_which_attention_keeps_packed_examples_apart(tiny_tokenizer, kind, attn, apart, one_row):
     model = _tiny(kind, tiny_tokenizer, attn)
     model.train()
     assert keeps_packed_examples_apart(model, one_row) is apart
     assert model.training  # put back as it was
+
+
+class _PositionsThroughTheRow(torch.nn.Module):
+    """A model that keeps each packed example's attention apart but numbers its positions through the row
+    (as position embeddings taken from the row's length, not from position_ids, do). Over GPT-2's learned
+    absolute position embeddings that changes what each example reads; over RoPE it would not (rotary
+    attention sees relative positions only, and the probe rightly passes it)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, position_ids, use_cache=False):
+        rows = []
+        for ids, pos in zip(input_ids, position_ids):
+            starts = [*torch.nonzero(pos == 0).flatten().tolist(), len(pos)]
+            rows.append(torch.cat([self.inner(input_ids=ids[None, a:b], position_ids=torch.arange(a, b)[None],
+                                              use_cache=use_cache).logits[0] for a, b in pairwise(starts)]))
+        return SimpleNamespace(logits=torch.stack(rows))
+
+
+@pytest.mark.parametrize("one_row", [False, True])
+def test_the_probe_tells_a_model_that_numbers_positions_through_the_row(tiny_tokenizer, one_row, caplog):
+    inner = _tiny("gpt2", tiny_tokenizer)
+    assert keeps_packed_examples_apart(inner, one_row)
+    assert keeps_packed_examples_apart(_PositionsThroughTheRow(_tiny("llama", tiny_tokenizer)), one_row)
+    with caplog.at_level("WARNING", logger="instructkit"):
+        assert not keeps_packed_examples_apart(_PositionsThroughTheRow(inner), one_row)
+    assert "numbers positions through a packed row" in caplog.text
 
 
 def test_packing_falls_back_to_padded_rows_when_attention_crosses_examples(tiny_tokenizer, tmp_path):

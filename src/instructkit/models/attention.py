@@ -112,18 +112,22 @@ PROBE_TOKENS = 6  # tokens of each example in the packing probe
 
 @torch.no_grad()
 def keeps_packed_examples_apart(model: torch.nn.Module, one_row: bool) -> bool:
-    """Whether `model` attends within each example of a packed row (position_ids restarting at 0, no attention
-    mask), as train.packing needs; logs a warning when it does not.
+    """Whether `model` reads each example of a packed row as it reads that example alone (attention within
+    the example, positions restarting at its position_ids), as train.packing needs; logs a warning when not.
 
     The probe: two rows whose first examples differ (PROBE_TOKENS tokens each) and whose second examples are
-    the same; when attention stays within each example, the second example's logits are the same in both rows
-    (bitwise on deterministic kernels; accepted to 1e-3 of the largest logit). A model whose attention ignores
-    the restarts (in transformers 5: OPT, BLOOM, remote code without transformers' packed-sequence masks) gives
-    one causal attention over the whole row, so every later example reads the earlier ones (the leak of
-    modelscope/ms-swift#4439, huggingface/blog#2307's list of models that take position_ids). `one_row`: the
-    rows run as one forward each (FlashAttention's layout, data/sampler.one_row_attention), else as one batch.
-    Run on the model as it will train (on its device, wrapped by FSDP2: every process calls it), in eval
-    mode (no dropout, no random draw) and eager (not compiled); the model is put back in the mode it was in.
+    the same, and that second example alone. When attention stays within each example, the second example's
+    logits are the same in both rows; when the model also numbers positions by position_ids, they are those
+    of the example alone (bitwise on deterministic kernels; accepted to 1e-3 of the largest logit). A model
+    whose attention ignores the restarts (in transformers 5: OPT, BLOOM, GPTBigCode under sdpa_varlen, remote
+    code without transformers' packed-sequence masks) gives one causal attention over the whole row, so every
+    later example reads the earlier ones (the leak of modelscope/ms-swift#4439, huggingface/blog#2307's list
+    of models that take position_ids); one that keeps attention apart but numbers positions through the row
+    (position embeddings from the row's length, not position_ids) trains each example at positions it never
+    has at inference. `one_row`: the rows run as one forward each (FlashAttention's layout,
+    data/sampler.one_row_attention), else as one batch. Run on the model as it will train (on its device,
+    wrapped by FSDP2: every process calls it), in eval mode (no dropout, no random draw) and eager (not
+    compiled); the model is put back in the mode it was in.
     """
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -137,16 +141,20 @@ def keeps_packed_examples_apart(model: torch.nn.Module, one_row: bool) -> bool:
     model.eval()
     try:
         batches = [(rows[:1], positions[:1]), (rows[1:], positions[1:])] if one_row else [(rows, positions)]
+        batches.append((tokens[None, 2 * n:], positions[:1, :n]))  # the second example alone
         with torch.compiler.set_stance("force_eager"):  # a compiled model: no compilation for the probe
-            logits = torch.cat([model(input_ids=ids, position_ids=pos, use_cache=False).logits
-                                for ids, pos in batches])
+            logits = [model(input_ids=ids, position_ids=pos, use_cache=False).logits.float() for ids, pos in batches]
     finally:
         model.train(training)
-    second = logits[:, n:].float()
-    apart = (second[0] - second[1]).abs().max().item() <= 1e-3 * max(1.0, second.abs().max().item())
-    if not apart:
-        logger.warning("train.packing is off: %s (attention %s) attends across the examples of a packed row (it "
-                       "ignores the position_ids restarts), so each example would read the ones before it; "
-                       "training on padded rows instead", type(model).__name__,
-                       getattr(config, "_attn_implementation", None))
-    return apart
+    second, alone = torch.cat(logits[:-1])[:, n:], logits[-1][0]
+    tolerance = 1e-3 * max(1.0, second.abs().max().item())
+    apart = (second[0] - second[1]).abs().max().item() <= tolerance
+    restarted = apart and (second - alone).abs().max().item() <= tolerance
+    if not restarted:
+        why = ("attends across the examples of a packed row (it ignores the position_ids restarts), so each example "
+               "would read the ones before it") if not apart else (
+               "numbers positions through a packed row instead of by its position_ids, so each example would "
+               "train at positions it never has alone")
+        logger.warning("train.packing is off: %s (attention %s) %s; training on padded rows instead",
+                       type(model).__name__, getattr(config, "_attn_implementation", None), why)
+    return restarted
