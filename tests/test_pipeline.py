@@ -90,7 +90,7 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
     assert "up to date (skipped): prepare, train" in out and "evaluate-base" not in out.split("skipped")[1]
     assert (tmp_path / "runs" / "e2e.previous-1" / "eval" / "base" / "eval.json").is_file()
     assert json.loads((run_dir / "report.json").read_text())["headline"] == json.loads(before)["headline"]
-    # So are those scored with other MeCab tokenizers installed (Japanese and Korean BLEU depend on them).
+    # Other MeCab tokenizers installed change no figure of a run that scores no BLEU: nothing runs again.
     from instructkit.evaluate import generation_metrics
 
     assert json.loads((run_dir / "eval/base/eval.json").read_text())["settings"]["bleu_mecab"] == \
@@ -99,7 +99,7 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
     capsys.readouterr()
     assert main(["run", str(config)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "up to date (skipped): prepare, train" in out and "evaluate-base" not in out.split("skipped")[1]
+    assert "up to date (skipped): prepare, evaluate-base, train, evaluate-tuned, compare" in out
     # Data an earlier rendering version prepared is prepared again; the same files keep every later step.
     from instructkit.data import build
 
@@ -113,6 +113,22 @@ def test_run_end_to_end_then_skips_up_to_date_steps(tmp_path, tiny_model_dir, ca
 def _predictions(folder: Path) -> list[tuple[int, str]]:
     rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
     return [(row["index"], row["prediction"]) for row in rows]
+
+
+def test_evaluation_fingerprint_holds_the_mecab_tokenizers_only_where_bleu_is_scored(tmp_path, monkeypatch):
+    from instructkit.evaluate import generation_metrics
+
+    rouge, bleu = tmp_path / "rouge.jsonl", tmp_path / "bleu.jsonl"
+    rouge.write_text(json.dumps({"prompt": "Translate: bleu", "completion": "blue", "metrics": ["rougeL"]}) + "\n")
+    bleu.write_text(json.dumps({"prompt": "Translate: blue", "completion": "bleu", "metrics": ["bleu"]}) + "\n")
+    prints = {}
+    for installed in ((), ("ja-mecab", "ko-mecab")):
+        monkeypatch.setattr(generation_metrics, "installed_mecab", lambda installed=installed: installed)
+        prints[installed] = [pipeline.evaluation_fingerprint(scoring, {"name": "m"}, "d", test)
+                             for test, scoring in ((rouge, {}), (bleu, {}), (rouge, {"metrics": {"t": ["bleu"]}}))]
+    without, with_mecab = prints.values()
+    assert without[0] == with_mecab[0]  # no BLEU: the tokenizers change nothing
+    assert without[1] != with_mecab[1] and without[2] != with_mecab[2]  # BLEU in the examples or the settings
 
 
 def test_changed_train_settings_start_fresh_and_same_data_keeps_the_base_evaluation(tmp_path, tiny_model_dir,

@@ -200,6 +200,8 @@ def test_bleu_tokenizer_without_mecab_falls_back_and_says_so(monkeypatch, caplog
             assert gm.bleu_tokenizer(["私は学生です"]) == "zh"
             assert gm.bleu_tokenizer(["안녕하세요 세계"]) == "13a"
             assert gm.bleu_tokenizer(["私は先生です"]) == "zh"
+            # Korean read as 13a: the one Chinese reference still needs zh
+            assert gm.bleu_tokenizer(["안녕하세요 세계", "안녕 친구", "你好世界很大"]) == "zh"
     finally:
         gm._mecab_installed.cache_clear()
         gm.installed_mecab.cache_clear()

@@ -28,7 +28,9 @@ def _tiny(kind: str, tokenizer, attn: str = "sdpa"):
                      "word_embed_proj_dim": 32},
              "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4},
              "gpt_bigcode": {"n_embd": 32, "n_layer": 2, "n_head": 4},
-             "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4}}[kind]
+             "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4},
+             "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2}}[kind]
     config = AutoConfig.for_model(kind, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes)
     if attn == "sdpa_varlen":
@@ -47,6 +49,14 @@ def test_the_probe_tells_which_attention_keeps_packed_examples_apart(tiny_tokeni
     model.train()
     assert keeps_packed_examples_apart(model, one_row) is apart
     assert model.training  # put back as it was
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_the_probe_keeps_packing_for_a_bf16_model(tiny_tokenizer, kind):
+    # the example alone runs in other shapes than the packed rows, which in bf16 round differently
+    assert keeps_packed_examples_apart(_tiny(kind, tiny_tokenizer).to(torch.bfloat16), one_row=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert keeps_packed_examples_apart(_tiny(kind, tiny_tokenizer), one_row=True)
 
 
 class _PositionsThroughTheRow(torch.nn.Module):

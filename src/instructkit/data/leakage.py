@@ -23,16 +23,16 @@ from typing import Any
 
 from instructkit.config import SplitConfig
 from instructkit.data.chat import chat_prompt
-from instructkit.data.split import normalized_text
+from instructkit.data.split import canonical_text, normalized_text
 
 NOTE_SHARE = 0.1
 """A dataset note is added when the guard leaves out more than this share of a template's training examples."""
 
 
 def prompt_digest(prompt: str, normalize: bool = False) -> bytes:
-    """The 16-byte BLAKE2b digest a prompt is kept as (of its `normalized_text` with `normalize`)."""
-    if normalize:
-        prompt = normalized_text(prompt)
+    """The 16-byte BLAKE2b digest a prompt is kept as: of its `normalized_text` with `normalize`, else of
+    its NFC form (`canonical_text`: canonically equivalent spellings are one prompt)."""
+    prompt = normalized_text(prompt) if normalize else canonical_text(prompt)
     return hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 

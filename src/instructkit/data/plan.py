@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from instructkit.config import DatasetConfig, RunConfig
 from instructkit.data.answers import OUTSIDE_DETECTED, Answers, decide_answers
 from instructkit.data.sources import DEMO_SCHEMA, Source, dataset_name, load_source
-from instructkit.data.split import DedupResult, SplitResult, deduplicate, largest_remainder, split_rows
+from instructkit.data.split import (
+    DedupResult,
+    SplitResult,
+    canonical_text,
+    deduplicate,
+    largest_remainder,
+    split_rows,
+)
 from instructkit.data.table import Problems
 from instructkit.errors import ConfigError, TemplateError
 from instructkit.templates.library import TemplateLibrary
@@ -201,7 +208,7 @@ def plan_dataset(dataset: DatasetConfig, library: TemplateLibrary, config: RunCo
         for r in rows:
             value = label_key(all_rows[r][label_field])
             labels.append(names.get(value, value))
-    groups = [all_rows[r].get(group_by) for r in rows] if group_by else None
+    groups = [canonical_text(all_rows[r].get(group_by)) for r in rows] if group_by else None
     given = [source.given[r] for r in rows] if source.given is not None else None
     result = split_rows(
         len(rows),

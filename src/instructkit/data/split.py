@@ -13,7 +13,8 @@ The label field is left out of the key, so that rows agreeing on everything but 
 When files give their own splits, a duplicate group spanning them keeps its row in the most
 evaluation-side split (test, then validation, then train), so published test sets stay whole and the
 training copies of test rows go.
-Key texts are compared as written, or with `split.text_match: normalized` as `normalized_text` writes them
+Key texts, labels and `group_by` values are compared up to Unicode canonical equivalence (NFC:
+"cafe\u0301" = "caf\u00e9", `canonical_text`), or key texts with `split.text_match: normalized` as `normalized_text` writes them
 (Unicode NFKC, casefolded, whitespace runs as one space, stripped: "Great product!" and "great  product! "
 plus a newline are one row); the leakage guard (leakage.py) compares prompts the same way.
 

