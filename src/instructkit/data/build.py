@@ -56,9 +56,10 @@ AS_IS_TASK = "instruction_following"
 """Task family of data that comes already in prompt/completion or chat form."""
 AS_IS_VERSION = "as-is"
 _WRITE_BATCH = 4096
-PREPARE_VERSION = 2
+PREPARE_VERSION = 3
 """Raised when the same config and input files give other examples (2: a completion's trailing EOS marker
-written by a template is dropped; a PromptSource `|||` inside a Jinja block): part of `instructkit run`'s
+written by a template is dropped; a PromptSource `|||` inside a Jinja block; 3: texts, labels, group_by
+values, answer choices and the leakage guard's prompts compare up to Unicode NFC): part of `instructkit run`'s
 prepare fingerprint, so an earlier run prepares again (its later steps are kept when the files come out
 the same)."""
 STREAM_ABOVE_BYTES = 64 << 20
