@@ -121,11 +121,12 @@ class DatasetConfig(Section):
     def _distinct_choices(cls, value: list[str] | str) -> list[str] | str:
         if isinstance(value, list):
             seen: dict[str, str] = {}
-            for choice in value:
-                other = seen.setdefault(unicodedata.normalize("NFC", choice), choice)
-                if other != choice:
-                    raise ValueError(f"choices {other!r} and {choice!r} are the same text (Unicode canonical "
-                                     "equivalence, NFC): keep one spelling")
+            for k, choice in enumerate(value):
+                form = unicodedata.normalize("NFC", choice)
+                if form in seen:
+                    raise ValueError(f"choices {seen[form]!r} and {choice!r} (entry {k + 1}) are the same text (up "
+                                     "to Unicode canonical equivalence, NFC): keep one")
+                seen[form] = choice
         return value
 
     @field_validator("delimiter")

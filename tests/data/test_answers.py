@@ -127,9 +127,10 @@ def test_rows_the_same_up_to_nfc_are_duplicates(tmp_path, streaming):
     assert len({(ex["prompt"], ex["completion"]) for ex in examples}) == 60
 
 
-def test_declared_choices_the_same_up_to_nfc_are_a_config_error():
-    with pytest.raises(ValueError, match="are the same text"):
-        DatasetConfig(path="x.jsonl", choices=[NFC, "tea", NFD])
+@pytest.mark.parametrize("twice", [NFD, NFC])
+def test_declared_choices_the_same_up_to_nfc_are_a_config_error(twice):
+    with pytest.raises(ValueError, match=r"\(entry 3\) are the same text"):
+        DatasetConfig(path="x.jsonl", choices=[NFC, "tea", twice])
 
 
 def test_detection_counts_spellings_as_one_answer_spelled_in_nfc():

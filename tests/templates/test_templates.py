@@ -139,6 +139,11 @@ def test_native_collection_and_check(tmp_path):
         (lambda s: s.replace('"Is this positive or negative? {{ text }}"', '"{{ \'\' }}"'), "empty-prompt"),
         (lambda s: s.replace("{text: bad, label: 0}", "{text: bad, label: 7}"), "label-outside-map"),
         (lambda s: s.replace("answer_choices: [negative, positive]", ""), "missing-choices"),
+        (lambda s: s.replace("answer_choices: [negative, positive]",
+                             "answer_choices: \"negative ||| positive ||| {{ 'positive' }}\""), "duplicate-choice"),
+        (lambda s: s.replace("answer_choices: [negative, positive]",
+                             "answer_choices: \"negative ||| positive ||| caf\\u00e9 ||| {{ 'cafe\\u0301' }}\""),
+         "duplicate-choice"),
     ],
 )
 def test_check_rules_name_template_and_rule(tmp_path, edit, rule):
@@ -154,6 +159,14 @@ def test_duplicate_ids_reported(tmp_path):
     (tmp_path / "b.yaml").write_text(NATIVE.replace("name: toy", "name: toy2"))
     problems = TemplateLibrary.from_files([tmp_path / "a.yaml", tmp_path / "b.yaml"]).check()
     assert [p.rule for p in problems].count("duplicate-id") == 1
+
+
+@pytest.mark.parametrize("choices", ["[negative, positive, positive]", '[negative, "caf\\u00e9", "cafe\\u0301"]'])
+def test_a_listed_choice_repeated_up_to_nfc_is_an_error(tmp_path, choices):
+    path = tmp_path / "toy.yaml"
+    path.write_text(NATIVE.replace("[negative, positive]", choices))
+    with pytest.raises(TemplateError, match="repeated choice"):
+        load_collection(path)
 
 
 def test_unknown_key_suggests_nearest(tmp_path):

@@ -7,6 +7,7 @@ YAML loading is safe: the two PromptSource tags build plain mappings, nothing el
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,9 @@ def _native_template(raw: Any, schema: Schema, where: str) -> Template:
         # stripped as rendered completions and `|||` choices are: [" yes", " no"] (a leading space, as
         # lm-evaluation-harness writes targets) is yes / no, never a list no completion can match
         choices = tuple(str(c).strip() for c in choices)
-        if "" in choices or len(set(choices)) < len(choices):
+        if "" in choices or len({unicodedata.normalize("NFC", c) for c in choices}) < len(choices):
             raise TemplateError(f"{where}: `answer_choices` {list(raw['answer_choices'])} has an empty or repeated "
-                                "choice (choices are compared without surrounding whitespace)")
+                                "choice (choices are compared without surrounding whitespace, up to Unicode NFC)")
     elif choices is not None and not isinstance(choices, str):
         raise TemplateError(f"{where}: `answer_choices` must be a list or a Jinja string with |||")
     metrics = raw.get("metrics") or ()

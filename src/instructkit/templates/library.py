@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -216,6 +217,11 @@ def check_row(template: Template, schema: Schema | None, row: Mapping[str, Any],
     if rendered.choices is not None:
         if any(not c for c in rendered.choices):
             problems.append(Problem(template.id, "empty-choice", f"an answer choice renders empty: {rendered.choices}", index))
+        forms = Counter(unicodedata.normalize("NFC", c) for c in rendered.choices)
+        if len(forms) < len(rendered.choices):  # rank classification cannot tell them apart
+            same = [c for c in rendered.choices if forms[unicodedata.normalize("NFC", c)] > 1]
+            problems.append(Problem(template.id, "duplicate-choice", f"answer choices {same} are the same text "
+                                    "(up to Unicode canonical equivalence, NFC)", index))
         if rendered.completion and rendered.completion not in rendered.choices:
             problems.append(
                 Problem(
