@@ -227,3 +227,18 @@ def test_bleu_resampler_tokenizes_as_the_point_estimate():
     resample = reg.METRICS["bleu"].resampler(preds, refs)
     assert resample(np.array([[0, 1]]))[0] == pytest.approx(gm.corpus_bleu(preds, refs))
     assert gm.corpus_bleu(preds, refs) > 0
+
+
+@pytest.mark.parametrize("name, perfect", [("exact_match", 1.0), ("token_f1", 1.0), ("rouge1", 1.0), ("rougeL", 1.0),
+                                           ("rougeLsum", 1.0), ("bleu", 100.0), ("chrf", 100.0)])
+def test_a_canonically_equivalent_spelling_is_the_same_text_to_every_text_metric(name, perfect):
+    # the model writes "café" composed (NFC), the reference is stored decomposed ("cafe" + U+0301): the same
+    # text; before, EM and token F1 were 0, ROUGE split "cafe" from a lone accent, BLEU and chrF fell
+    composed = "Le caf\u00e9 ouvre \u00e0 huit heures et ferme \u00e0 midi ."
+    decomposed = "Le cafe\u0301 ouvre a\u0300 huit heures et ferme a\u0300 midi ."
+    assert composed != decomposed
+    spec = reg.METRICS[name]
+    assert spec.fn([composed], [decomposed]) == pytest.approx(perfect)
+    assert spec.fn([decomposed], [composed]) == pytest.approx(perfect)
+    if spec.resampler is not None:
+        assert spec.resampler([composed] * 3, [decomposed] * 3)(np.array([[0, 1, 2]]))[0] == pytest.approx(perfect)

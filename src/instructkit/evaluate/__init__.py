@@ -20,5 +20,6 @@ beside the run) instead of counting the earlier one as up to date.
         does not start with a choice is read after its last "answer is" / "answer:" ("... The answer is 4.");
         rougeLsum and the lead-sentence baseline end no sentence at an abbreviation or initial ("Dr.", "J.")
     5   BLEU tokenizes Japanese references with ja-mecab and Korean ones with ko-mecab, sacrebleu's own
-        defaults for them, where instructkit[cjk] is installed (else zh / 13a as before, with a warning)
+        defaults for them, where instructkit[cjk] is installed (else zh / 13a as before, with a warning);
+        exact match, token F1, ROUGE, BLEU and chrF compare texts in Unicode NFC
 """

@@ -73,6 +73,7 @@ class _UnicodeTokenizer:
         self._stemmer = porter.PorterStemmer()  # what rouge-score's use_stemmer=True builds
 
     def tokenize(self, text: str) -> list[str]:
+        text = unicodedata.normalize("NFC", text)  # "cafe\u0301" and "caf\u00e9": one word
         text = "".join(ch if _word_char(ch) else " " for ch in text.lower())
         tokens = _UNSPACED_RE.sub(r" \1 ", text).split()
         return [self._stemmer.stem(t) if len(t) > 3 and _ASCII_WORD_RE.fullmatch(t) else t for t in tokens]
@@ -268,7 +269,8 @@ def corpus_bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    return float(_bleu(refs).corpus_score(list(preds), [list(refs)]).score)
+    preds, refs = _nfc(preds), _nfc(refs)
+    return float(_bleu(refs).corpus_score(preds, [refs]).score)
 
 
 def sentence_bleu_mean(preds: Sequence[str], refs: Sequence[str]) -> float:
@@ -282,6 +284,7 @@ def sentence_bleu_mean(preds: Sequence[str], refs: Sequence[str]) -> float:
     differ or they are empty.
     """
     _check_pair(preds, refs)
+    preds, refs = _nfc(preds), _nfc(refs)
     bleu = _bleu(refs, sentence_level=True)
     return float(np.mean([bleu.sentence_score(p, [r]).score for p, r in zip(preds, refs)]))
 
@@ -293,7 +296,14 @@ def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
     differ or they are empty.
     """
     _check_pair(preds, refs)
-    return float(_chrf(refs).corpus_score(list(preds), [list(refs)]).score)
+    preds, refs = _nfc(preds), _nfc(refs)
+    return float(_chrf(refs).corpus_score(preds, [refs]).score)
+
+
+def _nfc(texts: Sequence[str]) -> list[str]:
+    """`texts` in Unicode NFC: BLEU and chrF count a canonically equivalent spelling ("cafe\u0301" for
+    "caf\u00e9") as the same characters, as every text metric here does."""
+    return [unicodedata.normalize("NFC", t) for t in texts]
 
 
 def _sacrebleu_resampler(make_metric: Callable[[Sequence[str]], object]) -> ResamplerFactory:
@@ -307,10 +317,9 @@ def _sacrebleu_resampler(make_metric: Callable[[Sequence[str]], object]) -> Resa
     """
 
     def factory(preds: Sequence[str], refs: Sequence[str]) -> Resampler:
+        preds, refs = _nfc(preds), _nfc(refs)
         metric = make_metric(refs)
-        stats = np.asarray(
-            metric._extract_corpus_statistics(list(preds), [list(refs)]), dtype=np.int64
-        )
+        stats = np.asarray(metric._extract_corpus_statistics(preds, [refs]), dtype=np.int64)
 
         def scores(idx: np.ndarray) -> np.ndarray:
             sums = stats[idx].sum(axis=1)

@@ -244,6 +244,7 @@ def normalize_answer(s: str) -> str:
 
     In order:
 
+    0. Unicode NFC, so a canonically equivalent spelling ("cafe\u0301" for "caf\u00e9") is the same answer;
     1. lowercase;
     2. delete punctuation, ASCII (``string.punctuation``) or Unicode (category P*: curly quotes,
        dashes, ``。``), without inserting a space, so ``"brown-fox"`` becomes ``"brownfox"`` and
@@ -257,7 +258,7 @@ def normalize_answer(s: str) -> str:
 
     Example: ``normalize_answer("The Cat!") == "cat"``, ``normalize_answer("北京。") == "北 京"``.
     """
-    text = s.lower()
+    text = unicodedata.normalize("NFC", s).lower()
     text = "".join(ch for ch in text if not _punctuation(ch))
     text = _ARTICLES_RE.sub(" ", text)
     return " ".join(_UNSPACED_RE.sub(r" \1 ", text).split())
