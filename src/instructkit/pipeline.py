@@ -158,7 +158,7 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir))
     data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
     scoring = {k: v for k, v in cfg["eval"].items() if k != "base_beside_training"}  # where, not what
-    eval_fp = evaluation_fingerprint(scoring, cfg["model"], data_fp, run_dir / "test.jsonl")
+    eval_fp = evaluation_fingerprint(scoring, cfg["model"], data_fp, run_dir / f"{config.eval.split}.jsonl")
     # Validation ranks choices as evaluation does (early stopping and the best checkpoint depend on it).
     ranking = {k: cfg["eval"][k] for k in ("choice_end", "length_normalized")}
     learned = {k: v for k, v in cfg["train"].items() if k not in NOT_LEARNED}
@@ -267,13 +267,13 @@ def _finish_beside(summary: RunSummary, steps: Steps, beside: BackgroundStep, fi
     steps.mark("evaluate-base", fingerprint, seconds)
 
 
-def evaluation_fingerprint(scoring: dict, model: dict, data_fp: str, test_file: Path) -> str:
+def evaluation_fingerprint(scoring: dict, model: dict, data_fp: str, eval_file: Path) -> str:
     """What an evaluation's results depend on: the eval settings, the model, the prepared data, the scoring
-    version and, where BLEU may be scored (a test example or eval setting naming it; a text that is exactly
+    version and, where BLEU may be scored (an example of the evaluated split, or an eval setting, naming it; a text that is exactly
     "bleu" only evaluates again needlessly), the MeCab tokenizers installed, on which Japanese and Korean BLEU depend."""
     from instructkit.evaluate.generation_metrics import installed_mecab
 
-    bleu = b'"bleu"' in test_file.read_bytes() or '"bleu"' in json.dumps(scoring)
+    bleu = eval_file.is_file() and b'"bleu"' in eval_file.read_bytes() or '"bleu"' in json.dumps(scoring)
     return _digest({"eval": scoring, "model": model, "data": data_fp, "scoring": SCORING_VERSION,
                     **({"bleu_mecab": installed_mecab()} if bleu else {})})
 

@@ -11,6 +11,7 @@ import pytest
 
 from instructkit.config import DatasetConfig, RunConfig, SplitConfig
 from instructkit.data.build import load_examples, prepare
+from instructkit.errors import TemplateError
 from instructkit.templates.library import TemplateLibrary
 
 NFC, NFD = "caf\u00e9", "cafe\u0301"
@@ -85,3 +86,28 @@ def test_a_test_prompt_spelled_apart_in_training_is_a_leak(tmp_path, streaming):
                                prompt_leakage="drop")
     assert stats["prompt_leakage"]["train_examples_dropped"] == 1
     assert f"Is the {NFD} open on day 0?" not in {ex["prompt"] for ex in examples["train"]}
+
+
+@pytest.mark.parametrize("key, row", [(NFC, NFD), (NFD, NFC)])
+def test_a_label_the_label_map_holds_up_to_nfc_renders_its_name(tmp_path, key, row):
+    # the data check compares labels by label_key (NFC); rendering looked the raw label up and failed with
+    # "undefined field" naming the template, for a row the check had passed
+    (tmp_path / "mapped.yaml").write_text(f"""
+schemas:
+  - name: mapped
+    fields: {{text: str, drink: str}}
+    label_field: drink
+    label_map: {{"{key}": Coffee, tea: Tea}}
+    templates:
+      - id: mapped.name
+        task: classification
+        instruction: "Which drink? {{{{ text }}}}"
+        completion: "{{{{ label_map[drink] }}}}"
+        answer_choices: [Coffee, Tea]
+""")
+    library = TemplateLibrary.load([tmp_path / "mapped.yaml"], include_builtin=False)
+    template = library.get("mapped.name")
+    assert template.render({"text": "un caf\u00e9", "drink": row}).completion == "Coffee"
+    assert template.render({"text": "un th\u00e9", "drink": "tea"}).completion == "Tea"
+    with pytest.raises(TemplateError, match="undefined"):
+        template.render({"text": "water", "drink": "water"})

@@ -229,7 +229,8 @@ def test_bleu_resampler_tokenizes_as_the_point_estimate():
     assert gm.corpus_bleu(preds, refs) > 0
 
 
-@pytest.mark.parametrize("name, perfect", [("exact_match", 1.0), ("token_f1", 1.0), ("rouge1", 1.0), ("rougeL", 1.0),
+@pytest.mark.parametrize("name, perfect", [("accuracy", 1.0), ("exact_match", 1.0), ("token_f1", 1.0), ("rouge1", 1.0),
+                                           ("rougeL", 1.0),
                                            ("rougeLsum", 1.0), ("bleu", 100.0), ("chrf", 100.0)])
 def test_a_canonically_equivalent_spelling_is_the_same_text_to_every_text_metric(name, perfect):
     # the model writes "café" composed (NFC), the reference is stored decomposed ("cafe" + U+0301): the same

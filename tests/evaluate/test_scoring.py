@@ -281,3 +281,13 @@ def test_completion_nll_skips_what_does_not_fit(tiny_llama, tiny_tokenizer):
                                                 False)
     assert math.isnan(per_example[1]) and not math.isnan(per_example[0])
     assert total == pytest.approx(per_example[0]) and tokens == 3  # space, "1", EOS
+
+
+def test_classes_spelled_apart_up_to_nfc_are_one_class():
+    from instructkit.evaluate.template_scoring import _class_labels, _record
+
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    exs = [{"choices": [composed, "tea"]}, {"choices": [decomposed, "tea"]}]
+    assert _class_labels(exs) == [composed, "tea"]  # was three classes, one never predicted
+    record = _record(0, {"template_id": "t", "task": "classification", "completion": decomposed}, "p", decomposed)
+    assert (record["reference"], record["prediction"]) == (composed, composed)

@@ -198,8 +198,9 @@ def _mecab_installed(tokenizer: str) -> bool:
         return True
     extra = _MECAB[tokenizer][2]
     log.warning("BLEU on %s references: sacrebleu's %s tokenizer is not installed (pip install "
-                "'instructkit[cjk]'); using %s, whose BLEU is not comparable to published %s figures", extra,
-                tokenizer, _FALLBACK[tokenizer], tokenizer)
+                "'instructkit[cjk]'); those references count as %s ones in choosing the corpus's tokenizer, and "
+                "their BLEU is not comparable to published %s figures", extra, tokenizer, _FALLBACK[tokenizer],
+                tokenizer)
     return False
 
 
@@ -224,7 +225,8 @@ def bleu_tokenizer(refs: Sequence[str]) -> str:
 
     A corpus has one tokenizer (BLEU's n-gram counts are summed over it): the one most references need
     among those four, ties to zh, then ja-mecab, ko-mecab, char; 13a only when no reference needs another
-    (zh, ja-mecab, ko-mecab and char tokenize spaced text as 13a does). A missing MeCab is logged once.
+    (zh and char split only their own scripts and tokenize the rest as 13a does; ja-mecab and ko-mecab
+    segment the whole text). A missing MeCab is logged once and its references count as their fallback's.
 
     With 13a a sentence of a script written without spaces is one token, so BLEU is 0 even for an
     identical Chinese, Japanese or Thai translation (ragas#2101, sacrebleu#147: "-tok zh" for Chinese);

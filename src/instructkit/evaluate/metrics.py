@@ -68,7 +68,8 @@ def _check_pair(
 
 
 def accuracy(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Fraction of examples whose prediction equals the reference exactly (no normalisation).
+    """Fraction of examples whose prediction equals the reference exactly (up to Unicode canonical
+    equivalence, NFC: "cafe\u0301" is "caf\u00e9"; no other normalisation).
 
     Raises: TypeError when ``preds`` or ``refs`` is a single string; ValueError when their lengths
     differ or they are empty.
@@ -77,9 +78,10 @@ def accuracy(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def _accuracy_per_example(preds: Sequence[str], refs: Sequence[str]) -> np.ndarray:
-    """1.0 where ``pred == ref`` (exact string equality), else 0.0."""
+    """1.0 where ``pred == ref`` (exact string equality up to NFC), else 0.0."""
     _check_pair(preds, refs)
-    return np.array([p == r for p, r in zip(preds, refs)], dtype=float)
+    return np.array([p == r or unicodedata.normalize("NFC", p) == unicodedata.normalize("NFC", r)
+                     for p, r in zip(preds, refs)], dtype=float)
 
 
 def _label_set(

@@ -73,6 +73,21 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+class LabelMap(dict):
+    """A template's `label_map` as rendering reads it: a label is looked up as it is, else by `label_key`,
+    the form the data check compares (5, 5.0 and "5" agree; "cafe\u0301" and "caf\u00e9" agree), so a row
+    the check passes renders. A label under no key stays missing (KeyError: undefined in the template)."""
+
+    def __missing__(self, key: Any) -> Any:
+        found = {label_key(k): v for k, v in self.items()}.get(label_key(key), _MISSING)
+        if found is _MISSING:
+            raise KeyError(key)
+        return found
+
+
+_MISSING = object()
+
+
 @functools.lru_cache(maxsize=64)
 def _spelling_of(choices: tuple[str, ...]) -> dict[str, str]:
     """Each choice by its NFC form; a form two choices share leads to neither."""
@@ -191,7 +206,7 @@ class Template:
             context = {**ENV.globals, **row}
             where = f"template {self.id!r}"
             if self.label_map is not None:
-                context["label_map"] = self.label_map
+                context["label_map"] = LabelMap(self.label_map)
             choices = self._render_choices(context, where)
             if choices is not None:
                 context["answer_choices"] = list(choices)
