@@ -111,3 +111,35 @@ schemas:
     assert template.render({"text": "un th\u00e9", "drink": "tea"}).completion == "Tea"
     with pytest.raises(TemplateError, match="undefined"):
         template.render({"text": "water", "drink": "water"})
+
+
+@STREAMING
+def test_classlabel_names_spelled_apart_from_the_label_map_still_place_the_ids(tmp_path, streaming):
+    # a Hugging Face ClassLabel whose ids 0-1 are named "tea", "cafe\u0301" against a label map coding
+    # café 1 and tea 2: the ids are read by their names, up to NFC (was: "not names in the label map")
+    import datasets
+
+    (tmp_path / "coded.yaml").write_text("""
+schemas:
+  - name: coded
+    fields: {text: str, drink: int}
+    label_field: drink
+    label_map: {1: "caf\\u00e9", 2: tea}
+    templates:
+      - id: coded.name
+        task: classification
+        instruction: "Which drink? {{ text }}"
+        completion: "{{ label_map[drink] }}"
+        answer_choices: ["caf\\u00e9", tea]
+""")
+    library = TemplateLibrary.load([tmp_path / "coded.yaml"], include_builtin=False)
+    features = datasets.Features({"drink": datasets.ClassLabel(names=["tea", NFD]), "text": datasets.Value("string")})
+    rows = {"drink": [i % 2 for i in range(20)], "text": [f"{['tea', 'coffee'][i % 2]} order {i}" for i in range(20)]}
+    path = tmp_path / "coded.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    config = RunConfig(name="nfc", output_dir=str(tmp_path / "runs"), split=SplitConfig(seed=0, streaming=streaming),
+                       datasets=[DatasetConfig(name="coded", path=str(path), schema="coded")])
+    prepare(config, library=library)
+    examples = [ex for s in ("train", "validation", "test") for ex in load_examples(config.run_dir, s)]
+    assert len(examples) == 20
+    assert all(("coffee" in ex["prompt"]) == (ex["completion"] == NFC) for ex in examples)

@@ -30,6 +30,7 @@ Data already in instruction form needs no schema and no template:
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -109,8 +110,8 @@ class RowChecker:
             return None
         by_name: dict[str, Any] = {}
         for code, name in label_map.items():
-            by_name.setdefault(str(name).strip().casefold(), code)
-        codes = {i: by_name.get(name.strip().casefold()) for i, name in enumerate(names)}
+            by_name.setdefault(_name_key(str(name)), code)
+        codes = {i: by_name.get(_name_key(name)) for i, name in enumerate(names)}
         unknown = [names[i] for i, code in codes.items() if code is None]
         if len(unknown) == len(names) or all(label_key(code) == str(i) for i, code in codes.items()):
             return None
@@ -277,3 +278,8 @@ def instruction_kind(columns: Iterable[str], mapping: Mapping[str, Any]) -> str 
     if has("prompt") and has("completion"):
         return "prompt_completion"
     return None
+
+
+def _name_key(name: str) -> str:
+    """A ClassLabel or label-map name as the two are matched: stripped, casefolded, in Unicode NFC."""
+    return unicodedata.normalize("NFC", name.strip().casefold())
