@@ -115,17 +115,16 @@ def _predictions(folder: Path) -> list[tuple[int, str]]:
     return [(row["index"], row["prediction"]) for row in rows]
 
 
-def test_evaluation_fingerprint_holds_the_mecab_tokenizers_only_where_bleu_is_scored(tmp_path, monkeypatch):
+def test_evaluation_fingerprint_holds_the_mecab_tokenizers_only_where_bleu_is_scored(monkeypatch):
     from instructkit.evaluate import generation_metrics
 
-    rouge, bleu = tmp_path / "rouge.jsonl", tmp_path / "bleu.jsonl"
-    rouge.write_text(json.dumps({"prompt": "Translate: bleu", "completion": "blue", "metrics": ["rougeL"]}) + "\n")
-    bleu.write_text(json.dumps({"prompt": "Translate: blue", "completion": "bleu", "metrics": ["bleu"]}) + "\n")
+    rouge = [{"prompt": "Translate: blue", "completion": "bleu", "metrics": ["rougeL"]}]  # "bleu" as text only
+    bleu = [{"prompt": "Translate: blue", "completion": "bleu", "metrics": ["bleu"]}]
     prints = {}
     for installed in ((), ("ja-mecab", "ko-mecab")):
         monkeypatch.setattr(generation_metrics, "installed_mecab", lambda installed=installed: installed)
-        prints[installed] = [pipeline.evaluation_fingerprint(scoring, {"name": "m"}, "d", test)
-                             for test, scoring in ((rouge, {}), (bleu, {}), (rouge, {"metrics": {"t": ["bleu"]}}))]
+        prints[installed] = [pipeline.evaluation_fingerprint(scoring, {"name": "m"}, "d", examples)
+                             for examples, scoring in ((rouge, {}), (bleu, {}), (rouge, {"metrics": {"t": ["bleu"]}}))]
     without, with_mecab = prints.values()
     assert without[0] == with_mecab[0]  # no BLEU: the tokenizers change nothing
     assert without[1] != with_mecab[1] and without[2] != with_mecab[2]  # BLEU in the examples or the settings

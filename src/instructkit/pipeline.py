@@ -158,7 +158,8 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
     _timed(summary, steps, "prepare", prep_fp, lambda: prepare(config, run_dir))
     data_fp = _digest([_file_digest(run_dir / f"{s}.jsonl") for s in ("train", "validation", "test")])
     scoring = {k: v for k, v in cfg["eval"].items() if k != "base_beside_training"}  # where, not what
-    eval_fp = evaluation_fingerprint(scoring, cfg["model"], data_fp, run_dir / f"{config.eval.split}.jsonl")
+    test = read_examples(run_dir, config.eval.split)  # evaluate_examples caps it per template (eval.max_examples)
+    eval_fp = evaluation_fingerprint(scoring, cfg["model"], data_fp, test)
     # Validation ranks choices as evaluation does (early stopping and the best checkpoint depend on it).
     ranking = {k: cfg["eval"][k] for k in ("choice_end", "length_normalized")}
     learned = {k: v for k, v in cfg["train"].items() if k not in NOT_LEARNED}
@@ -168,7 +169,6 @@ def _run_locked(config: RunConfig, run_dir: Path, force: bool) -> RunSummary:
 
     # 2. the base model, zero-shot and k-shot, on the evaluation split: beside training when training leaves
     #    CPU cores idle (a second process), else before it (training then reuses the loaded model).
-    test = read_examples(run_dir, config.eval.split)  # evaluate_examples caps it per template (eval.max_examples)
     train_examples = training_pool(run_dir)
     base_loaded: list[Any] = []
     beside = None
@@ -267,13 +267,15 @@ def _finish_beside(summary: RunSummary, steps: Steps, beside: BackgroundStep, fi
     steps.mark("evaluate-base", fingerprint, seconds)
 
 
-def evaluation_fingerprint(scoring: dict, model: dict, data_fp: str, eval_file: Path) -> str:
-    """What an evaluation's results depend on: the eval settings, the model, the prepared data, the scoring
-    version and, where BLEU may be scored (an example of the evaluated split, or an eval setting, naming it; a text that is exactly
-    "bleu" only evaluates again needlessly), the MeCab tokenizers installed, on which Japanese and Korean BLEU depend."""
+def evaluation_fingerprint(scoring: dict, model: dict, data_fp: str, examples: list[dict]) -> str:
+    """What an evaluation of `examples` (the evaluated split) depends on: the eval settings, the model, the
+    prepared data, the scoring version and, where BLEU is scored (an example's metrics or `eval.metrics` name
+    it), the MeCab tokenizers installed, on which Japanese and Korean BLEU depend."""
     from instructkit.evaluate.generation_metrics import installed_mecab
 
-    bleu = eval_file.is_file() and b'"bleu"' in eval_file.read_bytes() or '"bleu"' in json.dumps(scoring)
+    named = [m for ex in examples for m in ex.get("metrics") or ()]
+    named += [m for ms in (scoring.get("metrics") or {}).values() for m in ms]
+    bleu = "bleu" in named
     return _digest({"eval": scoring, "model": model, "data": data_fp, "scoring": SCORING_VERSION,
                     **({"bleu_mecab": installed_mecab()} if bleu else {})})
 

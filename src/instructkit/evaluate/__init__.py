@@ -21,5 +21,6 @@ beside the run) instead of counting the earlier one as up to date.
         rougeLsum and the lead-sentence baseline end no sentence at an abbreviation or initial ("Dr.", "J.")
     5   BLEU tokenizes Japanese references with ja-mecab and Korean ones with ko-mecab, sacrebleu's own
         defaults for them, where instructkit[cjk] is installed (else zh / 13a as before, with a warning);
-        exact match, token F1, ROUGE, BLEU and chrF compare texts in Unicode NFC
+        accuracy, exact match, token F1, ROUGE, BLEU and chrF compare texts in Unicode NFC, and predictions,
+        references and classes are kept in NFC
 """

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from instructkit.config import EvalConfig
+from instructkit.data.split import canonical_text as _nfc_text
 from instructkit.data.tokenize import (
     IGNORE_INDEX,
     TokenizeSettings,
@@ -85,15 +85,10 @@ class _Scored:
 # --------------------------------------------------------------------------------------------------
 
 
-def _nfc(text: str) -> str:
-    """`text` in Unicode NFC: predictions, references and classes are scored (and kept) so, and a spelling
-    canonically equivalent to another ("cafe\u0301", "caf\u00e9") is the same answer to every metric."""
-    return unicodedata.normalize("NFC", text)
-
-
 def _record(index: int, ex: dict, prompt: str, prediction: str, **extra: Any) -> dict[str, Any]:
     """One line of predictions.jsonl; `prompt` is the prompt as given to the model (with demonstrations);
-    `prediction` and the reference in NFC (`_nfc`)."""
+    `prediction` and the reference in NFC (`canonical_text`: predictions, references and classes are scored
+    and kept so, and a canonically equivalent spelling, "cafe\u0301" for "caf\u00e9", is the same answer)."""
     return {
         "index": index,
         "template_id": ex["template_id"],
@@ -101,8 +96,8 @@ def _record(index: int, ex: dict, prompt: str, prediction: str, **extra: Any) ->
         "dataset": dataset_of(ex),
         "task": ex["task"],
         "prompt": prompt,
-        "reference": _nfc(ex["completion"]),
-        "prediction": _nfc(prediction),
+        "reference": _nfc_text(ex["completion"]),
+        "prediction": _nfc_text(prediction),
         "choice_logprobs": None,
         "correct": None,
         "held_out": bool(ex.get("held_out", False)),
@@ -115,7 +110,7 @@ def _class_labels(exs: Sequence[dict]) -> list[str]:
     labels: dict[str, None] = {}
     for ex in exs:
         for choice in ex.get("choices") or []:
-            labels.setdefault(_nfc(choice), None)
+            labels.setdefault(_nfc_text(choice), None)
     return list(labels)
 
 
@@ -134,16 +129,16 @@ def _score_by_rank(model: Any, tokenizer: Any, exs: list[dict], indices: list[in
     trained_end = cfg.choice_end == "eos" and answer_end is None  # the choice ends as in the training encoding
     preds, records, reference_nll = [], [], []
     for i, ex, prompt, s in zip(indices, exs, prompts, scores):
-        pred = _nfc(ex["choices"][s.predicted])
+        pred = _nfc_text(ex["choices"][s.predicted])
         preds.append(pred)
-        records.append(_record(i, ex, prompt, pred, correct=pred == _nfc(ex["completion"]),
+        records.append(_record(i, ex, prompt, pred, correct=pred == _nfc_text(ex["completion"]),
                                choice_logprobs=dict(zip(ex["choices"], s.logprobs))))
         if trained_end and not s.truncated and ex["completion"] in ex["choices"]:
             j = ex["choices"].index(ex["completion"])
             reference_nll.append((-s.logprobs[j], s.n_tokens[j]))
         else:
             reference_nll.append(None)
-    return _Scored(exs[0]["template_id"], indices, preds, [_nfc(ex["completion"]) for ex in exs],
+    return _Scored(exs[0]["template_id"], indices, preds, [_nfc_text(ex["completion"]) for ex in exs],
                    _class_labels(exs), records, [s.prompt_tokens for s in scores],
                    sum(s.truncated for s in scores), 0, reference_nll=reference_nll)
 
@@ -181,17 +176,17 @@ def _score_by_generation(model: Any, tokenizer: Any, exs: list[dict], indices: l
         if classify:
             mapped = map_to_choice(text, ex["choices"])
             unparseable += mapped is None
-            pred = _nfc(text if mapped is None else mapped)
+            pred = _nfc_text(text if mapped is None else mapped)
             preds.append(pred)
             records.append(_record(i, ex, prompt, pred, generated=generated,
-                                   correct=mapped is not None and pred == _nfc(ex["completion"]),
+                                   correct=mapped is not None and pred == _nfc_text(ex["completion"]),
                                    cut_short=cut))
         else:
-            preds.append(_nfc(text))
+            preds.append(_nfc_text(text))
             records.append(_record(i, ex, prompt, text, cut_short=cut,
                                    **({"generated": generated} if text != generated else {})))
     _warn_cut_short(exs, sum(out.cut_short), max_new_tokens)
-    return _Scored(exs[0]["template_id"], indices, preds, [_nfc(final_answer(ex["completion"])) for ex in exs],
+    return _Scored(exs[0]["template_id"], indices, preds, [_nfc_text(final_answer(ex["completion"])) for ex in exs],
                    _class_labels(exs) if classify else None, records, [len(x) for x in fed],
                    sum(len(a) < len(b) for a, b in zip(fed, full)), unparseable, reference_nll=out.reference_nll,
                    cut_short=sum(out.cut_short))

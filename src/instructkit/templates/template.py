@@ -76,16 +76,15 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
 class LabelMap(dict):
     """A template's `label_map` as rendering reads it: a label is looked up as it is, else by `label_key`,
     the form the data check compares (5, 5.0 and "5" agree; "cafe\u0301" and "caf\u00e9" agree), so a row
-    the check passes renders. A label under no key stays missing (KeyError: undefined in the template)."""
+    the check passes renders. A label under no key stays missing (KeyError: undefined in the template).
+    Built once per template."""
+
+    def __init__(self, names: Mapping[Any, str]):
+        super().__init__(names)
+        self._by_key = {label_key(k): v for k, v in names.items()}
 
     def __missing__(self, key: Any) -> Any:
-        found = {label_key(k): v for k, v in self.items()}.get(label_key(key), _MISSING)
-        if found is _MISSING:
-            raise KeyError(key)
-        return found
-
-
-_MISSING = object()
+        return self._by_key[label_key(key)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,6 +147,8 @@ class Template:
         self._compiled["completion"] = compile_part(self.completion, f"{where} (completion)")
         if isinstance(self.answer_choices, str):
             self._compiled["choices"] = compile_part(self.answer_choices, f"{where} (answer_choices)")
+        if self.label_map is not None:
+            self._compiled["label_map"] = LabelMap(self.label_map)
 
     @property
     def version(self) -> str:
@@ -206,7 +207,7 @@ class Template:
             context = {**ENV.globals, **row}
             where = f"template {self.id!r}"
             if self.label_map is not None:
-                context["label_map"] = LabelMap(self.label_map)
+                context["label_map"] = self._compiled["label_map"]
             choices = self._render_choices(context, where)
             if choices is not None:
                 context["answer_choices"] = list(choices)
